@@ -1,0 +1,62 @@
+"""Constants of the GQSA tensor format: the single Python source of truth.
+
+docs/FORMAT.md is the written specification; native/src/ggml-gqsa.h mirrors these numbers in C,
+and tests/test_format.py checks that the three agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+GGML_TYPE_GQSA4 = 128          # ggml/GGUF tensor type id of GQSA 4-bit weights
+GGML_TYPE_GQSA_Q8 = 129        # runtime-only activation type (vec_dot_type); never in files
+TYPE_NAME = "gqsa4"
+
+BITS = 4
+GROUP_SIZE = 16                # weights per group = ggml block size
+BLOCK_BYTES = 12               # fp16 d + uint16 (index | zero << 12) + 8 bytes of nibbles
+INDEX_BITS = 12
+INDEX_MASK = (1 << INDEX_BITS) - 1
+ZERO_SHIFT = INDEX_BITS
+QMAX = (1 << BITS) - 1         # 15
+MAX_GROUPS_PER_ROW = 1 << INDEX_BITS   # 4096 -> logical widths up to 65536
+
+ACT_BLOCK_BYTES = 24           # gqsa_q8: float d, float s, int8 qs[16]
+
+# One block as a NumPy structured dtype (little endian, packed, 12 bytes).
+BLOCK_DTYPE = np.dtype([("d", "<f2"), ("iz", "<u2"), ("qs", "u1", (GROUP_SIZE // 2,))])
+assert BLOCK_DTYPE.itemsize == BLOCK_BYTES
+
+# GGUF metadata keys (docs/FORMAT.md, "GGUF metadata").
+KEY_FORMAT_VERSION = "gqsa.format_version"
+KEY_BITS = "gqsa.bits"
+KEY_GROUP_SIZE = "gqsa.group_size"
+KEY_TOOL_VERSION = "gqsa.tool_version"
+KEY_CONFIG = "gqsa.config"
+KEY_TENSOR_NAMES = "gqsa.tensor_names"
+KEY_TENSOR_WIDTHS = "gqsa.tensor_widths"
+KEY_TENSOR_SPARSITY = "gqsa.tensor_sparsity"
+
+
+def bits_per_weight(n_kept: int, width: int) -> float:
+    """Bits per logical weight of a row keeping `n_kept` of its `width // 16` groups."""
+    return 8.0 * BLOCK_BYTES * n_kept / width
+
+
+def row_bytes(n_kept: int) -> int:
+    return BLOCK_BYTES * n_kept
+
+
+def kept_groups(width: int, sparsity: float) -> int:
+    """Groups each row keeps at `sparsity` (fraction pruned), rounded to whole groups, at least 1."""
+    if width % GROUP_SIZE:
+        raise ValueError(f"width {width} is not a multiple of the group size {GROUP_SIZE}")
+    n_groups = width // GROUP_SIZE
+    if n_groups > MAX_GROUPS_PER_ROW:
+        raise ValueError(f"width {width} has {n_groups} groups, more than the format's "
+                         f"{MAX_GROUPS_PER_ROW} ({INDEX_BITS}-bit group index)")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
+    return max(1, int(round(n_groups * (1.0 - sparsity))))
