@@ -1,0 +1,232 @@
+// GQSA 4-bit group-sparse weights: reference quantization, dequantization and validation
+// (ggml-base). Kernels live in ggml-cpu/ggml-cpu-gqsa.c. Specification: docs/FORMAT.md.
+#include "ggml-gqsa.h"
+#include "gqsa.h"
+
+#include <assert.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <inttypes.h>
+
+#define GQSA_QMAX 15
+
+static inline float gqsa_clampf(float v, float lo, float hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// docs/FORMAT.md "Reference quantizer"; bit-exact with gqsa_gguf.codec.quantize_groups:
+// float32 arithmetic, nearbyintf = round half to even (the default rounding mode).
+void gqsa_quantize_group(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTRICT y, uint32_t g) {
+    float lo = 0.0f;
+    float hi = 0.0f;
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        lo = x[j] < lo ? x[j] : lo;
+        hi = x[j] > hi ? x[j] : hi;
+    }
+    const float s = (hi - lo) / (float) GQSA_QMAX;
+    ggml_fp16_t dh = GGML_FP32_TO_FP16(s);
+    float     d  = GGML_FP16_TO_FP32(dh);
+    if (s > 0.0f && d == 0.0f) {
+        dh = 0x0001;                 // smallest subnormal, 2^-24
+        d  = GGML_FP16_TO_FP32(dh);
+    }
+    if (!(d <= 65504.0f)) {
+        dh = 0x7bff;                 // largest finite fp16
+        d  = 65504.0f;
+    }
+
+    uint8_t q[GQSA_GROUP_SIZE];
+    uint32_t z = 0;
+    if (d == 0.0f) {
+        memset(q, 0, sizeof(q));
+    } else {
+        z = (uint32_t) gqsa_clampf(nearbyintf(-lo / d), 0.0f, (float) GQSA_QMAX);
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            q[j] = (uint8_t) gqsa_clampf(nearbyintf(x[j] / d) + (float) z, 0.0f, (float) GQSA_QMAX);
+        }
+    }
+
+    y->d  = dh;
+    y->iz = (uint16_t) ((g & GQSA_INDEX_MASK) | (z << GQSA_INDEX_BITS));
+    for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
+        y->qs[j] = (uint8_t) (q[j] | (q[j + GQSA_GROUP_SIZE / 2] << 4));
+    }
+}
+
+void quantize_row_gqsa4_ref(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTRICT y, int64_t k) {
+    assert(k % GQSA_GROUP_SIZE == 0);
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    assert(nb <= GQSA_MAX_GROUPS);
+    for (int64_t i = 0; i < nb; ++i) {
+        gqsa_quantize_group(x + i * GQSA_GROUP_SIZE, y + i, (uint32_t) i);
+    }
+}
+
+void dequantize_row_gqsa4(const block_gqsa4 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % GQSA_GROUP_SIZE == 0);
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        const int   z = (int) gqsa_block_zero(&x[i]);
+        float * out = y + i * GQSA_GROUP_SIZE;
+        for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
+            out[j]                       = (float) ((x[i].qs[j] & 0x0F) - z) * d;
+            out[j + GQSA_GROUP_SIZE / 2] = (float) ((x[i].qs[j] >>   4) - z) * d;
+        }
+    }
+}
+
+size_t quantize_gqsa4(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrow,
+                      int64_t n_per_row, const float * imatrix) {
+    GGML_UNUSED(imatrix);
+    const size_t row_size = ggml_row_size(GGML_TYPE_GQSA4, n_per_row);
+    char * out = (char *) dst;
+    for (int64_t r = 0; r < nrow; ++r) {
+        quantize_row_gqsa4_ref(src + r * n_per_row, (block_gqsa4 *) (out + r * row_size), n_per_row);
+    }
+    return nrow * row_size;
+}
+
+void quantize_row_gqsa_q8_ref(const float * GGML_RESTRICT x, block_gqsa_q8 * GGML_RESTRICT y, int64_t k) {
+    assert(k % GQSA_GROUP_SIZE == 0);
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    for (int64_t i = 0; i < nb; ++i) {
+        const float * xb = x + i * GQSA_GROUP_SIZE;
+        float amax = 0.0f;
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            const float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        const float d = amax / 127.0f;
+        int sum = 0;
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            const int v = d == 0.0f ? 0 : (int) nearbyintf(xb[j] / d);
+            y[i].qs[j] = (int8_t) v;
+            sum += v;
+        }
+        y[i].d = d;
+        y[i].s = d * (float) sum;
+    }
+}
+
+void dequantize_row_gqsa_q8(const block_gqsa_q8 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % GQSA_GROUP_SIZE == 0);
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    for (int64_t i = 0; i < nb; ++i) {
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            y[i * GQSA_GROUP_SIZE + j] = x[i].d * (float) x[i].qs[j];
+        }
+    }
+}
+
+static inline bool gqsa_fp16_is_finite(ggml_fp16_t h) {
+    return (h & 0x7c00) != 0x7c00;
+}
+
+bool gqsa4_validate_blocks(const void * data, size_t nbytes) {
+    const block_gqsa4 * b = (const block_gqsa4 *) data;
+    const size_t nb = nbytes / sizeof(block_gqsa4);
+    for (size_t i = 0; i < nb; ++i) {
+        if (!gqsa_fp16_is_finite(b[i].d)) {
+            fprintf(stderr, "ggml_validate_row_data: gqsa4 block %zu has a non-finite scale (0x%04x)\n",
+                    i, (unsigned) b[i].d);
+            return false;
+        }
+    }
+    return true;
+}
+
+bool ggml_gqsa_validate(const struct ggml_tensor * t, const void * data, int64_t width,
+                        char * err, size_t err_size) {
+    const char * name = t->name[0] ? t->name : "(unnamed)";
+#define GQSA_FAIL(...) do { if (err && err_size) { snprintf(err, err_size, __VA_ARGS__); } return false; } while (0)
+    if (t->type != GGML_TYPE_GQSA4) {
+        GQSA_FAIL("tensor '%s': type %d is not gqsa4 (%d)", name, (int) t->type, (int) GGML_TYPE_GQSA4);
+    }
+    const int64_t ne0 = t->ne[0];
+    if (width <= 0 || width % GQSA_GROUP_SIZE != 0) {
+        GQSA_FAIL("tensor '%s': logical width %" PRId64 " is not a positive multiple of %d",
+                  name, width, GQSA_GROUP_SIZE);
+    }
+    const int64_t n_groups = width / GQSA_GROUP_SIZE;
+    if (n_groups > GQSA_MAX_GROUPS) {
+        GQSA_FAIL("tensor '%s': logical width %" PRId64 " has %" PRId64 " groups, more than the %d a "
+                  "%d-bit group index can address", name, width, n_groups, GQSA_MAX_GROUPS, GQSA_INDEX_BITS);
+    }
+    if (ne0 <= 0 || ne0 % GQSA_GROUP_SIZE != 0 || ne0 > width) {
+        GQSA_FAIL("tensor '%s': %" PRId64 " stored weights per row, expected a positive multiple of %d "
+                  "no larger than the logical width %" PRId64 " — the file does not fit this model",
+                  name, ne0, GQSA_GROUP_SIZE, width);
+    }
+    if (t->nb[0] != sizeof(block_gqsa4) || t->nb[1] != (size_t) (ne0 / GQSA_GROUP_SIZE) * sizeof(block_gqsa4)) {
+        GQSA_FAIL("tensor '%s': gqsa4 rows must be contiguous", name);
+    }
+    const int64_t n_kept = ne0 / GQSA_GROUP_SIZE;
+    const int64_t nrows  = ggml_nrows(t);
+    const block_gqsa4 * b = (const block_gqsa4 *) data;
+    for (int64_t r = 0; r < nrows; ++r) {
+        int64_t prev = -1;
+        for (int64_t i = 0; i < n_kept; ++i) {
+            const block_gqsa4 * blk = b + r * n_kept + i;
+            const int64_t g = gqsa_block_index(blk);
+            if (g >= n_groups) {
+                GQSA_FAIL("tensor '%s': row %" PRId64 " block %" PRId64 ": group index %" PRId64 " >= %" PRId64
+                          " groups in a row of width %" PRId64 " — the file is corrupt or does not fit this model",
+                          name, r, i, g, n_groups, width);
+            }
+            if (g <= prev) {
+                GQSA_FAIL("tensor '%s': row %" PRId64 " block %" PRId64 ": group index %" PRId64 " after %" PRId64
+                          " — indices must strictly increase within a row; the file is corrupt",
+                          name, r, i, g, prev);
+            }
+            if (!gqsa_fp16_is_finite(blk->d)) {
+                GQSA_FAIL("tensor '%s': row %" PRId64 " block %" PRId64 ": scale is not finite (fp16 bits 0x%04x)"
+                          " — the file is corrupt", name, r, i, (unsigned) blk->d);
+            }
+            prev = g;
+        }
+    }
+    return true;
+#undef GQSA_FAIL
+}
+
+size_t ggml_gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width,
+                               const int32_t * kept, int64_t n_kept, void * dst) {
+    if (width <= 0 || width % GQSA_GROUP_SIZE != 0 || width / GQSA_GROUP_SIZE > GQSA_MAX_GROUPS ||
+        n_kept <= 0 || n_kept > width / GQSA_GROUP_SIZE || nrows < 0) {
+        return 0;
+    }
+    const int64_t n_groups = width / GQSA_GROUP_SIZE;
+    block_gqsa4 * out = (block_gqsa4 *) dst;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const int32_t * kr = kept + r * n_kept;
+        for (int64_t i = 0; i < n_kept; ++i) {
+            if (kr[i] < 0 || kr[i] >= n_groups || (i > 0 && kr[i] <= kr[i - 1])) {
+                return 0;
+            }
+        }
+        for (int64_t i = 0; i < n_kept; ++i) {
+            gqsa_quantize_group(src + r * width + (int64_t) kr[i] * GQSA_GROUP_SIZE, out + r * n_kept + i, (uint32_t) kr[i]);
+        }
+    }
+    return (size_t) (nrows * n_kept) * sizeof(block_gqsa4);
+}
+
+void ggml_gqsa_dequantize_rows(const void * src, int64_t nrows, int64_t n_kept, int64_t width, float * dst) {
+    const block_gqsa4 * b = (const block_gqsa4 *) src;
+    float tmp[GQSA_GROUP_SIZE];
+    for (int64_t r = 0; r < nrows; ++r) {
+        float * row = dst + r * width;
+        memset(row, 0, (size_t) width * sizeof(float));
+        for (int64_t i = 0; i < n_kept; ++i) {
+            const block_gqsa4 * blk = b + r * n_kept + i;
+            const int64_t g = gqsa_block_index(blk);
+            if ((g + 1) * GQSA_GROUP_SIZE > width) {
+                continue; // invalid data: callers validate first; never write out of bounds
+            }
+            dequantize_row_gqsa4(blk, tmp, GQSA_GROUP_SIZE);
+            memcpy(row + g * GQSA_GROUP_SIZE, tmp, sizeof(tmp));
+        }
+    }
+}

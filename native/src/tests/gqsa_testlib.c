@@ -1,0 +1,89 @@
+// libgqsa_native: a thin C entry point into the patched ggml for the Python tests (ctypes).
+// Every function runs the real library code paths: ggml_mul_mat through the CPU backend's
+// multi-threaded graph compute, the registered type traits, and the load-time validator.
+#include "ggml.h"
+#include "ggml-cpu.h"
+#include "gqsa.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#define GQSA_TESTLIB_API __attribute__((visibility("default")))
+
+// The scalar reference kernel lives in ggml-cpu (not part of its public API).
+void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * s, size_t bs, const void * vx, size_t bx,
+                                        const void * vy, size_t by, int nrc);
+
+static struct ggml_context * gqsa_test_ctx(size_t data_bytes) {
+    struct ggml_init_params params = {
+        /*.mem_size   =*/ data_bytes + 16 * ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20),
+        /*.mem_buffer =*/ NULL,
+        /*.no_alloc   =*/ false,
+    };
+    return ggml_init(params);
+}
+
+// out[c, r] = sum_k W[r, k] * x[c, k]: W is `nrows` gqsa4 rows of n_kept blocks (logical width
+// `width`), x is `ncols` rows of `width` floats. Returns 0 on success.
+GQSA_TESTLIB_API int gqsa_test_mul_mat(const void * w, int64_t n_kept, int64_t nrows, int64_t width,
+                                       const float * x, int64_t ncols, int n_threads, float * out) {
+    const size_t w_bytes = (size_t) (nrows * n_kept) * ggml_type_size(GGML_TYPE_GQSA4);
+    const size_t x_bytes = (size_t) (ncols * width) * sizeof(float);
+    struct ggml_context * ctx = gqsa_test_ctx(w_bytes + x_bytes + (size_t) (nrows * ncols) * sizeof(float));
+    if (!ctx) {
+        return 1;
+    }
+    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx, GGML_TYPE_GQSA4, n_kept * 16, nrows);
+    struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, ncols);
+    memcpy(tw->data, w, w_bytes);
+    memcpy(tx->data, x, x_bytes);
+
+    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, ty);
+    const enum ggml_status st = ggml_graph_compute_with_ctx(ctx, gf, n_threads);
+    if (st == GGML_STATUS_SUCCESS) {
+        memcpy(out, ty->data, (size_t) (nrows * ncols) * sizeof(float));
+    }
+    ggml_free(ctx);
+    return st == GGML_STATUS_SUCCESS ? 0 : 2;
+}
+
+// One row through the dispatched (SIMD) kernel or the scalar reference, activations quantized by
+// the registered from_float of the row type's vec_dot_type.
+GQSA_TESTLIB_API int gqsa_test_vec_dot(const void * w_row, int64_t n_kept, const float * x, int64_t width,
+                                       int generic, float * out) {
+    const struct ggml_type_traits_cpu * tw = ggml_get_type_traits_cpu(GGML_TYPE_GQSA4);
+    const struct ggml_type_traits_cpu * ta = ggml_get_type_traits_cpu(tw->vec_dot_type);
+    const size_t act_bytes = ggml_row_size(tw->vec_dot_type, width);
+    unsigned char act[65536 / 16 * 64];
+    if (act_bytes > sizeof(act)) {
+        return 1;
+    }
+    ta->from_float(x, act, width);
+    if (generic) {
+        ggml_vec_dot_gqsa4_gqsa_q8_generic((int) (n_kept * 16), out, 0, w_row, 0, act, 0, 1);
+    } else {
+        tw->vec_dot((int) (n_kept * 16), out, 0, w_row, 0, act, 0, 1);
+    }
+    return 0;
+}
+
+// The registered activation quantizer (gqsa_q8 from_float), for bit-exactness with NumPy.
+GQSA_TESTLIB_API void gqsa_test_quantize_act(const float * x, int64_t width, void * out) {
+    const struct ggml_type_traits_cpu * tw = ggml_get_type_traits_cpu(GGML_TYPE_GQSA4);
+    ggml_get_type_traits_cpu(tw->vec_dot_type)->from_float(x, out, width);
+}
+
+// The load-time validator on a tensor of the given shape. Returns 1 if valid, 0 with `err` set.
+GQSA_TESTLIB_API int gqsa_test_validate(const void * data, int64_t ne0, int64_t nrows, int64_t width,
+                                        char * err, size_t err_size) {
+    struct ggml_init_params params = { ggml_tensor_overhead() * 2, NULL, true };
+    struct ggml_context * ctx = ggml_init(params);
+    struct ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_GQSA4, ne0, nrows);
+    ggml_set_name(t, "test.weight");
+    const int ok = ggml_gqsa_validate(t, data, width, err, err_size) ? 1 : 0;
+    ggml_free(ctx);
+    return ok;
+}
