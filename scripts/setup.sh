@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Create .venv (if absent) and install gqsa-gguf into it with its native libraries.
+#
+# The order matters: torch 2.13.0 first (anything letting pip choose a torch pulls a newer one
+# with GBs of CUDA), then llama-cpp-python's Python bindings built without their own llama.cpp
+# (-DLLAMA_BUILD=OFF: we ship the patched libraries), then this package, whose build compiles
+# the patched llama.cpp into build/<wheel tag> (incremental on re-runs).
+#
+# Idempotent: steps already done are skipped, and re-installing the package only recompiles what
+# changed. Env: PYTHON (interpreter for the venv, default python3), GQSA_VENV (default .venv),
+# CMAKE_ARGS (passed to the native build, e.g. -DGGML_CUDA=ON), and those of native/README.md.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV=${GQSA_VENV:-.venv}
+LOG=build/setup-pip.log
+start=$(date +%s)
+step() { printf '==> [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    step "creating $VENV with ${PYTHON:-python3}"
+    "${PYTHON:-python3}" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+pip_q() { "$PY" -m pip --disable-pip-version-check -q "$@"; }
+has() {  # has DIST VERSION: is exactly that version installed?
+    "$PY" -c 'import importlib.metadata as m, sys
+try: sys.exit(m.version(sys.argv[1]) != sys.argv[2])
+except m.PackageNotFoundError: sys.exit(1)' "$1" "$2"
+}
+
+if has torch 2.13.0; then
+    step "torch 2.13.0 already installed"
+else
+    step "installing torch==2.13.0 (CPU build)"
+    pip_q install torch==2.13.0
+fi
+
+if has llama_cpp_python 0.3.36; then
+    step "llama-cpp-python 0.3.36 (bindings only) already installed"
+else
+    step "installing llama-cpp-python==0.3.36 bindings (CMAKE_ARGS=-DLLAMA_BUILD=OFF: no C build)"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF" pip_q install llama-cpp-python==0.3.36
+fi
+
+# pip shows a build's output only with -v, and then with much of its own: keep the whole log in
+# a file, show the build's progress lines, and the log's end if it fails.
+step "building the patched llama.cpp and installing gqsa-gguf[test] (full log: $LOG)"
+mkdir -p build
+set +e
+"$PY" -m pip --disable-pip-version-check install -v ".[test]" >"$LOG" 2>&1 &
+pip_pid=$!
+tail -n +1 -f "$LOG" --pid="$pip_pid" 2>/dev/null \
+    | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] |gqsa llama.cpp:|ninja: no work|CMake Error|error:|Successfully installed'
+wait "$pip_pid"
+rc=$?
+set -e
+if [ "$rc" -ne 0 ]; then
+    echo "---- last 60 lines of $LOG ----" >&2
+    tail -n 60 "$LOG" >&2
+    echo "setup.sh: installing gqsa-gguf failed (pip exit $rc); full log in $LOG" >&2
+    exit "$rc"
+fi
+step "done: activate with 'source $VENV/bin/activate'"
