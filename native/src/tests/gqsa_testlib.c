@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #define GQSA_TESTLIB_API __attribute__((visibility("default")))
 
@@ -86,4 +87,44 @@ GQSA_TESTLIB_API int gqsa_test_validate(const void * data, int64_t ne0, int64_t 
     const int ok = ggml_gqsa_validate(t, data, width, err, err_size) ? 1 : 0;
     ggml_free(ctx);
     return ok;
+}
+
+static double gqsa_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+}
+
+// Best-of-`reps` seconds for y = W x through ggml_mul_mat on the CPU backend, for any weight type:
+// W is `nrows` rows of `ne0` elements of `type` (raw bytes in `w`), x is `ncols` x `width` floats.
+// Used by the kernel benchmark to time gqsa4 against stock types side by side in one process.
+GQSA_TESTLIB_API double gqsa_test_time_mul_mat(int type, const void * w, int64_t ne0, int64_t nrows, int64_t width,
+                                               int64_t ncols, int n_threads, int reps) {
+    const size_t w_bytes = ggml_row_size((enum ggml_type) type, ne0) * (size_t) nrows;
+    struct ggml_context * ctx = gqsa_test_ctx(w_bytes + (size_t) (ncols * width + nrows * ncols) * sizeof(float));
+    if (!ctx) {
+        return -1.0;
+    }
+    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx, (enum ggml_type) type, ne0, nrows);
+    struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, ncols);
+    memcpy(tw->data, w, w_bytes);
+    float * xd = (float *) tx->data;
+    for (int64_t i = 0; i < ncols * width; ++i) {
+        xd[i] = (float) ((i * 7919) % 2001 - 1000) * 1e-3f;
+    }
+    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, ty);
+    double best = 1e30;
+    for (int r = 0; r < reps; ++r) {
+        const double t0 = gqsa_now();
+        if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) {
+            best = -1.0;
+            break;
+        }
+        const double dt = gqsa_now() - t0;
+        best = dt < best ? dt : best;
+    }
+    ggml_free(ctx);
+    return best;
 }
