@@ -47,6 +47,7 @@ fi
 # a file, show the build's progress lines, and the log's end if it fails.
 step "building the patched llama.cpp and installing gqsa-gguf[test] (full log: $LOG)"
 mkdir -p build
+: >"$LOG"     # exists before tail opens it
 set +e
 "$PY" -m pip --disable-pip-version-check install -v ".[test]" >"$LOG" 2>&1 &
 pip_pid=$!
