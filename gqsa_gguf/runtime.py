@@ -2,7 +2,7 @@
 
 In:  the shared libraries the native build installs into gqsa_gguf/lib (libllama.so, libggml*.so,
      libgqsa_native.so), or the directory named by GQSA_GGUF_LIB_DIR (a dev build's
-     `build/<wheel tag>/bin`).
+     `build/<wheel tag>/bin`); see lib_dir() for the search order.
 Out: the `llama_cpp` module (llama-cpp-python 0.3.36) bound to those libraries, a check that they
      carry the GQSA type, and a ctypes handle on the C test hooks.
 
@@ -18,12 +18,14 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
 from .format import GGML_TYPE_GQSA4, TYPE_NAME
 
 LIB_DIR_ENV = "GQSA_GGUF_LIB_DIR"
+DIST_NAME = "gqsa-gguf"
 LLAMA_LIB_NAME = "libllama.so"
 GGML_BASE_LIB_NAME = "libggml-base.so"
 NATIVE_LIB_NAME = "libgqsa_native.so"
@@ -42,18 +44,31 @@ class RuntimeLibraryError(RuntimeError):
 
 
 def lib_dir() -> Path:
-    """Directory holding libllama.so and libggml*.so: $GQSA_GGUF_LIB_DIR, else gqsa_gguf/lib."""
+    """Directory holding libllama.so and libggml*.so.
+
+    $GQSA_GGUF_LIB_DIR if set; else gqsa_gguf/lib beside this module; else, when this module is
+    imported from a source checkout (e.g. `python -m pytest` in the repository), the lib/ of the
+    gqsa-gguf installed in this environment.
+    """
     env = os.environ.get(LIB_DIR_ENV)
     if env:
         return Path(env).expanduser().resolve()
-    return (Path(__file__).resolve().parent / "lib")
+    here = Path(__file__).resolve().parent / "lib"
+    if (here / LLAMA_LIB_NAME).is_file():
+        return here
+    try:
+        installed = Path(str(metadata.distribution(DIST_NAME).locate_file("gqsa_gguf/lib")))
+    except metadata.PackageNotFoundError:
+        return here
+    return installed.resolve() if (installed / LLAMA_LIB_NAME).is_file() else here
 
 
 def _require(name: str) -> Path:
     d = lib_dir()
     path = d / name
     if not path.is_file():
-        where = f"{LIB_DIR_ENV}={d}" if os.environ.get(LIB_DIR_ENV) else f"{d} (the installed package)"
+        where = (f"{LIB_DIR_ENV}={d}" if os.environ.get(LIB_DIR_ENV)
+                 else f"{d} (nor in an installed {DIST_NAME})")
         raise RuntimeLibraryError(f"{name} not found in {where}. {BUILD_HINT}")
     return path
 

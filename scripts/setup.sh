@@ -21,11 +21,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     step "creating $VENV with ${PYTHON:-python3}"
     "${PYTHON:-python3}" -m venv "$VENV"
 fi
+VENV=$(cd "$VENV" && pwd)
 PY="$VENV/bin/python"
 pip_q() { "$PY" -m pip --disable-pip-version-check -q "$@"; }
-has() {  # has DIST VERSION: is exactly that version installed?
+has() {  # has DIST VERSION: is that version installed (any local tag: 2.13.0+cpu counts)?
     "$PY" -c 'import importlib.metadata as m, sys
-try: sys.exit(m.version(sys.argv[1]) != sys.argv[2])
+try: sys.exit(m.version(sys.argv[1]).split("+")[0] != sys.argv[2])
 except m.PackageNotFoundError: sys.exit(1)' "$1" "$2"
 }
 
@@ -43,13 +44,29 @@ else
     CMAKE_ARGS="-DLLAMA_BUILD=OFF" pip_q install llama-cpp-python==0.3.36
 fi
 
+# Build in the venv itself (--no-build-isolation): a fresh isolated environment per run makes
+# scikit-build-core drop its CMake cache and re-download the build requirements every time.
+reqs=$("$PY" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+mapfile -t reqs <<<"$reqs"
+if ! "$PY" -c 'import scikit_build_core' 2>/dev/null; then
+    step "installing build requirements: ${reqs[*]}"
+fi
+pip_q install "${reqs[@]}"
+for tool in cmake ninja; do
+    if ! command -v "$tool" >/dev/null && [ ! -x "$VENV/bin/$tool" ]; then
+        step "installing $tool from PyPI (none on PATH)"
+        pip_q install "$tool"
+    fi
+done
+
 # pip shows a build's output only with -v, and then with much of its own: keep the whole log in
 # a file, show the build's progress lines, and the log's end if it fails.
 step "building the patched llama.cpp and installing gqsa-gguf[test] (full log: $LOG)"
 mkdir -p build
 : >"$LOG"     # exists before tail opens it
 set +e
-"$PY" -m pip --disable-pip-version-check install -v ".[test]" >"$LOG" 2>&1 &
+PATH="$VENV/bin:$PATH" "$PY" -m pip --disable-pip-version-check install -v \
+    --no-build-isolation ".[test]" >"$LOG" 2>&1 &
 pip_pid=$!
 tail -n +1 -f "$LOG" --pid="$pip_pid" 2>/dev/null \
     | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] |gqsa llama.cpp:|ninja: no work|CMake Error|error:|Successfully installed'
@@ -62,4 +79,4 @@ if [ "$rc" -ne 0 ]; then
     echo "setup.sh: installing gqsa-gguf failed (pip exit $rc); full log in $LOG" >&2
     exit "$rc"
 fi
-step "done: activate with 'source $VENV/bin/activate'"
+step "done: activate with 'source ${GQSA_VENV:-.venv}/bin/activate'"
