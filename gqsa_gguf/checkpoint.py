@@ -1,0 +1,121 @@
+"""Atomic, checksummed training checkpoints for BQPO and E2E-OQP (resumable runs).
+
+In:  a dict of tensors / plain Python values (the payload) and a small JSON-able `meta` dict that
+     identifies the run (stage, run fingerprint, progress counters).
+Out: `save(path, meta, payload)` writes one file atomically; `load(path, expect)` returns
+     (meta, payload) after verifying the magic, the format version, the payload's SHA-256 and that
+     `meta` agrees with `expect` on every key `expect` names.
+
+File layout (little endian):
+
+    b"GQSACKPT" | uint32 version | uint64 header bytes | header (UTF-8 JSON) | payload
+    header = {"meta": {...}, "payload_bytes": n, "payload_sha256": "..."}
+    payload = torch.save(payload) bytes
+
+Writing goes to a temporary file in the same folder, is fsync'ed, then `os.replace`d over the
+target, so a crash leaves either the old or the new checkpoint, never a torn one. A torn or
+foreign file is refused on load with a message saying what to do (delete it, or resume with the
+same settings). `run_fingerprint` hashes what must not change between an interrupted run and its
+resumption (config, calibration windows, one-shot result).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "MAGIC", "VERSION", "save", "load", "run_fingerprint"]
+
+MAGIC = b"GQSACKPT"
+VERSION = 1
+_HEAD = struct.Struct("<8sIQ")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, torn, corrupt, or belongs to a different run."""
+
+
+def save(path: str | os.PathLike, meta: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(dict(payload), buf)
+    data = buf.getbuffer()
+    header = json.dumps({"meta": dict(meta), "payload_bytes": len(data),
+                         "payload_sha256": hashlib.sha256(data).hexdigest()}, sort_keys=True).encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_HEAD.pack(MAGIC, VERSION, len(header)))
+            f.write(header)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load(path: str | os.PathLike, expect: Mapping[str, Any] | None = None,
+         map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    path = Path(path)
+    how = f"delete {path} to start over, or resume with the settings that wrote it"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if len(raw) < _HEAD.size:
+        raise CheckpointError(f"checkpoint {path} is {len(raw)} bytes, shorter than its header — torn; {how}")
+    magic, version, hlen = _HEAD.unpack_from(raw)
+    if magic != MAGIC:
+        raise CheckpointError(f"{path} is not a gqsa-gguf checkpoint (magic {magic!r}); {how}")
+    if version > VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {version}, newer than this tool's {VERSION} — "
+                              f"upgrade gqsa-gguf or delete it")
+    try:
+        header = json.loads(raw[_HEAD.size:_HEAD.size + hlen].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: unreadable header ({e}); {how}") from None
+    data = memoryview(raw)[_HEAD.size + hlen:]
+    if len(data) != header.get("payload_bytes"):
+        raise CheckpointError(f"checkpoint {path}: payload is {len(data)} bytes, header says "
+                              f"{header.get('payload_bytes')} — the file is truncated; {how}")
+    if hashlib.sha256(data).hexdigest() != header.get("payload_sha256"):
+        raise CheckpointError(f"checkpoint {path}: SHA-256 of the payload does not match its header — "
+                              f"the file is corrupt; {how}")
+    meta = header.get("meta", {})
+    for key, want in (expect or {}).items():
+        if meta.get(key) != want:
+            raise CheckpointError(f"checkpoint {path}: {key} = {meta.get(key)!r}, but this run has "
+                                  f"{want!r} — it was written by a different run; {how}")
+    payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    return meta, payload
+
+
+def run_fingerprint(*parts: Any) -> str:
+    """SHA-256 (hex, 16 chars) over JSON-able values, tensors and arrays, in order."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            p = p.detach().cpu().contiguous().numpy()
+        if isinstance(p, np.ndarray):
+            h.update(str((p.dtype.str, p.shape)).encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]

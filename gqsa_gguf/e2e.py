@@ -1,0 +1,264 @@
+"""E2E-OQP — End-to-End Optimized Quantization-Pruning (paper §3.4): train only scales and zeros.
+
+In:  a model whose decoder linears are `fakequant.PackedGQSLinear` (from `bqpo.run_bqpo`, or
+     `packed_from_oneshot` for E2E-OQP straight after one-shot), training windows LongTensor
+     [nsamples, seqlen], an `E2EConfig`.
+Out: `run_e2e(model, windows, cfg)` -> `E2EReport` (per-step loss, per-epoch mean, seconds); the
+     model's scales and zero points are trained in place; integer codes q, group indices, and every
+     other weight stay bit-identical (only `scale` and `zero` have requires_grad, tested).
+
+Objective: the causal LM loss (next-token cross entropy) of the whole model, mean over the windows
+of a global batch; AdamW with lr_scale / lr_zero; fp32 on the CPU, optional bf16/fp16 autocast on
+CUDA.
+
+Data parallel: under `torchrun` (WORLD_SIZE > 1) call `init_distributed(device)` first (gloo on the
+CPU, NCCL on CUDA). Every rank builds the same windows and the same shuffled order (seeded from
+(seed, epoch)); rank r takes its equal slice of each global batch, each micro-batch contributes
+loss * micro / global_batch, and gradients are summed with all_reduce — so a step is the same update
+as one process on the whole global batch (up to float summation order; tested with 2 gloo
+processes). Rank 0 writes the checkpoints; all ranks read them on resume.
+
+Checkpoints (`checkpoint_dir`): after every epoch, atomically, `e2e.ckpt` with all scales/zeros,
+the optimizer state and the loss log; `resume=True` continues with the next epoch and gives the
+same result as an uninterrupted run (tested). A NaN/Inf loss or scale raises TrainingError naming
+the epoch and step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .fakequant import PackedGQSLinear, gqs_modules, swap_linear
+from .training import TrainingError, autocast, check_amp, check_finite, resolve_device, seeded
+
+__all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "packed_from_oneshot",
+           "trainable_parameters"]
+
+CKPT_NAME = "e2e.ckpt"
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """End-to-end settings. Defaults: measured on SmolLM2-135M (docs/quality.md)."""
+
+    epochs: int = 1
+    lr_scale: float = 1e-5           # paper §4: AdamW 1e-5
+    lr_zero: float = 1e-3            # continuous zero point, rounded in the forward
+    weight_decay: float = 0.0
+    batch_size: int = 4              # global windows per optimizer step (all ranks together)
+    micro_batch: int = 1             # windows per forward/backward on one rank (memory only)
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "none"
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for n in ("epochs", "batch_size", "micro_batch", "seed"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if n in ("epochs", "seed") else 1):
+                raise TrainingError(f"e2e.{n} = {v!r} must be a {'non-negative' if n in ('epochs', 'seed') else 'positive'} integer")
+        for n in ("lr_scale", "lr_zero", "weight_decay"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise TrainingError(f"e2e.{n} = {v!r} must be a non-negative number")
+        if self.resume and not self.checkpoint_dir:
+            raise TrainingError("--resume needs --checkpoint-dir (where the interrupted run wrote e2e.ckpt)")
+
+    def fingerprint_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("checkpoint_dir", "resume", "progress", "micro_batch"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class E2EReport:
+    step_loss: list[float] = field(default_factory=list)
+    epoch_loss: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Joins the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA);
+    returns (rank, world size). A single process returns (0, 1) and starts nothing."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def packed_from_oneshot(model, compressed: dict) -> None:
+    """Replaces the model's decoder linears named in `compressed` by PackedGQSLinear (in place)."""
+    for name, cl in compressed.items():
+        old = model.get_submodule(name)
+        swap_linear(model, name, PackedGQSLinear.from_compressed(cl, getattr(old, "bias", None))
+                    .to(old.weight.device))
+
+
+def trainable_parameters(model) -> tuple[list, list, list]:
+    """Freezes everything, then enables the scales and zeros of every PackedGQSLinear.
+    Returns (scales, zeros, named list for NaN checks)."""
+    mods = gqs_modules(model)
+    if not mods:
+        raise TrainingError("E2E-OQP: the model has no PackedGQSLinear layers — run BQPO first or "
+                            "packed_from_oneshot")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scales, zeros, named = [], [], []
+    for name, m in mods.items():
+        if not isinstance(m, PackedGQSLinear):
+            raise TrainingError(f"E2E-OQP: {name} is a {type(m).__name__}; pack it first (bqpo.pack_model)")
+        m.scale.requires_grad_(True)
+        m.zero.requires_grad_(True)
+        scales.append(m.scale)
+        zeros.append(m.zero)
+        named += [(name + ".scale", m.scale), (name + ".zero", m.zero)]
+    return scales, zeros, named
+
+
+def _qparam_state(model) -> dict:
+    return {f"{n}.{k}": getattr(m, k).detach().cpu().clone()
+            for n, m in gqs_modules(model).items() for k in ("scale", "zero")}
+
+
+def _fingerprint(cfg, model, windows, world) -> str:
+    mods = gqs_modules(model)
+    parts = [cfg.fingerprint_dict(), model.config.to_dict(), windows, world]
+    for n in sorted(mods):
+        parts += [n, mods[n].q, mods[n].indices]
+    return ckpt.run_fingerprint(*parts)
+
+
+def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
+            on_epoch_end: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+            max_steps: int | None = None) -> E2EReport:
+    """Trains scales and zero points end to end (see module docstring). `max_steps` (tests,
+    smoke runs) stops each epoch after that many optimizer steps."""
+    from tqdm.auto import tqdm
+
+    device = resolve_device(cfg.device)
+    check_amp(cfg.amp, device)
+    dist, rank, world = _dist()
+    if cfg.batch_size % (world * cfg.micro_batch):
+        raise TrainingError(f"e2e.batch_size {cfg.batch_size} must be a multiple of world size {world} x "
+                            f"micro_batch {cfg.micro_batch}, so every rank gets equal micro-batches")
+    windows = torch.as_tensor(windows, dtype=torch.long)
+    n = windows.shape[0]
+    if n < cfg.batch_size:
+        raise TrainingError(f"E2E-OQP: {n} windows are fewer than one global batch of {cfg.batch_size}")
+    model.to(device)
+    model.train(False)                                 # no dropout; training mode is not needed
+    scales, zeros, named = trainable_parameters(model)
+    groups = [{"params": scales, "lr": cfg.lr_scale}, {"params": zeros, "lr": cfg.lr_zero}]
+    opt = torch.optim.AdamW([g for g in groups if g["lr"] > 0], weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+    fp = _fingerprint(cfg, model, windows, world)
+    ck_path = Path(cfg.checkpoint_dir) / CKPT_NAME if cfg.checkpoint_dir else None
+    report = E2EReport()
+    start = 0
+    if cfg.resume and ck_path is not None and ck_path.exists():
+        meta, payload = ckpt.load(ck_path, expect={"stage": "e2e", "fingerprint": fp})
+        start = int(meta["next_epoch"])
+        missing = set(_qparam_state(model)) - set(payload["qparams"])
+        if missing:
+            raise ckpt.CheckpointError(f"{ck_path}: no saved values for {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, m in gqs_modules(model).items():
+                m.scale.copy_(payload["qparams"][name + ".scale"])
+                m.zero.copy_(payload["qparams"][name + ".zero"])
+        opt.load_state_dict(payload["optimizer"])
+        report.step_loss, report.epoch_loss = list(payload["step_loss"]), list(payload["epoch_loss"])
+        report.seconds = list(payload["seconds"])
+        if rank == 0:
+            log(f"E2E-OQP: resumed from {ck_path} after epoch {start - 1}")
+    report.resumed_from = start
+
+    steps = n // cfg.batch_size                         # the tail that does not fill a batch is dropped
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    local = cfg.batch_size // world
+    n_micro = local // cfg.micro_batch
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        gen = seeded(cfg.seed, "e2e", epoch)
+        perm = torch.randperm(n, generator=gen)
+        bar = tqdm(total=steps, desc=f"E2E-OQP epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not cfg.progress or rank != 0)
+        epoch_losses = []
+        for step in range(steps):
+            where = f"E2E-OQP epoch {epoch} step {step}"
+            gidx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            lidx = gidx[rank * local:(rank + 1) * local]
+            opt.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for m in range(n_micro):
+                ids = windows[lidx[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]].to(device)
+                with autocast(device, cfg.amp):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                       ids[:, 1:].reshape(-1))
+                check_finite(f"{where} (rank {rank})", loss)
+                part = loss * (cfg.micro_batch / cfg.batch_size)   # share of the global mean
+                (scaler.scale(part) if scaler is not None else part).backward()
+                step_loss += part.detach().double().cpu()
+            if dist is not None:
+                for p in scales + zeros:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            check_finite(where, None, named)
+            report.step_loss.append(float(step_loss))
+            epoch_losses.append(float(step_loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(step_loss):.4f}")
+        bar.close()
+        report.epoch_loss.append(sum(epoch_losses) / max(1, len(epoch_losses)))
+        report.seconds.append(time.time() - t0)
+        if rank == 0:
+            log(f"E2E-OQP epoch {epoch}: mean loss {report.epoch_loss[-1]:.4f} in {report.seconds[-1]:.1f} s")
+            if ck_path is not None:
+                ckpt.save(ck_path, {"stage": "e2e", "fingerprint": fp, "next_epoch": epoch + 1},
+                          {"qparams": _qparam_state(model), "optimizer": opt.state_dict(),
+                           "step_loss": report.step_loss, "epoch_loss": report.epoch_loss,
+                           "seconds": report.seconds})
+        if dist is not None:
+            dist.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return report

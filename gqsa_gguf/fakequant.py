@@ -1,0 +1,268 @@
+"""Fake-quant training forms of a GQSA linear (paper §3.3-3.4), exact with what the GGUF stores.
+
+In:  a one-shot `oneshot.CompressedLinear` (kept group indices, q, z, d) and the layer's float
+     weight W [N, K] (and bias, if any).
+Out: `GQSLinear` — the BQPO form: float weights of the kept groups (trainable), per-group scale
+     and zero point (trainable), fixed group mask (the kept indices; pruned groups do not exist);
+     `PackedGQSLinear` — the E2E-OQP form: frozen integer codes q of the kept groups only (no dense
+     mask), trainable scale and zero point;
+     conversions `GQSLinear.from_compressed` -> `.to_packed()` -> `.export_arrays()` /
+     `.to_compressed()` (indices int32, q uint8, z uint8, d float16: what `codec.pack` takes).
+
+The forward of both forms, per kept group g of a row (16 weights):
+
+    d  = fp16(clamp(scale, 2^-24, 65504))           # rounded to fp16 in the forward (STE)
+    zi = clamp(round(zero), 0, 15)                   # integer zero point in the forward (STE)
+    q  = clamp(round(w / d) + zi, 0, 15)             # GQSLinear only (STE); PackedGQSLinear: frozen
+    w_hat = (q - zi) * d                             # exact in float32 (5-bit int x fp16)
+
+and y = x @ W_hat.T + b with W_hat zero in the pruned groups. `export_arrays()` returns exactly
+(indices, q, zi, d) of this forward, so `codec.dequantize(codec.pack(*export_arrays()), K)` is
+bit-exact with the weight the forward multiplies by (tested in tests/test_fakequant.py); in fp32
+the forward therefore equals x @ dequantize(...).T bit for bit. (Under GPU autocast the matmul
+runs in bf16/fp16 and only the weights stay exact.)
+
+Design decisions:
+  * zero point: a continuous float parameter, rounded and clamped in the forward with a
+    straight-through estimator (EfficientQAT's choice). The file stores that rounded integer, so
+    training always sees the integer zero point it will be exported with; the continuous value
+    accumulates gradient steps until they cross a rounding boundary (so it needs a larger lr than
+    the scale to move at all: lr_zero).
+  * scale: a float32 parameter, rounded to fp16 in the forward with a straight-through
+    estimator (identity gradient), and clamped to the positive fp16 range: the file stores fp16,
+    so training sees the stored scale. The STE is a custom autograd function whose forward returns
+    the fp16 value exactly (the usual `s + (fp16(s) - s).detach()` can differ from fp16(s) by one
+    float32 rounding).
+  * rounding of w / d: STE (gradient 1); clamping to 0..15: zero gradient outside (LSQ/EfficientQAT).
+  * biases (Qwen2 q/k/v) stay float and frozen: they are exported as float tensors.
+
+Invariants: every conversion keeps the indices and shapes; an all-zero group (d = 0 in the
+one-shot result) becomes d = 2^-24 with q = z = 0 — the same zero weights; non-finite inputs raise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import format as fmt
+
+__all__ = ["SCALE_MIN", "SCALE_MAX", "round_ste", "fp16_ste", "stored_scale", "integer_zero",
+           "GQSLinear", "PackedGQSLinear", "swap_linear", "gqs_modules"]
+
+SCALE_MIN = 2.0 ** -24         # smallest positive fp16 (subnormal): the scale never reaches 0
+SCALE_MAX = 65504.0            # largest finite fp16
+_G = fmt.GROUP_SIZE
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round half to even (= numpy rint, as the codec) forward; identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _FP16STE(torch.autograd.Function):
+    """x rounded to fp16 (nearest even) and back to x's dtype, exactly; identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.float16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    return _FP16STE.apply(x)
+
+
+def stored_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The fp16 scale the file stores for a trainable float scale, as float32 (STE gradient)."""
+    return fp16_ste(torch.clamp(scale, SCALE_MIN, SCALE_MAX))
+
+
+def integer_zero(zero: torch.Tensor) -> torch.Tensor:
+    """The integer zero point 0..15 the file stores for a trainable float zero, as float32 (STE)."""
+    return torch.clamp(round_ste(zero), 0, fmt.QMAX)
+
+
+def _check_init(name: str, what: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name}: non-finite {what} at {bad} — the weights or the one-shot result are corrupt")
+
+
+class _GQSBase(torch.nn.Module):
+    """What both forms share: shapes, kept indices, scale/zero parameters, bias, scatter."""
+
+    def __init__(self, name: str, width: int, indices: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        if width % _G:
+            raise ValueError(f"{name}: width {width} is not a multiple of the group size {_G}")
+        self.name = name
+        self.in_features = int(width)
+        self.out_features = int(indices.shape[0])
+        self.register_buffer("indices", indices.to(torch.int64).contiguous())   # [N, n_kept], sorted
+        _check_init(name, "scale", scale)
+        _check_init(name, "zero point", zero)
+        self.scale = torch.nn.Parameter(scale.detach().to(torch.float32).clone())
+        self.zero = torch.nn.Parameter(zero.detach().to(torch.float32).clone())
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().to(torch.float32).clone())
+        else:
+            self.bias = None
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.indices.shape[1])
+
+    def _scatter(self, groups: torch.Tensor) -> torch.Tensor:
+        """Kept groups [N, n_kept, 16] -> dense weight [N, K] with zeros in the pruned groups."""
+        n = self.out_features
+        out = groups.new_zeros(n, self.in_features // _G, _G)
+        idx = self.indices[:, :, None].expand(-1, -1, _G)
+        return out.scatter(1, idx, groups).reshape(n, self.in_features)
+
+    def group_weights(self) -> torch.Tensor:           # [N, n_kept, 16], differentiable
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The exact weight the file will hold, float32 [N, K] (differentiable)."""
+        return self._scatter(self.group_weights())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(), self.bias)   # fp32, or autocast casts on GPU
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def export_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(indices int32 [N, n_kept], q uint8 [N, n_kept, 16], z uint8 [N, n_kept], d float16
+        [N, n_kept]): the arguments of codec.pack, exactly the weights of this forward."""
+        q, z, d = self.codes()
+        return (self.indices.to(torch.int32).cpu().numpy(), q.to(torch.uint8).cpu().numpy(),
+                z.to(torch.uint8).cpu().numpy(), d.to(torch.float16).cpu().numpy())
+
+    def to_compressed(self):
+        """The oneshot.CompressedLinear of the trained layer (export's input)."""
+        from .oneshot import CompressedLinear
+
+        idx, q, z, d = self.export_arrays()
+        return CompressedLinear(self.name, self.in_features, idx, q, z, d)
+
+    def extra_repr(self) -> str:
+        return (f"{self.name}: in={self.in_features}, out={self.out_features}, "
+                f"kept={self.n_kept}/{self.in_features // _G} groups")
+
+
+class GQSLinear(_GQSBase):
+    """BQPO form: float kept-group weights, scale and zero point all trainable; mask fixed."""
+
+    def __init__(self, name: str, width: int, indices: torch.Tensor, weight_groups: torch.Tensor,
+                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(name, width, indices, scale, zero, bias)
+        if weight_groups.shape != (self.out_features, self.n_kept, _G):
+            raise ValueError(f"{name}: weight groups {tuple(weight_groups.shape)} do not match indices "
+                             f"{tuple(self.indices.shape)}")
+        _check_init(name, "weight", weight_groups)
+        self.weight = torch.nn.Parameter(weight_groups.detach().to(torch.float32).clone())
+
+    @classmethod
+    def from_compressed(cls, cl, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "GQSLinear":
+        """From a one-shot result and the layer's float weight [N, K]: float weights of the kept
+        groups, scale = d, zero = z. At init the forward reproduces the one-shot weights exactly
+        (q = clamp(rint(w / d) + z) is the min-max quantizer's own formula)."""
+        n, k = cl.indices.shape[0], cl.width
+        if tuple(weight.shape) != (n, k):
+            raise ValueError(f"{cl.name}: float weight {tuple(weight.shape)} vs compressed [{n}, {k}]")
+        idx = torch.from_numpy(np.asarray(cl.indices, dtype=np.int64))
+        groups = weight.detach().to(torch.float32).reshape(n, k // _G, _G)
+        wg = torch.gather(groups, 1, idx[:, :, None].expand(-1, -1, _G))
+        d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
+        z = torch.from_numpy(np.asarray(cl.z, dtype=np.float32))
+        return cls(cl.name, k, idx, wg, d, z, bias)
+
+    def _quant(self):
+        d = stored_scale(self.scale)[..., None]
+        zi = integer_zero(self.zero)[..., None]
+        q = torch.clamp(round_ste(self.weight / d) + zi, 0, fmt.QMAX)
+        return q, zi, d
+
+    def group_weights(self) -> torch.Tensor:
+        q, zi, d = self._quant()
+        return (q - zi) * d
+
+    @torch.no_grad()
+    def codes(self):
+        q, zi, d = self._quant()
+        return q, zi[..., 0], d[..., 0]
+
+    @torch.no_grad()
+    def to_packed(self) -> "PackedGQSLinear":
+        """Freezes the integer codes: the E2E-OQP form with the same forward (bit-exact)."""
+        q, z, _ = self.codes()
+        return PackedGQSLinear(self.name, self.in_features, self.indices, q.to(torch.uint8),
+                               self.scale, z, self.bias)
+
+
+class PackedGQSLinear(_GQSBase):
+    """E2E-OQP form: frozen integer q of the kept groups (no dense mask), trainable scale and zero.
+
+    The zero parameter starts at the exported integer z; training moves it continuously and the
+    forward (and export) use clamp(round(zero), 0, 15), with q unchanged."""
+
+    def __init__(self, name: str, width: int, indices: torch.Tensor, q: torch.Tensor,
+                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(name, width, indices, scale, zero, bias)
+        if q.shape != (self.out_features, self.n_kept, _G):
+            raise ValueError(f"{name}: q {tuple(q.shape)} does not match indices {tuple(self.indices.shape)}")
+        if q.dtype != torch.uint8 or int(q.max()) > fmt.QMAX:
+            raise ValueError(f"{name}: q must be uint8 codes 0..{fmt.QMAX}, got {q.dtype} max {int(q.max())}")
+        self.register_buffer("q", q.contiguous().clone())
+
+    @classmethod
+    def from_compressed(cls, cl, bias: torch.Tensor | None = None) -> "PackedGQSLinear":
+        """Straight from a one-shot result (E2E-OQP without BQPO)."""
+        d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
+        return cls(cl.name, cl.width, torch.from_numpy(np.asarray(cl.indices, dtype=np.int64)),
+                   torch.from_numpy(np.asarray(cl.q, dtype=np.uint8)), d,
+                   torch.from_numpy(np.asarray(cl.z, dtype=np.float32)), bias)
+
+    def group_weights(self) -> torch.Tensor:
+        d = stored_scale(self.scale)[..., None]
+        zi = integer_zero(self.zero)[..., None]
+        return (self.q.to(d.dtype) - zi) * d
+
+    @torch.no_grad()
+    def codes(self):
+        return self.q, integer_zero(self.zero), stored_scale(self.scale)
+
+
+# --- model surgery ----------------------------------------------------------------------------------
+
+def swap_linear(root: torch.nn.Module, path: str, new: torch.nn.Module) -> torch.nn.Module:
+    """Replaces the submodule at dotted `path` (relative to root) by `new`; returns the old one."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    return old
+
+
+def gqs_modules(model: torch.nn.Module) -> dict[str, _GQSBase]:
+    """Every GQSLinear / PackedGQSLinear in `model`, keyed by its HF module name (its `.name`)."""
+    return {m.name: m for m in model.modules() if isinstance(m, _GQSBase)}

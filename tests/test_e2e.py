@@ -1,0 +1,105 @@
+"""E2E-OQP on a tiny random LLaMA: only scales/zeros change, resume is exact, DDP == one process."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gqsa_gguf.e2e import E2EConfig, packed_from_oneshot, run_e2e
+from gqsa_gguf.fakequant import gqs_modules
+from gqsa_gguf.training import TrainingError
+
+from tiny_llama import tiny_model, tiny_oneshot, tiny_windows
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    windows = tiny_windows()
+    return windows, tiny_oneshot(model, windows)
+
+
+def _packed(comp):
+    m = tiny_model()
+    packed_from_oneshot(m, comp)
+    return m
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=4, micro_batch=2, lr_scale=1e-3, lr_zero=1e-1, progress=False)
+    base.update(kw)
+    return E2EConfig(**base)
+
+
+def test_e2e_changes_only_scales_and_zeros(setup):
+    windows, comp = setup
+    model = _packed(comp)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = run_e2e(model, windows, _cfg(), log=lambda s: None)
+    assert len(rep.step_loss) == 4 and rep.epoch_loss[-1] < rep.step_loss[0] + 1.0
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith((".scale", ".zero")) for k in changed), sorted(changed)[:5]
+    assert any(k.endswith(".scale") for k in changed)
+    for name, m in gqs_modules(model).items():               # q and masks bit-identical
+        assert torch.equal(m.q, before[name + ".q"]) and torch.equal(m.indices, before[name + ".indices"])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_e2e_resume_equals_uninterrupted(setup, tmp_path):
+    windows, comp = setup
+    full = _packed(comp)
+    run_e2e(full, windows, _cfg(), log=lambda s: None)
+
+    def stop(epoch):
+        raise _Interrupt
+
+    d = str(tmp_path / "ck")
+    part = _packed(comp)
+    with pytest.raises(_Interrupt):
+        run_e2e(part, windows, _cfg(checkpoint_dir=d), on_epoch_end=stop, log=lambda s: None)
+    resumed = _packed(comp)                                   # a fresh process: nothing carried over
+    rep = run_e2e(resumed, windows, _cfg(checkpoint_dir=d, resume=True), log=lambda s: None)
+    assert rep.resumed_from == 1
+    a, b = full.state_dict(), resumed.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_e2e_nan_names_epoch_and_step(setup):
+    windows, comp = setup
+    with pytest.raises(TrainingError, match=r"E2E-OQP epoch 0 step 0"):
+        run_e2e(_packed(comp), windows, _cfg(lr_scale=float("inf")), log=lambda s: None)
+
+
+def test_e2e_batch_must_split_evenly(setup):
+    windows, comp = setup
+    with pytest.raises(TrainingError, match="multiple of world size"):
+        run_e2e(_packed(comp), windows, _cfg(batch_size=3, micro_batch=2), log=lambda s: None)
+
+
+def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed next to this python")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, str(HERE / "e2e_ddp_worker.py"), str(one)], check=True, env=env,
+                   timeout=120)
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "e2e_ddp_worker.py"),
+                    str(two)], check=True, env=env, timeout=120)
+    a, b = torch.load(one), torch.load(two)
+    assert a["world"] == 1 and b["world"] == 2
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert any(k.endswith(".grad") for k in a["state"])
+    for k, ref in a["state"].items():      # equal up to float summation order
+        torch.testing.assert_close(b["state"][k], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
