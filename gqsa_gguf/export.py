@@ -1,0 +1,284 @@
+"""Packing and GGUF writing: a complete llama.cpp model file with gqsa4 decoder linears.
+
+In:  the checkpoint's `ModelInfo`, the model's state dict (for the tensors GQSA does not touch:
+     embeddings, norms, output head, Qwen2 q/k/v biases), the `CompressedLinear`s of
+     `oneshot.compress_model` (HF names and row order), the `ConvertConfig`.
+Out: `export_gguf(...)` writes the file atomically (gguf_io.GQSAWriter) and returns an
+     `ExportSummary` (every tensor with type, shape, sparsity, bits; the bits per weight of the
+     linear weights; what was not compressed and why).
+
+What goes in the file:
+  * architecture metadata for llama.cpp's `llama` / `qwen2` graphs;
+  * the tokenizer (`vocab.read_vocab`) and the chat template;
+  * token_embd / output as --dense-type (f16 or q8_0), norms and biases as f32;
+  * the seven decoder linears of every block as gqsa4 (`codec.pack`), their logical widths,
+    sparsities and the config JSON under `gqsa.*` (docs/FORMAT.md).
+
+LLaMA q/k rows: HF stores each head's rotary pairs as (first half, second half) ("rotate_half"),
+llama.cpp's `llama` graph wants them interleaved, so llama.cpp's converter permutes q_proj/k_proj
+rows. The permutation reorders output rows only and GQSA's mask and codes are per row, so it is
+applied to the compressed rows (`llama_rope_permutation`); Qwen2 uses NeoX RoPE and is not permuted.
+
+Invariants: every state-dict tensor is either written or listed with a reason, never dropped
+silently; an unknown tensor name raises; linear widths come from the model, never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from gguf import quants as gquants
+
+from . import __version__, codec
+from . import format as fmt
+from .gguf_io import GQSAWriter
+from .model_io import ModelInfo
+from .oneshot import CompressedLinear
+from .vocab import read_vocab
+
+__all__ = ["ExportError", "ExportSummary", "TensorRow", "export_gguf", "hf_to_gguf_name",
+           "gguf_to_hf_name", "llama_rope_permutation", "needs_rope_permutation"]
+
+_BLOCK_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP_MAP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_BLOCK = {v: k for k, v in _BLOCK_MAP.items()}
+_GGUF_TOP = {v: k for k, v in _TOP_MAP.items()}
+
+
+class ExportError(RuntimeError):
+    """The model cannot be written as a GGUF (unknown tensor, missing compressed linear, ...)."""
+
+
+def hf_to_gguf_name(hf: str) -> str:
+    """HF state-dict name -> llama.cpp tensor name; raises ExportError for names it does not know."""
+    if hf in _TOP_MAP:
+        return _TOP_MAP[hf]
+    parts = hf.split(".", 3)
+    if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        sub = _BLOCK_MAP.get(parts[3])
+        if sub is not None:
+            return f"blk.{int(parts[2])}.{sub}"
+    raise ExportError(f"tensor '{hf}' has no llama.cpp counterpart in this exporter — the checkpoint has "
+                      f"parts the llama/qwen2 graphs do not use; refusing to drop it silently")
+
+
+def gguf_to_hf_name(name: str) -> str:
+    if name in _GGUF_TOP:
+        return _GGUF_TOP[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK:
+        return f"model.layers.{int(parts[1])}.{_GGUF_BLOCK[parts[2]]}"
+    raise ExportError(f"GGUF tensor '{name}' is not part of the llama/qwen2 layout this tool writes")
+
+
+def needs_rope_permutation(gguf_arch: str, gguf_name: str) -> bool:
+    return gguf_arch == "llama" and gguf_name.endswith((".attn_q.weight", ".attn_k.weight"))
+
+
+def llama_rope_permutation(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order of llama.cpp's q/k for HF rows: W_gguf = W_hf[perm].
+
+    Per head of hd rows, HF row j*hd/2 + i (j = half, i = pair) goes to row 2*i + j.
+    """
+    if n_rows % n_head or (n_rows // n_head) % 2:
+        raise ExportError(f"cannot permute {n_rows} rows into {n_head} heads of even size")
+    hd = n_rows // n_head
+    return np.arange(n_rows).reshape(n_head, 2, hd // 2).transpose(0, 2, 1).reshape(-1)
+
+
+@dataclass
+class TensorRow:
+    name: str
+    type: str
+    shape: tuple[int, ...]      # logical [rows, width] (HF order)
+    sparsity: float | None
+    bpw: float                  # bits per logical weight, metadata included
+    note: str = ""
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    rows: list[TensorRow]
+    linear_bpw: float           # bits of all gqsa4 tensors / their logical weights
+    file_bytes: int
+    not_compressed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def format(self, every_tensor: bool = True) -> str:
+        lines = []
+        w = max(len(r.name) for r in self.rows)
+        lines.append(f"{'tensor':<{w}}  {'type':<6} {'shape [rows, width]':<20} {'sparsity':>8} {'bits/w':>7}  note")
+        for r in self.rows if every_tensor else [r for r in self.rows if r.type != fmt.TYPE_NAME]:
+            sp = "-" if r.sparsity is None else f"{r.sparsity:.1%}"
+            shape = "[" + ", ".join(str(s) for s in r.shape) + "]"
+            lines.append(f"{r.name:<{w}}  {r.type:<6} {shape:<20} {sp:>8} {r.bpw:>7.3f}  {r.note}")
+        n_gqsa = sum(r.type == fmt.TYPE_NAME for r in self.rows)
+        lines.append("")
+        lines.append(f"{n_gqsa} decoder linear tensors stored as {fmt.TYPE_NAME}: "
+                     f"{self.linear_bpw:.3f} bits per weight (all metadata included)")
+        if self.not_compressed:
+            lines.append("not compressed:")
+            for what, why in self.not_compressed:
+                lines.append(f"  {what}: {why}")
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        lines.append(f"wrote {self.path} ({self.file_bytes / 2**20:.1f} MiB)")
+        return "\n".join(lines)
+
+
+def _dense(name: str, arr: np.ndarray, dense_type: str, notes: list[str]) -> tuple[np.ndarray, GGMLQuantizationType | None, str, float]:
+    """(data, raw_dtype, type name, bits per weight) for an embedding / output head."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if dense_type == "q8_0":
+        blck, size = gquants.GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+        if arr.shape[-1] % blck == 0:
+            return gquants.quantize(arr, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0, "q8_0", 8.0 * size / blck
+        notes.append(f"{name}: row width {arr.shape[-1]} is not a multiple of {blck}; written as f16 instead of q8_0")
+    if np.abs(arr).max(initial=0.0) > 65504.0:
+        notes.append(f"{name}: values exceed the f16 range; written as f32")
+        return arr, None, "f32", 32.0
+    return arr.astype(np.float16), None, "f16", 16.0
+
+
+def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, compressed: dict[str, CompressedLinear],
+                config, progress: bool = False) -> ExportSummary:
+    """Writes the GGUF (see module docstring). `state_dict`: HF name -> tensor (torch or numpy)."""
+    path = Path(path)
+    xcfg = config.export
+    vocab = read_vocab(info.folder, info.vocab_size, xcfg.tokenizer_pre)
+
+    w = GQSAWriter(info.gguf_arch, config.to_json(), __version__)
+    g = w.gguf
+    g.add_name(info.name)
+    g.add_context_length(info.context_length)
+    g.add_embedding_length(info.hidden_size)
+    g.add_block_count(info.n_layers)
+    g.add_feed_forward_length(info.intermediate_size)
+    g.add_head_count(info.n_head)
+    g.add_head_count_kv(info.n_head_kv)
+    g.add_rope_freq_base(info.rope_theta)
+    g.add_layer_norm_rms_eps(info.rms_eps)
+    g.add_vocab_size(info.vocab_size)
+    g.add_rope_dimension_count(info.head_dim)
+    if info.head_dim * info.n_head != info.hidden_size:
+        g.add_key_length(info.head_dim)
+        g.add_value_length(info.head_dim)
+    vocab.add_to(g)
+
+    rows: list[TensorRow] = []
+    not_compressed: list[tuple[str, str]] = []
+    notes: list[str] = list(vocab.notes)
+    notes.append(f"tokenizer: {vocab.model}" + (f", pre-tokenizer '{vocab.pre}' ({vocab.pre_source})" if vocab.pre else ""))
+
+    expected_linears = {f"model.layers.{i}.{lin}" for i in range(info.n_layers) for lin in
+                        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    missing = sorted(expected_linears - set(compressed))
+    extra = sorted(set(compressed) - expected_linears)
+    if missing or extra:
+        raise ExportError(f"compressed linears do not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
+
+    def np_of(t) -> np.ndarray:
+        return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+    gqsa_bits = 0
+    gqsa_weights = 0
+    for hf in sorted(state_dict, key=_order_key):
+        name = hf_to_gguf_name(hf) if not hf.endswith("rotary_emb.inv_freq") else None
+        if name is None:
+            not_compressed.append((hf, "RoPE frequencies are recomputed by llama.cpp from rope.freq_base"))
+            continue
+        module = hf[: -len(".weight")] if hf.endswith(".weight") else None
+        if module in compressed:
+            cl = compressed[module]
+            rows_n, width = info.linear_shape(module.split(".", 3)[3])
+            if (cl.rows, cl.width) != (rows_n, width):
+                raise ExportError(f"{module}: compressed shape [{cl.rows}, {cl.width}] != model [{rows_n}, {width}]")
+            if needs_rope_permutation(info.gguf_arch, name):
+                n_head = info.n_head if name.endswith(".attn_q.weight") else info.n_head_kv
+                cl = cl.permute_rows(llama_rope_permutation(cl.rows, n_head))
+            packed = codec.pack(cl.indices, cl.q, cl.z, cl.d)
+            rec = w.add_gqsa_tensor(name, packed, cl.width, cl.sparsity)
+            bpw = fmt.bits_per_weight(cl.n_kept, cl.width)
+            gqsa_bits += packed.size * 8
+            gqsa_weights += cl.rows * cl.width
+            rows.append(TensorRow(name, fmt.TYPE_NAME, (cl.rows, cl.width), rec.sparsity, bpw,
+                                  "rope-permuted rows" if needs_rope_permutation(info.gguf_arch, name) else ""))
+            continue
+        arr = np_of(state_dict[hf])
+        if name == "output.weight" and info.tie_embeddings:
+            not_compressed.append((hf, "tied to token_embd.weight; llama.cpp reuses it (no output.weight)"))
+            continue
+        if name in ("token_embd.weight", "output.weight"):
+            data, raw, tname, bpw = _dense(name, arr, xcfg.dense_type, notes)
+            w.add_tensor(name, data, raw_dtype=raw)
+            why = ("embedding lookup, not a matmul of a decoder block" if name == "token_embd.weight"
+                   else "output head: outside the decoder blocks GQSA compresses (paper §3.2)")
+            not_compressed.append((name, f"{why}; stored as {tname} (--dense-type)"))
+            rows.append(TensorRow(name, tname, tuple(arr.shape), None, bpw, "dense"))
+        elif arr.ndim == 1:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+            rows.append(TensorRow(name, "f32", tuple(arr.shape), None, 32.0,
+                                  "norm" if "norm" in name else "bias"))
+        else:
+            raise ExportError(f"tensor '{hf}' ({arr.shape}) is 2-D but neither a compressed linear nor an "
+                              f"embedding/output head — refusing to write it uncompressed silently")
+
+    gguf_names = {r.name for r in rows}
+    for req in ("token_embd.weight", "output_norm.weight"):
+        if req not in gguf_names:
+            raise ExportError(f"the state dict has no tensor for '{req}' — the checkpoint is incomplete")
+    if not info.tie_embeddings and "output.weight" not in gguf_names:
+        raise ExportError("tie_word_embeddings is false but the checkpoint has no lm_head.weight")
+    norms = [r for r in rows if r.note == "norm"]
+    biases = [r for r in rows if r.note == "bias"]
+    if norms:
+        not_compressed.append((f"{len(norms)} RMSNorm weights", "1-D, kept in f32"))
+    if biases:
+        not_compressed.append((f"{len(biases)} attention biases", "1-D, kept in f32"))
+    # 1-D tensors are summarised above; drop their per-tensor duplicates from not_compressed
+    not_compressed = [(a, b) for a, b in not_compressed if a not in gguf_names or a in ("token_embd.weight", "output.weight")]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w.write(path, progress=progress)
+    return ExportSummary(path=path, rows=rows, linear_bpw=gqsa_bits / max(1, gqsa_weights),
+                         file_bytes=path.stat().st_size, not_compressed=not_compressed, notes=notes)
+
+
+_BLOCK_ORDER = {k: i for i, k in enumerate(_BLOCK_MAP)}   # norms, attention, MLP
+
+
+def _order_key(hf: str):
+    """llama.cpp's usual order: embeddings, blocks in order (attention, then MLP), final norm, head."""
+    if hf == "model.embed_tokens.weight":
+        return (0, 0, 0, "")
+    parts = hf.split(".", 3)
+    if len(parts) == 4 and parts[1] == "layers" and parts[2].isdigit():
+        sub = parts[3]
+        rank = {"input_layernorm.weight": 0, "post_attention_layernorm.weight": 20}.get(sub)
+        if rank is None:
+            rank = 10 + _BLOCK_ORDER.get(sub, 99) if sub.startswith("self_attn") else 30 + _BLOCK_ORDER.get(sub, 99)
+        return (1, int(parts[2]), rank, sub)
+    return (2, 0, 0 if hf == "model.norm.weight" else 1, hf)

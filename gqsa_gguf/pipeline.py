@@ -1,0 +1,98 @@
+"""`gqsa-gguf convert` end to end: checkpoint -> calibration -> one-shot GQSA -> GGUF.
+
+In:  a `ConvertConfig`.
+Out: the GGUF at config.output (written atomically: on any error no file appears) and a
+     `ConvertReport` (timings, the export summary, notes).
+
+Everything that can be refused cheaply is refused before any heavy work, in this order: the
+training stages (not implemented yet), the output path, the checkpoint (folder, architecture,
+widths), the calibration text (empty / too short), and only then is the model loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, ConvertConfig
+
+__all__ = ["ConvertReport", "NotImplementedStageError", "convert", "check_output_path"]
+
+
+class NotImplementedStageError(ConfigError):
+    """A requested pipeline stage exists in the config but not in the code yet."""
+
+
+@dataclass
+class ConvertReport:
+    output: Path
+    seconds: dict[str, float]
+    summary: object            # export.ExportSummary
+    notes: list[str] = field(default_factory=list)
+
+
+def check_output_path(output: str) -> Path:
+    p = Path(output).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"-o {output}: is a folder; give the path of the .gguf file to write")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"-o {output}: the folder '{parent}' does not exist — create it first")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"-o {output}: the folder '{parent}' is not writable")
+    return p
+
+
+def convert(cfg: ConvertConfig, progress: bool = True, log=print) -> ConvertReport:
+    from . import calib, export, model_io, oneshot
+
+    c = cfg.compression
+    if c.bqpo_epochs or c.e2e_epochs:
+        raise NotImplementedStageError(
+            f"--bqpo-epochs {c.bqpo_epochs} / --e2e-epochs {c.e2e_epochs}: the BQPO and E2E-OQP training "
+            f"stages (paper §3.3-3.4) are not wired into convert yet — use 0 (the default) for one-shot "
+            f"compression")
+    out = check_output_path(cfg.output)
+    times: dict[str, float] = {}
+    notes: list[str] = []
+
+    t = time.time()
+    folder = model_io.resolve_model(cfg.model)
+    info = model_io.inspect_checkpoint(folder)
+    log(f"model: {folder}\n  {model_io.describe(info)}")
+    tokenizer = model_io.load_tokenizer(info)
+    text, desc = calib.load_text(cfg.calib.source)
+    seqlen = cfg.calib.seqlen
+    if seqlen > info.context_length:
+        notes.append(f"--seqlen {seqlen} clipped to the model's context length {info.context_length}")
+        seqlen = info.context_length
+    ids = calib.tokenize(tokenizer, text)
+    windows = calib.calibration_windows(ids, cfg.calib.nsamples, seqlen, cfg.calib.seed)
+    if ids.size < cfg.calib.nsamples * seqlen:
+        notes.append(f"calibration text has {ids.size} tokens < nsamples x seqlen = "
+                     f"{cfg.calib.nsamples * seqlen}: windows overlap")
+    log(f"calibration: {desc}, {ids.size} tokens -> {cfg.calib.nsamples} windows x {seqlen} tokens "
+        f"(seed {cfg.calib.seed})")
+    times["prepare"] = time.time() - t
+
+    t = time.time()
+    model = model_io.load_model(info)
+    times["load"] = time.time() - t
+
+    log(f"compressing: GQSA {c.spec} (4-bit, {c.sparsity:.0%} of 16-weight groups pruned per row), "
+        f"{'sequential' if c.sequential else 'parallel'} block-wise calibration, damp {c.damp}")
+    result = oneshot.compress_model(model, info, windows, c, batch_size=cfg.calib.batch_size, progress=progress)
+    times["compress"] = result.seconds
+    worst = sorted(result.rel_errors.items(), key=lambda kv: -kv[1])[:3]
+    notes.append("largest relative output errors tr(DHD^T)/tr(WHW^T): "
+                 + ", ".join(f"{n.replace('model.layers.', 'L')} {e:.3f}" for n, e in worst))
+
+    # the config recorded in the file says what was really used (e.g. the clipped seqlen)
+    used = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, seqlen=seqlen))
+    t = time.time()
+    summary = export.export_gguf(out, info, model.state_dict(), result.linears, used, progress=False)
+    times["export"] = time.time() - t
+    return ConvertReport(output=out, seconds=times, summary=summary, notes=notes)
