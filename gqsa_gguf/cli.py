@@ -63,9 +63,15 @@ def _add_convert(sub) -> None:
                    help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); detected for SmolLM2 "
                         "('smollm'), Qwen2 ('qwen2') and LLaMA-3 ('llama-bpe') if not given")
     p.add_argument("--bqpo-epochs", type=int, default=0,
-                   help="BQPO block-wise training epochs (paper §3.3; not implemented yet: must be 0)")
+                   help="BQPO block-wise training epochs after one-shot (paper §3.3; 0 = off; 2 is the "
+                        "measured default of benchmarks/quality.py)")
     p.add_argument("--e2e-epochs", type=int, default=0,
-                   help="E2E-OQP training epochs (paper §3.4; not implemented yet: must be 0)")
+                   help="E2E-OQP epochs training only scales and zero points (paper §3.4; 0 = off)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where BQPO / E2E-OQP write a checkpoint after every block / epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted BQPO / E2E-OQP run from --checkpoint-dir (same settings)")
+    p.add_argument("--device", default="cpu", help="torch device for BQPO / E2E-OQP (cpu, cuda, cuda:N)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no per-tensor table")
 
 
@@ -141,7 +147,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .saliency import SaliencyError
     from .textdata import TextDataError
     from .vocab import VocabError
-    return (CalibError, GQSAFormatError, ExportError, GGUFError, ModelFromGGUFError, ModelError, OneShotError,
+    from .checkpoint import CheckpointError
+    from .training import TrainingError
+    return (CheckpointError, TrainingError, CalibError, GQSAFormatError, ExportError, GGUFError, ModelFromGGUFError, ModelError, OneShotError,
             RuntimeLibraryError, SaliencyError, TextDataError, VocabError, FileNotFoundError)
 
 
@@ -150,7 +158,8 @@ def _run_convert(a) -> int:
 
     cfg = convert_config_from_args(a)
     log = (lambda *x, **k: None) if a.quiet else print
-    report = convert(cfg, progress=not a.quiet, log=log)
+    report = convert(cfg, progress=not a.quiet, log=log, checkpoint_dir=a.checkpoint_dir, resume=a.resume,
+                     device=a.device)
     s = report.summary
     print(s.format(every_tensor=not a.quiet))
     for n in report.notes:

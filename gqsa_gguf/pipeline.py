@@ -4,8 +4,11 @@ In:  a `ConvertConfig`.
 Out: the GGUF at config.output (written atomically: on any error no file appears) and a
      `ConvertReport` (timings, the export summary, notes).
 
+With compression.bqpo_epochs / e2e_epochs > 0 the one-shot result is trained (bqpo.run_bqpo, then
+e2e.run_e2e) before export; the float model is kept for BQPO's targets.
+
 Everything that can be refused cheaply is refused before any heavy work, in this order: the
-training stages (not implemented yet), the output path, the checkpoint (folder, architecture,
+output path, the checkpoint (folder, architecture,
 widths), the calibration text (empty / too short), and only then is the model loaded.
 """
 
@@ -46,15 +49,16 @@ def check_output_path(output: str) -> Path:
     return p
 
 
-def convert(cfg: ConvertConfig, progress: bool = True, log=print) -> ConvertReport:
+def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir: str | None = None,
+            resume: bool = False, device: str = "cpu") -> ConvertReport:
+    """checkpoint_dir / resume / device only concern the BQPO and E2E-OQP training stages
+    (compression.bqpo_epochs / e2e_epochs > 0): where their checkpoints go, whether to continue an
+    interrupted run from them, and the torch device they train on."""
     from . import calib, export, model_io, oneshot
 
     c = cfg.compression
-    if c.bqpo_epochs or c.e2e_epochs:
-        raise NotImplementedStageError(
-            f"--bqpo-epochs {c.bqpo_epochs} / --e2e-epochs {c.e2e_epochs}: the BQPO and E2E-OQP training "
-            f"stages (paper §3.3-3.4) are not wired into convert yet — use 0 (the default) for one-shot "
-            f"compression")
+    if resume and not checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir (the folder the interrupted run wrote its checkpoints to)")
     out = check_output_path(cfg.output)
     times: dict[str, float] = {}
     notes: list[str] = []
@@ -82,6 +86,10 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print) -> ConvertRepo
     model = model_io.load_model(info)
     times["load"] = time.time() - t
 
+    float_model = None
+    if c.bqpo_epochs or c.e2e_epochs:                    # training needs the float weights and targets
+        import copy
+        float_model = copy.deepcopy(model)
     log(f"compressing: GQSA {c.spec} (4-bit, {c.sparsity:.0%} of 16-weight groups pruned per row), "
         f"{'sequential' if c.sequential else 'parallel'} block-wise calibration, damp {c.damp}")
     result = oneshot.compress_model(model, info, windows, c, batch_size=cfg.calib.batch_size, progress=progress)
@@ -90,9 +98,38 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print) -> ConvertRepo
     notes.append("largest relative output errors tr(DHD^T)/tr(WHW^T): "
                  + ", ".join(f"{n.replace('model.layers.', 'L')} {e:.3f}" for n, e in worst))
 
+    linears = result.linears
+    if float_model is not None:
+        linears = _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, progress, log, times)
+        del float_model
+
     # the config recorded in the file says what was really used (e.g. the clipped seqlen)
     used = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, seqlen=seqlen))
     t = time.time()
-    summary = export.export_gguf(out, info, model.state_dict(), result.linears, used, progress=False)
+    summary = export.export_gguf(out, info, model.state_dict(), linears, used, progress=False)
     times["export"] = time.time() - t
     return ConvertReport(output=out, seconds=times, summary=summary, notes=notes)
+
+
+def _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, progress, log, times):
+    """BQPO (paper §3.3) then E2E-OQP (§3.4) on the one-shot result; returns the trained linears."""
+    from .bqpo import BQPOConfig, export_compressed, run_bqpo
+    from .e2e import E2EConfig, packed_from_oneshot, run_e2e
+
+    c, seed = cfg.compression, cfg.calib.seed
+    ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
+    t = time.time()
+    if c.bqpo_epochs:
+        qm, rep = run_bqpo(float_model, linears, windows,
+                           BQPOConfig(epochs=c.bqpo_epochs, seed=seed, device=device, checkpoint_dir=ck("bqpo"),
+                                      resume=resume, progress=progress), log=log)
+        times["bqpo"] = time.time() - t
+    else:
+        qm = float_model
+        packed_from_oneshot(qm, linears)
+    if c.e2e_epochs:
+        t = time.time()
+        run_e2e(qm, windows, E2EConfig(epochs=c.e2e_epochs, seed=seed, device=device, checkpoint_dir=ck("e2e"),
+                                       resume=resume, progress=progress), log=log)
+        times["e2e"] = time.time() - t
+    return export_compressed(qm.cpu())
