@@ -1,28 +1,98 @@
-// GQSA CPU kernels: activation quantization and the gqsa4 x gqsa_q8 dot product
-// (scalar reference, AVX2, NEON). ggml's mul_mat hands each call one whole weight row, so a row's
-// blocks are walked in storage order and each one gathers the activation group its index names.
+// GQSA CPU kernels (gqsa-gguf): activation quantization, the gqsa4 x gqsa_q8 dot product, and a
+// mul_mat driver for gqsa4 weights. Every SIMD path has a scalar reference next to it (the
+// *_generic functions), and native/tests/test_kernels.c checks each path against it.
 //
-// Per block:  d_w * (d_x * sum_j q[j]*xq[j]  -  z * s_x),   s_x = d_x * sum_j xq[j]
-// The integer sum is exact; only the float accumulation order differs between paths.
+// Per kept block of a weight row:  d_w * (d_x * sum_j q[j]*xq[j]  -  z * s_x),  s_x = d_x * sum_j xq[j]
+// where (d_x, s_x, xq) is the activation group the block's index names. The integer sums are exact;
+// paths differ only in the order of the float accumulation.
+//
+// Layouts:
+//  - weights: block_gqsa4 rows (docs/FORMAT.md), read as stored;
+//  - decode (one activation column): the documented gqsa_q8 row, 24 bytes per group;
+//  - batches of >= GQSA_PANEL columns: the mul_mat driver quantizes GQSA_PANEL columns at a time
+//    into a "panel", column-interleaved per group (see gqsa_panel_* below), so that one weight
+//    block is dotted with GQSA_PANEL columns by four broadcast-multiply-adds, without reductions.
+//    Same quantized values (bit-exact with quantize_row_gqsa_q8_ref), same 24 bytes per group and
+//    column, so the panels fit the work buffer ggml sizes for gqsa_q8.
 #include "ggml-cpu-gqsa.h"
 #include "ggml-gqsa.h"
+#include "ggml-cpu-impl.h"
 #include "simd-mappings.h"
 
 #include <assert.h>
+#include <math.h>
 #include <string.h>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #elif defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
 
-void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_gqsa_q8_ref(x, (block_gqsa_q8 *) y, k);
+#define GQSA_HALF (GQSA_GROUP_SIZE / 2)
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization (from_float of gqsa_q8)
+// ---------------------------------------------------------------------------------------------
+
+#if defined(__AVX2__)
+// One group of 16 floats, bit-exact with quantize_row_gqsa_q8_ref: amax by max (|x| never NaN for
+// finite x), d = amax / 127, qs = round-half-even(x / d) by IEEE division and cvtps (default MXCSR
+// rounding = nearbyintf's), s = d * sum. Returns the 16 qs in weight order.
+static inline __m128i gqsa_quantize_act_group_avx2(const float * GGML_RESTRICT x, float * d_out, float * s_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 x0 = _mm256_loadu_ps(x);
+    const __m256 x1 = _mm256_loadu_ps(x + 8);
+    const __m256 m8 = _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const __m256 dv = _mm256_set1_ps(d == 0.0f ? 1.0f : d);      // d == 0: all x are +-0, q = 0
+    const __m256i q0 = _mm256_cvtps_epi32(_mm256_div_ps(x0, dv));
+    const __m256i q1 = _mm256_cvtps_epi32(_mm256_div_ps(x1, dv));
+    __m256i s8 = _mm256_add_epi32(q0, q1);
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+    *d_out = d;
+    *s_out = d * (float) _mm_cvtsi128_si32(s4);
+    // |q| <= 127: the saturating packs are exact; packs_epi32 interleaves 128-bit lanes, vpermq undoes it
+    const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
+    return _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
+}
+#endif
+
+void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t k) {
+#if defined(__AVX2__)
+    assert(k % GQSA_GROUP_SIZE == 0);
+    block_gqsa_q8 * GGML_RESTRICT y = (block_gqsa_q8 *) vy;
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    for (int64_t i = 0; i < nb; ++i) {
+        const __m128i q = gqsa_quantize_act_group_avx2(x + i * GQSA_GROUP_SIZE, &y[i].d, &y[i].s);
+        _mm_storeu_si128((__m128i *) y[i].qs, q);
+    }
+#else
+    quantize_row_gqsa_q8_ref(x, (block_gqsa_q8 *) vy, k);
+#endif
 }
 
 void quantize_row_gqsa4(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
     quantize_row_gqsa4_ref(x, (block_gqsa4 *) y, k);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot product of one weight row with one activation row
+// ---------------------------------------------------------------------------------------------
+
+static inline float gqsa_block_dot_generic(const block_gqsa4 * GGML_RESTRICT b, const block_gqsa_q8 * GGML_RESTRICT y) {
+    const block_gqsa_q8 * a = y + gqsa_block_index(b);
+    int sumi = 0;
+    for (int j = 0; j < GQSA_HALF; ++j) {
+        sumi += (b->qs[j] & 0x0F) * a->qs[j];
+        sumi += (b->qs[j] >>   4) * a->qs[j + GQSA_HALF];
+    }
+    return GGML_CPU_FP16_TO_FP32(b->d) * (a->d * (float) sumi - (float) gqsa_block_zero(b) * a->s);
 }
 
 void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
@@ -37,16 +107,17 @@ void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t b
 
     float sumf = 0.0f;
     for (int i = 0; i < nb; ++i) {
-        const block_gqsa_q8 * a = y + gqsa_block_index(&x[i]);
-        int sumi = 0;
-        for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
-            sumi += (x[i].qs[j] & 0x0F) * a->qs[j];
-            sumi += (x[i].qs[j] >>   4) * a->qs[j + GQSA_GROUP_SIZE / 2];
-        }
-        const float dw = GGML_CPU_FP16_TO_FP32(x[i].d);
-        sumf += dw * (a->d * (float) sumi - (float) gqsa_block_zero(&x[i]) * a->s);
+        sumf += gqsa_block_dot_generic(x + i, y);
     }
     *s = sumf;
+}
+
+void ggml_gqsa_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                            const void * GGML_RESTRICT vy, float * GGML_RESTRICT out) {
+    const block_gqsa4 * x = (const block_gqsa4 *) vx;
+    for (int64_t r = 0; r < nrows; ++r) {
+        ggml_vec_dot_gqsa4_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, out + r, 0, x + r * n_kept, 0, vy, 0, 1);
+    }
 }
 
 #if defined(__AVX2__)
@@ -61,122 +132,126 @@ static inline __m256i gqsa_dot4(__m256i q, __m256i xq) {
 #endif
 }
 
-// nibbles of blocks b[0..3] -> lo = [b0 q0..15 | b2 q0..15], hi = [b1 | b3] (weight order)
-static inline void gqsa_unpack4(const block_gqsa4 * b, __m256i * even, __m256i * odd) {
-    const __m128i v01 = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *) b[0].qs), _mm_loadl_epi64((const __m128i *) b[1].qs));
-    const __m128i v23 = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *) b[2].qs), _mm_loadl_epi64((const __m128i *) b[3].qs));
-    const __m256i v  = _mm256_inserti128_si256(_mm256_castsi128_si256(v01), v23, 1);
-    const __m256i m  = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(v, m);                       // [b0.lo b1.lo | b2.lo b3.lo]
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m); // [b0.hi b1.hi | b2.hi b3.hi]
-    *even = _mm256_unpacklo_epi64(lo, hi);                           // [b0 | b2]
-    *odd  = _mm256_unpackhi_epi64(lo, hi);                           // [b1 | b3]
-}
-
-static inline __m256i gqsa_act2(const block_gqsa_q8 * a0, const block_gqsa_q8 * a1) {
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) a0->qs)),
-                                   _mm_loadu_si128((const __m128i *) a1->qs), 1);
-}
-
-// (d, s) of two activation blocks -> [d0 s0 d1 s1]
-static inline __m128 gqsa_ds2(const block_gqsa_q8 * a0, const block_gqsa_q8 * a1) {
-    return _mm_castpd_ps(_mm_unpacklo_pd(_mm_load_sd((const double *) a0), _mm_load_sd((const double *) a1)));
-}
-
 static inline float gqsa_hsum_ps(__m256 v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     return _mm_cvtss_f32(r);
 }
-#endif
 
-void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
-                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
-#if defined(__AVX2__)
-    assert(nrc == 1);
-    assert(n % GQSA_GROUP_SIZE == 0);
-    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+static inline __m256i gqsa_loadu2(const void * lo, const void * hi) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) lo)),
+                                   _mm_loadu_si128((const __m128i *) hi), 1);
+}
 
-    const block_gqsa4   * GGML_RESTRICT x = (const block_gqsa4 *) vx;
-    const block_gqsa_q8 * GGML_RESTRICT y = (const block_gqsa_q8 *) vy;
-    const int nb = n / GQSA_GROUP_SIZE;
+// The contributions of eight consecutive blocks, in lane order [b0 b1 b4 b5 | b2 b3 b6 b7].
+// 128-bit lanes hold one block each: its 16 weights in order (the 8 packed bytes duplicated by an
+// in-lane byte shuffle, then shifted by 0 / 4 per 64-bit half), against the 16 activation bytes of
+// its group. Three horizontal adds reduce the four dot vectors to one sum per block in the lane
+// order above; the headers, scales and activation (d, s) pairs are assembled in the same order.
+// Group addresses come from scalar 16-bit loads: spilling vector-computed offsets and reloading
+// them measured slower (store-to-load forwarding from vector stores stalls).
+static inline __m256 gqsa_step8_avx2(const block_gqsa4 * GGML_RESTRICT x, const block_gqsa_q8 * GGML_RESTRICT y) {
+    const uint8_t * b = (const uint8_t *) x;
+    const block_gqsa_q8 * a0 = y + gqsa_block_index(x + 0), * a1 = y + gqsa_block_index(x + 1);
+    const block_gqsa_q8 * a2 = y + gqsa_block_index(x + 2), * a3 = y + gqsa_block_index(x + 3);
+    const block_gqsa_q8 * a4 = y + gqsa_block_index(x + 4), * a5 = y + gqsa_block_index(x + 5);
+    const block_gqsa_q8 * a6 = y + gqsa_block_index(x + 6), * a7 = y + gqsa_block_index(x + 7);
 
-    // Eight blocks per step. Horizontal adds reduce the four dot vectors to one int32 sum per
-    // block, in lane order [b0 b1 b4 b5 | b2 b3 b6 b7]; scales, zero points and the activation
-    // (d, s) pairs are assembled in that same order, so the block math runs on 8 lanes at once.
+    // headers (d | iz << 16) at dwords 0, 3, 6, ...: [b0 b1 .. | b2 b3 ..] and [b4 b5 .. | b6 b7 ..]
+    const __m256i h = _mm256_blend_epi32(_mm256_shuffle_epi32(gqsa_loadu2(b,      b + 24), 0xCC),
+                                         _mm256_shuffle_epi32(gqsa_loadu2(b + 48, b + 72), 0xCC), 0xCC);
+
+    // qs of blocks (0,2), (1,3), (4,6), (5,7) sit at byte 0 / byte 8 of the two lanes of these loads
+    const __m256i dup = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7,
+                                         8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i sh = _mm256_setr_epi64x(0, 4, 0, 4);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+#define GQSA_W(off) _mm256_and_si256(_mm256_srlv_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *) (b + (off))), dup), sh), m4)
+    const __m256i p0 = gqsa_dot4(GQSA_W(4),  gqsa_loadu2(a0->qs, a2->qs));
+    const __m256i p1 = gqsa_dot4(GQSA_W(16), gqsa_loadu2(a1->qs, a3->qs));
+    const __m256i p2 = gqsa_dot4(GQSA_W(52), gqsa_loadu2(a4->qs, a6->qs));
+    const __m256i p3 = gqsa_dot4(GQSA_W(64), gqsa_loadu2(a5->qs, a7->qs));
+#undef GQSA_W
+    const __m256i sumi = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+
+    // activation (d, s): [d0 s0 d1 s1 | d2 s2 d3 s3], [d4 s4 d5 s5 | d6 s6 d7 s7] -> lane order
+    const __m128d q01 = _mm_loadh_pd(_mm_load_sd((const double *) a0), (const double *) a1);
+    const __m128d q23 = _mm_loadh_pd(_mm_load_sd((const double *) a2), (const double *) a3);
+    const __m128d q45 = _mm_loadh_pd(_mm_load_sd((const double *) a4), (const double *) a5);
+    const __m128d q67 = _mm_loadh_pd(_mm_load_sd((const double *) a6), (const double *) a7);
+    const __m256 A  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q01), q23, 1));
+    const __m256 B  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q45), q67, 1));
+    const __m256 dx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 sx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(3, 1, 3, 1));
+
+    const __m256i dsel = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256 dw = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(h, dsel), 0x08)));
+    const __m256 zf = _mm256_cvtepi32_ps(_mm256_srli_epi32(h, 28));
+
+    return _mm256_mul_ps(dw, _mm256_fnmadd_ps(zf, sx, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(sumi))));
+}
+
+// 1..7 blocks: copied into zero blocks (d = 0: they contribute 0; index 0: a valid address)
+static inline __m256 gqsa_step8_partial_avx2(const block_gqsa4 * GGML_RESTRICT x, int n, const block_gqsa_q8 * GGML_RESTRICT y) {
+    block_gqsa4 tmp[8];
+    memset(tmp, 0, sizeof(tmp));
+    memcpy(tmp, x, (size_t) n * sizeof(block_gqsa4));
+    return gqsa_step8_avx2(tmp, y);
+}
+
+static float gqsa_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, const block_gqsa_q8 * GGML_RESTRICT y) {
     __m256 acc = _mm256_setzero_ps();
     int i = 0;
-    for (; i + 7 < nb; i += 8) {
-        const block_gqsa4 * b = x + i;
-        uint32_t h[8];
-        const block_gqsa_q8 * a[8];
-        for (int k = 0; k < 8; ++k) {
-            memcpy(&h[k], &b[k], sizeof(uint32_t));          // d | iz << 16
-            a[k] = y + ((h[k] >> 16) & GQSA_INDEX_MASK);
-        }
-
-        __m256i q0, q1, q2, q3;
-        gqsa_unpack4(b,     &q0, &q1);                       // [b0|b2], [b1|b3]
-        gqsa_unpack4(b + 4, &q2, &q3);                       // [b4|b6], [b5|b7]
-        const __m256i p0 = gqsa_dot4(q0, gqsa_act2(a[0], a[2]));
-        const __m256i p1 = gqsa_dot4(q1, gqsa_act2(a[1], a[3]));
-        const __m256i p2 = gqsa_dot4(q2, gqsa_act2(a[4], a[6]));
-        const __m256i p3 = gqsa_dot4(q3, gqsa_act2(a[5], a[7]));
-        const __m256i sumi = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
-
-        const __m256i hv = _mm256_setr_epi32((int) h[0], (int) h[1], (int) h[4], (int) h[5],
-                                             (int) h[2], (int) h[3], (int) h[6], (int) h[7]);
-        const __m256i dbits = _mm256_packus_epi32(_mm256_and_si256(hv, _mm256_set1_epi32(0xFFFF)), _mm256_setzero_si256());
-        const __m256  dw = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(dbits, 0x08)));
-        const __m256  zf = _mm256_cvtepi32_ps(_mm256_srli_epi32(hv, 28));
-
-        const __m256 ds01 = _mm256_insertf128_ps(_mm256_castps128_ps256(gqsa_ds2(a[0], a[1])), gqsa_ds2(a[2], a[3]), 1);
-        const __m256 ds45 = _mm256_insertf128_ps(_mm256_castps128_ps256(gqsa_ds2(a[4], a[5])), gqsa_ds2(a[6], a[7]), 1);
-        const __m256 dx = _mm256_shuffle_ps(ds01, ds45, _MM_SHUFFLE(2, 0, 2, 0));
-        const __m256 sx = _mm256_shuffle_ps(ds01, ds45, _MM_SHUFFLE(3, 1, 3, 1));
-
-        // d_w * (d_x * sumi - z * s_x)
-        const __m256 t = _mm256_fnmadd_ps(zf, sx, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(sumi)));
-        acc = _mm256_fmadd_ps(dw, t, acc);
+    for (; i + 8 <= nb; i += 8) {
+        acc = _mm256_add_ps(acc, gqsa_step8_avx2(x + i, y));
     }
-    // remaining pairs of blocks (a 576-wide row at 50 % keeps 18 = 2*8 + 2)
-    __m256 acc2 = _mm256_setzero_ps();
-    for (; i + 1 < nb; i += 2) {
-        const block_gqsa4 * b0 = x + i;
-        const block_gqsa4 * b1 = x + i + 1;
-        const block_gqsa_q8 * a0 = y + gqsa_block_index(b0);
-        const block_gqsa_q8 * a1 = y + gqsa_block_index(b1);
-        const __m128i v  = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *) b0->qs), _mm_loadl_epi64((const __m128i *) b1->qs));
-        const __m128i m  = _mm_set1_epi8(0x0F);
-        const __m128i lo = _mm_and_si128(v, m);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-        const __m256i q  = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi64(lo, hi)), _mm_unpackhi_epi64(lo, hi), 1);
-        const __m256i p  = gqsa_dot4(q, gqsa_act2(a0, a1));
-        const float dw0 = GGML_CPU_FP16_TO_FP32(b0->d);
-        const float dw1 = GGML_CPU_FP16_TO_FP32(b1->d);
-        const __m256 sc = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(dw0 * a0->d)), _mm_set1_ps(dw1 * a1->d), 1);
-        acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc2);
-        acc2 = _mm256_sub_ps(acc2, _mm256_setr_ps(dw0 * (float) gqsa_block_zero(b0) * a0->s, 0, 0, 0,
-                                                  dw1 * (float) gqsa_block_zero(b1) * a1->s, 0, 0, 0));
-    }
-    float sumf = gqsa_hsum_ps(_mm256_add_ps(acc, acc2));
     if (i < nb) {
-        float tail;
-        ggml_vec_dot_gqsa4_gqsa_q8_generic(GQSA_GROUP_SIZE, &tail, 0, x + i, 0, vy, 0, 1);
-        sumf += tail;
+        acc = _mm256_add_ps(acc, gqsa_step8_partial_avx2(x + i, nb - i, y));
     }
-    *s = sumf;
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-    assert(nrc == 1);
-    assert(n % GQSA_GROUP_SIZE == 0);
-    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+    return gqsa_hsum_ps(acc);
+}
 
-    const block_gqsa4   * GGML_RESTRICT x = (const block_gqsa4 *) vx;
-    const block_gqsa_q8 * GGML_RESTRICT y = (const block_gqsa_q8 *) vy;
-    const int nb = n / GQSA_GROUP_SIZE;
+// Consecutive rows as one stream of blocks (rows are contiguous): eight blocks per step whatever
+// the row boundaries, so short rows (a 576-wide row at 50 % keeps 18 blocks) pay no per-row tail.
+// A step that crosses into the next row splits its lanes with a mask. Needs nb >= 8 (at most one
+// boundary per step).
+static void gqsa_rows_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, int64_t nrows,
+                           const block_gqsa_q8 * GGML_RESTRICT y, float * GGML_RESTRICT out) {
+    // lanes_lt[n]: lanes holding blocks 0..n-1 of the step, in the lane order of gqsa_step8_avx2
+    static const int32_t lanes_lt[9][8] = {
+        { 0,  0,  0,  0,  0,  0,  0,  0}, {-1,  0,  0,  0,  0,  0,  0,  0}, {-1, -1,  0,  0,  0,  0,  0,  0},
+        {-1, -1,  0,  0, -1,  0,  0,  0}, {-1, -1,  0,  0, -1, -1,  0,  0}, {-1, -1, -1,  0, -1, -1,  0,  0},
+        {-1, -1, -1, -1, -1, -1,  0,  0}, {-1, -1, -1, -1, -1, -1, -1,  0}, {-1, -1, -1, -1, -1, -1, -1, -1},
+    };
+    assert(nb >= 8);
+    const block_gqsa4 * p   = x;
+    const block_gqsa4 * end = x + (int64_t) nb * nrows;
+    __m256 acc = _mm256_setzero_ps();
+    int left = nb;                                          // blocks of the current row not yet summed
+    for (; p + 8 <= end; p += 8) {
+        const __m256 c = gqsa_step8_avx2(p, y);
+        if (left > 8) {
+            acc = _mm256_add_ps(acc, c);
+            left -= 8;
+            continue;
+        }
+        const __m256 m = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *) lanes_lt[left]));
+        *out++ = gqsa_hsum_ps(_mm256_add_ps(acc, _mm256_and_ps(m, c)));
+        acc  = _mm256_andnot_ps(m, c);
+        left += nb - 8;
+    }
+    if (p < end) {                                          // the last row's last 1..7 blocks
+        acc = _mm256_add_ps(acc, gqsa_step8_partial_avx2(p, (int) (end - p), y));
+        *out = gqsa_hsum_ps(acc);
+    }
+}
+#endif // __AVX2__
+
+#if defined(__ARM_NEON) && defined(__aarch64__)
+static float gqsa_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const block_gqsa_q8 * GGML_RESTRICT y) {
     const uint8x8_t m4 = vdup_n_u8(0x0F);
-
     float32x4_t acc = vdupq_n_f32(0.0f);
     float zacc = 0.0f;
     for (int i = 0; i < nb; ++i) {
@@ -195,8 +270,324 @@ void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
         acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), dw * a->d);
         zacc += dw * (float) gqsa_block_zero(&x[i]) * a->s;
     }
-    *s = vaddvq_f32(acc) - zacc;
+    return vaddvq_f32(acc) - zacc;
+}
+#endif
+
+void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    assert(n % GQSA_GROUP_SIZE == 0);
+    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+#if defined(__AVX2__)
+    *s = gqsa_row_avx2((const block_gqsa4 *) vx, n / GQSA_GROUP_SIZE, (const block_gqsa_q8 *) vy);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    *s = gqsa_row_neon((const block_gqsa4 *) vx, n / GQSA_GROUP_SIZE, (const block_gqsa_q8 *) vy);
 #else
     ggml_vec_dot_gqsa4_gqsa_q8_generic(n, s, bs, vx, bx, vy, by, nrc);
+#endif
+}
+
+void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                    const void * GGML_RESTRICT vy, float * GGML_RESTRICT out) {
+#if defined(__AVX2__) || (defined(__ARM_NEON) && defined(__aarch64__))
+    const block_gqsa4   * x = (const block_gqsa4 *) vx;
+    const block_gqsa_q8 * y = (const block_gqsa_q8 *) vy;
+#endif
+#if defined(__AVX2__)
+    if (n_kept >= 8) {
+        gqsa_rows_avx2(x, n_kept, nrows, y, out);
+        return;
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+        out[r] = gqsa_row_avx2(x + r * n_kept, n_kept, y);
+    }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (int64_t r = 0; r < nrows; ++r) {
+        out[r] = gqsa_row_neon(x + r * n_kept, n_kept, y);
+    }
+#else
+    ggml_gqsa_rows_generic(vx, n_kept, nrows, vy, out);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Panels: GQSA_PANEL activation columns, column-interleaved per group
+// ---------------------------------------------------------------------------------------------
+//
+// For group g, GQSA_PANEL_GROUP_BYTES = 24 * P bytes (P = GQSA_PANEL):
+//     int8  qs[4][P][4]   qs[k][c][i] = xq of column c, weight 4k+i of the group
+//     float d[P]          column c's d_x
+//     float s[P]          column c's s_x
+// A weight block (index g) then multiplies the four dwords of its 16 weights, each broadcast to
+// all lanes, with qs[k] (one P-lane dword vector per k): four u8 x s8 dot-accumulates give the
+// P integer sums of the block against the P columns in lanes, with no horizontal reduction.
+
+#define GQSA_PANEL_GROUP_BYTES (GQSA_ACT_BLOCK_BYTES * GQSA_PANEL)
+
+// Quantizes groups [g0, g1) of GQSA_PANEL columns (column c at x + c*ldx) into a panel.
+void ggml_gqsa_pack_panel_generic(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1,
+                                  void * GGML_RESTRICT vpanel) {
+    uint8_t * panel = (uint8_t *) vpanel;
+    for (int64_t g = g0; g < g1; ++g) {
+        uint8_t * pg = panel + g * GQSA_PANEL_GROUP_BYTES;
+        float * pd = (float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            block_gqsa_q8 blk;
+            quantize_row_gqsa_q8_ref(x + c * ldx + g * GQSA_GROUP_SIZE, &blk, GQSA_GROUP_SIZE);
+            for (int k = 0; k < 4; ++k) {
+                memcpy(pg + (k * GQSA_PANEL + c) * 4, blk.qs + 4 * k, 4);
+            }
+            pd[c]              = blk.d;
+            pd[GQSA_PANEL + c] = blk.s;
+        }
+    }
+}
+
+void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT vpanel) {
+#if defined(__AVX2__)
+    uint8_t * panel = (uint8_t *) vpanel;
+    for (int64_t g = g0; g < g1; ++g) {
+        uint8_t * pg = panel + g * GQSA_PANEL_GROUP_BYTES;
+        float * pd = (float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            const __m128i q = gqsa_quantize_act_group_avx2(x + c * ldx + g * GQSA_GROUP_SIZE, &pd[c], &pd[GQSA_PANEL + c]);
+            const int32_t w0 = _mm_cvtsi128_si32(q),     w1 = _mm_extract_epi32(q, 1);
+            const int32_t w2 = _mm_extract_epi32(q, 2),  w3 = _mm_extract_epi32(q, 3);
+            memcpy(pg + (0 * GQSA_PANEL + c) * 4, &w0, 4);
+            memcpy(pg + (1 * GQSA_PANEL + c) * 4, &w1, 4);
+            memcpy(pg + (2 * GQSA_PANEL + c) * 4, &w2, 4);
+            memcpy(pg + (3 * GQSA_PANEL + c) * 4, &w3, 4);
+        }
+    }
+#else
+    ggml_gqsa_pack_panel_generic(x, ldx, g0, g1, vpanel);
+#endif
+}
+
+// out[c*ldo + r] = row r . column c of the panel, for rows [0, nrows) and c < GQSA_PANEL
+void ggml_gqsa_panel_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                                  const void * GGML_RESTRICT vpanel, float * GGML_RESTRICT out, int64_t ldo) {
+    const block_gqsa4 * x = (const block_gqsa4 *) vx;
+    const uint8_t * panel = (const uint8_t *) vpanel;
+    for (int64_t r = 0; r < nrows; ++r) {
+        float acc[GQSA_PANEL] = {0};
+        for (int i = 0; i < n_kept; ++i) {
+            const block_gqsa4 * b = x + r * n_kept + i;
+            const uint8_t * pg = panel + gqsa_block_index(b) * GQSA_PANEL_GROUP_BYTES;
+            const int8_t * qs = (const int8_t *) pg;
+            const float * pd = (const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL);
+            const float dw = GGML_CPU_FP16_TO_FP32(b->d);
+            const float z  = (float) gqsa_block_zero(b);
+            for (int c = 0; c < GQSA_PANEL; ++c) {
+                int sumi = 0;
+                for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+                    const int q = j < GQSA_HALF ? (b->qs[j] & 0x0F) : (b->qs[j - GQSA_HALF] >> 4);
+                    sumi += q * qs[((j / 4) * GQSA_PANEL + c) * 4 + j % 4];
+                }
+                acc[c] += dw * (pd[c] * (float) sumi - z * pd[GQSA_PANEL + c]);
+            }
+        }
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            out[c * ldo + r] = acc[c];
+        }
+    }
+}
+
+#if defined(__AVX2__)
+// Eight blocks of a row decoded once for all panels: the 16 weights of each (in order), the scale,
+// scale * zero point, and the byte offset of the block's group in a panel.
+typedef struct {
+    uint8_t q[8][GQSA_GROUP_SIZE];
+    float   dw[8];
+    float   dwz[8];
+    int32_t off[8];
+} gqsa_decoded8;
+
+static inline void gqsa_decode8_avx2(const block_gqsa4 * GGML_RESTRICT x, int n, gqsa_decoded8 * GGML_RESTRICT dec) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int k = 0; k < n; ++k) {
+        const __m128i v = _mm_loadl_epi64((const __m128i *) x[k].qs);
+        _mm_storeu_si128((__m128i *) dec->q[k], _mm_unpacklo_epi64(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+        const float dw = GGML_CPU_FP16_TO_FP32(x[k].d);
+        dec->dw[k]  = dw;
+        dec->dwz[k] = dw * (float) gqsa_block_zero(&x[k]);
+        dec->off[k] = (int32_t) gqsa_block_index(&x[k]) * GQSA_PANEL_GROUP_BYTES;
+    }
+}
+
+// NP panels (1..4) of GQSA_PANEL = 8 columns against one row: acc[p] += the row's dot products
+static inline void gqsa_panel_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
+                                       int np, __m256 * acc) {
+    gqsa_decoded8 dec;
+    for (int i = 0; i < nb; i += 8) {
+        const int n = nb - i < 8 ? nb - i : 8;
+        gqsa_decode8_avx2(x + i, n, &dec);
+        for (int k = 0; k < n; ++k) {
+            int32_t w[4];
+            memcpy(w, dec.q[k], sizeof(w));
+            const __m256i w0 = _mm256_set1_epi32(w[0]), w1 = _mm256_set1_epi32(w[1]);
+            const __m256i w2 = _mm256_set1_epi32(w[2]), w3 = _mm256_set1_epi32(w[3]);
+            const __m256 dw  = _mm256_set1_ps(dec.dw[k]);
+            const __m256 dwz = _mm256_set1_ps(dec.dwz[k]);
+            for (int p = 0; p < np; ++p) {
+                const uint8_t * pg = panels[p] + dec.off[k];
+                const __m256i * a = (const __m256i *) pg;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(a + 0));
+                s = _mm256_dpbusd_epi32(s, w1, _mm256_loadu_si256(a + 1));
+                s = _mm256_dpbusd_epi32(s, w2, _mm256_loadu_si256(a + 2));
+                s = _mm256_dpbusd_epi32(s, w3, _mm256_loadu_si256(a + 3));
+#elif defined(__AVXVNNI__)
+                __m256i s = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(a + 0));
+                s = _mm256_dpbusd_avx_epi32(s, w1, _mm256_loadu_si256(a + 1));
+                s = _mm256_dpbusd_avx_epi32(s, w2, _mm256_loadu_si256(a + 2));
+                s = _mm256_dpbusd_avx_epi32(s, w3, _mm256_loadu_si256(a + 3));
+#else
+                // pairwise u8 x s8 sums are at most 2*15*127: four of them fit int16
+                __m256i s16 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256(a + 0));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w1, _mm256_loadu_si256(a + 1)));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w2, _mm256_loadu_si256(a + 2)));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w3, _mm256_loadu_si256(a + 3)));
+                const __m256i s = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+                const __m256 dx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL));
+                const __m256 sx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL) + GQSA_PANEL);
+                acc[p] = _mm256_fmadd_ps(dw, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)), acc[p]);
+                acc[p] = _mm256_fnmadd_ps(dwz, sx, acc[p]);
+            }
+        }
+    }
+}
+#endif // __AVX2__
+
+void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                          const void * GGML_RESTRICT vpanel, float * GGML_RESTRICT out, int64_t ldo) {
+#if defined(__AVX2__)
+    const block_gqsa4 * x = (const block_gqsa4 *) vx;
+    const uint8_t * panels[1] = { (const uint8_t *) vpanel };
+    for (int64_t r = 0; r < nrows; ++r) {
+        __m256 acc[1] = { _mm256_setzero_ps() };
+        gqsa_panel_row_avx2(x + r * n_kept, n_kept, panels, 1, acc);
+        float tmp[GQSA_PANEL];
+        _mm256_storeu_ps(tmp, acc[0]);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            out[c * ldo + r] = tmp[c];
+        }
+    }
+#else
+    ggml_gqsa_panel_rows_generic(vx, n_kept, nrows, vpanel, out, ldo);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// mul_mat driver
+// ---------------------------------------------------------------------------------------------
+
+#if defined(__AVX2__)
+#define GQSA_USE_PANELS 1
+#else
+#define GQSA_USE_PANELS 0   // FIXME: no NEON panel kernel yet; ARM runs every column as a decode row
+#endif
+
+bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+#if !defined(__AVX2__) && !(defined(__ARM_NEON) && defined(__aarch64__))
+    // no SIMD kernels: ggml's generic vec_dot loop over (row, column) is as good
+    GGML_UNUSED(params); GGML_UNUSED(dst);
+    return false;
+#else
+    const struct ggml_tensor * src0 = dst->src[0];
+    const struct ggml_tensor * src1 = dst->src[1];
+    if (src0->type != GGML_TYPE_GQSA4 || src1->type != GGML_TYPE_F32 || dst->type != GGML_TYPE_F32 ||
+        src0->ne[2] != 1 || src0->ne[3] != 1 || !ggml_is_contiguous(src0) || !ggml_is_contiguous(src1) ||
+        !ggml_is_contiguous(dst) || src1->ne[0] % GQSA_GROUP_SIZE != 0) {
+        return false;                                   // ggml's generic path handles the rest
+    }
+    const int64_t K      = src1->ne[0];
+    const int64_t G      = K / GQSA_GROUP_SIZE;
+    const int     nb     = (int) (src0->ne[0] / GQSA_GROUP_SIZE);
+    const int64_t nrows  = src0->ne[1];
+    const int64_t ncols  = src1->ne[1] * src1->ne[2] * src1->ne[3];
+    const int64_t ldd    = dst->nb[1] / (int64_t) sizeof(float);
+    const size_t  act_row = (size_t) G * GQSA_ACT_BLOCK_BYTES;
+    if (params->wsize < (size_t) ncols * act_row) {
+        return false;
+    }
+    const int64_t np  = GQSA_USE_PANELS ? ncols / GQSA_PANEL : 0;   // full panels
+    const int64_t rem = ncols - np * GQSA_PANEL;                      // columns quantized as decode rows
+    uint8_t * wdata = (uint8_t *) params->wdata;
+    uint8_t * rem_base = wdata + (size_t) np * GQSA_PANEL * act_row;
+    const float * xf = (const float *) src1->data;
+
+    const int ith = params->ith;
+    const int nth = params->nth;
+
+    // 1. quantize the activations: each thread a range of groups of every column
+    {
+        const int64_t g0 = G * ith / nth;
+        const int64_t g1 = G * (ith + 1) / nth;
+        if (g0 < g1) {
+            for (int64_t p = 0; p < np; ++p) {
+                ggml_gqsa_pack_panel(xf + p * GQSA_PANEL * K, K, g0, g1, wdata + (size_t) p * GQSA_PANEL * act_row);
+            }
+            for (int64_t j = 0; j < rem; ++j) {
+                quantize_row_gqsa_q8(xf + (np * GQSA_PANEL + j) * K + g0 * GQSA_GROUP_SIZE,
+                                     rem_base + j * act_row + g0 * GQSA_ACT_BLOCK_BYTES, (g1 - g0) * GQSA_GROUP_SIZE);
+            }
+        }
+    }
+    if (ith == 0) {
+        ggml_threadpool_chunk_set(params->threadpool, nth);
+    }
+    ggml_barrier(params->threadpool);
+
+    // 2. rows in chunks, handed out dynamically (a thread that shares its core with another process
+    //    takes fewer); each chunk runs every column
+    const int64_t nchunk = nth == 1 ? 1 : (nrows < 16 * nth ? nth : 4 * nth);
+    const int64_t dr     = (nrows + nchunk - 1) / nchunk;
+    const block_gqsa4 * x = (const block_gqsa4 *) src0->data;
+    float * out = (float *) dst->data;
+
+    for (int64_t chunk = ith; chunk < nchunk; chunk = ggml_threadpool_chunk_add(params->threadpool, 1)) {
+        const int64_t r0 = chunk * dr;
+        const int64_t r1 = r0 + dr < nrows ? r0 + dr : nrows;
+        if (r0 >= r1) {
+            continue;
+        }
+#if GQSA_USE_PANELS
+        for (int64_t p0 = 0; p0 < np; p0 += 4) {
+            const int npg = np - p0 < 4 ? (int) (np - p0) : 4;
+            const uint8_t * panels[4];
+            for (int p = 0; p < npg; ++p) {
+                panels[p] = wdata + (size_t) (p0 + p) * GQSA_PANEL * act_row;
+            }
+            for (int64_t r = r0; r < r1; ++r) {
+                __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+                const block_gqsa4 * xr = x + r * nb;
+                switch (npg) {   // constant panel counts: the accumulators stay in registers
+                    case 4:  gqsa_panel_row_avx2(xr, nb, panels, 4, acc); break;
+                    case 3:  gqsa_panel_row_avx2(xr, nb, panels, 3, acc); break;
+                    case 2:  gqsa_panel_row_avx2(xr, nb, panels, 2, acc); break;
+                    default: gqsa_panel_row_avx2(xr, nb, panels, 1, acc); break;
+                }
+                for (int p = 0; p < npg; ++p) {
+                    float tmp[GQSA_PANEL];
+                    _mm256_storeu_ps(tmp, acc[p]);
+                    float * o = out + (p0 + p) * GQSA_PANEL * ldd + r;
+                    for (int c = 0; c < GQSA_PANEL; ++c) {
+                        o[c * ldd] = tmp[c];
+                    }
+                }
+            }
+        }
+#endif
+        for (int64_t j = 0; j < rem; ++j) {
+            ggml_gqsa_rows(x + r0 * nb, nb, r1 - r0, rem_base + j * act_row, out + (np * GQSA_PANEL + j) * ldd + r0);
+        }
+        if (nth >= nchunk) {
+            break;
+        }
+    }
+    return true;
 #endif
 }

@@ -3,6 +3,7 @@
 
 #include "ggml.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -10,7 +11,13 @@
 extern "C" {
 #endif
 
-// from_float of the activation type gqsa_q8 (k % 16 == 0)
+struct ggml_compute_params;
+
+// Activation columns per panel: the column-interleaved activation layout of the mul_mat driver
+// for batches (see ggml-cpu-gqsa.c). A panel holds 24 * GQSA_PANEL bytes per group of 16.
+#define GQSA_PANEL 8
+
+// from_float of the activation type gqsa_q8 (k % 16 == 0); bit-exact with quantize_row_gqsa_q8_ref
 void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
 // from_float of gqsa4 itself: a dense row, every group kept
 void quantize_row_gqsa4(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
@@ -22,6 +29,27 @@ void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
 // The scalar reference of the above; every SIMD path is tested against it.
 void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
                                         size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+
+// out[r] = row r . y for `nrows` consecutive gqsa4 rows of n_kept blocks (one activation row y)
+void ggml_gqsa_rows        (const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y, float * GGML_RESTRICT out);
+void ggml_gqsa_rows_generic(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y, float * GGML_RESTRICT out);
+
+// Quantizes groups [g0, g1) of GQSA_PANEL float columns (column c at x + c*ldx) into a panel
+// (bit-exact with quantize_row_gqsa_q8_ref, rearranged)
+void ggml_gqsa_pack_panel        (const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT panel);
+void ggml_gqsa_pack_panel_generic(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT panel);
+
+// out[c*ldo + r] = row r . panel column c, for `nrows` consecutive gqsa4 rows and c < GQSA_PANEL
+void ggml_gqsa_panel_rows        (const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT panel,
+                                  float * GGML_RESTRICT out, int64_t ldo);
+void ggml_gqsa_panel_rows_generic(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT panel,
+                                  float * GGML_RESTRICT out, int64_t ldo);
+
+// The mul_mat of a gqsa4 weight (src0) with f32 activations (src1), called by
+// ggml_compute_forward_mul_mat on every thread: quantizes the activations into the work buffer
+// (decode rows, or panels for batches of GQSA_PANEL columns), then runs row chunks. Returns false
+// (on every thread alike) for what it does not handle, which then takes ggml's generic path.
+bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst);
 
 #ifdef __cplusplus
 }

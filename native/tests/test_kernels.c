@@ -1,0 +1,583 @@
+// Standalone test of the GQSA CPU kernels: builds ggml-gqsa.c and ggml-cpu-gqsa.c against the shims
+// in native/tests/shim (no llama.cpp tree), for the host and for aarch64 (run under qemu by
+// native/tests/run_qemu.sh), and checks every dispatched (SIMD) path against its scalar reference:
+//
+//   - integer exactness: scales 1 and activation scales 1 make every path's result an exact integer
+//     sum, so dispatched and scalar results must be equal, bit for bit;
+//   - float data: dispatched vs scalar to float rounding (|a - b| <= 1e-5 * sum |terms|), and both
+//     vs a straightforward float computation (dequantized weights . float activations, in double)
+//     with NMSE <= 5e-4 (ggml's test-backend-ops threshold for mul_mat);
+//   - the activation quantizers byte for byte against quantize_row_gqsa_q8_ref;
+//   - the mul_mat driver (decode rows, panels, remainder columns) on 1 and 2 threads.
+//
+// Prints one line per test case and "N passed, M failed"; exits 1 if any failed.
+#include "ggml-gqsa.h"
+#include "ggml-cpu-gqsa.h"
+#include "ggml-cpu-impl.h"
+#include "gqsa.h"
+#include "gguf.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#pragma GCC diagnostic ignored "-Wdouble-promotion"   // printf and double accumulations of floats
+
+// ---- shim definitions ------------------------------------------------------------------------
+
+size_t ggml_type_size(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_GQSA4:   return GQSA_BLOCK_BYTES;
+        case GGML_TYPE_GQSA_Q8: return GQSA_ACT_BLOCK_BYTES;
+        case GGML_TYPE_F16:     return 2;
+        default:                return 4;
+    }
+}
+
+static int64_t shim_blck_size(enum ggml_type type) {
+    return type == GGML_TYPE_GQSA4 || type == GGML_TYPE_GQSA_Q8 ? GQSA_GROUP_SIZE : 1;
+}
+
+size_t ggml_row_size(enum ggml_type type, int64_t ne) {
+    return ggml_type_size(type) * (size_t) (ne / shim_blck_size(type));
+}
+
+int64_t ggml_nrows(const struct ggml_tensor * t) {
+    return t->ne[1] * t->ne[2] * t->ne[3];
+}
+
+bool ggml_is_contiguous(const struct ggml_tensor * t) {
+    size_t next = ggml_type_size(t->type);
+    for (int i = 0; i < GGML_MAX_DIMS; ++i) {
+        if (t->ne[i] != 1 && t->nb[i] != next) {
+            return false;
+        }
+        next = (i == 0 ? ggml_row_size(t->type, t->ne[0]) : next * (size_t) t->ne[i]);
+    }
+    return true;
+}
+
+// the kernels never read GGUF metadata
+const char * gguf_type_name(enum gguf_type type) { (void) type; abort(); }
+int64_t gguf_find_key(const struct gguf_context * ctx, const char * key) { (void) ctx; (void) key; abort(); }
+enum gguf_type gguf_get_kv_type(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+uint32_t gguf_get_val_u32(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+
+struct ggml_threadpool {
+    pthread_barrier_t barrier;
+    atomic_int        chunk;
+};
+
+void ggml_barrier(struct ggml_threadpool * tp) {
+    pthread_barrier_wait(&tp->barrier);
+}
+
+void ggml_threadpool_chunk_set(struct ggml_threadpool * tp, int value) {
+    atomic_store(&tp->chunk, value);
+}
+
+int ggml_threadpool_chunk_add(struct ggml_threadpool * tp, int value) {
+    return atomic_fetch_add(&tp->chunk, value);
+}
+
+// ---- bookkeeping and data ----------------------------------------------------------------------
+
+static int n_passed = 0;
+static int n_failed = 0;
+
+static void report(bool ok, const char * fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("test_kernels.c::");
+    vprintf(fmt, ap);
+    printf(ok ? " PASSED\n" : " FAILED\n");
+    va_end(ap);
+    ok ? ++n_passed : ++n_failed;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t) (rng_state >> 16);
+}
+
+static float frand(void) {              // uniform in [-1, 1)
+    return (float) (rnd() & 0xFFFFFF) / 8388608.0f - 1.0f;
+}
+
+// sorted random choice of n of the G group indices
+static void random_kept(int G, int n, int32_t * kept) {
+    int c = 0;
+    for (int g = 0; g < G && c < n; ++g) {
+        if ((int) (rnd() % (uint32_t) (G - g)) < n - c) {
+            kept[c++] = g;
+        }
+    }
+}
+
+// Float data: dense weights with groups that exercise the quantizer (zeros, one-signed, tiny,
+// large), packed by the library quantizer; activations scaled per group over six decades.
+static block_gqsa4 * float_weights(int nrows, int width, int n_kept) {
+    const int G = width / GQSA_GROUP_SIZE;
+    float * w = malloc(sizeof(float) * (size_t) nrows * width);
+    int32_t * kept = malloc(sizeof(int32_t) * (size_t) nrows * n_kept);
+    for (int r = 0; r < nrows; ++r) {
+        for (int g = 0; g < G; ++g) {
+            const int kind = (int) (rnd() % 7);
+            for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+                float v = frand();
+                v = kind == 0 ? 0.0f : kind == 1 ? fabsf(v) + 0.5f : kind == 2 ? v * 1e-6f : kind == 3 ? v * 3e3f : v;
+                w[(size_t) r * width + g * GQSA_GROUP_SIZE + j] = v;
+            }
+        }
+        random_kept(G, n_kept, kept + (size_t) r * n_kept);
+    }
+    block_gqsa4 * b = malloc(sizeof(block_gqsa4) * (size_t) nrows * n_kept);
+    if (ggml_gqsa_quantize_rows(w, nrows, width, kept, n_kept, b) != sizeof(block_gqsa4) * (size_t) nrows * n_kept) {
+        fprintf(stderr, "ggml_gqsa_quantize_rows refused the test data\n");
+        exit(2);
+    }
+    free(w);
+    free(kept);
+    return b;
+}
+
+// wild: group scales over six decades and some all-zero groups (the quantizer's edge cases);
+// otherwise uniform in [-1, 1) as ggml's test-backend-ops (for the NMSE checks against float math,
+// which wild scales turn into tests of cancellation rather than of the kernels)
+static float * float_acts(int ncols, int width, bool wild) {
+    float * x = malloc(sizeof(float) * (size_t) ncols * width);
+    for (int c = 0; c < ncols; ++c) {
+        for (int g = 0; g < width / GQSA_GROUP_SIZE; ++g) {
+            const float scale = wild ? powf(10.0f, (float) (rnd() % 7) - 3.0f) : 1.0f;
+            const bool zero = wild && rnd() % 11 == 0;
+            for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+                x[(size_t) c * width + g * GQSA_GROUP_SIZE + j] = zero ? 0.0f : frand() * scale;
+            }
+        }
+    }
+    return x;
+}
+
+// Integer data: d = 1 (fp16 0x3c00) and random zero points; activations d = 1, s = sum(qs). Every
+// path then computes sums of integers below 2^24, exactly.
+static block_gqsa4 * int_weights(int nrows, int width, int n_kept) {
+    block_gqsa4 * b = malloc(sizeof(block_gqsa4) * (size_t) nrows * n_kept);
+    int32_t * kept = malloc(sizeof(int32_t) * n_kept);
+    for (int r = 0; r < nrows; ++r) {
+        random_kept(width / GQSA_GROUP_SIZE, n_kept, kept);
+        for (int i = 0; i < n_kept; ++i) {
+            block_gqsa4 * blk = b + (size_t) r * n_kept + i;
+            blk->d  = 0x3C00;
+            blk->iz = (uint16_t) (kept[i] | (rnd() % 16) << GQSA_INDEX_BITS);
+            for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
+                blk->qs[j] = (uint8_t) rnd();
+            }
+        }
+    }
+    free(kept);
+    return b;
+}
+
+static block_gqsa_q8 * int_acts(int width) {
+    const int G = width / GQSA_GROUP_SIZE;
+    block_gqsa_q8 * a = malloc(sizeof(block_gqsa_q8) * G);
+    for (int g = 0; g < G; ++g) {
+        int sum = 0;
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            a[g].qs[j] = (int8_t) ((int) (rnd() % 255) - 127);
+            sum += a[g].qs[j];
+        }
+        a[g].d = 1.0f;
+        a[g].s = (float) sum;
+    }
+    return a;
+}
+
+// exact integer result of one row against integer activations
+static int64_t int_row_dot(const block_gqsa4 * x, int n_kept, const block_gqsa_q8 * y) {
+    int64_t total = 0;
+    for (int i = 0; i < n_kept; ++i) {
+        const block_gqsa_q8 * a = y + gqsa_block_index(&x[i]);
+        int64_t sumi = 0, sumx = 0;
+        for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
+            sumi += (x[i].qs[j] & 0x0F) * a->qs[j] + (x[i].qs[j] >> 4) * a->qs[j + GQSA_GROUP_SIZE / 2];
+        }
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            sumx += a->qs[j];
+        }
+        total += sumi - (int64_t) gqsa_block_zero(&x[i]) * sumx;
+    }
+    return total;
+}
+
+// sum over blocks of |d_w * d_x * sumi| + |d_w * z * s_x|: the scale of the rounding differences
+static double row_scale(const block_gqsa4 * x, int n_kept, const block_gqsa_q8 * y) {
+    double s = 0.0;
+    for (int i = 0; i < n_kept; ++i) {
+        const block_gqsa_q8 * a = y + gqsa_block_index(&x[i]);
+        const double dw = fabs(GGML_FP16_TO_FP32(x[i].d));
+        double sumi = 0.0;
+        for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
+            sumi += fabs((double) ((x[i].qs[j] & 0x0F) * a->qs[j])) + fabs((double) ((x[i].qs[j] >> 4) * a->qs[j + 8]));
+        }
+        s += dw * (fabs(a->d) * sumi + gqsa_block_zero(&x[i]) * fabs(a->s));
+    }
+    return s;
+}
+
+// weights dequantized to the dense row . float activations, in double
+static double float_row_dot(const block_gqsa4 * x, int n_kept, int width, const float * act) {
+    float * dense = malloc(sizeof(float) * width);
+    ggml_gqsa_dequantize_rows(x, 1, n_kept, width, dense);
+    double s = 0.0;
+    for (int k = 0; k < width; ++k) {
+        s += (double) dense[k] * act[k];
+    }
+    free(dense);
+    return s;
+}
+
+static block_gqsa_q8 * quantize_acts_ref(const float * x, int ncols, int width) {
+    block_gqsa_q8 * a = malloc(sizeof(block_gqsa_q8) * (size_t) ncols * (width / GQSA_GROUP_SIZE));
+    for (int c = 0; c < ncols; ++c) {
+        quantize_row_gqsa_q8_ref(x + (size_t) c * width, a + (size_t) c * (width / GQSA_GROUP_SIZE), width);
+    }
+    return a;
+}
+
+// ---- tests -------------------------------------------------------------------------------------
+
+static void test_quantize_act(int width) {
+    float * x = float_acts(1, width, true);
+    if (width >= 32) {                          // exact ties: d = 1, x / d = k + 0.5
+        x[16] = 127.0f;
+        for (int j = 1; j < GQSA_GROUP_SIZE; ++j) {
+            x[16 + j] = (float) (j % 2 ? j : -j) + 0.5f;
+        }
+    }
+    const int G = width / GQSA_GROUP_SIZE;
+    block_gqsa_q8 * ref = malloc(sizeof(block_gqsa_q8) * G);
+    block_gqsa_q8 * got = malloc(sizeof(block_gqsa_q8) * G);
+    quantize_row_gqsa_q8_ref(x, ref, width);
+    memset(got, 0x55, sizeof(block_gqsa_q8) * G);
+    quantize_row_gqsa_q8(x, got, width);
+    report(memcmp(ref, got, sizeof(block_gqsa_q8) * G) == 0, "quantize_row_gqsa_q8_is_bit_exact[width=%d]", width);
+    free(x); free(ref); free(got);
+}
+
+static void test_vec_dot_int(int n_kept) {
+    const int width = (n_kept + 5) * GQSA_GROUP_SIZE;
+    block_gqsa4 * x = int_weights(3, width, n_kept);
+    block_gqsa_q8 * y = int_acts(width);
+    bool ok = true;
+    for (int r = 0; r < 3; ++r) {
+        const float want = (float) int_row_dot(x + r * n_kept, n_kept, y);
+        float simd, scalar;
+        ggml_vec_dot_gqsa4_gqsa_q8(n_kept * GQSA_GROUP_SIZE, &simd, 0, x + r * n_kept, 0, y, 0, 1);
+        ggml_vec_dot_gqsa4_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &scalar, 0, x + r * n_kept, 0, y, 0, 1);
+        if (simd != want || scalar != want) {
+            printf("    row %d: exact %.1f, scalar %.1f, dispatched %.1f\n", r, want, scalar, simd);
+            ok = false;
+        }
+    }
+    report(ok, "vec_dot_integer_sums_are_exact[n_kept=%d]", n_kept);
+    free(x); free(y);
+}
+
+static void test_vec_dot_float(int width, int n_kept) {
+    const int nrows = 16;
+    block_gqsa4 * x = float_weights(nrows, width, n_kept);
+    float * act = float_acts(1, width, false);
+    block_gqsa_q8 * y = quantize_acts_ref(act, 1, width);
+    bool ok = true;
+    double err = 0.0, norm = 0.0;
+    for (int r = 0; r < nrows; ++r) {
+        float simd, scalar;
+        ggml_vec_dot_gqsa4_gqsa_q8(n_kept * GQSA_GROUP_SIZE, &simd, 0, x + r * n_kept, 0, y, 0, 1);
+        ggml_vec_dot_gqsa4_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &scalar, 0, x + r * n_kept, 0, y, 0, 1);
+        const double tol = 1e-5 * row_scale(x + r * n_kept, n_kept, y) + 1e-30;
+        if (fabs((double) simd - scalar) > tol) {
+            printf("    row %d: scalar %.9g, dispatched %.9g, tolerance %.3g\n", r, scalar, simd, tol);
+            ok = false;
+        }
+        const double exact = float_row_dot(x + r * n_kept, n_kept, width, act);
+        err  += (simd - exact) * (simd - exact);
+        norm += exact * exact;
+    }
+    const double nmse = norm > 0 ? err / norm : err;
+    if (!(nmse <= 5e-4)) {
+        printf("    NMSE against float math %.3g > 5e-4\n", nmse);
+        ok = false;
+    }
+    report(ok, "vec_dot_matches_scalar_and_float_math[width=%d,n_kept=%d]", width, n_kept);
+    free(x); free(act); free(y);
+}
+
+static void test_rows(int n_kept, int nrows) {
+    const int width = (n_kept + 3) * GQSA_GROUP_SIZE;
+    bool ok = true;
+    // integers: exact
+    block_gqsa4 * x = int_weights(nrows, width, n_kept);
+    block_gqsa_q8 * y = int_acts(width);
+    float * got = malloc(sizeof(float) * nrows);
+    float * ref = malloc(sizeof(float) * nrows);
+    ggml_gqsa_rows(x, n_kept, nrows, y, got);
+    ggml_gqsa_rows_generic(x, n_kept, nrows, y, ref);
+    for (int r = 0; r < nrows; ++r) {
+        const float want = (float) int_row_dot(x + (size_t) r * n_kept, n_kept, y);
+        if (got[r] != want || ref[r] != want) {
+            printf("    int row %d: exact %.1f, scalar %.1f, dispatched %.1f\n", r, want, ref[r], got[r]);
+            ok = false;
+        }
+    }
+    free(x); free(y);
+    // floats: to rounding
+    x = float_weights(nrows, width, n_kept);
+    float * act = float_acts(1, width, true);
+    y = quantize_acts_ref(act, 1, width);
+    ggml_gqsa_rows(x, n_kept, nrows, y, got);
+    ggml_gqsa_rows_generic(x, n_kept, nrows, y, ref);
+    for (int r = 0; r < nrows; ++r) {
+        const double tol = 1e-5 * row_scale(x + (size_t) r * n_kept, n_kept, y) + 1e-30;
+        if (fabs((double) got[r] - ref[r]) > tol) {
+            printf("    float row %d: scalar %.9g, dispatched %.9g\n", r, ref[r], got[r]);
+            ok = false;
+        }
+    }
+    report(ok, "rows_match_scalar[n_kept=%d,nrows=%d]", n_kept, nrows);
+    free(x); free(act); free(y); free(got); free(ref);
+}
+
+static void test_pack_panel(int G) {
+    const int width = G * GQSA_GROUP_SIZE;
+    float * x = float_acts(GQSA_PANEL, width, true);
+    const size_t bytes = (size_t) G * GQSA_ACT_BLOCK_BYTES * GQSA_PANEL;
+    uint8_t * ref = malloc(bytes), * got = malloc(bytes);
+    memset(ref, 0, bytes);
+    memset(got, 0x55, bytes);
+    ggml_gqsa_pack_panel_generic(x, width, 0, G, ref);
+    ggml_gqsa_pack_panel(x, width, 0, G / 2, got);          // in two ranges, as two threads do
+    ggml_gqsa_pack_panel(x, width, G / 2, G, got);
+    bool ok = memcmp(ref, got, bytes) == 0;
+    // the panel holds the reference quantization of every column
+    block_gqsa_q8 * a = quantize_acts_ref(x, GQSA_PANEL, width);
+    for (int c = 0; c < GQSA_PANEL && ok; ++c) {
+        for (int g = 0; g < G && ok; ++g) {
+            const uint8_t * pg = ref + (size_t) g * GQSA_ACT_BLOCK_BYTES * GQSA_PANEL;
+            const block_gqsa_q8 * b = a + (size_t) c * G + g;
+            float d, s;
+            memcpy(&d, pg + 16 * GQSA_PANEL + 4 * c, 4);
+            memcpy(&s, pg + 16 * GQSA_PANEL + 4 * (GQSA_PANEL + c), 4);
+            ok = memcmp(&d, &b->d, 4) == 0 && memcmp(&s, &b->s, 4) == 0;
+            for (int j = 0; j < GQSA_GROUP_SIZE && ok; ++j) {
+                ok = (int8_t) pg[((j / 4) * GQSA_PANEL + c) * 4 + j % 4] == b->qs[j];
+            }
+        }
+    }
+    report(ok, "pack_panel_is_bit_exact[groups=%d]", G);
+    free(x); free(ref); free(got); free(a);
+}
+
+static void test_panel_rows(int n_kept, int nrows) {
+    const int width = (n_kept + 2) * GQSA_GROUP_SIZE;
+    const int G = width / GQSA_GROUP_SIZE;
+    bool ok = true;
+    block_gqsa4 * x = float_weights(nrows, width, n_kept);
+    float * act = float_acts(GQSA_PANEL, width, true);
+    uint8_t * panel = malloc((size_t) G * GQSA_ACT_BLOCK_BYTES * GQSA_PANEL);
+    ggml_gqsa_pack_panel_generic(act, width, 0, G, panel);
+    block_gqsa_q8 * y = quantize_acts_ref(act, GQSA_PANEL, width);
+    float * got = malloc(sizeof(float) * nrows * GQSA_PANEL), * ref = malloc(sizeof(float) * nrows * GQSA_PANEL);
+    ggml_gqsa_panel_rows(x, n_kept, nrows, panel, got, nrows);
+    ggml_gqsa_panel_rows_generic(x, n_kept, nrows, panel, ref, nrows);
+    for (int c = 0; c < GQSA_PANEL; ++c) {
+        for (int r = 0; r < nrows; ++r) {
+            // the panel is the documented activation row of each column, rearranged
+            float one;
+            ggml_vec_dot_gqsa4_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &one, 0, x + (size_t) r * n_kept, 0, y + (size_t) c * G, 0, 1);
+            const double tol = 1e-5 * row_scale(x + (size_t) r * n_kept, n_kept, y + (size_t) c * G) + 1e-30;
+            const float a = got[c * nrows + r], b = ref[c * nrows + r];
+            if (fabs((double) a - b) > tol || fabs((double) b - one) > tol) {
+                printf("    row %d column %d: vec_dot %.9g, panel scalar %.9g, panel dispatched %.9g\n", r, c, one, b, a);
+                ok = false;
+            }
+        }
+    }
+    free(x); free(act); free(y);
+    // integers: exact. Build the panel from integer activation blocks directly.
+    x = int_weights(nrows, width, n_kept);
+    block_gqsa_q8 * ya = malloc(sizeof(block_gqsa_q8) * G * GQSA_PANEL);
+    for (int c = 0; c < GQSA_PANEL; ++c) {
+        block_gqsa_q8 * one = int_acts(width);
+        memcpy(ya + (size_t) c * G, one, sizeof(block_gqsa_q8) * G);
+        free(one);
+    }
+    for (int g = 0; g < G; ++g) {
+        uint8_t * pg = panel + (size_t) g * GQSA_ACT_BLOCK_BYTES * GQSA_PANEL;
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            const block_gqsa_q8 * b = ya + (size_t) c * G + g;
+            for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+                pg[((j / 4) * GQSA_PANEL + c) * 4 + j % 4] = (uint8_t) b->qs[j];
+            }
+            memcpy(pg + 16 * GQSA_PANEL + 4 * c, &b->d, 4);
+            memcpy(pg + 16 * GQSA_PANEL + 4 * (GQSA_PANEL + c), &b->s, 4);
+        }
+    }
+    ggml_gqsa_panel_rows(x, n_kept, nrows, panel, got, nrows);
+    ggml_gqsa_panel_rows_generic(x, n_kept, nrows, panel, ref, nrows);
+    for (int c = 0; c < GQSA_PANEL; ++c) {
+        for (int r = 0; r < nrows; ++r) {
+            const float want = (float) int_row_dot(x + (size_t) r * n_kept, n_kept, ya + (size_t) c * G);
+            if (got[c * nrows + r] != want || ref[c * nrows + r] != want) {
+                printf("    int row %d column %d: exact %.1f, scalar %.1f, dispatched %.1f\n", r, c, want, ref[c * nrows + r], got[c * nrows + r]);
+                ok = false;
+            }
+        }
+    }
+    report(ok, "panel_rows_match_scalar[n_kept=%d,nrows=%d]", n_kept, nrows);
+    free(x); free(ya); free(panel); free(got); free(ref);
+}
+
+typedef struct {
+    struct ggml_compute_params params;
+    struct ggml_tensor * dst;
+    bool handled;
+} mm_thread;
+
+static void * mm_run(void * arg) {
+    mm_thread * t = (mm_thread *) arg;
+    t->handled = ggml_gqsa_mul_mat(&t->params, t->dst);
+    return NULL;
+}
+
+static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth) {
+    block_gqsa4 * w = float_weights(nrows, width, n_kept);
+    float * x = float_acts(ncols, width, false);
+    float * out = malloc(sizeof(float) * nrows * ncols);
+    memset(out, 0, sizeof(float) * nrows * ncols);
+    struct ggml_tensor t0 = { .type = GGML_TYPE_GQSA4, .ne = { n_kept * GQSA_GROUP_SIZE, nrows, 1, 1 }, .data = w };
+    t0.nb[0] = GQSA_BLOCK_BYTES; t0.nb[1] = (size_t) n_kept * GQSA_BLOCK_BYTES; t0.nb[2] = t0.nb[3] = t0.nb[1] * nrows;
+    struct ggml_tensor t1 = { .type = GGML_TYPE_F32, .ne = { width, ncols, 1, 1 }, .data = x };
+    t1.nb[0] = 4; t1.nb[1] = 4 * (size_t) width; t1.nb[2] = t1.nb[3] = t1.nb[1] * ncols;
+    struct ggml_tensor td = { .type = GGML_TYPE_F32, .ne = { nrows, ncols, 1, 1 }, .data = out };
+    td.nb[0] = 4; td.nb[1] = 4 * (size_t) nrows; td.nb[2] = td.nb[3] = td.nb[1] * ncols;
+    td.src[0] = &t0; td.src[1] = &t1;
+
+    const size_t wsize = ggml_row_size(GGML_TYPE_GQSA_Q8, (int64_t) width * ncols);
+    void * wdata = malloc(wsize);
+    struct ggml_threadpool tp;
+    pthread_barrier_init(&tp.barrier, NULL, (unsigned) nth);
+    atomic_init(&tp.chunk, 0);
+    mm_thread th[4];
+    pthread_t ids[4];
+    for (int i = 0; i < nth; ++i) {
+        th[i].params = (struct ggml_compute_params) { .ith = i, .nth = nth, .wsize = wsize, .wdata = wdata, .threadpool = &tp, .use_ref = false };
+        th[i].dst = &td;
+        pthread_create(&ids[i], NULL, mm_run, &th[i]);
+    }
+    bool handled = true;
+    for (int i = 0; i < nth; ++i) {
+        pthread_join(ids[i], NULL);
+        handled = handled && th[i].handled;
+    }
+    pthread_barrier_destroy(&tp.barrier);
+
+    bool ok = true;
+#if defined(__AVX2__) || (defined(__ARM_NEON) && defined(__aarch64__))
+    if (!handled) {
+        printf("    the driver refused a plain 2-D f32 mul_mat\n");
+        ok = false;
+    }
+#endif
+    if (handled) {
+        block_gqsa_q8 * y = quantize_acts_ref(x, ncols, width);
+        double err = 0.0, norm = 0.0;
+        for (int c = 0; c < ncols; ++c) {
+            const block_gqsa_q8 * yc = y + (size_t) c * (width / GQSA_GROUP_SIZE);
+            for (int r = 0; r < nrows && ok; ++r) {
+                float ref;
+                ggml_vec_dot_gqsa4_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &ref, 0, w + (size_t) r * n_kept, 0, yc, 0, 1);
+                const double tol = 1e-5 * row_scale(w + (size_t) r * n_kept, n_kept, yc) + 1e-30;
+                const float got = out[(size_t) c * nrows + r];
+                if (!(fabs((double) got - ref) <= tol)) {
+                    printf("    row %d column %d: scalar %.9g, mul_mat %.9g\n", r, c, ref, got);
+                    ok = false;
+                }
+                const double exact = float_row_dot(w + (size_t) r * n_kept, n_kept, width, x + (size_t) c * width);
+                err  += (got - exact) * (got - exact);
+                norm += exact * exact;
+            }
+        }
+        if (ok && !(err <= 5e-4 * norm)) {
+            printf("    NMSE against float math %.3g > 5e-4\n", err / norm);
+            ok = false;
+        }
+        free(y);
+    }
+    report(ok, "mul_mat_driver[width=%d,n_kept=%d,rows=%d,cols=%d,threads=%d]", width, n_kept, nrows, ncols, nth);
+    free(w); free(x); free(out); free(wdata);
+}
+
+int main(void) {
+    printf("GQSA kernel tests (%s)\n",
+#if defined(__AVX512F__)
+           "x86-64 AVX-512"
+#elif defined(__AVX2__)
+           "x86-64 AVX2"
+#elif defined(__ARM_FEATURE_DOTPROD)
+           "aarch64 NEON + dotprod"
+#elif defined(__ARM_NEON)
+           "aarch64 NEON"
+#else
+           "scalar"
+#endif
+    );
+    const int act_widths[] = { 16, 48, 576, 4096 };
+    for (size_t i = 0; i < sizeof(act_widths) / sizeof(act_widths[0]); ++i) {
+        test_quantize_act(act_widths[i]);
+    }
+    const int kepts[] = { 1, 2, 3, 7, 8, 9, 15, 16, 17, 18, 24, 31, 48, 129, 257 };
+    for (size_t i = 0; i < sizeof(kepts) / sizeof(kepts[0]); ++i) {
+        test_vec_dot_int(kepts[i]);
+    }
+    // widths of SmolLM2 / LLaMA-7B at 25 / 50 / 75 % sparsity
+    const int widths[] = { 576, 1536, 4096, 11008 };
+    const double keeps[] = { 0.75, 0.5, 0.25 };
+    for (size_t i = 0; i < 4; ++i) {
+        for (size_t k = 0; k < 3; ++k) {
+            test_vec_dot_float(widths[i], (int) lround(widths[i] / GQSA_GROUP_SIZE * keeps[k]));
+        }
+    }
+    const int row_kepts[] = { 1, 5, 7, 8, 9, 16, 17, 18, 27, 64 };
+    const int row_counts[] = { 1, 2, 3, 17 };
+    for (size_t i = 0; i < sizeof(row_kepts) / sizeof(row_kepts[0]); ++i) {
+        for (size_t j = 0; j < sizeof(row_counts) / sizeof(row_counts[0]); ++j) {
+            test_rows(row_kepts[i], row_counts[j]);
+        }
+    }
+    const int panel_groups[] = { 1, 3, 36, 257 };
+    for (size_t i = 0; i < 4; ++i) {
+        test_pack_panel(panel_groups[i]);
+    }
+    const int panel_kepts[] = { 1, 7, 9, 18, 40 };
+    for (size_t i = 0; i < 5; ++i) {
+        test_panel_rows(panel_kepts[i], 5);
+    }
+    const int mm_cols[] = { 1, 7, 8, 9, 17, 32, 35 };
+    for (size_t i = 0; i < sizeof(mm_cols) / sizeof(mm_cols[0]); ++i) {
+        test_mul_mat(576, 18, 37, mm_cols[i], 1);
+        test_mul_mat(1536, 72, 20, mm_cols[i], 2);
+    }
+    test_mul_mat(64, 2, 9, 9, 2);
+    test_mul_mat(11008, 172, 6, 9, 2);
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    return n_failed == 0 ? 0 : 1;
+}
