@@ -94,9 +94,9 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, str(HERE / "e2e_ddp_worker.py"), str(one)], check=True, env=env,
-                   timeout=120)
+                   timeout=300)
     subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "e2e_ddp_worker.py"),
-                    str(two)], check=True, env=env, timeout=120)
+                    str(two)], check=True, env=env, timeout=300)
     a, b = torch.load(one), torch.load(two)
     assert a["world"] == 1 and b["world"] == 2
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
