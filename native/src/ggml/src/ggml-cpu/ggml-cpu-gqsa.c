@@ -14,6 +14,13 @@
 //    block is dotted with GQSA_PANEL columns by four broadcast-multiply-adds, without reductions.
 //    Same quantized values (bit-exact with quantize_row_gqsa_q8_ref), same 24 bytes per group and
 //    column, so the panels fit the work buffer ggml sizes for gqsa_q8.
+//
+// Measured on Zen 4 and kept out (benchmarks, not tests, hold the numbers): 512-bit versions of the
+// decode step (16 blocks, vpermt2d / vpermb assembly) ran 10-15 % slower than the 256-bit one (Zen 4
+// splits 512-bit ops; the step is bound by shuffles and the per-block gathers, not by instruction
+// count), so AVX-512 builds use the AVX2 code with 256-bit VNNI; gathers (vpgatherdd) of the group
+// scales and vector-computed group addresses spilled to the stack were slower than scalar loads;
+// 32-byte activation blocks and a [8 headers][8 qs] chunked row layout gained under 8 %.
 #include "ggml-cpu-gqsa.h"
 #include "ggml-gqsa.h"
 #include "ggml-cpu-impl.h"
@@ -23,10 +30,12 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
-#elif defined(__ARM_NEON)
+#define GQSA_AVX2 1
+#elif defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
+#define GQSA_NEON 1
 #endif
 
 #define GQSA_HALF (GQSA_GROUP_SIZE / 2)
@@ -35,7 +44,7 @@
 // Activation quantization (from_float of gqsa_q8)
 // ---------------------------------------------------------------------------------------------
 
-#if defined(__AVX2__)
+#if defined(GQSA_AVX2)
 // One group of 16 floats, bit-exact with quantize_row_gqsa_q8_ref: amax by max (|x| never NaN for
 // finite x), d = amax / 127, qs = round-half-even(x / d) by IEEE division and cvtps (default MXCSR
 // rounding = nearbyintf's), s = d * sum. Returns the 16 qs in weight order.
@@ -63,14 +72,39 @@ static inline __m128i gqsa_quantize_act_group_avx2(const float * GGML_RESTRICT x
 }
 #endif
 
+#if defined(GQSA_NEON)
+// One group of 16 floats, bit-exact with quantize_row_gqsa_q8_ref (as the AVX2 version; vcvtnq
+// rounds to nearest, ties to even, like nearbyintf in the default rounding mode)
+static inline int8x16_t gqsa_quantize_act_group_neon(const float * GGML_RESTRICT x, float * d_out, float * s_out) {
+    const float32x4_t x0 = vld1q_f32(x), x1 = vld1q_f32(x + 4), x2 = vld1q_f32(x + 8), x3 = vld1q_f32(x + 12);
+    const float amax = vmaxvq_f32(vmaxq_f32(vmaxq_f32(vabsq_f32(x0), vabsq_f32(x1)), vmaxq_f32(vabsq_f32(x2), vabsq_f32(x3))));
+    const float d = amax / 127.0f;
+    const float32x4_t dv = vdupq_n_f32(d == 0.0f ? 1.0f : d);      // d == 0: all x are +-0, q = 0
+    const int32x4_t q0 = vcvtnq_s32_f32(vdivq_f32(x0, dv)), q1 = vcvtnq_s32_f32(vdivq_f32(x1, dv));
+    const int32x4_t q2 = vcvtnq_s32_f32(vdivq_f32(x2, dv)), q3 = vcvtnq_s32_f32(vdivq_f32(x3, dv));
+    *d_out = d;
+    *s_out = d * (float) vaddvq_s32(vaddq_s32(vaddq_s32(q0, q1), vaddq_s32(q2, q3)));
+    const int16x8_t h0 = vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1));
+    const int16x8_t h1 = vcombine_s16(vqmovn_s32(q2), vqmovn_s32(q3));
+    return vcombine_s8(vqmovn_s16(h0), vqmovn_s16(h1));
+}
+#endif
+
 void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t k) {
-#if defined(__AVX2__)
+#if defined(GQSA_AVX2)
     assert(k % GQSA_GROUP_SIZE == 0);
     block_gqsa_q8 * GGML_RESTRICT y = (block_gqsa_q8 *) vy;
     const int64_t nb = k / GQSA_GROUP_SIZE;
     for (int64_t i = 0; i < nb; ++i) {
         const __m128i q = gqsa_quantize_act_group_avx2(x + i * GQSA_GROUP_SIZE, &y[i].d, &y[i].s);
         _mm_storeu_si128((__m128i *) y[i].qs, q);
+    }
+#elif defined(GQSA_NEON)
+    assert(k % GQSA_GROUP_SIZE == 0);
+    block_gqsa_q8 * GGML_RESTRICT y = (block_gqsa_q8 *) vy;
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    for (int64_t i = 0; i < nb; ++i) {
+        vst1q_s8(y[i].qs, gqsa_quantize_act_group_neon(x + i * GQSA_GROUP_SIZE, &y[i].d, &y[i].s));
     }
 #else
     quantize_row_gqsa_q8_ref(x, (block_gqsa_q8 *) vy, k);
@@ -120,7 +154,7 @@ void ggml_gqsa_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t n
     }
 }
 
-#if defined(__AVX2__)
+#if defined(GQSA_AVX2)
 // sum of u8 x s8 products in groups of 4 adjacent bytes (q in 0..15, xq in -127..127: no saturation)
 static inline __m256i gqsa_dot4(__m256i q, __m256i xq) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -247,9 +281,9 @@ static void gqsa_rows_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, int64_t 
         *out = gqsa_hsum_ps(acc);
     }
 }
-#endif // __AVX2__
+#endif // GQSA_AVX2
 
-#if defined(__ARM_NEON) && defined(__aarch64__)
+#if defined(GQSA_NEON)
 static float gqsa_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const block_gqsa_q8 * GGML_RESTRICT y) {
     const uint8x8_t m4 = vdup_n_u8(0x0F);
     float32x4_t acc = vdupq_n_f32(0.0f);
@@ -279,9 +313,9 @@ void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
     assert(nrc == 1);
     assert(n % GQSA_GROUP_SIZE == 0);
     GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
-#if defined(__AVX2__)
+#if defined(GQSA_AVX2)
     *s = gqsa_row_avx2((const block_gqsa4 *) vx, n / GQSA_GROUP_SIZE, (const block_gqsa_q8 *) vy);
-#elif defined(__ARM_NEON) && defined(__aarch64__)
+#elif defined(GQSA_NEON)
     *s = gqsa_row_neon((const block_gqsa4 *) vx, n / GQSA_GROUP_SIZE, (const block_gqsa_q8 *) vy);
 #else
     ggml_vec_dot_gqsa4_gqsa_q8_generic(n, s, bs, vx, bx, vy, by, nrc);
@@ -290,11 +324,11 @@ void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
 
 void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                     const void * GGML_RESTRICT vy, float * GGML_RESTRICT out) {
-#if defined(__AVX2__) || (defined(__ARM_NEON) && defined(__aarch64__))
+#if defined(GQSA_AVX2) || defined(GQSA_NEON)
     const block_gqsa4   * x = (const block_gqsa4 *) vx;
     const block_gqsa_q8 * y = (const block_gqsa_q8 *) vy;
 #endif
-#if defined(__AVX2__)
+#if defined(GQSA_AVX2)
     if (n_kept >= 8) {
         gqsa_rows_avx2(x, n_kept, nrows, y, out);
         return;
@@ -302,7 +336,7 @@ void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
     for (int64_t r = 0; r < nrows; ++r) {
         out[r] = gqsa_row_avx2(x + r * n_kept, n_kept, y);
     }
-#elif defined(__ARM_NEON) && defined(__aarch64__)
+#elif defined(GQSA_NEON)
     for (int64_t r = 0; r < nrows; ++r) {
         out[r] = gqsa_row_neon(x + r * n_kept, n_kept, y);
     }
@@ -345,7 +379,7 @@ void ggml_gqsa_pack_panel_generic(const float * GGML_RESTRICT x, int64_t ldx, in
 }
 
 void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT vpanel) {
-#if defined(__AVX2__)
+#if defined(GQSA_AVX2)
     uint8_t * panel = (uint8_t *) vpanel;
     for (int64_t g = g0; g < g1; ++g) {
         uint8_t * pg = panel + g * GQSA_PANEL_GROUP_BYTES;
@@ -358,6 +392,19 @@ void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0
             memcpy(pg + (1 * GQSA_PANEL + c) * 4, &w1, 4);
             memcpy(pg + (2 * GQSA_PANEL + c) * 4, &w2, 4);
             memcpy(pg + (3 * GQSA_PANEL + c) * 4, &w3, 4);
+        }
+    }
+#elif defined(GQSA_NEON)
+    uint8_t * panel = (uint8_t *) vpanel;
+    for (int64_t g = g0; g < g1; ++g) {
+        uint8_t * pg = panel + g * GQSA_PANEL_GROUP_BYTES;
+        float * pd = (float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            const int32x4_t q = vreinterpretq_s32_s8(gqsa_quantize_act_group_neon(x + c * ldx + g * GQSA_GROUP_SIZE, &pd[c], &pd[GQSA_PANEL + c]));
+            vst1q_lane_s32((int32_t *) (pg + (0 * GQSA_PANEL + c) * 4), q, 0);
+            vst1q_lane_s32((int32_t *) (pg + (1 * GQSA_PANEL + c) * 4), q, 1);
+            vst1q_lane_s32((int32_t *) (pg + (2 * GQSA_PANEL + c) * 4), q, 2);
+            vst1q_lane_s32((int32_t *) (pg + (3 * GQSA_PANEL + c) * 4), q, 3);
         }
     }
 #else
@@ -394,7 +441,7 @@ void ggml_gqsa_panel_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int
     }
 }
 
-#if defined(__AVX2__)
+#if defined(GQSA_AVX2)
 // Eight blocks of a row decoded once for all panels: the 16 weights of each (in order), the scale,
 // scale * zero point, and the byte offset of the block's group in a panel.
 typedef struct {
@@ -416,9 +463,15 @@ static inline void gqsa_decode8_avx2(const block_gqsa4 * GGML_RESTRICT x, int n,
     }
 }
 
-// NP panels (1..4) of GQSA_PANEL = 8 columns against one row: acc[p] += the row's dot products
+// np panels (1..4) of GQSA_PANEL = 8 columns against nb blocks of a row: acc[p][c] += those blocks
+// . column c of panel p. Inlined with a constant np, the accumulators stay in registers.
 static inline void gqsa_panel_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
-                                       int np, __m256 * acc) {
+                                       int np, float acc_io[][GQSA_PANEL]) {
+    __m256 acc[4], accz[4];              // the zero-point terms apart: two short dependency chains
+    for (int p = 0; p < np; ++p) {
+        acc[p]  = _mm256_loadu_ps(acc_io[p]);
+        accz[p] = _mm256_setzero_ps();
+    }
     gqsa_decoded8 dec;
     for (int i = 0; i < nb; i += 8) {
         const int n = nb - i < 8 ? nb - i : 8;
@@ -453,26 +506,87 @@ static inline void gqsa_panel_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int 
 #endif
                 const __m256 dx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL));
                 const __m256 sx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL) + GQSA_PANEL);
-                acc[p] = _mm256_fmadd_ps(dw, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)), acc[p]);
-                acc[p] = _mm256_fnmadd_ps(dwz, sx, acc[p]);
+                acc[p]  = _mm256_fmadd_ps(dw, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)), acc[p]);
+                accz[p] = _mm256_fmadd_ps(dwz, sx, accz[p]);
             }
         }
     }
+    for (int p = 0; p < np; ++p) {
+        _mm256_storeu_ps(acc_io[p], _mm256_sub_ps(acc[p], accz[p]));
+    }
 }
-#endif // __AVX2__
+#define gqsa_panel_row gqsa_panel_row_avx2
+#endif // GQSA_AVX2
+
+#if defined(GQSA_NEON)
+// As gqsa_panel_row_avx2: each weight block's 16 weights in one register; sdot by lane multiplies
+// weights 4k..4k+3 with the qs[k] dwords of 4 columns at once.
+static inline void gqsa_panel_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
+                                       int np, float acc_io[][GQSA_PANEL]) {
+    float32x4_t acc[4][2];
+    for (int p = 0; p < np; ++p) {
+        acc[p][0] = vld1q_f32(acc_io[p]);
+        acc[p][1] = vld1q_f32(acc_io[p] + 4);
+    }
+    const uint8x8_t m4 = vdup_n_u8(0x0F);
+    for (int i = 0; i < nb; ++i) {
+        const uint8x8_t v = vld1_u8(x[i].qs);
+        const int8x16_t w = vreinterpretq_s8_u8(vcombine_u8(vand_u8(v, m4), vshr_n_u8(v, 4)));
+        const float dw  = GGML_CPU_FP16_TO_FP32(x[i].d);
+        const float dwz = dw * (float) gqsa_block_zero(&x[i]);
+        const size_t off = (size_t) gqsa_block_index(&x[i]) * GQSA_PANEL_GROUP_BYTES;
+#if !defined(__ARM_FEATURE_DOTPROD)
+        int32_t wd[4];
+        vst1q_s32(wd, vreinterpretq_s32_s8(w));
+#endif
+        for (int p = 0; p < np; ++p) {
+            const int8_t * pg = (const int8_t *) (panels[p] + off);
+            int32x4_t s[2];
+#if defined(__ARM_FEATURE_DOTPROD)
+            for (int h = 0; h < 2; ++h) {          // columns 4h..4h+3
+                int32x4_t t = vdotq_laneq_s32(vdupq_n_s32(0), vld1q_s8(pg +  0 + 16 * h), w, 0);
+                t = vdotq_laneq_s32(t, vld1q_s8(pg + 32 + 16 * h), w, 1);
+                t = vdotq_laneq_s32(t, vld1q_s8(pg + 64 + 16 * h), w, 2);
+                s[h] = vdotq_laneq_s32(t, vld1q_s8(pg + 96 + 16 * h), w, 3);
+            }
+#else
+            s[0] = s[1] = vdupq_n_s32(0);
+            for (int k = 0; k < 4; ++k) {
+                const int8x8_t w8 = vreinterpret_s8_s32(vdup_n_s32(wd[k]));     // weights 4k..4k+3, twice
+                for (int h = 0; h < 2; ++h) {      // columns 4h, 4h+1 and 4h+2, 4h+3
+                    const int8x16_t a = vld1q_s8(pg + 32 * k + 16 * h);
+                    const int32x4_t p01 = vpaddlq_s16(vmull_s8(vget_low_s8(a),  w8));
+                    const int32x4_t p23 = vpaddlq_s16(vmull_s8(vget_high_s8(a), w8));
+                    s[h] = vaddq_s32(s[h], vpaddq_s32(p01, p23));
+                }
+            }
+#endif
+            const float * pd = (const float *) (panels[p] + off + GQSA_GROUP_SIZE * GQSA_PANEL);
+            for (int h = 0; h < 2; ++h) {
+                const float32x4_t t = vmulq_f32(vld1q_f32(pd + 4 * h), vcvtq_f32_s32(s[h]));
+                acc[p][h] = vfmaq_n_f32(acc[p][h], t, dw);
+                acc[p][h] = vfmsq_f32(acc[p][h], vld1q_f32(pd + GQSA_PANEL + 4 * h), vdupq_n_f32(dwz));
+            }
+        }
+    }
+    for (int p = 0; p < np; ++p) {
+        vst1q_f32(acc_io[p],     acc[p][0]);
+        vst1q_f32(acc_io[p] + 4, acc[p][1]);
+    }
+}
+#define gqsa_panel_row gqsa_panel_row_neon
+#endif // GQSA_NEON
 
 void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                           const void * GGML_RESTRICT vpanel, float * GGML_RESTRICT out, int64_t ldo) {
-#if defined(__AVX2__)
+#if defined(gqsa_panel_row)
     const block_gqsa4 * x = (const block_gqsa4 *) vx;
     const uint8_t * panels[1] = { (const uint8_t *) vpanel };
     for (int64_t r = 0; r < nrows; ++r) {
-        __m256 acc[1] = { _mm256_setzero_ps() };
-        gqsa_panel_row_avx2(x + r * n_kept, n_kept, panels, 1, acc);
-        float tmp[GQSA_PANEL];
-        _mm256_storeu_ps(tmp, acc[0]);
+        float tmp[1][GQSA_PANEL] = {{0}};
+        gqsa_panel_row(x + r * n_kept, n_kept, panels, 1, tmp);
         for (int c = 0; c < GQSA_PANEL; ++c) {
-            out[c * ldo + r] = tmp[c];
+            out[c * ldo + r] = tmp[0][c];
         }
     }
 #else
@@ -484,14 +598,17 @@ void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nro
 // mul_mat driver
 // ---------------------------------------------------------------------------------------------
 
-#if defined(__AVX2__)
+#define GQSA_ROWS_PER_PASS 32             // rows per pass over the K windows (accumulators on the stack)
+#define GQSA_WINDOW_BYTES  (24 * 1024)     // four panels' data of one K window: about 3/4 of a 32 KiB L1
+
+#if defined(gqsa_panel_row)
 #define GQSA_USE_PANELS 1
 #else
-#define GQSA_USE_PANELS 0   // FIXME: no NEON panel kernel yet; ARM runs every column as a decode row
+#define GQSA_USE_PANELS 0
 #endif
 
 bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
-#if !defined(__AVX2__) && !(defined(__ARM_NEON) && defined(__aarch64__))
+#if !defined(GQSA_AVX2) && !defined(GQSA_NEON)
     // no SIMD kernels: ggml's generic vec_dot loop over (row, column) is as good
     GGML_UNUSED(params); GGML_UNUSED(dst);
     return false;
@@ -547,6 +664,7 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
     const int64_t dr     = (nrows + nchunk - 1) / nchunk;
     const block_gqsa4 * x = (const block_gqsa4 *) src0->data;
     float * out = (float *) dst->data;
+    const int64_t win = GQSA_WINDOW_BYTES / (4 * GQSA_PANEL_GROUP_BYTES);   // groups per window
 
     for (int64_t chunk = ith; chunk < nchunk; chunk = ggml_threadpool_chunk_add(params->threadpool, 1)) {
         const int64_t r0 = chunk * dr;
@@ -555,27 +673,47 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
             continue;
         }
 #if GQSA_USE_PANELS
+        // Panels in groups of up to four share each row's decoded weights. The columns of K are
+        // walked in windows of `win` groups whose panel data stays in L1 (a row's blocks are sorted
+        // by group, so each window is a contiguous range of them), for GQSA_ROWS_PER_PASS rows at
+        // a time that keep their accumulators and block cursors here.
         for (int64_t p0 = 0; p0 < np; p0 += 4) {
             const int npg = np - p0 < 4 ? (int) (np - p0) : 4;
             const uint8_t * panels[4];
             for (int p = 0; p < npg; ++p) {
                 panels[p] = wdata + (size_t) (p0 + p) * GQSA_PANEL * act_row;
             }
-            for (int64_t r = r0; r < r1; ++r) {
-                __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
-                const block_gqsa4 * xr = x + r * nb;
-                switch (npg) {   // constant panel counts: the accumulators stay in registers
-                    case 4:  gqsa_panel_row_avx2(xr, nb, panels, 4, acc); break;
-                    case 3:  gqsa_panel_row_avx2(xr, nb, panels, 3, acc); break;
-                    case 2:  gqsa_panel_row_avx2(xr, nb, panels, 2, acc); break;
-                    default: gqsa_panel_row_avx2(xr, nb, panels, 1, acc); break;
+            for (int64_t rb = r0; rb < r1; rb += GQSA_ROWS_PER_PASS) {
+                const int nr = r1 - rb < GQSA_ROWS_PER_PASS ? (int) (r1 - rb) : GQSA_ROWS_PER_PASS;
+                float acc[GQSA_ROWS_PER_PASS][4][GQSA_PANEL];
+                int   cur[GQSA_ROWS_PER_PASS];
+                memset(acc, 0, sizeof(acc));
+                memset(cur, 0, sizeof(cur));
+                for (int64_t gw = 0; gw < G; gw += win) {
+                    const uint32_t gend = (uint32_t) (gw + win);
+                    for (int i = 0; i < nr; ++i) {
+                        const block_gqsa4 * xr = x + (rb + i) * nb;
+                        int e = cur[i];
+                        while (e < nb && gqsa_block_index(xr + e) < gend) {
+                            ++e;
+                        }
+                        if (e > cur[i]) {
+                            switch (npg) {   // constant panel counts: the accumulators stay in registers
+                                case 4:  gqsa_panel_row(xr + cur[i], e - cur[i], panels, 4, acc[i]); break;
+                                case 3:  gqsa_panel_row(xr + cur[i], e - cur[i], panels, 3, acc[i]); break;
+                                case 2:  gqsa_panel_row(xr + cur[i], e - cur[i], panels, 2, acc[i]); break;
+                                default: gqsa_panel_row(xr + cur[i], e - cur[i], panels, 1, acc[i]); break;
+                            }
+                            cur[i] = e;
+                        }
+                    }
                 }
-                for (int p = 0; p < npg; ++p) {
-                    float tmp[GQSA_PANEL];
-                    _mm256_storeu_ps(tmp, acc[p]);
-                    float * o = out + (p0 + p) * GQSA_PANEL * ldd + r;
-                    for (int c = 0; c < GQSA_PANEL; ++c) {
-                        o[c * ldd] = tmp[c];
+                for (int i = 0; i < nr; ++i) {
+                    for (int p = 0; p < npg; ++p) {
+                        float * o = out + (p0 + p) * GQSA_PANEL * ldd + rb + i;
+                        for (int c = 0; c < GQSA_PANEL; ++c) {
+                            o[c * ldd] = acc[i][p][c];
+                        }
                     }
                 }
             }
