@@ -677,14 +677,14 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
         // walked in windows of `win` groups whose panel data stays in L1 (a row's blocks are sorted
         // by group, so each window is a contiguous range of them), for GQSA_ROWS_PER_PASS rows at
         // a time that keep their accumulators and block cursors here.
-        for (int64_t p0 = 0; p0 < np; p0 += 4) {
-            const int npg = np - p0 < 4 ? (int) (np - p0) : 4;
-            const uint8_t * panels[4];
-            for (int p = 0; p < npg; ++p) {
-                panels[p] = wdata + (size_t) (p0 + p) * GQSA_PANEL * act_row;
-            }
-            for (int64_t rb = r0; rb < r1; rb += GQSA_ROWS_PER_PASS) {
-                const int nr = r1 - rb < GQSA_ROWS_PER_PASS ? (int) (r1 - rb) : GQSA_ROWS_PER_PASS;
+        for (int64_t rb = r0; rb < r1; rb += GQSA_ROWS_PER_PASS) {
+            const int nr = r1 - rb < GQSA_ROWS_PER_PASS ? (int) (r1 - rb) : GQSA_ROWS_PER_PASS;
+            for (int64_t p0 = 0; p0 < np; p0 += 4) {
+                const int npg = np - p0 < 4 ? (int) (np - p0) : 4;
+                const uint8_t * panels[4];
+                for (int p = 0; p < npg; ++p) {
+                    panels[p] = wdata + (size_t) (p0 + p) * GQSA_PANEL * act_row;
+                }
                 float acc[GQSA_ROWS_PER_PASS][4][GQSA_PANEL];
                 int   cur[GQSA_ROWS_PER_PASS];
                 memset(acc, 0, sizeof(acc));
