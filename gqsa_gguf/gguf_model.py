@@ -86,7 +86,7 @@ def model_from_gguf(path: str | os.PathLike):
         if needs_rope_permutation(arch, name):
             n_head = cfg.num_attention_heads if name.endswith(".attn_q.weight") else cfg.num_key_value_heads
             arr = arr[np.argsort(llama_rope_permutation(arr.shape[0], n_head))]
-        state[hf] = torch.from_numpy(np.ascontiguousarray(arr))
+        state[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")
                and not m.endswith("rotary_emb.inv_freq")]

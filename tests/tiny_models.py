@@ -57,11 +57,17 @@ def text() -> str:
 
 def make_checkpoint(folder: Path, kind: str = "llama", seed: int = 0, tie: bool | None = None,
                     init_std: float = 0.08, hidden: int = HIDDEN, ffn: int = FFN, pad_vocab: int = 0,
-                    arch_override: str | None = None) -> Path:
+                    arch_override: str | None = None, train_steps: int = 0,
+                    group_sparsity: float | None = None) -> Path:
     """Writes a random tiny checkpoint folder and returns it.
 
     kind: "llama" (LlamaForCausalLM, tied embeddings by default) or "qwen2" (Qwen2ForCausalLM with
     q/k/v biases, untied head by default). pad_vocab: extra vocabulary rows the tokenizer lacks.
+    train_steps: Adam steps of next-token training on the tiny text, so the model predicts with
+    confidence like a real LM (a random model's near-tied logits make top-1 comparisons a coin toss).
+    group_sparsity: train with that fraction of 16-weight groups of every decoder linear row held at
+    zero, so one-shot GQSA at the same sparsity only has to quantize and the compressed model
+    stays as confident as the float one.
     """
     import torch
     import transformers
@@ -87,6 +93,8 @@ def make_checkpoint(folder: Path, kind: str = "llama", seed: int = 0, tie: bool 
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+    if train_steps:
+        _train(model, tok, train_steps, seed, group_sparsity=group_sparsity)
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -98,6 +106,87 @@ def make_checkpoint(folder: Path, kind: str = "llama", seed: int = 0, tie: bool 
         cj["architectures"] = [arch_override]
         (folder / "config.json").write_text(json.dumps(cj, indent=1))
     return folder
+
+
+def _group_masks(model, sparsity: float, g) -> dict:
+    """A random per-row mask of 16-weight groups for every decoder linear, keeping
+    format.kept_groups(K, sparsity) groups per row (so one-shot GQSA at that sparsity can be exact)."""
+    import torch
+
+    from gqsa_gguf import format as fmt
+
+    masks = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            n, k = mod.weight.shape
+            n_kept = fmt.kept_groups(k, sparsity)
+            order = torch.argsort(torch.rand(n, k // 16, generator=g), dim=1)[:, :n_kept]
+            m = torch.zeros(n, k // 16)
+            m.scatter_(1, order, 1.0)
+            masks[name] = (mod, m.repeat_interleave(16, dim=1))
+    return masks
+
+
+def _train(model, tok, steps: int, seed: int, seqlen: int = 64, batch: int = 8,
+           group_sparsity: float | None = None) -> None:
+    import torch
+
+    ids = torch.tensor(tok.encode(_TEXT * 8).ids, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    masks = _group_masks(model, group_sparsity, g) if group_sparsity else {}
+    with torch.no_grad():
+        for mod, m in masks.values():
+            mod.weight.mul_(m)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)           # tiny matmuls: one thread is faster, and immune to a busy CPU
+    try:
+        _steps(model, opt, ids, steps, g, seqlen, batch, masks)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+
+
+def _steps(model, opt, ids, steps, g, seqlen, batch, masks):
+    import torch
+
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seqlen, (batch,), generator=g)
+        x = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for mod, m in masks.values():
+                mod.weight.mul_(m)
+
+
+_CACHE: dict = {}
+
+
+def checkpoint(kind: str = "llama", **kw) -> Path:
+    """make_checkpoint, memoized per process in a temporary folder (removed at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    key = (kind, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        if "root" not in _CACHE:
+            _CACHE["root"] = Path(tempfile.mkdtemp(prefix="gqsa-tiny-"))
+            atexit.register(shutil.rmtree, _CACHE["root"], True)
+        _CACHE[key] = make_checkpoint(_CACHE["root"] / f"{kind}-{len(_CACHE)}", kind, **kw)
+    return _CACHE[key]
+
+
+def calib_file(folder: Path) -> Path:
+    """A calibration text file next to a checkpoint folder (the tiny text, repeated)."""
+    p = Path(folder).parent / (Path(folder).name + "-calib.txt")
+    if not p.exists():
+        p.write_text(_TEXT * 20, encoding="utf-8")
+    return p
 
 
 def token_windows(folder: Path, n: int = 4, seqlen: int = 48, seed: int = 0):
