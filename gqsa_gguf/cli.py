@@ -114,14 +114,24 @@ def _add_eval(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
 
 
+def _add_bench(sub) -> None:
+    from . import bench
+
+    p = sub.add_parser("bench", help="speed of GQSA against llama.cpp's stock types, side by side",
+                       description=bench.__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gqsa-gguf", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gqsa-gguf {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{convert,chat,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{convert,chat,eval,bench}")
     sub.required = True
     _add_convert(sub)
     _add_chat(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -194,10 +204,16 @@ def _run_eval(a) -> int:
     return 0
 
 
+def _run_bench(a) -> int:
+    from .bench import main_from_args
+
+    return main_from_args(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    run = {"convert": _run_convert, "chat": _run_chat, "eval": _run_eval}[a.command]
+    run = {"convert": _run_convert, "chat": _run_chat, "eval": _run_eval, "bench": _run_bench}[a.command]
     try:
         return run(a)
     except ConfigError as e:
