@@ -55,6 +55,7 @@ GQSA_TESTLIB_API int gqsa_test_mul_mat(const void * w, int64_t n_kept, int64_t n
 // the registered from_float of the row type's vec_dot_type.
 GQSA_TESTLIB_API int gqsa_test_vec_dot(const void * w_row, int64_t n_kept, const float * x, int64_t width,
                                        int generic, float * out) {
+    ggml_cpu_init();    // the fp16 table the scalar kernel reads (idempotent; graph compute does it too)
     const struct ggml_type_traits_cpu * tw = ggml_get_type_traits_cpu(GGML_TYPE_GQSA4);
     const struct ggml_type_traits_cpu * ta = ggml_get_type_traits_cpu(tw->vec_dot_type);
     const size_t act_bytes = ggml_row_size(tw->vec_dot_type, width);
@@ -73,6 +74,7 @@ GQSA_TESTLIB_API int gqsa_test_vec_dot(const void * w_row, int64_t n_kept, const
 
 // The registered activation quantizer (gqsa_q8 from_float), for bit-exactness with NumPy.
 GQSA_TESTLIB_API void gqsa_test_quantize_act(const float * x, int64_t width, void * out) {
+    ggml_cpu_init();
     const struct ggml_type_traits_cpu * tw = ggml_get_type_traits_cpu(GGML_TYPE_GQSA4);
     ggml_get_type_traits_cpu(tw->vec_dot_type)->from_float(x, out, width);
 }

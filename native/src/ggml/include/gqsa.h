@@ -16,6 +16,15 @@ extern "C" {
 GGML_API bool ggml_gqsa_validate(const struct ggml_tensor * t, const void * data, int64_t width,
                                  char * err, size_t err_size);
 
+struct gguf_context;
+
+// Checks the gqsa.* metadata of a file that holds gqsa4 tensors (docs/FORMAT.md "GGUF metadata"):
+// gqsa.format_version, gqsa.bits and gqsa.group_size must be present as uint32 and name what this
+// build implements (format version 1, 4 bits, groups of 16); a file from a newer format is refused
+// rather than misread. Returns true if so; otherwise writes a message naming the key, the value or
+// type found, and what to do into err (err_size bytes) and returns false.
+GGML_API bool ggml_gqsa_check_metadata(const struct gguf_context * ctx, char * err, size_t err_size);
+
 // Quantizes the kept groups of `nrows` dense rows of `width` floats into nrows * n_kept gqsa4
 // blocks (min-max, bit-exact with the NumPy codec). kept[r*n_kept + i] is the i-th kept group of
 // row r; each row's indices strictly increase.

@@ -2,6 +2,7 @@
 // (ggml-base). Kernels live in ggml-cpu/ggml-cpu-gqsa.c. Specification: docs/FORMAT.md.
 #include "ggml-gqsa.h"
 #include "gqsa.h"
+#include "gguf.h"
 
 #include <assert.h>
 #include <math.h>
@@ -189,6 +190,42 @@ bool ggml_gqsa_validate(const struct ggml_tensor * t, const void * data, int64_t
     }
     return true;
 #undef GQSA_FAIL
+}
+
+// One uint32 key of the gqsa.* metadata: present, of type u32, and equal to `want` (the format
+// version: at most `want`, at least 1).
+static bool gqsa_check_u32_key(const struct gguf_context * ctx, const char * key, uint32_t want,
+                               bool is_version, char * err, size_t err_size) {
+#define GQSA_FAIL(...) do { if (err && err_size) { snprintf(err, err_size, __VA_ARGS__); } return false; } while (0)
+    const int64_t id = gguf_find_key(ctx, key);
+    if (id < 0) {
+        GQSA_FAIL("the file holds gqsa4 tensors but no '%s' metadata — it was not written by gqsa-gguf, "
+                  "or is corrupt", key);
+    }
+    const enum gguf_type type = gguf_get_kv_type(ctx, id);
+    if (type != GGUF_TYPE_UINT32) {
+        GQSA_FAIL("metadata '%s' has type %s, expected u32 — the file is corrupt", key, gguf_type_name(type));
+    }
+    const uint32_t v = gguf_get_val_u32(ctx, id);
+    if (is_version && v > want) {
+        GQSA_FAIL("metadata '%s' = %u: the file's GQSA format is newer than the %u this llama.cpp build "
+                  "supports — upgrade gqsa-gguf", key, v, want);
+    }
+    if (is_version && v == 0) {
+        GQSA_FAIL("metadata '%s' = 0 is invalid (versions start at 1) — the file is corrupt", key);
+    }
+    if (!is_version && v != want) {
+        GQSA_FAIL("metadata '%s' = %u, but GQSA format version %d only defines %u — the file is corrupt",
+                  key, v, GQSA_FORMAT_VERSION, want);
+    }
+    return true;
+#undef GQSA_FAIL
+}
+
+bool ggml_gqsa_check_metadata(const struct gguf_context * ctx, char * err, size_t err_size) {
+    return gqsa_check_u32_key(ctx, GQSA_KEY_FORMAT_VERSION, GQSA_FORMAT_VERSION, true,  err, err_size) &&
+           gqsa_check_u32_key(ctx, GQSA_KEY_BITS,           GQSA_BITS,           false, err, err_size) &&
+           gqsa_check_u32_key(ctx, GQSA_KEY_GROUP_SIZE,     GQSA_GROUP_SIZE,     false, err, err_size);
 }
 
 size_t ggml_gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width,

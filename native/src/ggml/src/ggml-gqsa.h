@@ -16,9 +16,15 @@
 #define GQSA_GROUP_SIZE      16
 #define GQSA_BLOCK_BYTES     12
 #define GQSA_ACT_BLOCK_BYTES 24
+#define GQSA_BITS            4     // bits per stored weight
 #define GQSA_INDEX_BITS      12
 #define GQSA_INDEX_MASK      ((1u << GQSA_INDEX_BITS) - 1)
 #define GQSA_MAX_GROUPS      (1 << GQSA_INDEX_BITS)
+
+// GGUF metadata keys the loader checks (docs/FORMAT.md "GGUF metadata")
+#define GQSA_KEY_FORMAT_VERSION "gqsa.format_version"
+#define GQSA_KEY_BITS           "gqsa.bits"
+#define GQSA_KEY_GROUP_SIZE     "gqsa.group_size"
 
 #ifdef __cplusplus
 extern "C" {
