@@ -175,6 +175,9 @@ def _run_convert(a) -> int:
             raise ConfigError(f"--threads {a.threads} must be >= 1")
         import torch
         torch.set_num_threads(a.threads)
+    if a.quiet:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     log = (lambda *x, **k: None) if a.quiet else print
     report = convert(cfg, progress=not a.quiet, log=log, checkpoint_dir=a.checkpoint_dir, resume=a.resume,
                      device=a.device)

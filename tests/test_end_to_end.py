@@ -73,7 +73,7 @@ def smollm_gguf(tmp_path_factory):
     # technical text), where the runtime's 8-bit activation rounding moves perplexity by ~2 %; at w4s20
     # the model still predicts, and the comparison measures the runtime rather than chaos.
     out = tmp_path_factory.mktemp("smollm") / "smollm2-w4s20.gguf"
-    rc = main(["convert", "--gqsa", "w4s20", "-o", str(out), "--nsamples", "4", "--seqlen", "64", "-q"])
+    rc = main(["convert", "--gqsa", "w4s20", "-o", str(out), "--nsamples", "8", "--seqlen", "128", "-q"])
     assert rc == 0 and out.is_file()
     return out
 
@@ -100,8 +100,10 @@ def test_default_model_chat_reply(llama_cpp, smollm_gguf):
 def test_default_model_perplexity_llama_cpp_vs_pytorch(llama_cpp, smollm_gguf):
     from gqsa_gguf.evaluate import evaluate
 
-    rep = evaluate(smollm_gguf, seqlen=256, max_windows=2, threads=2, progress=False)
+    # 4 windows: the runtime's 8-bit activations cost ~0.5 % of perplexity on average, but single
+    # windows scatter by about as much again
+    rep = evaluate(smollm_gguf, seqlen=256, max_windows=4, threads=2, progress=False)
     a, b = rep.get("llama.cpp"), rep.get("torch-gguf")
-    assert a.tokens == b.tokens == 2 * 255
+    assert a.tokens == b.tokens == 4 * 255
     assert np.isfinite(a.ppl) and np.isfinite(b.ppl)
     assert abs(a.ppl / b.ppl - 1) <= 0.01, rep.format()
