@@ -4,7 +4,9 @@ In:  the shared libraries the native build installs into gqsa_gguf/lib (libllama
      libgqsa_native.so), or the directory named by GQSA_GGUF_LIB_DIR (a dev build's
      `build/<wheel tag>/bin`); see lib_dir() for the search order.
 Out: the `llama_cpp` module (llama-cpp-python 0.3.36) bound to those libraries, a check that they
-     carry the GQSA type, and a ctypes handle on the C test hooks.
+     carry the GQSA type, a ctypes handle on the C test hooks, and load_model() /
+     explain_load_failure(): a refused file gets a message saying why and what to do (the install
+     hint when a stock llama.cpp meets gqsa4 tensors).
 
 Invariants: llama-cpp-python binds its library once, at its first import, from the directory in
 LLAMA_CPP_LIB_PATH; import_llama_cpp() sets it before that import and refuses a `llama_cpp`
@@ -156,3 +158,129 @@ def native_lib() -> ctypes.CDLL:
         return ctypes.CDLL(str(path))
     except OSError as e:
         raise RuntimeLibraryError(f"cannot load {path}: {e}. {BUILD_HINT}") from e
+
+
+# --- explaining a refused file ---------------------------------------------------------------------
+#
+# llama-cpp-python turns every load failure into ValueError("Failed to load model from file: X")
+# and, with verbose=False, sends llama.cpp's own message to /dev/null. A stock llama.cpp (e.g. the
+# library llama-cpp-python builds by default) stops at the first gqsa4 tensor info with
+#     gguf_init_from_reader: tensor 'blk.0.attn_q.weight' has invalid ggml type 128. should be in [0, 43)
+# (ggml/src/gguf.cpp of the pinned commit), which says nothing about what to install. load_model()
+# keeps llama.cpp's errors and explain_load_failure() adds what gqsa-gguf knows about the file.
+
+GGML_LOG_LEVEL_ERROR = 4      # enum ggml_log_level of the pinned llama.cpp (NONE DEBUG INFO WARN ERROR CONT)
+GGML_LOG_LEVEL_CONT = 5
+
+STOCK_RUNTIME_HINT = (
+    "this file uses the GQSA tensor type gqsa4 (ggml type id {type_id}; {n} tensors, e.g. '{example}'), "
+    "which stock llama.cpp builds do not know: they report \"invalid ggml type {type_id}\". Load it with "
+    "gqsa-gguf's patched llama.cpp: `pip install gqsa-gguf` (or `bash scripts/setup.sh` in its "
+    "repository), then in Python call gqsa_gguf.runtime.import_llama_cpp() before anything else "
+    "imports llama_cpp and use the module it returns (or gqsa_gguf.runtime.load_model(path)); from a "
+    "shell, `gqsa-gguf chat FILE` and `gqsa-gguf eval FILE` do this for you."
+)
+
+
+class ModelLoadError(ValueError):
+    """llama.cpp refused a model file; the message says why and what to do."""
+
+
+def loaded_library_is_patched() -> bool | None:
+    """Whether the llama.cpp library mapped into this process carries the GQSA type.
+
+    None when no libllama/libggml-base is mapped yet (or /proc/self/maps is unavailable). A
+    library already mapped is opened again by path, which returns the loaded copy.
+    """
+    libs = _mapped_llama_libs()
+    for prefix in ("libggml-base", "libllama"):      # the marker lives in ggml-base; libllama if static
+        for path in libs:
+            if path.name.startswith(prefix):
+                try:
+                    if hasattr(ctypes.CDLL(str(path)), PATCH_MARKER_SYMBOL):
+                        return True
+                except OSError:
+                    continue
+    return False if libs else None
+
+
+def _library_is_patched() -> bool:
+    loaded = loaded_library_is_patched()
+    if loaded is not None:
+        return loaded
+    try:
+        return check_patched()
+    except RuntimeLibraryError:
+        return False
+
+
+def explain_load_failure(path: os.PathLike[str] | str, exc: BaseException | None = None,
+                         log: str = "") -> str:
+    """Why llama.cpp could not load `path`, and what to do: a message for the user.
+
+    `exc` is what loading raised and `log` llama.cpp's error output, if captured (load_model does).
+    The file is then read with gqsa-gguf's own reader: a malformed file gets the reader's precise
+    message (tensor, row, block, value); a file with gqsa4 tensors meeting a library without the GQSA
+    type gets the install hint (STOCK_RUNTIME_HINT); a file the reader finds sound leaves llama.cpp's
+    message as the reason (e.g. a tensor shape the architecture does not expect).
+    """
+    from .gguf_io import GGUFError, read_gguf      # numpy and gguf: imported only when explaining
+
+    parts = [f"cannot load {path}" + (f" ({exc})" if exc is not None else "")]
+    errors = [line.strip() for line in log.splitlines() if line.strip()]
+    if errors:
+        parts.append("llama.cpp: " + " | ".join(errors[-4:]))
+    try:
+        f = read_gguf(path)
+    except FileNotFoundError:
+        parts.append("the file does not exist")
+        return "\n".join(parts)
+    except OSError as e:
+        parts.append(f"the file cannot be read: {e}")
+        return "\n".join(parts)
+    except GGUFError as e:
+        parts.append(f"gqsa-gguf's reader finds the fault: {e}")
+        return "\n".join(parts)
+
+    gqsa = [t.name for t in f.tensors.values() if t.type_id == GGML_TYPE_GQSA4]
+    if not gqsa:
+        return "\n".join(parts)       # a stock file: llama.cpp's message is all there is
+    if not _library_is_patched():
+        parts.append(STOCK_RUNTIME_HINT.format(type_id=GGML_TYPE_GQSA4, n=len(gqsa), example=gqsa[0]))
+        return "\n".join(parts)
+    try:
+        for name in f.gqsa:
+            f.gqsa_tensor(name)
+    except GGUFError as e:
+        parts.append(f"gqsa-gguf's reader finds the fault: {e}")
+        return "\n".join(parts)
+    parts.append("gqsa-gguf's reader finds no fault in the GQSA data, so llama.cpp's message is the "
+                 "reason (e.g. a gqsa4 tensor this architecture does not expect, or a shape that does "
+                 "not fit it); if it is unclear, load with verbose=True for llama.cpp's full log")
+    return "\n".join(parts)
+
+
+def load_model(path: os.PathLike[str] | str, **llama_kwargs):
+    """llama_cpp.Llama(model_path=path, **llama_kwargs) on the patched libraries; a refused file
+    raises ModelLoadError with explain_load_failure's message (llama.cpp's errors included)."""
+    llama_cpp = import_llama_cpp()
+    previous = getattr(getattr(llama_cpp, "_logger", None), "llama_log_callback", None)
+    errors: list[str] = []
+    state = {"error": False}
+
+    @llama_cpp.llama_log_callback
+    def on_log(level, text, user_data):
+        if level != GGML_LOG_LEVEL_CONT:
+            state["error"] = level == GGML_LOG_LEVEL_ERROR
+        if state["error"]:
+            errors.append(text.decode("utf-8", errors="replace"))
+        if previous is not None:
+            previous(level, text, user_data)
+
+    llama_cpp.llama_log_set(on_log, None)
+    try:
+        return llama_cpp.Llama(model_path=str(path), **llama_kwargs)
+    except ValueError as e:
+        raise ModelLoadError(explain_load_failure(path, e, "".join(errors))) from e
+    finally:
+        llama_cpp.llama_log_set(previous, None)
