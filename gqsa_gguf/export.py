@@ -163,8 +163,9 @@ def _dense(name: str, arr: np.ndarray, dense_type: str, notes: list[str]) -> tup
 
 
 def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, compressed: dict[str, CompressedLinear],
-                config, progress: bool = False) -> ExportSummary:
-    """Writes the GGUF (see module docstring). `state_dict`: HF name -> tensor (torch or numpy)."""
+                config, progress: bool = False, rope_factors: np.ndarray | None = None) -> ExportSummary:
+    """Writes the GGUF (see module docstring). `state_dict`: HF name -> tensor (torch or numpy);
+    rope_factors: `model_io.rope_freq_factors` (required for 'llama3' RoPE scaling)."""
     path = Path(path)
     xcfg = config.export
     vocab = read_vocab(info.folder, info.vocab_size, xcfg.tokenizer_pre)
@@ -246,6 +247,13 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, comp
             raise ExportError(f"tensor '{hf}' ({arr.shape}) is 2-D but neither a compressed linear nor an "
                               f"embedding/output head — refusing to write it uncompressed silently")
 
+    if info.rope_type != "default":
+        if rope_factors is None or np.asarray(rope_factors).shape != (info.head_dim // 2,):
+            raise ExportError(f"'{info.rope_type}' RoPE scaling needs its {info.head_dim // 2} frequency factors "
+                              f"(model_io.rope_freq_factors), got {None if rope_factors is None else np.shape(rope_factors)}")
+        w.add_tensor("rope_freqs.weight", np.ascontiguousarray(rope_factors, dtype=np.float32))
+        rows.append(TensorRow("rope_freqs.weight", "f32", (info.head_dim // 2,), None, 32.0, "rope factors"))
+        not_compressed.append(("rope_freqs.weight", f"'{info.rope_type}' RoPE frequency factors, f32"))
     gguf_names = {r.name for r in rows}
     for req in ("token_embd.weight", "output_norm.weight"):
         if req not in gguf_names:
@@ -259,7 +267,8 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, comp
     if biases:
         not_compressed.append((f"{len(biases)} attention biases", "1-D, kept in f32"))
     # 1-D tensors are summarised above; drop their per-tensor duplicates from not_compressed
-    not_compressed = [(a, b) for a, b in not_compressed if a not in gguf_names or a in ("token_embd.weight", "output.weight")]
+    not_compressed = [(a, b) for a, b in not_compressed
+                      if a not in gguf_names or a in ("token_embd.weight", "output.weight", "rope_freqs.weight")]
 
     path.parent.mkdir(parents=True, exist_ok=True)
     w.write(path, progress=progress)

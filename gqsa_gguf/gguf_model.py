@@ -6,7 +6,8 @@ Out: `model_from_gguf(path)` -> (transformers causal LM in float32, GGUFFile): a
      built from the file's architecture metadata alone (no checkpoint folder needed), whose every
      parameter is the file's tensor decoded to float32 — gqsa4 linears dequantized by the NumPy
      reference codec (zeros in pruned groups), f16 / q8_0 embeddings and head decoded, LLaMA q/k
-     rows un-permuted back to HF order.
+     rows un-permuted back to HF order, and a `rope_freqs.weight` ('llama3' RoPE scaling) applied to
+     the rotary frequencies as llama.cpp applies it.
 
 Invariants: the model's linear weights equal `CompressedLinear.dequantize()` of the conversion
 bit for bit (both are (q - z) * d computed exactly in float32); every tensor of the file is used
@@ -80,7 +81,11 @@ def model_from_gguf(path: str | os.PathLike):
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.eval()
     state = {}
+    rope_freqs = None
     for name, t in g.tensors.items():
+        if name == "rope_freqs.weight":
+            rope_freqs = torch.from_numpy(np.array(g.tensor_array(name), dtype=np.float32, copy=True))
+            continue
         hf = gguf_to_hf_name(name)
         arr = np.asarray(g.tensor_array(name), dtype=np.float32)
         if needs_rope_permutation(arch, name):
@@ -95,4 +100,15 @@ def model_from_gguf(path: str | os.PathLike):
                                  f"unexpected {unexpected[:5]}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
+    if rope_freqs is not None:
+        # llama.cpp divides each rotary frequency by its factor; do the same to the plain frequencies
+        rot = model.model.rotary_emb
+        hd = rope_freqs.shape[0] * 2
+        plain = 1.0 / (float(g.metadata[f"{arch}.rope.freq_base"])
+                       ** (torch.arange(0, hd, 2, dtype=torch.int64).to(torch.float32) / hd))
+        if tuple(rot.inv_freq.shape) != tuple(plain.shape):
+            raise ModelFromGGUFError(f"{g.path}: rope_freqs.weight has {rope_freqs.shape[0]} factors, the model "
+                                     f"{rot.inv_freq.shape[0]} frequencies")
+        rot.inv_freq = plain / rope_freqs
+        rot.original_inv_freq = rot.inv_freq
     return model, g

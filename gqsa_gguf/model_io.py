@@ -4,6 +4,7 @@ In:  a checkpoint folder (config.json + *.safetensors + tokenizer files), or `DE
 Out: `inspect_checkpoint(folder)` -> `ModelInfo` (validated hyper-parameters; no weights read);
      `load_model(info)` -> float32 `transformers` causal LM in eval mode;
      `load_tokenizer(info)` -> its tokenizer;
+     `rope_freq_factors(model, info)` -> llama.cpp's rope_freqs for 'llama3' RoPE scaling, or None;
      `default_model_dir()` -> the folder of the embedded default model, built once.
 
 Invariants: weights are only ever read from safetensors (never pickles, never remote code);
@@ -76,6 +77,7 @@ class ModelInfo:
     vocab_size: int
     context_length: int
     rope_theta: float
+    rope_type: str               # "default", or "llama3" (frequency factors as a rope_freqs tensor)
     rms_eps: float
     tie_embeddings: bool
     attention_bias: bool         # q/k/v biases (Qwen2)
@@ -171,9 +173,11 @@ def inspect_checkpoint(folder: str | os.PathLike) -> ModelInfo:
     if not isinstance(rope, dict) or not isinstance(scaling, dict):
         raise ModelError(f"{cpath}: rope_parameters / rope_scaling must be objects")
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ModelError(f"{cpath}: RoPE scaling type '{rope_type}' is not supported yet (only plain "
-                         f"RoPE); the GGUF would compute different positions than the model")
+    if rope_type not in ("default", "llama3"):
+        raise ModelError(f"{cpath}: RoPE scaling type '{rope_type}' is not supported yet (plain RoPE and "
+                         f"LLaMA-3.1's 'llama3' are); the GGUF would compute different positions than the model")
+    if rope_type == "llama3" and arch != "LlamaForCausalLM":
+        raise ModelError(f"{cpath}: 'llama3' RoPE scaling is only supported for LlamaForCausalLM")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise ModelError(f"{cpath}: rope_theta = {theta!r} must be a positive number")
@@ -194,7 +198,7 @@ def inspect_checkpoint(folder: str | os.PathLike) -> ModelInfo:
     info = ModelInfo(
         folder=folder, architecture=arch, gguf_arch=SUPPORTED_ARCHITECTURES[arch], n_layers=n_layers,
         hidden_size=hidden, intermediate_size=inter, n_head=n_head, n_head_kv=n_head_kv,
-        head_dim=head_dim, vocab_size=vocab, context_length=ctx, rope_theta=float(theta),
+        head_dim=head_dim, vocab_size=vocab, context_length=ctx, rope_theta=float(theta), rope_type=rope_type,
         rms_eps=float(eps), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=(arch == "Qwen2ForCausalLM"), name=str(cfg.get("_name_or_path") or folder.name),
         hf_config=cfg,
@@ -224,6 +228,24 @@ def load_model(info: ModelInfo):
         raise ModelError(f"{info.folder}: transformers could not load the checkpoint: {e}") from None
     model.eval()
     return model
+
+
+def rope_freq_factors(model, info: ModelInfo):
+    """float32 [head_dim/2] factors f with inv_freq_scaled = inv_freq_plain / f (llama.cpp's
+    `rope_freqs.weight`), read off the model's own rotary embedding so they are exactly what
+    transformers computes; None for plain RoPE."""
+    if info.rope_type == "default":
+        return None
+    import numpy as np
+    import torch
+
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv = getattr(rot, "inv_freq", None)
+    if inv is None or getattr(rot, "attention_scaling", 1.0) != 1.0:
+        raise ModelError(f"{info.folder}: cannot read the '{info.rope_type}' RoPE frequencies from the model")
+    plain = 1.0 / (info.rope_theta ** (torch.arange(0, info.head_dim, 2, dtype=torch.int64).to(torch.float32)
+                                       / info.head_dim))
+    return (plain / inv.to(torch.float32)).numpy().astype(np.float32)
 
 
 def load_tokenizer(info_or_folder):

@@ -106,7 +106,8 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     # the config recorded in the file says what was really used (e.g. the clipped seqlen)
     used = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, seqlen=seqlen))
     t = time.time()
-    summary = export.export_gguf(out, info, model.state_dict(), linears, used, progress=False)
+    summary = export.export_gguf(out, info, model.state_dict(), linears, used, progress=False,
+                                 rope_factors=model_io.rope_freq_factors(model, info))
     times["export"] = time.time() - t
     return ConvertReport(output=out, seconds=times, summary=summary, notes=notes)
 

@@ -46,13 +46,13 @@ def _llama_logits(llama_cpp, path, windows):
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3-rope"])
 def test_tiny_logits_agree_with_pytorch(llama_cpp, kind, tmp_path):
     # Trained for confident predictions, with half of every row's groups held at zero: w4s50 then only
     # quantizes, so the compressed model keeps clear top-1 choices (a random model's near-ties would
     # make top-1 agreement measure noise, not correctness).
-    folder = tiny_models.checkpoint(kind, train_steps=300, group_sparsity=0.5,
-                                    **({"pad_vocab": 16} if kind == "qwen2" else {}))
+    extra = {"qwen2": {"pad_vocab": 16}, "llama3-rope": {"llama3_rope": True}}.get(kind, {})
+    folder = tiny_models.checkpoint("qwen2" if kind == "qwen2" else "llama", train_steps=300, group_sparsity=0.5, **extra)
     out = tmp_path / f"{kind}.gguf"
     assert main(["convert", str(folder), "-o", str(out), "--gqsa", "w4s50", "--calib",
                  str(tiny_models.calib_file(folder)), "--nsamples", "8", "--seqlen", "64", "-q"]) == 0

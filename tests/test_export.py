@@ -14,7 +14,7 @@ from gqsa_gguf.config import CalibConfig, CompressionConfig, ConvertConfig, Expo
 from gqsa_gguf.export import ExportError, export_gguf, hf_to_gguf_name, llama_rope_permutation
 from gqsa_gguf.gguf_io import read_gguf
 from gqsa_gguf.gguf_model import model_from_gguf
-from gqsa_gguf.model_io import inspect_checkpoint, load_model
+from gqsa_gguf.model_io import ModelError, inspect_checkpoint, load_model, rope_freq_factors
 from gqsa_gguf.oneshot import compress_model
 from gqsa_gguf.vocab import VocabError, detect_pre_tokenizer
 
@@ -34,7 +34,8 @@ def _convert(kind, tmp_path_factory, spec="w4s50", dense="f16", **ck):
                         calib=CalibConfig(source="tiny", nsamples=4, seqlen=32),
                         export=ExportConfig(dense_type=dense))
     res = compress_model(model, info, windows, cfg.compression, progress=False)
-    summary = export_gguf(cfg.output, info, model.state_dict(), res.linears, cfg)
+    summary = export_gguf(cfg.output, info, model.state_dict(), res.linears, cfg,
+                          rope_factors=rope_freq_factors(model, info))
     return dict(folder=folder, info=info, model=model, float_state=float_state, res=res, cfg=cfg,
                 summary=summary, g=read_gguf(cfg.output), windows=windows)
 
@@ -244,3 +245,28 @@ def test_unknown_tensor_is_refused(llama, tmp_path):
     with pytest.raises(ExportError, match="extra_proj"):
         export_gguf(tmp_path / "x.gguf", llama["info"], state, llama["res"].linears, llama["cfg"])
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_llama3_rope_scaling_writes_rope_freqs(tmp_path_factory):
+    d = _convert("llama", tmp_path_factory, llama3_rope=True)
+    g, info, model = d["g"], d["info"], d["model"]
+    assert info.rope_type == "llama3"
+    factors = g.tensor_array("rope_freqs.weight")
+    assert factors.shape == (info.head_dim // 2,) and factors[0] == 1.0 and factors[-1] == 8.0
+    np.testing.assert_array_equal(factors, rope_freq_factors(model, info))
+    assert "rope_freqs.weight" in d["summary"].format()
+    m, _ = model_from_gguf(d["cfg"].output)
+    torch.testing.assert_close(m.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    windows = tiny_models.token_windows(d["folder"], n=2, seqlen=96)      # well past the original 32
+    with torch.no_grad():
+        a, b = m(input_ids=windows).logits, model(input_ids=windows).logits
+    assert ((a - b) ** 2).sum() / (b ** 2).sum() < 1e-5
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path):
+    folder = tiny_models.make_checkpoint(tmp_path / "yarn", "llama")
+    cj = json.loads((folder / "config.json").read_text())
+    cj["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (folder / "config.json").write_text(json.dumps(cj))
+    with pytest.raises(ModelError, match="RoPE scaling type 'yarn' is not supported"):
+        inspect_checkpoint(folder)

@@ -58,11 +58,12 @@ def text() -> str:
 def make_checkpoint(folder: Path, kind: str = "llama", seed: int = 0, tie: bool | None = None,
                     init_std: float = 0.08, hidden: int = HIDDEN, ffn: int = FFN, pad_vocab: int = 0,
                     arch_override: str | None = None, train_steps: int = 0,
-                    group_sparsity: float | None = None) -> Path:
+                    group_sparsity: float | None = None, llama3_rope: bool = False) -> Path:
     """Writes a random tiny checkpoint folder and returns it.
 
     kind: "llama" (LlamaForCausalLM, tied embeddings by default) or "qwen2" (Qwen2ForCausalLM with
     q/k/v biases, untied head by default). pad_vocab: extra vocabulary rows the tokenizer lacks.
+    llama3_rope: LLaMA-3.1's 'llama3' RoPE frequency scaling (LLaMA only).
     train_steps: Adam steps of next-token training on the tiny text, so the model predicts with
     confidence like a real LM (a random model's near-tied logits make top-1 comparisons a coin toss).
     group_sparsity: train with that fraction of 16-weight groups of every decoder linear row held at
@@ -81,7 +82,11 @@ def make_checkpoint(folder: Path, kind: str = "llama", seed: int = 0, tie: bool 
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
                   initializer_range=init_std, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=2)
     if kind == "llama":
-        cfg = transformers.LlamaConfig(tie_word_embeddings=True if tie is None else tie, rope_theta=10000.0, **common)
+        rope = {"rope_type": "default", "rope_theta": 10000.0}
+        if llama3_rope:          # LLaMA-3.1 style scaling, short original context so it matters here
+            rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        cfg = transformers.LlamaConfig(tie_word_embeddings=True if tie is None else tie, rope_parameters=rope, **common)
         model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(tie_word_embeddings=False if tie is None else tie, rope_theta=1000000.0,
