@@ -55,7 +55,7 @@ def _add_convert(sub) -> None:
                    help="Hessian dampening, fraction of the mean diagonal (GPTQ/SparseGPT convention)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
                    help="calibrate every block on the dense model's activations instead of the "
-                        "outputs of the already-compressed blocks")
+                        "outputs of the already-compressed blocks (sequential: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--dense-type", choices=DENSE_TYPES, default="f16",
                    help="type of the token embeddings and the output head")
