@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 512 tokens")
     ap.add_argument("--reuse", action="store_true", help="reuse GGUF files already in --out-dir")
+    ap.add_argument("--nsamples", type=int, default=None,
+                    help="calibration windows for convert (default: convert's own default, 128)")
     a = ap.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
     llama_cpp = runtime.import_llama_cpp()
@@ -79,7 +81,8 @@ def main() -> int:
         dst = a.out_dir / f"smollm2-{spec}.gguf"
         if not (a.reuse and dst.exists()):
             t = time.time()
-            rc = cli_main(["convert", "--gqsa", spec, "-o", str(dst), "-q"])
+            extra = ["--nsamples", str(a.nsamples)] if a.nsamples else []
+            rc = cli_main(["convert", "--gqsa", spec, "-o", str(dst), "-q", *extra])
             if rc != 0:
                 raise SystemExit(f"convert {spec} failed ({rc})")
             convert_seconds[spec] = time.time() - t
@@ -111,7 +114,8 @@ def main() -> int:
         f"project's 2-core development machine, prompt 512 and decode 128 tokens, best of {a.rounds} "
         "alternating rounds. Bits per weight: decoder linear weights, all metadata included; embeddings "
         "(tied output head) are F16 in the GQSA files, as in the F16 file. GQSA rows are one-shot (no "
-        "BQPO/E2E training): see the quality section for the trained model.",
+        "BQPO/E2E training): see the quality section for the trained model. Calibration: "
+        f"{a.nsamples or 128} windows of 512 tokens.",
         "",
         "| file | linear bits/weight | size MB | perplexity | prompt tok/s | decode tok/s | decode × Q4_0 |",
         "|---|---|---|---|---|---|---|",
