@@ -156,14 +156,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .gguf_model import ModelFromGGUFError
     from .model_io import ModelError
     from .oneshot import OneShotError
-    from .runtime import RuntimeLibraryError
+    from .runtime import ModelLoadError, RuntimeLibraryError
     from .saliency import SaliencyError
     from .textdata import TextDataError
     from .vocab import VocabError
     from .checkpoint import CheckpointError
     from .training import TrainingError
     return (CheckpointError, TrainingError, CalibError, GQSAFormatError, ExportError, GGUFError, ModelFromGGUFError, ModelError, OneShotError,
-            RuntimeLibraryError, SaliencyError, TextDataError, VocabError, FileNotFoundError)
+            RuntimeLibraryError, ModelLoadError, SaliencyError, TextDataError, VocabError, FileNotFoundError)
 
 
 def _run_convert(a) -> int:

@@ -93,15 +93,14 @@ def perplexity_torch(model, windows, batch_size: int = 4, progress: bool = True,
 
 
 def load_llama(gguf_path, n_ctx: int, threads: int | None = None, logits_all: bool = True, seed: int = 0):
-    """A llama_cpp.Llama on the patched libraries (runtime.import_llama_cpp)."""
-    from .runtime import import_llama_cpp
+    """A llama_cpp.Llama on the patched libraries; a refused file raises runtime.ModelLoadError saying why
+    (llama.cpp's own error, our reader's diagnosis, or how to get a patched library)."""
+    from .runtime import load_model
 
-    llama_cpp = import_llama_cpp()
-    kw = dict(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-              verbose=False, seed=seed)
+    kw = dict(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all, verbose=False, seed=seed)
     if threads:
         kw.update(n_threads=threads, n_threads_batch=threads)
-    return llama_cpp.Llama(**kw)
+    return load_model(gguf_path, **kw)
 
 
 def perplexity_llama(llm, windows, progress: bool = True, backend: str = "llama.cpp") -> PerplexityResult:
