@@ -162,7 +162,7 @@ def wanda_24(model, norms: dict) -> None:
 
 BPW = {"float": 32.0, "w4g16": 5.25, "w4g16f": 6.0, "w2g16": 3.125, "wanda24": 9.0,
        "oneshot-w4s20": 4.8, "oneshot-w4s30": 4.2, "oneshot-w4s40": 3.6, "oneshot-w4s50": 3.0,
-       "bqpo-w4s50": 3.0, "e2e-w4s50": 3.0}
+       "bqpo-w4s50": 3.0, "e2e-w4s50": 3.0, "train-w4s30": 4.2}
 LABEL = {"float": "float32 (Q4_1-derived, see notes)",
          "w4g16": "w4 g16 dense min-max (no pruning), gqsa4 rule: 0 in range, integer zero",
          "w4g16f": "w4 g16 dense min-max (no pruning), float minimum (Q4_1-style)",
@@ -170,7 +170,8 @@ LABEL = {"float": "float32 (Q4_1-derived, see notes)",
          "wanda24": "2:4 Wanda (fp16 values + 2:4 metadata)",
          "oneshot-w4s20": "GQSA w4s20 one-shot", "oneshot-w4s30": "GQSA w4s30 one-shot",
          "oneshot-w4s40": "GQSA w4s40 one-shot", "oneshot-w4s50": "GQSA w4s50 one-shot",
-         "bqpo-w4s50": "GQSA w4s50 + BQPO", "e2e-w4s50": "GQSA w4s50 + BQPO + E2E-OQP"}
+         "bqpo-w4s50": "GQSA w4s50 + BQPO", "e2e-w4s50": "GQSA w4s50 + BQPO + E2E-OQP",
+         "train-w4s30": "GQSA w4s30 + BQPO + E2E-OQP (1 epoch)"}
 
 
 def main(argv=None) -> int:
@@ -320,6 +321,21 @@ def main(argv=None) -> int:
                    epoch_loss=rep.epoch_loss, resumed_from=rep.resumed_from,
                    bqpo_seconds=results.get("bqpo-w4s50", {}).get("seconds"))
             del m, qm
+        elif stage.startswith("train-"):                 # BQPO + E2E-OQP (1 epoch) at another sparsity
+            spec = stage.split("-", 1)[1]
+            lin, _ = oneshot(spec)
+            with PeakRSS() as mem:
+                t0 = time.time()
+                qm, rep_b = run_bqpo(float_model, lin, windows, BQPOConfig(
+                    epochs=args.bqpo_epochs, checkpoint_dir=str(work / f"bqpo-{spec}-n{args.nsamples}"), resume=True))
+                tb = time.time() - t0
+                rep = run_e2e(qm, windows, E2EConfig(epochs=1, checkpoint_dir=str(work / f"e2e-{spec}-n{args.nsamples}"),
+                                                     resume=True))
+                secs = time.time() - t0
+            m = copy.deepcopy(float_model)
+            apply_compressed(m, export_compressed(qm))
+            record(stage, ppl(m), secs, mem.peak_mb, bqpo_seconds=tb, epoch_loss=rep.epoch_loss)
+            del m, qm
         else:
             raise SystemExit(f"unknown stage {stage!r}")
     return 0
@@ -381,7 +397,8 @@ def write_report(results: dict, args) -> None:
     for k in extra:
         BPW.setdefault(k, 3.0)
         LABEL.setdefault(k, f"{LABEL['e2e-w4s50']} ({k[3:k.index('-')]} epochs)")
-    order = ["float", "w4g16f", "w4g16", "oneshot-w4s20", "oneshot-w4s30", "oneshot-w4s40", "oneshot-w4s50",
+    order = ["float", "w4g16f", "w4g16", "oneshot-w4s20", "oneshot-w4s30", "train-w4s30", "oneshot-w4s40",
+             "oneshot-w4s50",
              "bqpo-w4s50", "e2e-w4s50"] + extra + ["w2g16", "wanda24"]
     any_r = next(iter(results.values()))
     lines = ["# Quality: GQSA stages and baselines on SmolLM2-135M-Instruct", "",
@@ -395,7 +412,8 @@ def write_report(results: dict, args) -> None:
              "What was run (results cached in the work folder, so each command adds rows): "
              "`python benchmarks/quality.py --threads 1` (float, w4g16, w2g16, one-shot w4s50, 2:4 Wanda, BQPO, "
              "E2E-OQP 1 epoch, one-shot w4s40/30/20), then `... --threads 1 --e2e-epochs 3 --stages "
-             "w4g16f,e2e-w4s50`, `... --lr-sweep --sweep-batch 4` and `--sweep-batch 1`, `... --diagnose`. "
+             "w4g16f,e2e-w4s50`, `... --threads 1 --stages train-w4s30`, `... --lr-sweep --sweep-batch 4` and "
+             "`--sweep-batch 1`, `... --diagnose`. "
              "Stage time: the stage's own work (one-shot rows: the one-shot pass; BQPO: BQPO only; E2E: E2E "
              "only), without the perplexity evaluation; peak RSS: the whole benchmark process during the stage.", "",
              "| method | bits/weight | perplexity | stage time (s) | peak RSS (MB) |",
@@ -428,6 +446,13 @@ def write_report(results: dict, args) -> None:
         lines.append(f"- Training time BQPO + E2E-OQP: {tb:.0f} s + {te:.0f} s = {(tb + te) / 60:.1f} min "
                      f"(settings: {json.dumps(results['bqpo-w4s50'].get('bqpo'))}; "
                      f"{json.dumps(results['e2e-w4s50'].get('e2e'))}).")
+    if "train-w4s30" in results and "oneshot-w4s30" in results and f:
+        o3, v = results["oneshot-w4s30"]["ppl"], results["train-w4s30"]["ppl"]
+        lg = 100 * (math.log(o3) - math.log(v)) / (math.log(o3) - math.log(f))
+        lines.append(f"- {LABEL['train-w4s30']}: ppl {v:.1f} vs one-shot w4s30 {o3:.1f}: closes "
+                     f"{100 * (o3 - v) / (o3 - f):.1f} % of that gap ({lg:.1f} % in log-ppl); "
+                     f"{'beats' if v < results.get('wanda24', {}).get('ppl', 0) else 'does not beat'} 2:4 Wanda "
+                     f"at 4.2 vs 9.0 bits/weight; BQPO + E2E-OQP took {results['train-w4s30']['seconds']:.0f} s.")
     for k in extra:
         if "bqpo-w4s50" in results:
             tb, te = results["bqpo-w4s50"]["seconds"], results[k]["seconds"]
@@ -525,7 +550,8 @@ def plot(results: dict, path: Path) -> None:
         marker = "o" if s.startswith(("oneshot", "bqpo", "e2e")) else "s"
         ax.scatter(r["bpw"], r["ppl"], marker=marker)
         short = {"w4g16": "w4g16 (integer zero)", "w4g16f": "w4g16 (float min)", "w2g16": "w2g16",
-                 "wanda24": "2:4 Wanda", "bqpo-w4s50": "w4s50 + BQPO", "e2e-w4s50": "+ E2E-OQP 1 ep"}
+                 "wanda24": "2:4 Wanda", "bqpo-w4s50": "w4s50 + BQPO", "e2e-w4s50": "+ E2E-OQP 1 ep",
+                 "train-w4s30": "w4s30 + BQPO + E2E-OQP"}
         label = short.get(s) or (s.replace("oneshot-", "") + " one-shot" if s.startswith("oneshot")
                                  else f"+ E2E-OQP {s[3:s.index('-')]} ep")
         dy = {"e2e-w4s50": 8, "w2g16": 2, "w4g16": 8, "w4g16f": -10}.get(s, 0)
