@@ -113,7 +113,8 @@ def main() -> int:
         f"for every file; calibration used Jane Austen's novels). Speed: {a.threads} threads on this "
         f"project's 2-core development machine, prompt 512 and decode 128 tokens, best of {a.rounds} "
         "alternating rounds. Bits per weight: decoder linear weights, all metadata included; embeddings "
-        "(tied output head) are F16 in the GQSA files, as in the F16 file. GQSA rows are one-shot (no "
+        "(tied output head) are F16 in the GQSA files (convert's default `--dense-type f16`) and Q8_0 in "
+        "the stock files (llama.cpp's quantizer's choice). GQSA rows are one-shot (no "
         "BQPO/E2E training): see the quality section for the trained model. Calibration: "
         f"{a.nsamples or 128} windows of 512 tokens.",
         "",
@@ -126,12 +127,13 @@ def main() -> int:
                      f"{pp:.0f} | {tg:.1f} | {tg / ref:.2f} |")
     lines += ["",
               "The shipped file is Q4_1 and the float model is its dequantization, so every 32-wide block "
-              "of the weights already lies on a 4-bit grid: dense 4-bit rows (Q4_0, GQSA w4s0) lose almost "
-              "nothing here, which real float checkpoints would not allow. What GQSA's sparse rows lose "
-              "is the cost of pruning.",
+              "of the weights already lies on a 4-bit grid: dense 4-bit rows (Q4_0, GQSA w4s0) cost only a "
+              "few points of perplexity here, less than a real float checkpoint's would. What GQSA's sparse "
+              "rows lose beyond that is the cost of pruning (see the quality section for why SmolLM2-135M "
+              "collapses).",
               ""]
     if convert_seconds:
-        lines.append("Conversion time (one-shot, defaults, this machine): "
+        lines.append(f"Conversion time (one-shot, {a.nsamples or 128} calibration windows, this machine): "
                      + ", ".join(f"{k} {v / 60:.1f} min" for k, v in convert_seconds.items()) + ".")
         lines.append("")
     lines.append("Regenerate: `python benchmarks/default_model.py`.")
