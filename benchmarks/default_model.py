@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from gqsa_gguf import bench, runtime                        # noqa: E402
 from gqsa_gguf.gguf_io import read_gguf                      # noqa: E402
+from gqsa_gguf.model_io import smollm2_gguf                  # noqa: E402
 
 GQSA_SPECS = ("w4s0", "w4s25", "w4s50", "w4s75")
 STOCK_FTYPES = {"f16": 1, "q8_0": 7, "q4_0": 2}              # llama_ftype values
@@ -68,7 +69,7 @@ def main() -> int:
 
     files: dict[str, Path] = {}
     convert_seconds: dict[str, float] = {}
-    src = bench.smollm2_gguf()
+    src = smollm2_gguf()
     files["q4_1 (as shipped)"] = src
     for name, ftype in STOCK_FTYPES.items():
         dst = a.out_dir / f"smollm2-{name}.gguf"

