@@ -538,7 +538,7 @@ def _(lay):
 
 @case("gqsa_widths_int32", "gqsa.tensor_widths is an array of int32 instead of uint32",
       python=r"'gqsa.tensor_widths' has type ARRAY\[INT32\], expected ARRAY\[UINT32\]", gqsa=True,
-      llama=None, note="llama.cpp takes widths from the model, not from gqsa.tensor_widths")
+      llama=r"metadata 'gqsa.tensor_widths' is not an array of u32")
 def _(lay):
     return patched(lay.buf, (lay.kv[fmt.KEY_TENSOR_WIDTHS].value_pos, "<I", VT.INT32))
 
@@ -546,7 +546,7 @@ def _(lay):
 @case("gqsa_width_disagrees", "gqsa.tensor_widths says 64 for ffn_down (width 128, 4 kept)",
       python=r"'blk.\d.ffn_down.weight': ne0 = 64 stored weights per row, but its logical width is 64|"
              r"sparsity.*keeps 4 of 4 groups", gqsa=True,
-      llama=None, note="llama.cpp takes widths from the model, not from gqsa.tensor_widths")
+      llama=rf"tensor '{FFN_DOWN}': 'gqsa.tensor_widths' records width 64, but the model's width is 128")
 def _(lay):
     m = Model.of(lay)
     names = list(lay.gqsa_width)

@@ -1,7 +1,7 @@
 // The few ggml/gguf symbols the GQSA sources reference, for the standalone fuzz target
 // (native/fuzz/fuzz_gqsa_validate.c), which compiles ggml-gqsa.c and ggml-cpu-gqsa.c without the
 // rest of ggml. Each does what ggml does for the inputs the target uses; the others are never
-// reached (the gguf ones serve ggml_gqsa_check_metadata, the threadpool ones the mul_mat driver
+// reached (the gguf ones serve ggml_gqsa_check_metadata and ggml_gqsa_check_tensor_width, the threadpool ones the mul_mat driver
 // ggml_gqsa_mul_mat; neither is fuzzed here) and abort if they are.
 #include "ggml.h"
 #include "ggml-impl.h"
@@ -33,6 +33,10 @@ int64_t gguf_find_key(const struct gguf_context * ctx, const char * key) { (void
 enum gguf_type gguf_get_kv_type(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
 uint32_t gguf_get_val_u32(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
 const char * gguf_type_name(enum gguf_type type) { (void) type; abort(); }
+enum gguf_type gguf_get_arr_type(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+size_t gguf_get_arr_n(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+const void * gguf_get_arr_data(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+const char * gguf_get_arr_str(const struct gguf_context * ctx, int64_t id, size_t i) { (void) ctx; (void) id; (void) i; abort(); }
 
 bool ggml_is_contiguous(const struct ggml_tensor * t) { (void) t; abort(); }
 void ggml_barrier(struct ggml_threadpool * tp) { (void) tp; abort(); }

@@ -25,6 +25,13 @@ struct gguf_context;
 // type found, and what to do into err (err_size bytes) and returns false.
 GGML_API bool ggml_gqsa_check_metadata(const struct gguf_context * ctx, char * err, size_t err_size);
 
+// The file's own record of gqsa4 tensor `name` agrees with the model: `gqsa.tensor_names` (array of
+// strings) lists it once, and the same position of `gqsa.tensor_widths` (array of u32, as long) holds
+// `width`, the logical width the model expects. Returns true if so; otherwise writes a message naming
+// the key, the tensor and the values into err and returns false.
+GGML_API bool ggml_gqsa_check_tensor_width(const struct gguf_context * ctx, const char * name, int64_t width,
+                                           char * err, size_t err_size);
+
 // Quantizes the kept groups of `nrows` dense rows of `width` floats into nrows * n_kept gqsa4
 // blocks (min-max, bit-exact with the NumPy codec). kept[r*n_kept + i] is the i-th kept group of
 // row r; each row's indices strictly increase.

@@ -228,6 +228,42 @@ bool ggml_gqsa_check_metadata(const struct gguf_context * ctx, char * err, size_
            gqsa_check_u32_key(ctx, GQSA_KEY_GROUP_SIZE,     GQSA_GROUP_SIZE,     false, err, err_size);
 }
 
+bool ggml_gqsa_check_tensor_width(const struct gguf_context * ctx, const char * name, int64_t width,
+                                  char * err, size_t err_size) {
+#define GQSA_FAIL(...) do { if (err && err_size) { snprintf(err, err_size, __VA_ARGS__); } return false; } while (0)
+    const int64_t id_names  = gguf_find_key(ctx, GQSA_KEY_TENSOR_NAMES);
+    const int64_t id_widths = gguf_find_key(ctx, GQSA_KEY_TENSOR_WIDTHS);
+    if (id_names < 0 || id_widths < 0) {
+        GQSA_FAIL("the file holds gqsa4 tensors but no '%s' / '%s' metadata — it was not written by "
+                  "gqsa-gguf, or is corrupt", GQSA_KEY_TENSOR_NAMES, GQSA_KEY_TENSOR_WIDTHS);
+    }
+    if (gguf_get_kv_type(ctx, id_names) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx, id_names) != GGUF_TYPE_STRING) {
+        GQSA_FAIL("metadata '%s' is not an array of strings — the file is corrupt", GQSA_KEY_TENSOR_NAMES);
+    }
+    if (gguf_get_kv_type(ctx, id_widths) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx, id_widths) != GGUF_TYPE_UINT32) {
+        GQSA_FAIL("metadata '%s' is not an array of u32 — the file is corrupt", GQSA_KEY_TENSOR_WIDTHS);
+    }
+    const size_t n = gguf_get_arr_n(ctx, id_names);
+    if (gguf_get_arr_n(ctx, id_widths) != n) {
+        GQSA_FAIL("metadata '%s' has %zu entries but '%s' has %zu — the file is corrupt",
+                  GQSA_KEY_TENSOR_WIDTHS, gguf_get_arr_n(ctx, id_widths), GQSA_KEY_TENSOR_NAMES, n);
+    }
+    const uint32_t * widths = (const uint32_t *) gguf_get_arr_data(ctx, id_widths);
+    for (size_t i = 0; i < n; ++i) {
+        if (strcmp(gguf_get_arr_str(ctx, id_names, i), name) == 0) {
+            if ((int64_t) widths[i] != width) {
+                GQSA_FAIL("tensor '%s': '%s' records width %u, but the model's width is %" PRId64
+                          " — the file is corrupt or was written for another model", name,
+                          GQSA_KEY_TENSOR_WIDTHS, widths[i], width);
+            }
+            return true;
+        }
+    }
+    GQSA_FAIL("tensor '%s' is stored as gqsa4 but not listed in '%s' — the file is corrupt", name,
+              GQSA_KEY_TENSOR_NAMES);
+#undef GQSA_FAIL
+}
+
 size_t ggml_gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width,
                                const int32_t * kept, int64_t n_kept, void * dst) {
     if (width <= 0 || width % GQSA_GROUP_SIZE != 0 || width / GQSA_GROUP_SIZE > GQSA_MAX_GROUPS ||

@@ -25,6 +25,8 @@
 #define GQSA_KEY_FORMAT_VERSION "gqsa.format_version"
 #define GQSA_KEY_BITS           "gqsa.bits"
 #define GQSA_KEY_GROUP_SIZE     "gqsa.group_size"
+#define GQSA_KEY_TENSOR_NAMES   "gqsa.tensor_names"
+#define GQSA_KEY_TENSOR_WIDTHS  "gqsa.tensor_widths"
 
 #ifdef __cplusplus
 extern "C" {
