@@ -66,6 +66,10 @@ const char * gguf_type_name(enum gguf_type type) { (void) type; abort(); }
 int64_t gguf_find_key(const struct gguf_context * ctx, const char * key) { (void) ctx; (void) key; abort(); }
 enum gguf_type gguf_get_kv_type(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
 uint32_t gguf_get_val_u32(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+enum gguf_type gguf_get_arr_type(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+size_t gguf_get_arr_n(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+const void * gguf_get_arr_data(const struct gguf_context * ctx, int64_t id) { (void) ctx; (void) id; abort(); }
+const char * gguf_get_arr_str(const struct gguf_context * ctx, int64_t id, size_t i) { (void) ctx; (void) id; (void) i; abort(); }
 
 struct ggml_threadpool {
     pthread_barrier_t barrier;
