@@ -22,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import update_readme                                         # noqa: E402
 from gqsa_gguf import bench, runtime                        # noqa: E402
 from gqsa_gguf.gguf_io import read_gguf                      # noqa: E402
 from gqsa_gguf.model_io import smollm2_gguf                  # noqa: E402
@@ -141,16 +144,8 @@ def main() -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     (ROOT / "docs" / "default-model.md").write_text(table)
-    replace_section(ROOT / "README.md", "default-model", table)
+    update_readme.main()                     # copies docs/default-model.md into the README
     return 0
-
-
-def replace_section(readme: Path, key: str, body: str) -> None:
-    text = readme.read_text()
-    begin = next(line for line in text.splitlines() if line.startswith(f"<!-- BEGIN {key}"))
-    end = f"<!-- END {key} -->"
-    i, j = text.index(begin) + len(begin), text.index(end)
-    readme.write_text(text[:i] + "\n" + body + text[j:])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import format as fmt
+from . import codec, format as fmt
 
 # llama.cpp type ids and (block size, block bytes) of the stock formats measured here
 STOCK = {"f16": (1, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_k": (12, 256, 144)}
@@ -102,11 +102,9 @@ class _RandomWeights:
             n_groups = width // fmt.GROUP_SIZE
             n_kept = fmt.kept_groups(width, sparsity)
             kept = np.sort(np.argsort(self.rng.random((rows, n_groups)), axis=1)[:, :n_kept], axis=1)
-            blocks = np.zeros((rows, n_kept), fmt.BLOCK_DTYPE)
-            blocks["d"] = 0.01
-            blocks["iz"] = kept | (self.rng.integers(0, 16, (rows, n_kept)) << fmt.ZERO_SHIFT)
-            blocks["qs"] = self.rng.integers(0, 256, (rows, n_kept, fmt.GROUP_SIZE // 2), np.uint8)
-            self.cache[key] = blocks.view(np.uint8).reshape(rows, n_kept * fmt.BLOCK_BYTES)
+            q = self.rng.integers(0, fmt.QMAX + 1, (rows, n_kept, fmt.GROUP_SIZE), np.uint8)
+            z = self.rng.integers(0, fmt.QMAX + 1, (rows, n_kept), np.uint8)
+            self.cache[key] = codec.pack(kept, q, z, np.full((rows, n_kept), 0.01, np.float32))
         return self.cache[key]
 
 

@@ -159,16 +159,18 @@ def _spm(folder: Path, vocab_size: int, tokenizer_pre: str | None) -> Vocab:
     return v
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VocabError(f"{path}: cannot read it: {e}") from None
+
+
 def read_vocab(folder: str | Path, vocab_size: int, tokenizer_pre: str | None = None) -> Vocab:
     """The tokenizer of checkpoint `folder` as GGUF metadata (see module docstring)."""
     folder = Path(folder)
-    tj = None
     tj_path = folder / "tokenizer.json"
-    if tj_path.is_file():
-        try:
-            tj = json.loads(tj_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VocabError(f"{tj_path}: cannot read it: {e}") from None
+    tj = _read_json(tj_path) if tj_path.is_file() else None
     if tj is not None:
         mtype = (tj.get("model") or {}).get("type")
         byte_level = any(s.get("type") == "ByteLevel" for s in _steps(tj.get("pre_tokenizer"))) or \
@@ -189,10 +191,7 @@ def read_vocab(folder: str | Path, vocab_size: int, tokenizer_pre: str | None = 
 
     tc_path = folder / "tokenizer_config.json"
     if tc_path.is_file():
-        try:
-            tc = json.loads(tc_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VocabError(f"{tc_path}: cannot read it: {e}") from None
+        tc = _read_json(tc_path)
         if isinstance(tc.get("add_bos_token"), bool):
             v.add_bos = tc["add_bos_token"]
     if v.special.chat_template is None:
