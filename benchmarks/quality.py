@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gqsa_gguf import calib, model_io  # noqa: E402
 from gqsa_gguf.bqpo import BQPOConfig, export_compressed, run_bqpo  # noqa: E402
-from gqsa_gguf.config import DEFAULT_CALIB, DEFAULT_EVAL_TEXT, CompressionConfig  # noqa: E402
+from gqsa_gguf.config import (DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_NSAMPLES, DEFAULT_SEQLEN,  # noqa: E402
+                               CompressionConfig)
 from gqsa_gguf.e2e import E2EConfig, run_e2e  # noqa: E402
 from gqsa_gguf.evaluate import perplexity_torch  # noqa: E402
 from gqsa_gguf.oneshot import (CompressedLinear, apply_compressed, compress_model,  # noqa: E402
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--diagnose", action="store_true",
                     help="where the one-shot w4s50 model departs from float: per-block output error by position")
     ap.add_argument("--report-only", action="store_true", help="rewrite docs/quality.md from results.json")
+    ap.add_argument("--reference-workdir", default=None,
+                    help="another run's work folder whose table docs/quality.md shows after this run's")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
@@ -317,9 +320,11 @@ def main(argv=None) -> int:
             save_compressed(work / f"{ck}.pt", out)
             m = copy.deepcopy(float_model)
             apply_compressed(m, out)
-            record(stage, ppl(m), secs, mem.peak_mb, e2e=dict(cfg.fingerprint_dict()),
+            v = ppl(m)
+            gg = gguf_check(float_model, info, out, work / f"{ck}.gguf", ev, args)
+            record(stage, v, secs, mem.peak_mb, e2e=dict(cfg.fingerprint_dict()),
                    epoch_loss=rep.epoch_loss, resumed_from=rep.resumed_from,
-                   bqpo_seconds=results.get("bqpo-w4s50", {}).get("seconds"))
+                   bqpo_seconds=results.get("bqpo-w4s50", {}).get("seconds"), **gg)
             del m, qm
         elif stage.startswith("train-"):                 # BQPO + E2E-OQP (1 epoch) at another sparsity
             spec = stage.split("-", 1)[1]
@@ -339,6 +344,32 @@ def main(argv=None) -> int:
         else:
             raise SystemExit(f"unknown stage {stage!r}")
     return 0
+
+
+def gguf_check(float_model, info, linears, path: Path, ev, args) -> dict:
+    """Writes the trained model as the GGUF the converter would write, and measures its perplexity
+    through the patched llama.cpp and through a PyTorch model rebuilt from the file, on the same
+    windows (issue 3's comparison, on the trained model)."""
+    from gqsa_gguf import export
+    from gqsa_gguf.config import CalibConfig, ConvertConfig
+    from gqsa_gguf.evaluate import load_llama, perplexity_llama
+    from gqsa_gguf.gguf_model import model_from_gguf
+
+    cfg = ConvertConfig(output=str(path),
+                        compression=CompressionConfig.from_spec("w4s50", bqpo_epochs=args.bqpo_epochs,
+                                                                e2e_epochs=args.e2e_epochs),
+                        calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen))
+    summary = export.export_gguf(path, info, float_model.state_dict(), linears, cfg,
+                                 rope_factors=model_io.rope_freq_factors(float_model, info))
+    llm = load_llama(str(path), n_ctx=args.eval_seqlen, threads=args.threads)
+    p_llama = perplexity_llama(llm, np.asarray(ev), progress=False).ppl
+    del llm
+    m, _ = model_from_gguf(path)
+    p_torch = perplexity_torch(m, ev, batch_size=1, progress=False).ppl
+    print(f"   GGUF {path}: llama.cpp ppl {p_llama:.3f}, PyTorch-from-GGUF ppl {p_torch:.3f}, "
+          f"ratio {p_llama / p_torch:.4f}", flush=True)
+    return dict(gguf=str(path), gguf_bytes=path.stat().st_size, ppl_llama=p_llama, ppl_torch_gguf=p_torch,
+                linear_bpw=getattr(summary, "linear_bpw", None))
 
 
 def lr_sweep(float_model, info, windows, work: Path, batch_size: int, n_blocks: int = 3) -> int:
@@ -390,32 +421,29 @@ def diagnose(float_model, windows, oneshot_path: Path) -> int:
     return 0
 
 
-def write_report(results: dict, args) -> None:
-    if not results:
-        return
+REDUCED_RUN = ("What was run (results cached in the work folder, so each command adds rows): "
+               "`python benchmarks/quality.py --threads 1` (float, w4g16, w2g16, one-shot w4s50, 2:4 Wanda, BQPO, "
+               "E2E-OQP 1 epoch, one-shot w4s40/30/20), then `... --threads 1 --e2e-epochs 3 --stages "
+               "w4g16f,e2e-w4s50`, `... --threads 1 --stages train-w4s30`, `... --lr-sweep --sweep-batch 4` and "
+               "`--sweep-batch 1`, `... --diagnose`, on a machine shared with three other jobs (1 torch thread "
+               "beat 2 there: 6 s vs 12-22 s per 512-token forward).")
+
+
+def _section(results: dict, title: str, what: str) -> list[str]:
+    """One run's table (its own calibration size) with the gap-closed and timing lines."""
+    import math
+
     extra = sorted(k for k in results if k.startswith("e2e") and k != "e2e-w4s50")
     for k in extra:
         BPW.setdefault(k, 3.0)
         LABEL.setdefault(k, f"{LABEL['e2e-w4s50']} ({k[3:k.index('-')]} epochs)")
     order = ["float", "w4g16f", "w4g16", "oneshot-w4s20", "oneshot-w4s30", "train-w4s30", "oneshot-w4s40",
-             "oneshot-w4s50",
-             "bqpo-w4s50", "e2e-w4s50"] + extra + ["w2g16", "wanda24"]
+             "oneshot-w4s50", "bqpo-w4s50", "e2e-w4s50"] + extra + ["w2g16", "wanda24"]
     any_r = next(iter(results.values()))
-    lines = ["# Quality: GQSA stages and baselines on SmolLM2-135M-Instruct", "",
-             f"Generated by `benchmarks/quality.py` on {platform.machine()} "
-             f"({os.cpu_count()} cores, shared with other jobs), torch {torch.__version__}, fp32, "
-             f"{any_r.get('threads', 1)} torch thread(s) (1 beat 2 under the shared load: 6 s vs 12-22 s "
-             f"per 512-token forward; unshared the brief measured 1.1 s with 2).", "",
+    lines = [f"## {title}", "",
              f"Calibration/training: `{DEFAULT_CALIB}`, {any_r['nsamples']} windows x {any_r['seqlen']} tokens. "
              f"Held-out evaluation: `{DEFAULT_EVAL_TEXT}`, {any_r['eval_windows']} consecutive windows x "
-             f"{any_r['eval_seqlen']} tokens (PyTorch perplexity, no BOS).", "",
-             "What was run (results cached in the work folder, so each command adds rows): "
-             "`python benchmarks/quality.py --threads 1` (float, w4g16, w2g16, one-shot w4s50, 2:4 Wanda, BQPO, "
-             "E2E-OQP 1 epoch, one-shot w4s40/30/20), then `... --threads 1 --e2e-epochs 3 --stages "
-             "w4g16f,e2e-w4s50`, `... --threads 1 --stages train-w4s30`, `... --lr-sweep --sweep-batch 4` and "
-             "`--sweep-batch 1`, `... --diagnose`. "
-             "Stage time: the stage's own work (one-shot rows: the one-shot pass; BQPO: BQPO only; E2E: E2E "
-             "only), without the perplexity evaluation; peak RSS: the whole benchmark process during the stage.", "",
+             f"{any_r['eval_seqlen']} tokens (PyTorch perplexity, no BOS). {what}", "",
              "| method | bits/weight | perplexity | stage time (s) | peak RSS (MB) |",
              "|---|---:|---:|---:|---:|"]
     for s in order:
@@ -425,7 +453,6 @@ def write_report(results: dict, args) -> None:
             ts = "—" if t != t else f"{t:.0f}"
             ps = "—" if pk != pk else f"{pk:.0f}"
             lines.append(f"| {LABEL[s]} | {r['bpw']:.3g} | {r['ppl']:.3f} | {ts} | {ps} |")
-    import math
     f, o = (results.get(k, {}).get("ppl") for k in ("float", "oneshot-w4s50"))
     lines.append("")
     if f and o:
@@ -443,9 +470,17 @@ def write_report(results: dict, args) -> None:
                              f"{cmp}.")
     if "e2e-w4s50" in results and "bqpo-w4s50" in results:
         tb, te = results["bqpo-w4s50"]["seconds"], results["e2e-w4s50"]["seconds"]
-        lines.append(f"- Training time BQPO + E2E-OQP: {tb:.0f} s + {te:.0f} s = {(tb + te) / 60:.1f} min "
+        to = results.get("oneshot-w4s50", {}).get("seconds")
+        total = f"; with the one-shot pass ({to:.0f} s) {(to + tb + te) / 60:.1f} min" if to == to and to else ""
+        lines.append(f"- Training time BQPO + E2E-OQP: {tb:.0f} s + {te:.0f} s = {(tb + te) / 60:.1f} min{total} "
                      f"(settings: {json.dumps(results['bqpo-w4s50'].get('bqpo'))}; "
                      f"{json.dumps(results['e2e-w4s50'].get('e2e'))}).")
+    g = results.get("e2e-w4s50", {})
+    if g.get("ppl_llama"):
+        lines.append(f"- The BQPO + E2E-OQP model written as a GGUF ({g['gguf_bytes'] / 2**20:.1f} MiB, linear "
+                     f"weights {g.get('linear_bpw') or 3.0:.3f} bits/weight) and run through the patched llama.cpp: "
+                     f"ppl {g['ppl_llama']:.3f}; a PyTorch model rebuilt from the same file: {g['ppl_torch_gguf']:.3f} "
+                     f"(llama.cpp / PyTorch = {g['ppl_llama'] / g['ppl_torch_gguf']:.4f}).")
     if "train-w4s30" in results and "oneshot-w4s30" in results and f:
         o3, v = results["oneshot-w4s30"]["ppl"], results["train-w4s30"]["ppl"]
         lg = 100 * (math.log(o3) - math.log(v)) / (math.log(o3) - math.log(f))
@@ -458,15 +493,38 @@ def write_report(results: dict, args) -> None:
             tb, te = results["bqpo-w4s50"]["seconds"], results[k]["seconds"]
             lines.append(f"- Training time BQPO + {LABEL[k].split('+ ')[-1]}: {tb:.0f} s + {te:.0f} s = "
                          f"{(tb + te) / 60:.1f} min.")
-    if "bqpo-w4s50" in results:
-        lines.append("- Budget at the CLI defaults (calibration 128 x 512 tokens, 8x this run; `--bqpo-epochs 2 "
-                     "--e2e-epochs 1`): BQPO and E2E-OQP cost scales linearly with tokens, so ~8 x the time "
-                     "above on this machine under this session's load (~2 h), and ~25 min on an idle 2-core "
-                     "machine (30 blocks x 2 epochs x ~11 s + the per-block forward passes + one E2E epoch of "
-                     "~7 min) — an estimate: the full-size run was not measured in this session.")
-    sweeps = sorted(Path(args.workdir).glob("lr_sweep_bs*.json"))
+    return lines + [""]
+
+
+def write_report(results: dict, args) -> None:
+    """docs/quality.md: this run's section, then the reference run's (--reference-workdir), the lr
+    sweep and diagnosis found in either folder, and the notes; docs/quality.png from this run."""
+    if not results:
+        return
+    any_r = next(iter(results.values()))
+    lines = ["# Quality: GQSA stages and baselines on SmolLM2-135M-Instruct", "",
+             f"Generated by `benchmarks/quality.py` on {platform.machine()} ({os.cpu_count()} cores), torch "
+             f"{torch.__version__}, fp32. Stage time: the stage's own work (one-shot rows: the one-shot pass; "
+             f"BQPO: BQPO only; E2E: E2E only), without the perplexity evaluation; peak RSS: the whole benchmark "
+             f"process during the stage.", ""]
+    at_defaults = (any_r["nsamples"], any_r["seqlen"]) == (DEFAULT_NSAMPLES, DEFAULT_SEQLEN)
+    stages = ",".join(k for k in results)
+    what = (f"What was run: `python benchmarks/quality.py --nsamples {any_r['nsamples']} --seqlen {any_r['seqlen']} "
+            f"--threads {any_r.get('threads', 2)} --stages {stages}` on the 2-core machine, which lighter jobs "
+            f"of the same session (builds and evaluations at lower priority) shared for part of the run.")
+    lines += _section(results, "At the converter's defaults" if at_defaults else
+                      f"Calibration {any_r['nsamples']} x {any_r['seqlen']} tokens", what)
+    folders = [Path(args.workdir)]
+    ref = Path(args.reference_workdir) if getattr(args, "reference_workdir", None) else None
+    if ref and (ref / "results.json").exists() and ref.resolve() != Path(args.workdir).resolve():
+        rres = json.loads((ref / "results.json").read_text())
+        r0 = next(iter(rres.values()))
+        lines += _section(rres, f"Earlier reduced run ({r0['nsamples']} x {r0['seqlen']} calibration tokens): "
+                                f"sparsity sweep and training variants", REDUCED_RUN)
+        folders.append(ref)
+    sweeps = sorted(p for d in folders for p in d.glob("lr_sweep_bs*.json"))
     if sweeps:
-        lines += ["", "## BQPO learning-rate sweep", "",
+        lines += ["## BQPO learning-rate sweep", "",
                   "`--lr-sweep`: BQPO (2 epochs) on the first 3 blocks of SmolLM2-135M, 16 calibration windows x "
                   "256 tokens; block MSE after / before training (the one-shot block), lower is better. "
                   "The chosen defaults are in bold.", "",
@@ -481,17 +539,18 @@ def write_report(results: dict, args) -> None:
                 if best:
                     cells = [f"**{c}**" for c in cells]
                 lines.append("| " + " | ".join(cells) + " |")
-    diag = Path(args.workdir) / "diagnose.txt"
-    if diag.exists():
-        lines += ["", "## Where one-shot w4s50 breaks (`--diagnose`)", "",
+        lines.append("")
+    diag = next((d / "diagnose.txt" for d in folders if (d / "diagnose.txt").exists()), None)
+    if diag:
+        lines += ["## Where one-shot w4s50 breaks (`--diagnose`)", "",
                   "Output of every decoder block, one-shot w4s50 vs float, on 2 calibration windows (each "
                   "block fed by its own model's previous block): MSE over all positions, at the first token, "
                   "over the rest; the largest float activation, its hidden dimension, and the one-shot "
                   "model's largest value in that dimension.", "", "```"]
-        lines += [ln for ln in diag.read_text().splitlines() if ln.strip()] + ["```"]
-    lines += ["", NOTES]
+        lines += [ln for ln in diag.read_text().splitlines() if ln.strip()] + ["```", ""]
+    lines += [NOTES]
     out = ROOT / "docs" / "quality.md"
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines))
     try:
         plot(results, ROOT / "docs" / "quality.png")
     except Exception as ex:                           # the table matters more than the picture
@@ -527,13 +586,15 @@ NOTES = """## Notes
   sees the language-model loss, recovers more — but not to 2:4 Wanda's level. A non-uniform
   sparsity (keeping the massive-activation block dense or less pruned) would be the fix; the paper's
   uniform per-row sparsity, evaluated on 7B-70B models, does not meet this on a 135M model.
-- **Training budget.** The paper trains on 4096 x 2048 tokens (BQPO 5 epochs, E2E 2 epochs); this run
-  used 32 x 256 tokens (BQPO 2 epochs, E2E as shown) because the machine is shared and the
-  session time-boxed. The learning rates were chosen by the sweep above for this small step budget.
+- **Training budget.** The paper trains on 4096 x 2048 tokens (BQPO 5 epochs, E2E 2 epochs). The
+  converter's defaults (first table) use 128 x 512 tokens, BQPO 2 epochs and E2E-OQP 1 epoch; the
+  reduced run used 32 x 256 tokens. The learning rates were chosen by the sweep below for this
+  small step budget.
 - 2:4 Wanda uses activation norms from the float model (one pass, not sequential) and keeps float
-  weights; w2g16 is plain round-to-nearest min-max (no GPTQ: not run, for lack of time).
-- Times are wall-clock on a 2-core machine shared with three other jobs (compilers, fuzzers); the
-  same work takes about 5x less on an idle machine (6 s vs 1.1 s per 512-token forward).
+  weights; w2g16 is plain round-to-nearest min-max (no GPTQ: not implemented).
+- Times are wall-clock on the 2-core machine: the defaults run shared it, part of the time, with
+  builds and evaluations running at lower priority; the reduced run with three other jobs
+  (compilers, fuzzers), which made its work about 5x slower than on an idle machine.
 """
 
 
@@ -550,12 +611,12 @@ def plot(results: dict, path: Path) -> None:
         marker = "o" if s.startswith(("oneshot", "bqpo", "e2e")) else "s"
         ax.scatter(r["bpw"], r["ppl"], marker=marker)
         short = {"w4g16": "w4g16 (integer zero)", "w4g16f": "w4g16 (float min)", "w2g16": "w2g16",
-                 "wanda24": "2:4 Wanda", "bqpo-w4s50": "w4s50 + BQPO", "e2e-w4s50": "+ E2E-OQP 1 ep",
+                 "wanda24": "2:4 Wanda", "bqpo-w4s50": "w4s50 + BQPO", "e2e-w4s50": "w4s50 + BQPO + E2E-OQP",
                  "train-w4s30": "w4s30 + BQPO + E2E-OQP"}
         label = short.get(s) or (s.replace("oneshot-", "") + " one-shot" if s.startswith("oneshot")
                                  else f"+ E2E-OQP {s[3:s.index('-')]} ep")
-        dy = {"e2e-w4s50": 8, "w2g16": 2, "w4g16": 8, "w4g16f": -10}.get(s, 0)
-        dx = 5
+        dy = {"e2e-w4s50": -3, "bqpo-w4s50": 6, "w2g16": -12, "w4g16": 8, "w4g16f": -10}.get(s, 0)
+        dx = 5 if s != "w2g16" else 8
         if s.startswith("e2e") and s != "e2e-w4s50":
             dy = -11
         ax.annotate(label, (r["bpw"], r["ppl"]), fontsize=7, xytext=(dx, dy), textcoords="offset points")

@@ -2,7 +2,8 @@
 
   default-model <- docs/default-model.md   (benchmarks/default_model.py)
   speed         <- docs/bench-*.md          (gqsa-gguf bench --out-dir docs)
-  quality       <- docs/quality.md, up to its first second-level section (benchmarks/quality.py)
+  quality       <- docs/quality.md, its first second-level section (the run at the converter's
+                   defaults) with what comes before it (benchmarks/quality.py)
 
 Nothing in those README sections is typed by hand: rerun the generators, then this script.
 """
@@ -46,9 +47,10 @@ def main() -> int:
                      "then `python scripts/update_readme.py`.")
         sections["speed"] = "\n".join(parts) + "\n"
     if (DOCS / "quality.md").exists():
-        q = (DOCS / "quality.md").read_text().split("\n## ", 1)[0]
+        head, *rest = (DOCS / "quality.md").read_text().split("\n## ")
+        q = head + ("\n## " + rest[0] if rest else "")
         sections["quality"] = (demote(q).rstrip() + "\n\n![quality](docs/quality.png)\n\n"
-                               "Full report, learning-rate sweep and diagnosis: `docs/quality.md`.\n")
+                               "Full report (the reduced run with the sparsity sweep, learning-rate sweep, diagnosis, notes): `docs/quality.md`.\n")
     for key, body in sections.items():
         text = replace_section(text, key, body)
     readme.write_text(text)
