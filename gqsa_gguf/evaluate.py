@@ -27,7 +27,7 @@ import numpy as np
 
 from .config import DEFAULT_EVAL_TEXT
 
-__all__ = ["PerplexityResult", "EvalReport", "perplexity_torch", "perplexity_llama", "load_llama",
+__all__ = ["PerplexityResult", "EvalReport", "perplexity_torch", "perplexity_llama", "load_llama", "gguf_perplexities",
            "evaluate", "window_nll"]
 
 
@@ -118,6 +118,24 @@ def perplexity_llama(llm, windows, progress: bool = True, backend: str = "llama.
     return PerplexityResult(backend, nll, n, time.time() - t0)
 
 
+def gguf_perplexities(gguf, windows, llm=None, use_llama: bool = True, use_torch: bool = True,
+                      threads: int | None = None, progress: bool = True) -> list[PerplexityResult]:
+    """The GGUF's perplexity on `windows` [n, seqlen] through the patched llama.cpp (`llm`, or one
+    loaded here) and through the PyTorch model rebuilt from the file: the llama.cpp-vs-PyTorch check."""
+    results = []
+    if use_llama:
+        if llm is None:
+            llm = load_llama(gguf, n_ctx=int(windows.shape[1]), threads=threads)
+        results.append(perplexity_llama(llm, np.asarray(windows), progress=progress))
+        del llm
+    if use_torch:
+        from .gguf_model import model_from_gguf
+        m, _ = model_from_gguf(gguf)
+        results.append(perplexity_torch(m, windows, progress=progress, backend="torch-gguf"))
+        del m
+    return results
+
+
 def evaluate(gguf, text: str = DEFAULT_EVAL_TEXT, seqlen: int = 512, max_windows: int | None = 16,
              model: str | None = None, use_llama: bool = True, use_torch: bool = True,
              threads: int | None = None, progress: bool = True) -> EvalReport:
@@ -144,14 +162,9 @@ def evaluate(gguf, text: str = DEFAULT_EVAL_TEXT, seqlen: int = 512, max_windows
     windows = calib.eval_windows(ids, seqlen, max_windows)
     report = EvalReport(gguf=str(gguf), text=desc, windows=int(windows.shape[0]), seqlen=seqlen)
 
-    if llm is not None:
-        report.results.append(perplexity_llama(llm, windows.numpy(), progress=progress))
-        del llm
-    if use_torch:
-        from .gguf_model import model_from_gguf
-        m, _ = model_from_gguf(gguf)
-        report.results.append(perplexity_torch(m, windows, progress=progress, backend="torch-gguf"))
-        del m
+    report.results += gguf_perplexities(gguf, windows, llm=llm, use_llama=use_llama, use_torch=use_torch,
+                                        progress=progress)
+    del llm
     if model is not None:
         from . import model_io
         info = model_io.inspect_checkpoint(model_io.resolve_model(model))
