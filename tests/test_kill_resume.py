@@ -23,8 +23,25 @@ from tiny_models import calib_file, checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cmd(folder: Path, out: Path, ckdir: Path, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "convert.py"), str(folder), "--gqsa", "w4s50", "-o", str(out),
+# Runs convert.py with the tensor data of the GGUF written only after a pause: the temporary file
+# (header and metadata written) then lives long enough to be seen; a tiny model's write takes
+# milliseconds, which a polling watcher can miss.
+_SLOW_WRITE = """
+import runpy, sys, time
+import gguf
+_orig = gguf.GGUFWriter.write_tensors_to_file
+def _slow(self, *a, **k):
+    time.sleep(60)
+    return _orig(self, *a, **k)
+gguf.GGUFWriter.write_tensors_to_file = _slow
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _cmd(folder: Path, out: Path, ckdir: Path, resume: bool = False, slow_write: bool = False) -> list[str]:
+    cmd = [sys.executable] + (["-c", _SLOW_WRITE] if slow_write else []) + [
+           str(ROOT / "convert.py"), str(folder), "--gqsa", "w4s50", "-o", str(out),
            "--calib", str(calib_file(folder)), "--nsamples", "4", "--seqlen", "32",
            "--bqpo-epochs", "2", "--e2e-epochs", "2", "--checkpoint-dir", str(ckdir), "--threads", "1", "-q"]
     return cmd + (["--resume"] if resume else [])
@@ -100,7 +117,8 @@ def test_sigkill_leaves_no_partial_file_and_resume_matches(reference, tmp_path, 
     run = tmp_path / "run1"
     run.mkdir()
     out = run / "model.gguf"
-    killed = _run_until(_cmd(folder, out, run / "ck"), lambda: KILL_POINTS[point](run))
+    killed = _run_until(_cmd(folder, out, run / "ck", slow_write=point == "GGUF temporary file"),
+                        lambda: KILL_POINTS[point](run))
     if killed:
         assert not out.exists(), f"killed at '{point}': a file was left at the target path"
     else:
