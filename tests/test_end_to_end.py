@@ -67,6 +67,72 @@ def test_tiny_logits_agree_with_pytorch(llama_cpp, kind, tmp_path):
     assert top1 >= 0.99, f"{kind}: top-1 agreement {top1:.4f} < 0.99"
 
 
+_LOGITS_CHILD = r"""
+import sys, numpy as np
+from gqsa_gguf import runtime
+llama_cpp = runtime.import_llama_cpp()
+path, out, seqlen = sys.argv[1], sys.argv[2], int(sys.argv[3])
+windows = np.load(sys.argv[4])
+llm = llama_cpp.Llama(model_path=path, n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True,
+                      n_threads=2, n_threads_batch=2, verbose=True)
+got = []
+for row in windows:                                  # a batch (panels + decode rows) ...
+    llm.reset()
+    llm.eval([int(t) for t in row])
+    got.append(np.array(llm.scores[: len(row)], dtype=np.float32))
+llm.reset()
+for t in windows[0][:8]:                             # ... and token-by-token decode
+    llm.eval([int(t)])
+got.append(np.array(llm.scores[:8], dtype=np.float32))
+np.save(out, np.concatenate(got))
+"""
+
+
+def test_repacked_weights_match_file_layout(tmp_path):
+    # Widths 256 / 512 at w4s50 keep 8 / 16 blocks per row: the CPU backend repacks every decoder
+    # linear into superblocks (buffer type CPU_GQSA) on AVX2 builds. The same file with repacking
+    # turned off (GGML_GQSA_REPACK=0) runs the file-layout kernels; both must agree to float
+    # rounding, and with PyTorch.
+    import os
+    import subprocess
+    import sys
+
+    folder = tiny_models.checkpoint("llama", hidden=256, ffn=512, train_steps=200, group_sparsity=0.5)
+    out = tmp_path / "w4s50.gguf"
+    assert main(["convert", str(folder), "-o", str(out), "--gqsa", "w4s50", "--calib",
+                 str(tiny_models.calib_file(folder)), "--nsamples", "8", "--seqlen", "64",
+                 "--bqpo-epochs", "0", "--e2e-epochs", "0", "-q"]) == 0
+    windows = tiny_models.token_windows(folder, n=4, seqlen=64)
+    np.save(tmp_path / "windows.npy", windows.numpy())
+    results, logs = {}, {}
+    for mode, env_extra in (("repacked", {}), ("file", {"GGML_GQSA_REPACK": "0"})):
+        env = {k: v for k, v in os.environ.items() if k != "GGML_GQSA_REPACK"} | env_extra
+        npy = tmp_path / f"{mode}.npy"
+        proc = subprocess.run([sys.executable, "-c", _LOGITS_CHILD, str(out), str(npy), "64",
+                               str(tmp_path / "windows.npy")], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode], logs[mode] = np.load(npy), proc.stderr
+    assert "CPU_GQSA model buffer" not in logs["file"]
+    if "CPU_GQSA model buffer" not in logs["repacked"]:
+        # only builds without the AVX2 kernels keep the file layout
+        import ctypes
+        cpu = ctypes.CDLL(str(runtime.lib_dir() / "libggml-cpu.so"))
+        cpu.ggml_gqsa_sb_available.restype = ctypes.c_bool
+        assert not cpu.ggml_gqsa_sb_available(), "a build with superblock kernels did not repack:\n" + logs["repacked"][-2000:]
+        pytest.skip("this build has no superblock kernels (no AVX2)")
+    a, b = results["repacked"], results["file"]
+    nmse = float(((a - b) ** 2).sum() / (b ** 2).sum())
+    # the kernels agree to float rounding (native/tests checks that per op); between layers, a last-bit
+    # difference can flip the rounding of an 8-bit activation, so whole-model logits differ by ~1e-5
+    # NMSE (a wrong lane or offset gives ~1)
+    assert nmse <= 1e-4, f"repacked vs file layout: logits NMSE {nmse:.2e}"
+    model, _ = model_from_gguf(out)
+    with torch.no_grad():
+        ref = model(input_ids=windows).logits.reshape(-1, a.shape[-1]).numpy()
+    batch = a[: ref.shape[0]]
+    assert float(((batch - ref) ** 2).sum() / (ref ** 2).sum()) <= 1e-3
+
+
 @pytest.fixture(scope="module")
 def smollm_gguf(tmp_path_factory):
     # w4s20 rather than w4s50: a one-shot w4s50 135M model is close to random (perplexity ~1e5 on

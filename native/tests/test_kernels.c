@@ -450,24 +450,121 @@ static void test_panel_rows(int n_kept, int nrows) {
     free(x); free(ya); free(panel); free(got); free(ref);
 }
 
+// decode activations in the superblock layout, from block_gqsa_q8 rows
+static void * sb_acts_from(const block_gqsa_q8 * y, int G) {
+    uint8_t * a = calloc(1, ggml_gqsa_sb_act_bytes(G));
+    float * ds = (float *) (a + (size_t) GQSA_GROUP_SIZE * G);
+    for (int g = 0; g < G; ++g) {
+        memcpy(a + (size_t) GQSA_GROUP_SIZE * g, y[g].qs, GQSA_GROUP_SIZE);
+        ds[4 * g]     = y[g].d;
+        ds[4 * g + 1] = y[g].s;
+    }
+    return a;
+}
+
+// repack -> unpack gives the blocks back, and the superblocks hold every block's index, zero
+// point and scale once
+static void test_sb_roundtrip(int n_kept, int nrows) {
+    const int width = (n_kept + 5) * GQSA_GROUP_SIZE;
+    block_gqsa4 * x = float_weights(nrows, width, n_kept);
+    const size_t n = (size_t) nrows * n_kept;
+    gqsa_sb8 * t = malloc(sizeof(block_gqsa4) * n);
+    block_gqsa4 * back = malloc(sizeof(block_gqsa4) * n);
+    ggml_gqsa_sb_repack(x, t, n_kept, nrows);
+    ggml_gqsa_sb_unpack(t, back, n_kept, nrows);
+    bool ok = memcmp(x, back, sizeof(block_gqsa4) * n) == 0;
+    int64_t sum_x = 0, sum_t = 0;
+    for (size_t i = 0; i < n; ++i) {
+        sum_x += (int64_t) gqsa_block_index(&x[i]) * 16 + gqsa_block_zero(&x[i]) + x[i].d;
+    }
+    for (size_t s = 0; s < n / GQSA_SB_BLOCKS; ++s) {
+        for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+            sum_t += t[s].gz[l] + t[s].d[l];
+        }
+    }
+    ok = ok && sum_x == sum_t;
+    report(ok, "sb_repack_roundtrip[n_kept=%d,nrows=%d]", n_kept, nrows);
+    free(x); free(t); free(back);
+}
+
+// the superblock decode activations: qs, d and s bit-exact with quantize_row_gqsa_q8_ref, any range
+static void test_sb_quantize_act(int width) {
+    const int G = width / GQSA_GROUP_SIZE;
+    float * x = float_acts(1, width, true);
+    block_gqsa_q8 * ref = quantize_acts_ref(x, 1, width);
+    uint8_t * want = sb_acts_from(ref, G);
+    uint8_t * got = calloc(1, ggml_gqsa_sb_act_bytes(G));
+    const int g1 = G / 3;
+    ggml_gqsa_sb_quantize_act(x, got, G, 0, g1);           // in two ranges, as two threads would
+    ggml_gqsa_sb_quantize_act(x, got, G, g1, G);
+    report(memcmp(got, want, ggml_gqsa_sb_act_bytes(G)) == 0, "sb_quantize_act_matches_ref[width=%d]", width);
+    free(x); free(ref); free(want); free(got);
+}
+
+// superblock rows (dispatched and scalar) against the file-layout scalar reference: exact on
+// integer data, to float rounding otherwise
+static void test_sb_rows(int n_kept, int nrows) {
+    const int width = (n_kept + 3) * GQSA_GROUP_SIZE;
+    const int G = width / GQSA_GROUP_SIZE;
+    bool ok = true;
+    float * got = malloc(sizeof(float) * nrows);
+    float * gen = malloc(sizeof(float) * nrows);
+    float * ref = malloc(sizeof(float) * nrows);
+    gqsa_sb8 * t = malloc(sizeof(block_gqsa4) * (size_t) nrows * n_kept);
+    for (int pass = 0; pass < 2; ++pass) {
+        block_gqsa4 * x = pass == 0 ? int_weights(nrows, width, n_kept) : float_weights(nrows, width, n_kept);
+        float * act = pass == 0 ? NULL : float_acts(1, width, true);
+        block_gqsa_q8 * y = pass == 0 ? int_acts(width) : quantize_acts_ref(act, 1, width);
+        void * ya = sb_acts_from(y, G);
+        ggml_gqsa_sb_repack(x, t, n_kept, nrows);
+        ggml_gqsa_sb_rows(t, n_kept, nrows, ya, G, got);
+        ggml_gqsa_sb_rows_generic(t, n_kept, nrows, ya, G, gen);
+        ggml_gqsa_rows_generic(x, n_kept, nrows, y, ref);
+        for (int r = 0; r < nrows; ++r) {
+            const double tol = pass == 0 ? 0.0 : 1e-5 * row_scale(x + (size_t) r * n_kept, n_kept, y) + 1e-30;
+            if (!(fabs((double) got[r] - ref[r]) <= tol && fabs((double) gen[r] - ref[r]) <= tol)) {
+                printf("    %s row %d: file-layout scalar %.9g, sb scalar %.9g, sb dispatched %.9g\n",
+                       pass == 0 ? "int" : "float", r, ref[r], gen[r], got[r]);
+                ok = false;
+            }
+        }
+        free(x); free(act); free(y); free(ya);
+    }
+    report(ok, "sb_rows_match_scalar[n_kept=%d,nrows=%d]", n_kept, nrows);
+    free(got); free(gen); free(ref); free(t);
+}
+
 typedef struct {
     struct ggml_compute_params params;
     struct ggml_tensor * dst;
+    bool sb;
     bool handled;
 } mm_thread;
 
 static void * mm_run(void * arg) {
     mm_thread * t = (mm_thread *) arg;
-    t->handled = ggml_gqsa_mul_mat(&t->params, t->dst);
+    if (t->sb) {
+        ggml_gqsa_mul_mat_sb(&t->params, t->dst);   // aborts on anything it does not handle
+        t->handled = true;
+    } else {
+        t->handled = ggml_gqsa_mul_mat(&t->params, t->dst);
+    }
     return NULL;
 }
 
-static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth) {
+// sb: the weights repacked into superblocks and run by ggml_gqsa_mul_mat_sb (as the CPU_GQSA
+// buffer type does), checked against the same file-layout reference
+static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, bool sb) {
     block_gqsa4 * w = float_weights(nrows, width, n_kept);
+    gqsa_sb8 * t = NULL;
+    if (sb) {
+        t = malloc(sizeof(block_gqsa4) * (size_t) nrows * n_kept);
+        ggml_gqsa_sb_repack(w, t, n_kept, nrows);
+    }
     float * x = float_acts(ncols, width, false);
     float * out = malloc(sizeof(float) * nrows * ncols);
     memset(out, 0, sizeof(float) * nrows * ncols);
-    struct ggml_tensor t0 = { .type = GGML_TYPE_GQSA4, .ne = { n_kept * GQSA_GROUP_SIZE, nrows, 1, 1 }, .data = w };
+    struct ggml_tensor t0 = { .type = GGML_TYPE_GQSA4, .ne = { n_kept * GQSA_GROUP_SIZE, nrows, 1, 1 }, .data = sb ? (void *) t : (void *) w };
     t0.nb[0] = GQSA_BLOCK_BYTES; t0.nb[1] = (size_t) n_kept * GQSA_BLOCK_BYTES; t0.nb[2] = t0.nb[3] = t0.nb[1] * nrows;
     struct ggml_tensor t1 = { .type = GGML_TYPE_F32, .ne = { width, ncols, 1, 1 }, .data = x };
     t1.nb[0] = 4; t1.nb[1] = 4 * (size_t) width; t1.nb[2] = t1.nb[3] = t1.nb[1] * ncols;
@@ -475,7 +572,7 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth) {
     td.nb[0] = 4; td.nb[1] = 4 * (size_t) nrows; td.nb[2] = td.nb[3] = td.nb[1] * ncols;
     td.src[0] = &t0; td.src[1] = &t1;
 
-    const size_t wsize = ggml_row_size(GGML_TYPE_GQSA_Q8, (int64_t) width * ncols);
+    const size_t wsize = sb ? ggml_gqsa_sb_work_size(&td) : ggml_row_size(GGML_TYPE_GQSA_Q8, (int64_t) width * ncols);
     void * wdata = malloc(wsize);
     struct ggml_threadpool tp;
     pthread_barrier_init(&tp.barrier, NULL, (unsigned) nth);
@@ -485,6 +582,7 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth) {
     for (int i = 0; i < nth; ++i) {
         th[i].params = (struct ggml_compute_params) { .ith = i, .nth = nth, .wsize = wsize, .wdata = wdata, .threadpool = &tp, .use_ref = false };
         th[i].dst = &td;
+        th[i].sb  = sb;
         pthread_create(&ids[i], NULL, mm_run, &th[i]);
     }
     bool handled = true;
@@ -526,8 +624,8 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth) {
         }
         free(y);
     }
-    report(ok, "mul_mat_driver[width=%d,n_kept=%d,rows=%d,cols=%d,threads=%d]", width, n_kept, nrows, ncols, nth);
-    free(w); free(x); free(out); free(wdata);
+    report(ok, "mul_mat_driver%s[width=%d,n_kept=%d,rows=%d,cols=%d,threads=%d]", sb ? "_sb" : "", width, n_kept, nrows, ncols, nth);
+    free(w); free(t); free(x); free(out); free(wdata);
 }
 
 int main(void) {
@@ -577,11 +675,32 @@ int main(void) {
     }
     const int mm_cols[] = { 1, 7, 8, 9, 17, 32, 35 };
     for (size_t i = 0; i < sizeof(mm_cols) / sizeof(mm_cols[0]); ++i) {
-        test_mul_mat(576, 18, 37, mm_cols[i], 1);
-        test_mul_mat(1536, 72, 20, mm_cols[i], 2);
+        test_mul_mat(576, 18, 37, mm_cols[i], 1, false);
+        test_mul_mat(1536, 72, 20, mm_cols[i], 2, false);
     }
-    test_mul_mat(64, 2, 9, 9, 2);
-    test_mul_mat(11008, 172, 6, 9, 2);
+    test_mul_mat(64, 2, 9, 9, 2, false);
+    test_mul_mat(11008, 172, 6, 9, 2, false);
+
+    // repacked superblocks: layout and rows everywhere (scalar reference included), the driver
+    // where this build repacks (AVX2)
+    const int sb_kepts[] = { 8, 16, 24, 48, 128, 344 };
+    for (size_t i = 0; i < sizeof(sb_kepts) / sizeof(sb_kepts[0]); ++i) {
+        test_sb_roundtrip(sb_kepts[i], 3);
+        test_sb_rows(sb_kepts[i], 1);
+        test_sb_rows(sb_kepts[i], 5);
+    }
+    test_sb_quantize_act(48);
+    test_sb_quantize_act(4096);
+    report(ggml_gqsa_sb_supported(16) == ggml_gqsa_sb_available() && !ggml_gqsa_sb_supported(18) && !ggml_gqsa_sb_supported(0),
+           "sb_supported_needs_multiples_of_8");
+    if (ggml_gqsa_sb_available()) {
+        for (size_t i = 0; i < sizeof(mm_cols) / sizeof(mm_cols[0]); ++i) {
+            test_mul_mat(1536, 48, 37, mm_cols[i], 1, true);
+            test_mul_mat(4096, 128, 20, mm_cols[i], 2, true);
+        }
+        test_mul_mat(11008, 344, 6, 9, 2, true);
+        test_mul_mat(256, 8, 70, 40, 2, true);
+    }
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed == 0 ? 0 : 1;
 }

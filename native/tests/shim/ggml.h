@@ -7,10 +7,13 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 #define GGML_API
 #define GGML_RESTRICT __restrict__
 #define GGML_UNUSED(x) (void) (x)
+#define GGML_ABORT(...) (fprintf(stderr, __VA_ARGS__), fputc('\n', stderr), abort())
 #define GGML_MAX_DIMS 4
 #define GGML_MAX_SRC  10
 

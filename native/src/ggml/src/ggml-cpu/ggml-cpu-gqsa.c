@@ -463,11 +463,51 @@ static inline void gqsa_decode8_avx2(const block_gqsa4 * GGML_RESTRICT x, int n,
     }
 }
 
-// np panels (1..4) of GQSA_PANEL = 8 columns against nb blocks of a row: acc[p][c] += those blocks
-// . column c of panel p. Inlined with a constant np, the accumulators stay in registers.
+// Decoded blocks (n <= 8) against np panels (1..4) of GQSA_PANEL = 8 columns: acc[p] += the
+// blocks' products with the columns of panel p, accz[p] += their zero-point terms (kept apart: two
+// short dependency chains). Inlined with a constant np, the accumulators stay in registers.
+static inline void gqsa_panel_dec8_avx2(const gqsa_decoded8 * GGML_RESTRICT dec, int n, const uint8_t * const * panels,
+                                        int np, __m256 * acc, __m256 * accz) {
+    for (int k = 0; k < n; ++k) {
+        int32_t w[4];
+        memcpy(w, dec->q[k], sizeof(w));
+        const __m256i w0 = _mm256_set1_epi32(w[0]), w1 = _mm256_set1_epi32(w[1]);
+        const __m256i w2 = _mm256_set1_epi32(w[2]), w3 = _mm256_set1_epi32(w[3]);
+        const __m256 dw  = _mm256_set1_ps(dec->dw[k]);
+        const __m256 dwz = _mm256_set1_ps(dec->dwz[k]);
+        for (int p = 0; p < np; ++p) {
+            const uint8_t * pg = panels[p] + dec->off[k];
+            const __m256i * a = (const __m256i *) pg;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(a + 0));
+            s = _mm256_dpbusd_epi32(s, w1, _mm256_loadu_si256(a + 1));
+            s = _mm256_dpbusd_epi32(s, w2, _mm256_loadu_si256(a + 2));
+            s = _mm256_dpbusd_epi32(s, w3, _mm256_loadu_si256(a + 3));
+#elif defined(__AVXVNNI__)
+            __m256i s = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(a + 0));
+            s = _mm256_dpbusd_avx_epi32(s, w1, _mm256_loadu_si256(a + 1));
+            s = _mm256_dpbusd_avx_epi32(s, w2, _mm256_loadu_si256(a + 2));
+            s = _mm256_dpbusd_avx_epi32(s, w3, _mm256_loadu_si256(a + 3));
+#else
+            // pairwise u8 x s8 sums are at most 2*15*127: four of them fit int16
+            __m256i s16 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256(a + 0));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w1, _mm256_loadu_si256(a + 1)));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w2, _mm256_loadu_si256(a + 2)));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w3, _mm256_loadu_si256(a + 3)));
+            const __m256i s = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+            const __m256 dx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL));
+            const __m256 sx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL) + GQSA_PANEL);
+            acc[p]  = _mm256_fmadd_ps(dw, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)), acc[p]);
+            accz[p] = _mm256_fmadd_ps(dwz, sx, accz[p]);
+        }
+    }
+}
+
+// np panels (1..4) against nb blocks of a row: acc_io[p][c] += those blocks . column c of panel p
 static inline void gqsa_panel_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
                                        int np, float acc_io[][GQSA_PANEL]) {
-    __m256 acc[4], accz[4];              // the zero-point terms apart: two short dependency chains
+    __m256 acc[4], accz[4];
     for (int p = 0; p < np; ++p) {
         acc[p]  = _mm256_loadu_ps(acc_io[p]);
         accz[p] = _mm256_setzero_ps();
@@ -476,40 +516,7 @@ static inline void gqsa_panel_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int 
     for (int i = 0; i < nb; i += 8) {
         const int n = nb - i < 8 ? nb - i : 8;
         gqsa_decode8_avx2(x + i, n, &dec);
-        for (int k = 0; k < n; ++k) {
-            int32_t w[4];
-            memcpy(w, dec.q[k], sizeof(w));
-            const __m256i w0 = _mm256_set1_epi32(w[0]), w1 = _mm256_set1_epi32(w[1]);
-            const __m256i w2 = _mm256_set1_epi32(w[2]), w3 = _mm256_set1_epi32(w[3]);
-            const __m256 dw  = _mm256_set1_ps(dec.dw[k]);
-            const __m256 dwz = _mm256_set1_ps(dec.dwz[k]);
-            for (int p = 0; p < np; ++p) {
-                const uint8_t * pg = panels[p] + dec.off[k];
-                const __m256i * a = (const __m256i *) pg;
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-                __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(a + 0));
-                s = _mm256_dpbusd_epi32(s, w1, _mm256_loadu_si256(a + 1));
-                s = _mm256_dpbusd_epi32(s, w2, _mm256_loadu_si256(a + 2));
-                s = _mm256_dpbusd_epi32(s, w3, _mm256_loadu_si256(a + 3));
-#elif defined(__AVXVNNI__)
-                __m256i s = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(a + 0));
-                s = _mm256_dpbusd_avx_epi32(s, w1, _mm256_loadu_si256(a + 1));
-                s = _mm256_dpbusd_avx_epi32(s, w2, _mm256_loadu_si256(a + 2));
-                s = _mm256_dpbusd_avx_epi32(s, w3, _mm256_loadu_si256(a + 3));
-#else
-                // pairwise u8 x s8 sums are at most 2*15*127: four of them fit int16
-                __m256i s16 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256(a + 0));
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w1, _mm256_loadu_si256(a + 1)));
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w2, _mm256_loadu_si256(a + 2)));
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w3, _mm256_loadu_si256(a + 3)));
-                const __m256i s = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
-#endif
-                const __m256 dx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL));
-                const __m256 sx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL) + GQSA_PANEL);
-                acc[p]  = _mm256_fmadd_ps(dw, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)), acc[p]);
-                accz[p] = _mm256_fmadd_ps(dwz, sx, accz[p]);
-            }
-        }
+        gqsa_panel_dec8_avx2(&dec, n, panels, np, acc, accz);
     }
     for (int p = 0; p < np; ++p) {
         _mm256_storeu_ps(acc_io[p], _mm256_sub_ps(acc[p], accz[p]));
@@ -577,6 +584,222 @@ static inline void gqsa_panel_row_neon(const block_gqsa4 * GGML_RESTRICT x, int 
 #define gqsa_panel_row gqsa_panel_row_neon
 #endif // GQSA_NEON
 
+// ---------------------------------------------------------------------------------------------
+// Repacked weights: superblocks of 8 blocks (the CPU_GQSA buffer type, ggml-cpu-gqsa-repack.cpp)
+// ---------------------------------------------------------------------------------------------
+//
+// At load, a gqsa4 weight whose rows keep a multiple of 8 blocks can be repacked (AVX2 builds) into
+// superblocks of 8 consecutive blocks of a row, 96 bytes like the 8 blocks they hold:
+//     uint16 gz[8]   group index << 4 | zero point   } in lane order: lane l holds block
+//     fp16   d[8]    scale                           } gqsa_sb_lane[l] of the 8
+//     uint8  qs[64]  half h = 0, 1 (32 bytes) holds blocks 4h..4h+3: byte k < 16 weight k of block
+//                    4h (low nibble) and of block 4h+2 (high nibble); byte 16 + k the same for
+//                    blocks 4h+1 and 4h+3
+// The lane order is the order in which the decode step's reduction leaves the 8 block sums, so the
+// scales and zero points are used as loaded; one 32-byte load gives 4 blocks' weights with an AND
+// and a shift; gz & 0xFFF0 is the byte offset of a block's group in the decode activation layout:
+//     int8 qs[G][16], then float ds[G][4] = {d, s, 0, 0} (32 bytes per group).
+// Same bytes as the file layout, measured 25-30 % faster per block on the decode step (benchmarks,
+// not tests, hold the numbers: docs/bench-llama-7b.md).
+
+static const int gqsa_sb_lane[GQSA_SB_BLOCKS] = { 0, 2, 4, 6, 1, 3, 5, 7 };
+
+static inline int gqsa_weight(const block_gqsa4 * b, int j) {
+    return j < GQSA_HALF ? (b->qs[j] & 0x0F) : (b->qs[j - GQSA_HALF] >> 4);
+}
+
+void ggml_gqsa_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows) {
+    assert(n_kept % GQSA_SB_BLOCKS == 0);
+    const block_gqsa4 * x = (const block_gqsa4 *) src;
+    gqsa_sb8 * t = (gqsa_sb8 *) dst;
+    const int64_t nsb = (int64_t) (n_kept / GQSA_SB_BLOCKS) * nrows;   // never straddle a row
+    for (int64_t s = 0; s < nsb; ++s) {
+        const block_gqsa4 * b = x + GQSA_SB_BLOCKS * s;
+        for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+            const block_gqsa4 * c = b + gqsa_sb_lane[l];
+            t[s].gz[l] = (uint16_t) (gqsa_block_index(c) << 4 | gqsa_block_zero(c));
+            t[s].d[l]  = c->d;
+        }
+        for (int h = 0; h < 2; ++h) {
+            for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
+                t[s].qs[32 * h + k]      = (uint8_t) (gqsa_weight(b + 4 * h,     k) | gqsa_weight(b + 4 * h + 2, k) << 4);
+                t[s].qs[32 * h + 16 + k] = (uint8_t) (gqsa_weight(b + 4 * h + 1, k) | gqsa_weight(b + 4 * h + 3, k) << 4);
+            }
+        }
+    }
+}
+
+void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows) {
+    assert(n_kept % GQSA_SB_BLOCKS == 0);
+    const gqsa_sb8 * t = (const gqsa_sb8 *) src;
+    block_gqsa4 * x = (block_gqsa4 *) dst;
+    const int64_t nsb = (int64_t) (n_kept / GQSA_SB_BLOCKS) * nrows;
+    for (int64_t s = 0; s < nsb; ++s) {
+        block_gqsa4 * b = x + GQSA_SB_BLOCKS * s;
+        for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+            block_gqsa4 * c = b + gqsa_sb_lane[l];
+            c->d  = t[s].d[l];
+            c->iz = (uint16_t) ((t[s].gz[l] >> 4) | (t[s].gz[l] & 0x0F) << GQSA_INDEX_BITS);
+        }
+        for (int h = 0; h < 2; ++h) {
+            for (int j = 0; j < GQSA_HALF; ++j) {
+                for (int m = 0; m < 4; ++m) {       // block 4h+m: byte half (m & 1), nibble (m >> 1)
+                    const uint8_t * q = t[s].qs + 32 * h + 16 * (m & 1);
+                    const int sh = 4 * (m >> 1);
+                    b[4 * h + m].qs[j] = (uint8_t) (((q[j] >> sh) & 0x0F) | ((q[j + GQSA_HALF] >> sh) & 0x0F) << 4);
+                }
+            }
+        }
+    }
+}
+
+void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t G, int64_t g0, int64_t g1) {
+    int8_t * qs = (int8_t *) vy;
+    float  * ds = (float *) (qs + GQSA_GROUP_SIZE * G);
+    for (int64_t g = g0; g < g1; ++g) {
+#if defined(GQSA_AVX2)
+        const __m128i q = gqsa_quantize_act_group_avx2(x + g * GQSA_GROUP_SIZE, &ds[4 * g], &ds[4 * g + 1]);
+        _mm_storeu_si128((__m128i *) (qs + GQSA_GROUP_SIZE * g), q);
+#else
+        block_gqsa_q8 blk;
+        quantize_row_gqsa_q8_ref(x + g * GQSA_GROUP_SIZE, &blk, GQSA_GROUP_SIZE);
+        memcpy(qs + GQSA_GROUP_SIZE * g, blk.qs, GQSA_GROUP_SIZE);
+        ds[4 * g]     = blk.d;
+        ds[4 * g + 1] = blk.s;
+#endif
+        ds[4 * g + 2] = ds[4 * g + 3] = 0.0f;
+    }
+}
+
+void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                               const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
+    const gqsa_sb8 * t = (const gqsa_sb8 *) vx;
+    const int8_t * qs = (const int8_t *) vy;
+    const float  * ds = (const float *) (qs + GQSA_GROUP_SIZE * G);
+    const int nsb = n_kept / GQSA_SB_BLOCKS;
+    for (int64_t r = 0; r < nrows; ++r) {
+        float sumf = 0.0f;
+        for (int s = 0; s < nsb; ++s) {
+            const gqsa_sb8 * u = t + r * nsb + s;
+            for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+                const int b = gqsa_sb_lane[l];               // block b of the 8: half b / 4, byte half b & 1, nibble (b >> 1) & 1
+                const uint8_t * q = u->qs + 32 * (b / 4) + 16 * (b & 1);
+                const int sh = 4 * ((b >> 1) & 1);
+                const int g = u->gz[l] >> 4;
+                int sumi = 0;
+                for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
+                    sumi += ((q[k] >> sh) & 0x0F) * qs[GQSA_GROUP_SIZE * g + k];
+                }
+                sumf += GGML_CPU_FP16_TO_FP32(u->d[l]) * (ds[4 * g] * (float) sumi - (float) (u->gz[l] & 0x0F) * ds[4 * g + 1]);
+            }
+        }
+        out[r] = sumf;
+    }
+}
+
+#if defined(GQSA_AVX2)
+// The 8 blocks of a superblock, in lane order [b0 b2 b4 b6 | b1 b3 b5 b7]
+static inline __m256 gqsa_sb_step_avx2(const gqsa_sb8 * GGML_RESTRICT t, const uint8_t * GGML_RESTRICT yq,
+                                       const uint8_t * GGML_RESTRICT yd) {
+    const uint16_t * gz = t->gz;
+    const size_t o0 = gz[0] & 0xFFF0, o1 = gz[1] & 0xFFF0, o2 = gz[2] & 0xFFF0, o3 = gz[3] & 0xFFF0;   // b0 b2 b4 b6
+    const size_t o4 = gz[4] & 0xFFF0, o5 = gz[5] & 0xFFF0, o6 = gz[6] & 0xFFF0, o7 = gz[7] & 0xFFF0;   // b1 b3 b5 b7
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i h0 = _mm256_loadu_si256((const __m256i *) t->qs);
+    const __m256i h1 = _mm256_loadu_si256((const __m256i *) (t->qs + 32));
+    const __m256i p0 = gqsa_dot4(_mm256_and_si256(h0, m4),                        gqsa_loadu2(yq + o0, yq + o4)); // b0 | b1
+    const __m256i p1 = gqsa_dot4(_mm256_and_si256(_mm256_srli_epi16(h0, 4), m4), gqsa_loadu2(yq + o1, yq + o5)); // b2 | b3
+    const __m256i p2 = gqsa_dot4(_mm256_and_si256(h1, m4),                        gqsa_loadu2(yq + o2, yq + o6)); // b4 | b5
+    const __m256i p3 = gqsa_dot4(_mm256_and_si256(_mm256_srli_epi16(h1, 4), m4), gqsa_loadu2(yq + o3, yq + o7)); // b6 | b7
+    // Reduce each block's 4 dword sums to one by 16-bit packing: a dword sums 4 products (|.| <= 4*15*127),
+    // a block 16 (<= 30480), so every pack is exact. Fewer shuffles than three hadds.
+    const __m256i one = _mm256_set1_epi16(1);
+    const __m256i s01 = _mm256_madd_epi16(_mm256_packs_epi32(p0, p1), one);     // [b0 b0 b2 b2 | b1 b1 b3 b3]
+    const __m256i s23 = _mm256_madd_epi16(_mm256_packs_epi32(p2, p3), one);     // [b4 b4 b6 b6 | b5 b5 b7 b7]
+    const __m256i sumi = _mm256_madd_epi16(_mm256_packs_epi32(s01, s23), one); // [b0 b2 b4 b6 | b1 b3 b5 b7]
+
+    // activation (d, s) in lane order
+    const __m128d q01 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o0)), (const double *) (yd + o1));
+    const __m128d q23 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o4)), (const double *) (yd + o5));
+    const __m128d q45 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o2)), (const double *) (yd + o3));
+    const __m128d q67 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o6)), (const double *) (yd + o7));
+    const __m256 A  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q01), q23, 1));   // d0 s0 d2 s2 | d1 s1 d3 s3
+    const __m256 B  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q45), q67, 1));   // d4 s4 d6 s6 | d5 s5 d7 s7
+    const __m256 dx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 sx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(3, 1, 3, 1));
+
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) t->d));
+    const __m256 zf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *) gz)),
+                                                          _mm256_set1_epi32(0x0F)));
+    return _mm256_mul_ps(dw, _mm256_fnmadd_ps(zf, sx, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(sumi))));
+}
+
+#define GQSA_PREFETCH_BYTES 2048
+
+static void gqsa_sb_rows_avx2(const gqsa_sb8 * GGML_RESTRICT x, int nsb, int64_t nrows, const void * GGML_RESTRICT vy,
+                              int64_t G, float * GGML_RESTRICT out) {
+    const uint8_t * yq = (const uint8_t *) vy;
+    const uint8_t * yd = yq + GQSA_GROUP_SIZE * G;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const gqsa_sb8 * t = x + r * nsb;
+        __m256 acc = _mm256_setzero_ps();
+        for (int s = 0; s < nsb; ++s) {
+            // the hardware prefetchers alone leave the stream latency-bound (measured 10-15 % slower
+            // decode on 7B shapes); prefetching runs past rows and chunks, harmlessly
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, _MM_HINT_T0);
+            acc = _mm256_add_ps(acc, gqsa_sb_step_avx2(t + s, yq, yd));
+        }
+        out[r] = gqsa_hsum_ps(acc);
+    }
+}
+
+// A superblock decoded for the panel kernel: slot l holds lane l (block gqsa_sb_lane[l])
+static inline void gqsa_sb_decode8_avx2(const gqsa_sb8 * GGML_RESTRICT t, gqsa_decoded8 * GGML_RESTRICT dec) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int h = 0; h < 2; ++h) {
+        const __m256i v  = _mm256_loadu_si256((const __m256i *) (t->qs + 32 * h));
+        const __m256i lo = _mm256_and_si256(v, m4);                          // blocks 4h   | 4h+1
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);   // blocks 4h+2 | 4h+3
+        _mm_storeu_si128((__m128i *) dec->q[2 * h],     _mm256_castsi256_si128(lo));        // lane of block 4h
+        _mm_storeu_si128((__m128i *) dec->q[2 * h + 4], _mm256_extracti128_si256(lo, 1));   // 4h+1
+        _mm_storeu_si128((__m128i *) dec->q[2 * h + 1], _mm256_castsi256_si128(hi));        // 4h+2
+        _mm_storeu_si128((__m128i *) dec->q[2 * h + 5], _mm256_extracti128_si256(hi, 1));   // 4h+3
+    }
+    const __m256  dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) t->d));
+    const __m256i gz = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *) t->gz));
+    _mm256_storeu_ps(dec->dw, dw);
+    _mm256_storeu_ps(dec->dwz, _mm256_mul_ps(dw, _mm256_cvtepi32_ps(_mm256_and_si256(gz, _mm256_set1_epi32(0x0F)))));
+    _mm256_storeu_si256((__m256i *) dec->off, _mm256_mullo_epi32(_mm256_srli_epi32(gz, 4), _mm256_set1_epi32(GQSA_PANEL_GROUP_BYTES)));
+}
+
+static inline void gqsa_sb_panel_row_avx2(const gqsa_sb8 * GGML_RESTRICT t, int nsb, const uint8_t * const * panels,
+                                          int np, float acc_io[][GQSA_PANEL]) {
+    __m256 acc[4], accz[4];
+    for (int p = 0; p < np; ++p) {
+        acc[p]  = _mm256_loadu_ps(acc_io[p]);
+        accz[p] = _mm256_setzero_ps();
+    }
+    gqsa_decoded8 dec;
+    for (int s = 0; s < nsb; ++s) {
+        gqsa_sb_decode8_avx2(t + s, &dec);
+        gqsa_panel_dec8_avx2(&dec, GQSA_SB_BLOCKS, panels, np, acc, accz);
+    }
+    for (int p = 0; p < np; ++p) {
+        _mm256_storeu_ps(acc_io[p], _mm256_sub_ps(acc[p], accz[p]));
+    }
+}
+#endif // GQSA_AVX2
+
+void ggml_gqsa_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                       const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
+#if defined(GQSA_AVX2)
+    gqsa_sb_rows_avx2((const gqsa_sb8 *) vx, n_kept / GQSA_SB_BLOCKS, nrows, vy, G, out);
+#else
+    ggml_gqsa_sb_rows_generic(vx, n_kept, nrows, vy, G, out);
+#endif
+}
+
 void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                           const void * GGML_RESTRICT vpanel, float * GGML_RESTRICT out, int64_t ldo) {
 #if defined(gqsa_panel_row)
@@ -607,33 +830,79 @@ void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nro
 #define GQSA_USE_PANELS 0
 #endif
 
-bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+static_assert(sizeof(gqsa_sb8) == GQSA_SB_BLOCKS * GQSA_BLOCK_BYTES, "wrong gqsa_sb8 size/padding");
+
+bool ggml_gqsa_sb_available(void) {
+#if defined(GQSA_AVX2)
+    return true;
+#else
+    return false;
+#endif
+}
+
+bool ggml_gqsa_sb_supported(int n_kept) {
+    return ggml_gqsa_sb_available() && n_kept > 0 && n_kept % GQSA_SB_BLOCKS == 0;
+}
+
+// what both drivers handle: a 2-D contiguous weight, contiguous f32 activations and result
+static bool gqsa_mul_mat_shape_ok(const struct ggml_tensor * dst) {
+    const struct ggml_tensor * src0 = dst->src[0];
+    const struct ggml_tensor * src1 = dst->src[1];
+    return src0->type == GGML_TYPE_GQSA4 && src1->type == GGML_TYPE_F32 && dst->type == GGML_TYPE_F32 &&
+           src0->ne[2] == 1 && src0->ne[3] == 1 && ggml_is_contiguous(src0) && ggml_is_contiguous(src1) &&
+           ggml_is_contiguous(dst) && src1->ne[0] % GQSA_GROUP_SIZE == 0;
+}
+
+bool ggml_gqsa_sb_supports_mul_mat(const struct ggml_tensor * dst) {
+    return gqsa_mul_mat_shape_ok(dst) && ggml_gqsa_sb_supported((int) (dst->src[0]->ne[0] / GQSA_GROUP_SIZE));
+}
+
+// Work buffer layout: full panels first (24 bytes per group and column), then the remaining
+// columns as decode rows (24 bytes per group in the file layout, 32 for superblocks)
+static size_t gqsa_work_bytes(int64_t G, int64_t ncols, bool sb, int64_t * np_out) {
+    const int64_t np  = GQSA_USE_PANELS ? ncols / GQSA_PANEL : 0;
+    const int64_t rem = ncols - np * GQSA_PANEL;
+    if (np_out) {
+        *np_out = np;
+    }
+    return (size_t) (np * GQSA_PANEL * G) * GQSA_ACT_BLOCK_BYTES +
+           (size_t) rem * (sb ? ggml_gqsa_sb_act_bytes(G) : (size_t) G * GQSA_ACT_BLOCK_BYTES);
+}
+
+size_t ggml_gqsa_sb_work_size(const struct ggml_tensor * dst) {
+    const struct ggml_tensor * src1 = dst->src[1];
+    return gqsa_work_bytes(src1->ne[0] / GQSA_GROUP_SIZE, src1->ne[1] * src1->ne[2] * src1->ne[3], true, NULL);
+}
+
+// The driver behind ggml_gqsa_mul_mat (file layout, sb = false) and ggml_gqsa_mul_mat_sb.
+static bool gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst, bool sb) {
 #if !defined(GQSA_AVX2) && !defined(GQSA_NEON)
-    // no SIMD kernels: ggml's generic vec_dot loop over (row, column) is as good
-    GGML_UNUSED(params); GGML_UNUSED(dst);
+    // no SIMD kernels: ggml's generic vec_dot loop over (row, column) is as good; superblocks
+    // exist only where the AVX2 kernels do
+    GGML_UNUSED(params); GGML_UNUSED(dst); GGML_UNUSED(sb);
     return false;
 #else
     const struct ggml_tensor * src0 = dst->src[0];
     const struct ggml_tensor * src1 = dst->src[1];
-    if (src0->type != GGML_TYPE_GQSA4 || src1->type != GGML_TYPE_F32 || dst->type != GGML_TYPE_F32 ||
-        src0->ne[2] != 1 || src0->ne[3] != 1 || !ggml_is_contiguous(src0) || !ggml_is_contiguous(src1) ||
-        !ggml_is_contiguous(dst) || src1->ne[0] % GQSA_GROUP_SIZE != 0) {
+    if (!gqsa_mul_mat_shape_ok(dst)) {
         return false;                                   // ggml's generic path handles the rest
     }
     const int64_t K      = src1->ne[0];
     const int64_t G      = K / GQSA_GROUP_SIZE;
     const int     nb     = (int) (src0->ne[0] / GQSA_GROUP_SIZE);
+    const int     nsb    = nb / GQSA_SB_BLOCKS;
     const int64_t nrows  = src0->ne[1];
     const int64_t ncols  = src1->ne[1] * src1->ne[2] * src1->ne[3];
     const int64_t ldd    = dst->nb[1] / (int64_t) sizeof(float);
-    const size_t  act_row = (size_t) G * GQSA_ACT_BLOCK_BYTES;
-    if (params->wsize < (size_t) ncols * act_row) {
+    const size_t  panel_row = (size_t) G * GQSA_ACT_BLOCK_BYTES;                      // per panel column
+    const size_t  act_row   = sb ? ggml_gqsa_sb_act_bytes(G) : panel_row;             // per decode column
+    int64_t np = 0;                                                                    // full panels
+    if (params->wsize < gqsa_work_bytes(G, ncols, sb, &np) || (sb && !ggml_gqsa_sb_supported(nb))) {
         return false;
     }
-    const int64_t np  = GQSA_USE_PANELS ? ncols / GQSA_PANEL : 0;   // full panels
-    const int64_t rem = ncols - np * GQSA_PANEL;                      // columns quantized as decode rows
+    const int64_t rem = ncols - np * GQSA_PANEL;                                       // decode columns
     uint8_t * wdata = (uint8_t *) params->wdata;
-    uint8_t * rem_base = wdata + (size_t) np * GQSA_PANEL * act_row;
+    uint8_t * rem_base = wdata + (size_t) np * GQSA_PANEL * panel_row;
     const float * xf = (const float *) src1->data;
 
     const int ith = params->ith;
@@ -645,11 +914,16 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
         const int64_t g1 = G * (ith + 1) / nth;
         if (g0 < g1) {
             for (int64_t p = 0; p < np; ++p) {
-                ggml_gqsa_pack_panel(xf + p * GQSA_PANEL * K, K, g0, g1, wdata + (size_t) p * GQSA_PANEL * act_row);
+                ggml_gqsa_pack_panel(xf + p * GQSA_PANEL * K, K, g0, g1, wdata + (size_t) p * GQSA_PANEL * panel_row);
             }
             for (int64_t j = 0; j < rem; ++j) {
-                quantize_row_gqsa_q8(xf + (np * GQSA_PANEL + j) * K + g0 * GQSA_GROUP_SIZE,
-                                     rem_base + j * act_row + g0 * GQSA_ACT_BLOCK_BYTES, (g1 - g0) * GQSA_GROUP_SIZE);
+                const float * xc = xf + (np * GQSA_PANEL + j) * K;
+                if (sb) {
+                    ggml_gqsa_sb_quantize_act(xc, rem_base + j * act_row, G, g0, g1);
+                } else {
+                    quantize_row_gqsa_q8(xc + g0 * GQSA_GROUP_SIZE, rem_base + j * act_row + g0 * GQSA_ACT_BLOCK_BYTES,
+                                         (g1 - g0) * GQSA_GROUP_SIZE);
+                }
             }
         }
     }
@@ -660,11 +934,15 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
 
     // 2. rows in chunks, handed out dynamically (a thread that shares its core with another process
     //    takes fewer); each chunk runs every column
-    const int64_t nchunk = nth == 1 ? 1 : (nrows < 16 * nth ? nth : 4 * nth);
+    //    Chunks of at least 32 rows, 16 per thread at most: threads end an op at most a small chunk
+    //    apart (4 per thread left 6 % of 7B decode time in the end-of-op barrier, 16 leave 3 %).
+    const int64_t nchunk = nth == 1 ? 1 : nrows / 32 < nth ? nth : nrows / 32 < 16 * nth ? nrows / 32 : 16 * nth;
     const int64_t dr     = (nrows + nchunk - 1) / nchunk;
-    const block_gqsa4 * x = (const block_gqsa4 *) src0->data;
+    const block_gqsa4 * x  = (const block_gqsa4 *) src0->data;
+    const gqsa_sb8    * xs = (const gqsa_sb8 *) src0->data;
     float * out = (float *) dst->data;
     const int64_t win = GQSA_WINDOW_BYTES / (4 * GQSA_PANEL_GROUP_BYTES);   // groups per window
+    GGML_UNUSED(xs); GGML_UNUSED(nsb); GGML_UNUSED(win);
 
     for (int64_t chunk = ith; chunk < nchunk; chunk = ggml_threadpool_chunk_add(params->threadpool, 1)) {
         const int64_t r0 = chunk * dr;
@@ -675,15 +953,17 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
 #if GQSA_USE_PANELS
         // Panels in groups of up to four share each row's decoded weights. The columns of K are
         // walked in windows of `win` groups whose panel data stays in L1 (a row's blocks are sorted
-        // by group, so each window is a contiguous range of them), for GQSA_ROWS_PER_PASS rows at
-        // a time that keep their accumulators and block cursors here.
+        // by group, so each window is a contiguous range of them; superblocks are taken whole, by
+        // the group of their first block), for GQSA_ROWS_PER_PASS rows at a time that keep their
+        // accumulators and cursors (in blocks or superblocks) here.
+        const int nunit = sb ? nsb : nb;
         for (int64_t rb = r0; rb < r1; rb += GQSA_ROWS_PER_PASS) {
             const int nr = r1 - rb < GQSA_ROWS_PER_PASS ? (int) (r1 - rb) : GQSA_ROWS_PER_PASS;
             for (int64_t p0 = 0; p0 < np; p0 += 4) {
                 const int npg = np - p0 < 4 ? (int) (np - p0) : 4;
                 const uint8_t * panels[4];
                 for (int p = 0; p < npg; ++p) {
-                    panels[p] = wdata + (size_t) (p0 + p) * GQSA_PANEL * act_row;
+                    panels[p] = wdata + (size_t) (p0 + p) * GQSA_PANEL * panel_row;
                 }
                 float acc[GQSA_ROWS_PER_PASS][4][GQSA_PANEL];
                 int   cur[GQSA_ROWS_PER_PASS];
@@ -692,20 +972,42 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
                 for (int64_t gw = 0; gw < G; gw += win) {
                     const uint32_t gend = (uint32_t) (gw + win);
                     for (int i = 0; i < nr; ++i) {
-                        const block_gqsa4 * xr = x + (rb + i) * nb;
                         int e = cur[i];
-                        while (e < nb && gqsa_block_index(xr + e) < gend) {
-                            ++e;
+                        if (sb) {
+                            const gqsa_sb8 * tr = xs + (rb + i) * nsb;
+                            while (e < nunit && (uint32_t) (tr[e].gz[0] >> 4) < gend) {
+                                ++e;
+                            }
+                        } else {
+                            const block_gqsa4 * xr = x + (rb + i) * nb;
+                            while (e < nunit && gqsa_block_index(xr + e) < gend) {
+                                ++e;
+                            }
                         }
-                        if (e > cur[i]) {
+                        if (e == cur[i]) {
+                            continue;
+                        }
+#if defined(GQSA_AVX2)
+                        if (sb) {
+                            const gqsa_sb8 * tr = xs + (rb + i) * nsb + cur[i];
                             switch (npg) {   // constant panel counts: the accumulators stay in registers
-                                case 4:  gqsa_panel_row(xr + cur[i], e - cur[i], panels, 4, acc[i]); break;
-                                case 3:  gqsa_panel_row(xr + cur[i], e - cur[i], panels, 3, acc[i]); break;
-                                case 2:  gqsa_panel_row(xr + cur[i], e - cur[i], panels, 2, acc[i]); break;
-                                default: gqsa_panel_row(xr + cur[i], e - cur[i], panels, 1, acc[i]); break;
+                                case 4:  gqsa_sb_panel_row_avx2(tr, e - cur[i], panels, 4, acc[i]); break;
+                                case 3:  gqsa_sb_panel_row_avx2(tr, e - cur[i], panels, 3, acc[i]); break;
+                                case 2:  gqsa_sb_panel_row_avx2(tr, e - cur[i], panels, 2, acc[i]); break;
+                                default: gqsa_sb_panel_row_avx2(tr, e - cur[i], panels, 1, acc[i]); break;
                             }
                             cur[i] = e;
+                            continue;
                         }
+#endif
+                        const block_gqsa4 * xr = x + (rb + i) * nb + cur[i];
+                        switch (npg) {
+                            case 4:  gqsa_panel_row(xr, e - cur[i], panels, 4, acc[i]); break;
+                            case 3:  gqsa_panel_row(xr, e - cur[i], panels, 3, acc[i]); break;
+                            case 2:  gqsa_panel_row(xr, e - cur[i], panels, 2, acc[i]); break;
+                            default: gqsa_panel_row(xr, e - cur[i], panels, 1, acc[i]); break;
+                        }
+                        cur[i] = e;
                     }
                 }
                 for (int i = 0; i < nr; ++i) {
@@ -720,7 +1022,12 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
         }
 #endif
         for (int64_t j = 0; j < rem; ++j) {
-            ggml_gqsa_rows(x + r0 * nb, nb, r1 - r0, rem_base + j * act_row, out + (np * GQSA_PANEL + j) * ldd + r0);
+            float * o = out + (np * GQSA_PANEL + j) * ldd + r0;
+            if (sb) {
+                ggml_gqsa_sb_rows(xs + r0 * nsb, nb, r1 - r0, rem_base + j * act_row, G, o);
+            } else {
+                ggml_gqsa_rows(x + r0 * nb, nb, r1 - r0, rem_base + j * act_row, o);
+            }
         }
         if (nth >= nchunk) {
             break;
@@ -728,4 +1035,16 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
     }
     return true;
 #endif
+}
+
+bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    return gqsa_mul_mat(params, dst, false);
+}
+
+void ggml_gqsa_mul_mat_sb(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    // the buffer type accepted this mul_mat (ggml_gqsa_sb_supports_mul_mat) and sized the work
+    // buffer (ggml_gqsa_sb_work_size): ggml's generic path cannot read superblocks
+    if (!gqsa_mul_mat(params, dst, true)) {
+        GGML_ABORT("gqsa: mul_mat of repacked weight '%s' not handled", dst->src[0]->name);
+    }
 }

@@ -51,6 +51,38 @@ void ggml_gqsa_panel_rows_generic(const void * GGML_RESTRICT x, int n_kept, int6
 // (on every thread alike) for what it does not handle, which then takes ggml's generic path.
 bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst);
 
+// ---- repacked weights (the CPU_GQSA buffer type; see "Repacked weights" in ggml-cpu-gqsa.c) ----
+
+#define GQSA_SB_BLOCKS 8
+
+// 8 consecutive blocks of a row, rearranged for the AVX2 kernels; 96 bytes, as the 8 blocks
+typedef struct {
+    uint16_t    gz[GQSA_SB_BLOCKS];        // group index << 4 | zero point, in lane order
+    ggml_fp16_t d[GQSA_SB_BLOCKS];         // scales, in lane order
+    uint8_t     qs[4 * GQSA_SB_BLOCKS * 2]; // weights, two halves of 4 blocks
+} gqsa_sb8;
+
+// Whether this build repacks gqsa4 weights (AVX2 kernels) and whether rows of n_kept blocks can be
+bool ggml_gqsa_sb_available(void);
+bool ggml_gqsa_sb_supported(int n_kept);
+// gqsa4 rows (n_kept % 8 == 0) <-> superblocks; src and dst must not overlap
+void ggml_gqsa_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
+void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
+// Decode activations for superblocks: groups [g0, g1) of one float row of G groups into y
+// (qs of group g at 16 g, floats d, s, 0, 0 at 16 G + 16 g); ggml_gqsa_sb_act_bytes(G) per row
+#define ggml_gqsa_sb_act_bytes(G) ((size_t) (G) * 32)
+void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1);
+// out[r] = superblock row r . y (decode activations of G groups), for nrows consecutive rows
+void ggml_gqsa_sb_rows        (const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
+                               int64_t G, float * GGML_RESTRICT out);
+void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
+                               int64_t G, float * GGML_RESTRICT out);
+// Work buffer bytes and the mul_mat of a repacked gqsa4 weight (src0) with f32 activations; unlike
+// ggml_gqsa_mul_mat it handles every mul_mat the buffer type accepts (ggml_gqsa_sb_supports_mul_mat)
+size_t ggml_gqsa_sb_work_size(const struct ggml_tensor * dst);
+bool   ggml_gqsa_sb_supports_mul_mat(const struct ggml_tensor * dst);
+void   ggml_gqsa_mul_mat_sb(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+
 #ifdef __cplusplus
 }
 #endif
