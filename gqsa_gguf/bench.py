@@ -41,6 +41,7 @@ class Shape:
     n_layer: int
     n_head: int
     n_head_kv: int
+    n_vocab: int | None = None      # None: the embedded tokenizer's 49152; smaller truncates it
 
     def __post_init__(self):
         for f in ("n_embd", "n_ff", "n_layer", "n_head", "n_head_kv"):
@@ -59,8 +60,8 @@ class Shape:
 
 PRESETS = {
     "smollm2-135m": Shape("smollm2-135m", 576, 1536, 30, 9, 3),
-    "llama-1b": Shape("llama-1b", 2048, 5632, 22, 32, 4),
-    "llama-7b": Shape("llama-7b", 4096, 11008, 32, 32, 32),
+    "llama-1b": Shape("llama-1b", 2048, 5632, 22, 32, 4, n_vocab=32000),      # TinyLlama-1.1B
+    "llama-7b": Shape("llama-7b", 4096, 11008, 32, 32, 32, n_vocab=32000),
 }
 
 
@@ -108,6 +109,34 @@ class _RandomWeights:
         return self.cache[key]
 
 
+def _tokenizer_fields(reader, n_vocab: int | None) -> dict:
+    """The embedded model's tokenizer metadata as {key: (value, types)}, cut to the first n_vocab
+    tokens (the output head, read once per decoded token, then has the named model's size): BPE merges
+    survive only where both parts and their join are kept tokens."""
+    fields = {k: (f.contents(), f.types) for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    if n_vocab is None:
+        return fields
+    tokens, types = fields["tokenizer.ggml.tokens"]
+    if n_vocab > len(tokens):
+        raise ValueError(f"a vocabulary of {n_vocab} needs more tokens than the embedded tokenizer has ({len(tokens)})")
+    kept = tokens[:n_vocab]
+    fields["tokenizer.ggml.tokens"] = (kept, types)
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in fields:
+            fields[key] = (fields[key][0][:n_vocab], fields[key][1])
+    if "tokenizer.ggml.merges" in fields:
+        vocab = set(kept)
+        merges = [m for m in fields["tokenizer.ggml.merges"][0]
+                  if (parts := m.split(" ")) and len(parts) == 2 and parts[0] in vocab and parts[1] in vocab
+                  and parts[0] + parts[1] in vocab]
+        fields["tokenizer.ggml.merges"] = (merges, fields["tokenizer.ggml.merges"][1])
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                "tokenizer.ggml.padding_token_id"):
+        if key in fields and int(fields[key][0]) >= n_vocab:
+            del fields[key]
+    return fields
+
+
 def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights) -> dict:
     """Writes a llama-architecture GGUF of `shape` whose linear weights are in `fmt_name`.
 
@@ -121,7 +150,8 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
     from .model_io import smollm2_gguf
 
     reader = gguf.GGUFReader(str(smollm2_gguf()))
-    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    tokenizer = _tokenizer_fields(reader, shape.n_vocab)
+    n_vocab = len(tokenizer["tokenizer.ggml.tokens"][0])
     arch = "llama"
     config = json.dumps({"benchmark": True, "shape": dataclasses.asdict(shape), "format": fmt_name,
                          "weights": "random, for speed only"})
@@ -142,13 +172,11 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            vt = field.types[0]
-            if vt == gguf.GGUFValueType.ARRAY:
-                w.add_key_value(key, field.contents(), vt, sub_type=field.types[-1])
-            else:
-                w.add_key_value(key, field.contents(), vt)
+    for key, (value, types) in tokenizer.items():
+        if types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, types[0], sub_type=types[-1])
+        else:
+            w.add_key_value(key, value, types[0])
 
     def add(name, array, raw_dtype=None):
         (writer.add_tensor if writer else w.add_tensor)(name, array, raw_dtype=raw_dtype)
