@@ -33,3 +33,17 @@ def test_synthetic_vocab_cannot_exceed_the_tokenizer(tmp_path):
     shape = bench.Shape("big", 64, 128, 1, 4, 4, n_vocab=10 ** 6)
     with pytest.raises(ValueError, match="needs more tokens"):
         bench.write_model(shape, "q8_0", tmp_path / "x.gguf", bench._RandomWeights(seed=0))
+
+
+def test_bandwidth_probe_reads_through_the_native_library():
+    import ctypes
+
+    from gqsa_gguf import runtime
+
+    fn = runtime.native_lib().gqsa_read_bandwidth
+    fn.restype = ctypes.c_double
+    fn.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+    assert fn(0, 1 << 20, 1) < 0 and fn(1, 1 << 20, 0) < 0          # refused arguments
+    bw = fn(2, 64 << 20, 2)
+    assert 1e8 < bw < 1e13, bw                                          # bytes/s of a real read
+    assert bench.measure_bandwidth(1, nbytes=64 << 20, repeats=1) > 1e8

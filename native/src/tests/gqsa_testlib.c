@@ -130,3 +130,77 @@ GQSA_TESTLIB_API double gqsa_test_time_mul_mat(int type, const void * w, int64_t
     ggml_free(ctx);
     return best;
 }
+
+// ---- read bandwidth (gqsa-gguf bench: the bound of each format's decode speed) ----------------
+
+#include <pthread.h>
+#include <stdlib.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+typedef struct {
+    const uint64_t * p;
+    size_t           n;      // words
+    uint64_t         sum;
+} gqsa_bw_part;
+
+static void * gqsa_bw_read(void * arg) {
+    gqsa_bw_part * part = (gqsa_bw_part *) arg;
+    uint64_t s[8] = {0};
+    for (size_t i = 0; i + 8 <= part->n; i += 8) {       // 8 independent chains: bound by memory
+        for (int k = 0; k < 8; ++k) {
+            s[k] += part->p[i + k];
+        }
+    }
+    part->sum = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+    return NULL;
+}
+
+// Best read bandwidth in bytes/s over `repeats` passes of `threads` threads each summing its part of
+// a `bytes` buffer (huge pages where the system grants them, like the CPU_GQSA weights): an upper
+// estimate of what a decode kernel can stream. Returns a negative value on failure.
+GQSA_TESTLIB_API double gqsa_read_bandwidth(int threads, size_t bytes, int repeats) {
+    if (threads < 1 || threads > 256 || repeats < 1) {
+        return -1.0;
+    }
+    const size_t page = (size_t) 2 << 20;
+    bytes = (bytes + page - 1) / page * page;
+    uint64_t * buf = (uint64_t *) aligned_alloc(page, bytes);
+    if (buf == NULL) {
+        return -1.0;
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(buf, bytes, MADV_HUGEPAGE);
+#endif
+    memset(buf, 1, bytes);
+    const size_t words = bytes / sizeof(uint64_t);
+    gqsa_bw_part parts[256];
+    pthread_t ids[256];
+    double best = 0.0;
+    uint64_t check = 0;
+    for (int r = 0; r < repeats; ++r) {
+        const double t0 = gqsa_now();
+        for (int t = 0; t < threads; ++t) {
+            parts[t].p = buf + words * (size_t) t / (size_t) threads;
+            parts[t].n = words * (size_t) (t + 1) / (size_t) threads - words * (size_t) t / (size_t) threads;
+            if (t > 0 && pthread_create(&ids[t], NULL, gqsa_bw_read, &parts[t]) != 0) {
+                free(buf);
+                return -1.0;
+            }
+        }
+        gqsa_bw_read(&parts[0]);
+        for (int t = 1; t < threads; ++t) {
+            pthread_join(ids[t], NULL);
+        }
+        const double dt = gqsa_now() - t0;
+        for (int t = 0; t < threads; ++t) {
+            check += parts[t].sum;
+        }
+        if (dt > 0 && (double) bytes / dt > best) {
+            best = (double) bytes / dt;
+        }
+    }
+    free(buf);
+    return check == 0 ? -1.0 : best;          // the sums are never 0 (memset 1): keeps the reads
+}

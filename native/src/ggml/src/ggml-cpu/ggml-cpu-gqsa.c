@@ -13,7 +13,9 @@
 //    into a "panel", column-interleaved per group (see gqsa_panel_* below), so that one weight
 //    block is dotted with GQSA_PANEL columns by four broadcast-multiply-adds, without reductions.
 //    Same quantized values (bit-exact with quantize_row_gqsa_q8_ref), same 24 bytes per group and
-//    column, so the panels fit the work buffer ggml sizes for gqsa_q8.
+//    column, so the panels fit the work buffer ggml sizes for gqsa_q8;
+//  - weights repacked at load into superblocks (AVX2, rows keeping a multiple of 8 blocks; the
+//    CPU_GQSA buffer type): see "Repacked weights" below, and docs/DESIGN.md.
 //
 // Measured on Zen 4 and kept out (benchmarks, not tests, hold the numbers): 512-bit versions of the
 // decode step (16 blocks, vpermt2d / vpermb assembly) ran 10-15 % slower than the 256-bit one (Zen 4
@@ -599,8 +601,8 @@ static inline void gqsa_panel_row_neon(const block_gqsa4 * GGML_RESTRICT x, int 
 // scales and zero points are used as loaded; one 32-byte load gives 4 blocks' weights with an AND
 // and a shift; gz & 0xFFF0 is the byte offset of a block's group in the decode activation layout:
 //     int8 qs[G][16], then float ds[G][4] = {d, s, 0, 0} (32 bytes per group).
-// Same bytes as the file layout, measured 25-30 % faster per block on the decode step (benchmarks,
-// not tests, hold the numbers: docs/bench-llama-7b.md).
+// Same bytes as the file layout; the decode step measured 25-30 % faster per block (benchmarks, not
+// tests, hold the numbers: docs/DESIGN.md, docs/bench-llama-7b.md).
 
 static const int gqsa_sb_lane[GQSA_SB_BLOCKS] = { 0, 2, 4, 6, 1, 3, 5, 7 };
 
