@@ -42,3 +42,4 @@ bool ggml_is_contiguous(const struct ggml_tensor * t) { (void) t; abort(); }
 void ggml_barrier(struct ggml_threadpool * tp) { (void) tp; abort(); }
 int ggml_threadpool_chunk_add(struct ggml_threadpool * tp, int value) { (void) tp; (void) value; abort(); }
 void ggml_threadpool_chunk_set(struct ggml_threadpool * tp, int value) { (void) tp; (void) value; abort(); }
+void ggml_abort(const char * file, int line, const char * fmt, ...) { (void) file; (void) line; (void) fmt; abort(); }
