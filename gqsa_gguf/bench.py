@@ -20,6 +20,8 @@ import argparse
 import ctypes
 import dataclasses
 import json
+import os
+import platform
 import threading
 import time
 from pathlib import Path
@@ -244,6 +246,31 @@ def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> 
     return best
 
 
+def machine_description(llama_cpp=None) -> str:
+    """The CPU the numbers were measured on: model name, logical CPUs, and the SIMD features the
+    llama.cpp build uses (a table is only comparable with another from the same machine and build)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        cpu = info.get("model name") or info.get("Model") or info.get("Hardware") or cpu
+        if "cpu family" in info and "model" in info:         # a VM's model name can be generic
+            cpu += f" (family {info['cpu family']} model {info['model']})"
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical CPU(s), {platform.machine()}"
+    if llama_cpp is not None:
+        info = llama_cpp.llama_cpp.llama_print_system_info().decode(errors="replace")
+        feats = [kv.split("=")[0].strip() for kv in info.replace("CPU :", "").split("|")
+                 if kv.strip().endswith("= 1")]
+        feats = [f for f in feats if f not in ("LLAMAFILE", "OPENMP", "REPACK")]
+        if feats:
+            text += "; llama.cpp build with " + ", ".join(feats)
+    return text
+
+
 def time_model(llama_cpp, path: Path, threads: int, n_prompt: int, n_decode: int) -> tuple[float, float]:
     """(prompt tokens/s, decode tokens/s) of one GGUF through llama.cpp."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_prompt + n_decode + 8, n_batch=n_prompt,
@@ -298,13 +325,14 @@ def run(shape: Shape, formats: list[str], threads: list[int], n_prompt: int, n_d
         for p in files.values():
             p.unlink(missing_ok=True)
 
+    machine = machine_description(llama_cpp)
     rows = []
     for t in threads:
         for f in formats:
             pp, tg = best[(f, t)]
             s = sizes[f]
             bound = bandwidth[t] / s["bytes_per_token"]
-            rows.append({"format": f, "threads": t, "bpw": 8.0 * s["linear_bytes"] / s["n_linear"],
+            rows.append({"format": f, "threads": t, "rounds": rounds, "machine": machine, "bpw": 8.0 * s["linear_bytes"] / s["n_linear"],
                          "pp_tok_s": pp, "decode_tok_s": tg, "bytes_per_token": s["bytes_per_token"],
                          "bandwidth_GBps": bandwidth[t] / 1e9, "decode_bound_tok_s": bound,
                          "bound_fraction": tg / bound})
@@ -317,10 +345,11 @@ def run(shape: Shape, formats: list[str], threads: list[int], n_prompt: int, n_d
     return rows
 
 
-def markdown(rows: list[dict], shape: Shape, n_prompt: int, n_decode: int) -> str:
+def markdown(rows: list[dict], shape: Shape, n_prompt: int, n_decode: int, command: str | None = None) -> str:
     lines = [f"Model shape `{shape.name}` (width {shape.n_embd}, FFN {shape.n_ff}, {shape.n_layer} layers), "
              f"prompt {n_prompt} tokens, decode {n_decode} tokens. Bits per weight: linear weights, all "
-             "metadata included. Bound: measured read bandwidth / weight bytes read per decoded token.",
+             "metadata included. Bound: measured read bandwidth / weight bytes read per decoded token."
+             + (f" Best of {rows[0]['rounds']} alternating round(s)." if rows and "rounds" in rows[0] else ""),
              "",
              "| format | threads | bits/weight | prompt tok/s | × Q4_0 | decode tok/s | × Q4_0 | MB read/token | bound tok/s | % of bound |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -331,6 +360,10 @@ def markdown(rows: list[dict], shape: Shape, n_prompt: int, n_decode: int) -> st
                      f"{r['decode_bound_tok_s']:.1f} | {100 * r['bound_fraction']:.0f} % |")
     bw = sorted({(r["threads"], r["bandwidth_GBps"]) for r in rows})
     lines += ["", "Measured read bandwidth: " + ", ".join(f"{b:.1f} GB/s with {t} thread(s)" for t, b in bw) + "."]
+    if rows and rows[0].get("machine"):
+        lines += ["", f"Machine: {rows[0]['machine']}."]
+    if command:
+        lines += ["", f"Command: `{command}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -369,6 +402,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-files", action="store_true", help="keep the generated GGUF files")
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that measures the same thing again (the output directory left out)."""
+    return (f"gqsa-gguf bench --synthetic {args.synthetic} --formats {args.formats} --threads {args.threads} "
+            f"--prompt {args.prompt} --decode {args.decode} --rounds {args.rounds}")
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     shape = PRESETS[args.synthetic]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -379,7 +418,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.prompt < 1 or args.decode < 1 or args.rounds < 1 or min(threads) < 1:
         raise SystemExit("--prompt, --decode, --rounds and --threads must be positive")
     rows = run(shape, formats, threads, args.prompt, args.decode, args.rounds, args.out_dir, args.keep_files)
-    table = markdown(rows, shape, args.prompt, args.decode)
+    table = markdown(rows, shape, args.prompt, args.decode, command_line(args))
     print()
     print(table)
     (args.out_dir / f"bench-{shape.name}.md").write_text(table)

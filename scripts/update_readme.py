@@ -43,8 +43,8 @@ def main() -> int:
             parts += [p.read_text().rstrip(), ""]
             if png.exists():
                 parts += [f"![{p.stem}](docs/{png.name})", ""]
-        parts.append("Regenerate: `gqsa-gguf bench --out-dir docs` (add `--synthetic llama-7b` for a 7B-shaped model), "
-                     "then `python scripts/update_readme.py`.")
+        parts.append("Regenerate: the command under a table, with `--out-dir docs` added, then "
+                     "`python scripts/update_readme.py`. Numbers from different machines do not compare.")
         sections["speed"] = "\n".join(parts) + "\n"
     if (DOCS / "quality.md").exists():
         head, *rest = (DOCS / "quality.md").read_text().split("\n## ")

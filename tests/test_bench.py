@@ -1,5 +1,7 @@
 """gqsa-gguf bench: the synthetic models it writes (speed itself is measured by the benchmark, not here)."""
 
+import os
+
 import gguf
 import pytest
 
@@ -47,3 +49,34 @@ def test_bandwidth_probe_reads_through_the_native_library():
     bw = fn(2, 64 << 20, 2)
     assert 1e8 < bw < 1e13, bw                                          # bytes/s of a real read
     assert bench.measure_bandwidth(1, nbytes=64 << 20, repeats=1) > 1e8
+
+
+def test_machine_description_names_cpu_and_build_features():
+    class FakeLlamaCpp:
+        class llama_cpp:
+            @staticmethod
+            def llama_print_system_info():
+                return b"CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | NEON = 1 | OPENMP = 1 | REPACK = 1 | "
+
+    plain = bench.machine_description()
+    assert f"{os.cpu_count()} logical CPU(s)" in plain and "llama.cpp build" not in plain
+    text = bench.machine_description(FakeLlamaCpp)
+    assert text.startswith(plain)
+    # features switched on are listed in order; switched-off ones and non-SIMD switches are not
+    assert text.endswith("; llama.cpp build with SSE3, AVX2, NEON")
+
+
+def test_command_line_reproduces_the_settings():
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    argv = ["--synthetic", "llama-1b", "--formats", "q4_0,w4s50", "--threads", "2", "--decode", "64",
+            "--rounds", "3", "--out-dir", "/tmp/x"]
+    args = p.parse_args(argv)
+    cmd = bench.command_line(args)
+    assert cmd.startswith("gqsa-gguf bench ")
+    again = p.parse_args(cmd.split()[2:])
+    # every setting survives the round trip except where the files go
+    assert {k: v for k, v in vars(again).items() if k not in ("out_dir", "keep_files")} == \
+           {k: v for k, v in vars(args).items() if k not in ("out_dir", "keep_files")}
+    assert f"Command: `{cmd}`." in bench.markdown([], bench.PRESETS["llama-1b"], 512, 64, cmd)

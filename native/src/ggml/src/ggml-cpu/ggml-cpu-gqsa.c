@@ -736,7 +736,9 @@ static inline __m256 gqsa_sb_step_avx2(const gqsa_sb8 * GGML_RESTRICT t, const u
     return _mm256_mul_ps(dw, _mm256_fnmadd_ps(zf, sx, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(sumi))));
 }
 
+#ifndef GQSA_PREFETCH_BYTES      // how far ahead the decode kernel prefetches (overridable, for measurements)
 #define GQSA_PREFETCH_BYTES 2048
+#endif
 
 static void gqsa_sb_rows_avx2(const gqsa_sb8 * GGML_RESTRICT x, int nsb, int64_t nrows, const void * GGML_RESTRICT vy,
                               int64_t G, float * GGML_RESTRICT out) {
