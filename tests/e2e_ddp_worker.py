@@ -30,7 +30,8 @@ def main(out: str) -> None:
         # gradients of the step (left by the last step): Adam's first step is nearly sign(grad),
         # so the reduced gradients are what really tells a correct all_reduce from a wrong one
         state.update({f"{n}.{k}.grad": getattr(m, k).grad.clone() for n, m in mods for k in ("scale", "zero")})
-        torch.save({"state": state, "loss": rep.step_loss, "world": world}, out)
+        torch.save({"state": state, "loss": rep.step_loss, "world": world,
+                    "lr": {"scale": cfg.lr_scale, "zero": cfg.lr_zero}}, out)
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()

@@ -101,5 +101,16 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
     assert a["world"] == 1 and b["world"] == 2
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert any(k.endswith(".grad") for k in a["state"])
+    eps = torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults["eps"]   # e2e.py's optimizer
     for k, ref in a["state"].items():      # equal up to float summation order
-        torch.testing.assert_close(b["state"][k], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        got = b["state"][k]
+        tol = 1e-5 * ref.abs() + 1e-5 * float(ref.abs().max())
+        if not k.endswith(".grad"):
+            # Adam's first step moves an element by lr * g / (|g| + eps): where g is itself near
+            # eps, the summation-order difference of the gradients (their .grad entries are checked tightly) is
+            # magnified by lr * eps / (|g| + eps)^2. That much, twice, is allowed on top.
+            ga, gb = a["state"][k + ".grad"], b["state"][k + ".grad"]
+            lr = a["lr"][k.rsplit(".", 1)[1]]
+            tol = tol + 2 * lr * eps * (ga - gb).abs() / (torch.minimum(ga.abs(), gb.abs()) + eps) ** 2
+        bad = (got - ref).abs() > tol
+        assert not bad.any(), f"{k}: {int(bad.sum())} elements differ, e.g. {got[bad][:3]} vs {ref[bad][:3]}"
