@@ -367,6 +367,21 @@ def markdown(rows: list[dict], shape: Shape, n_prompt: int, n_decode: int, comma
     return "\n".join(lines) + "\n"
 
 
+def label_offsets(points: list[tuple[float, float]], gap: float = 9.0) -> list[float]:
+    """Vertical offsets (in the units of y) for the labels of (x, y) points, y in typographic
+    points: labels of points that share an x (the 4.5-bit formats, say) are stacked upwards in
+    order of y, at least `gap` apart, so that neighbouring labels do not overlap."""
+    offsets = [0.0] * len(points)
+    for x in {p[0] for p in points}:
+        column = sorted((i for i, p in enumerate(points) if p[0] == x), key=lambda i: points[i][1])
+        floor = float("-inf")
+        for i in column:
+            at = max(points[i][1], floor)
+            offsets[i] = at - points[i][1]
+            floor = at + gap
+    return offsets
+
+
 def plot(rows: list[dict], shape: Shape, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -375,10 +390,15 @@ def plot(rows: list[dict], shape: Shape, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "pp_tok_s", "prompt processing")):
         for t in sorted({r["threads"] for r in rows}):
-            pts = sorted((r["bpw"], r[key], r["format"]) for r in rows if r["threads"] == t)
+            pts = [(r["bpw"], r[key]) for r in rows if r["threads"] == t]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=f"{t} thread(s)")
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.margins(x=0.08, y=0.1)
+        ax.get_ylim()                                   # settles the limits the labels are placed by
+        to_pt = 72.0 / fig.dpi
+        pts = [(r["bpw"], float(ax.transData.transform((r["bpw"], r[key]))[1]) * to_pt) for r in rows]
+        for r, dy in zip(rows, label_offsets(pts)):
+            ax.annotate(r["format"], (r["bpw"], r[key]), textcoords="offset points", xytext=(5, dy - 3),
+                        fontsize=8, annotation_clip=False)
         ax.set_xlabel("bits per weight (linear weights)")
         ax.set_ylabel("tokens/s")
         ax.set_title(f"{shape.name}: {title}")

@@ -80,3 +80,14 @@ def test_command_line_reproduces_the_settings():
     assert {k: v for k, v in vars(again).items() if k not in ("out_dir", "keep_files")} == \
            {k: v for k, v in vars(args).items() if k not in ("out_dir", "keep_files")}
     assert f"Command: `{cmd}`." in bench.markdown([], bench.PRESETS["llama-1b"], 512, 64, cmd)
+
+
+def test_plot_labels_of_one_width_are_stacked_apart():
+    # three 4.5-bit formats 2-6 points apart, one 3-bit and one 8.5-bit format alone (y in points)
+    pts = [(4.5, 100.0), (3.0, 200.0), (4.5, 106.0), (8.5, 103.0), (4.5, 108.0)]
+    off = bench.label_offsets(pts, gap=9.0)
+    assert off[1] == off[3] == 0.0                      # alone in their column: at their point
+    assert off[0] == 0.0                                # the lowest of the column stays put
+    at = sorted(y + d for (x, y), d in zip(pts, off) if x == 4.5)
+    assert at == [100.0, 109.0, 118.0]                  # each the gap above the one below
+    assert all(d >= 0 for d in off)
