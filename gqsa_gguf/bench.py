@@ -251,19 +251,19 @@ def machine_description(llama_cpp=None) -> str:
     llama.cpp build uses (a table is only comparable with another from the same machine and build)."""
     cpu = platform.processor() or platform.machine()
     try:
-        info = {}
+        cpuinfo = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-        cpu = info.get("model name") or info.get("Model") or info.get("Hardware") or cpu
-        if "cpu family" in info and "model" in info:         # a VM's model name can be generic
-            cpu += f" (family {info['cpu family']} model {info['model']})"
+            cpuinfo.setdefault(key.strip(), value.strip())
+        cpu = cpuinfo.get("model name") or cpuinfo.get("Model") or cpuinfo.get("Hardware") or cpu
+        if "cpu family" in cpuinfo and "model" in cpuinfo:   # a VM's model name can be generic
+            cpu += f" (family {cpuinfo['cpu family']} model {cpuinfo['model']})"
     except OSError:
         pass
     text = f"{cpu}, {os.cpu_count()} logical CPU(s), {platform.machine()}"
     if llama_cpp is not None:
-        info = llama_cpp.llama_cpp.llama_print_system_info().decode(errors="replace")
-        feats = [kv.split("=")[0].strip() for kv in info.replace("CPU :", "").split("|")
+        system = llama_cpp.llama_cpp.llama_print_system_info().decode(errors="replace")
+        feats = [kv.split("=")[0].strip() for kv in system.replace("CPU :", "").split("|")
                  if kv.strip().endswith("= 1")]
         feats = [f for f in feats if f not in ("LLAMAFILE", "OPENMP", "REPACK")]
         if feats:
@@ -332,8 +332,8 @@ def run(shape: Shape, formats: list[str], threads: list[int], n_prompt: int, n_d
             pp, tg = best[(f, t)]
             s = sizes[f]
             bound = bandwidth[t] / s["bytes_per_token"]
-            rows.append({"format": f, "threads": t, "rounds": rounds, "machine": machine, "bpw": 8.0 * s["linear_bytes"] / s["n_linear"],
-                         "pp_tok_s": pp, "decode_tok_s": tg, "bytes_per_token": s["bytes_per_token"],
+            rows.append({"format": f, "threads": t, "rounds": rounds, "machine": machine,
+                         "bpw": 8.0 * s["linear_bytes"] / s["n_linear"], "pp_tok_s": pp, "decode_tok_s": tg, "bytes_per_token": s["bytes_per_token"],
                          "bandwidth_GBps": bandwidth[t] / 1e9, "decode_bound_tok_s": bound,
                          "bound_fraction": tg / bound})
     for t in threads:

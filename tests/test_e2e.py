@@ -107,8 +107,8 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
         tol = 1e-5 * ref.abs() + 1e-5 * float(ref.abs().max())
         if not k.endswith(".grad"):
             # Adam's first step moves an element by lr * g / (|g| + eps): where g is itself near
-            # eps, the summation-order difference of the gradients (their .grad entries are checked tightly) is
-            # magnified by lr * eps / (|g| + eps)^2. That much, twice, is allowed on top.
+            # eps, the summation-order difference of the gradients (their .grad entries are
+            # checked tightly) is magnified by lr * eps / (|g| + eps)^2. Twice that is allowed on top.
             ga, gb = a["state"][k + ".grad"], b["state"][k + ".grad"]
             lr = a["lr"][k.rsplit(".", 1)[1]]
             tol = tol + 2 * lr * eps * (ga - gb).abs() / (torch.minimum(ga.abs(), gb.abs()) + eps) ** 2
