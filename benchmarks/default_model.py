@@ -6,8 +6,9 @@ llama.cpp's own quantizer, GQSA one-shot w4s0 / w4s25 / w4s50 / w4s75 files made
 with training off, and the W4S50 file `convert.py` makes at its defaults (one-shot + BQPO +
 E2E-OQP). Every file is measured through the same patched llama.cpp:
 perplexity on the same token windows of a held-out text (not the calibration text), decode and
-prompt tokens/s in alternating rounds (best of them). Writes docs/default-model.md and the README
-section between its markers.
+prompt tokens/s in alternating rounds (best of them). Writes docs/default-model.md, the plot
+docs/default-model.png (perplexity against bits per weight) and the README section between its
+markers.
 
     python benchmarks/default_model.py [--out-dir default-model-out] [--threads 2] [--rounds 2]
                                        [--nsamples 32] [--trained W4S50.gguf] [--reuse]
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import update_readme                                         # noqa: E402
 from gqsa_gguf import bench, runtime                        # noqa: E402
 from gqsa_gguf.gguf_io import read_gguf                      # noqa: E402
+from gqsa_gguf.config import DEFAULT_CALIB                   # noqa: E402
 from gqsa_gguf.model_io import smollm2_gguf                  # noqa: E402
 
 GQSA_SPECS = ("w4s0", "w4s25", "w4s50", "w4s75")
@@ -72,7 +74,17 @@ def main() -> int:
                     help="an existing W4S50 GGUF made at the converter's defaults (one-shot + BQPO + E2E-OQP, "
                          "e.g. the one benchmarks/quality.py writes) for the trained row; without it the row is "
                          "converted here (about 40 min on 2 cores)")
+    ap.add_argument("--specs", default=",".join(GQSA_SPECS), help="the one-shot GQSA rows to convert")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=GGUF",
+                    help="another row: an existing GGUF under that name (e.g. the one-shot file the converter's "
+                         "defaults make with --bqpo-epochs 0 --e2e-epochs 0, at its 128 calibration windows)")
     a = ap.parse_args()
+    extra = {}
+    for item in a.extra:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"--extra {item!r}: give NAME=PATH of an existing GGUF")
+        extra[name] = Path(path)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     llama_cpp = runtime.import_llama_cpp()
 
@@ -87,7 +99,7 @@ def main() -> int:
         files[name] = dst
 
     from gqsa_gguf.cli import main as cli_main
-    for spec in GQSA_SPECS:
+    for spec in [x for x in a.specs.split(",") if x]:
         dst = a.out_dir / f"smollm2-{spec}.gguf"
         if not (a.reuse and dst.exists()):
             t = time.time()
@@ -98,6 +110,7 @@ def main() -> int:
                 raise SystemExit(f"convert {spec} failed ({rc})")
             convert_seconds[spec] = time.time() - t
         files[spec] = dst
+    files.update(extra)
     trained_name = "w4s50 trained (defaults)"
     if a.trained:
         files[trained_name] = a.trained
@@ -132,29 +145,34 @@ def main() -> int:
         "### The default model: SmolLM2-135M-Instruct",
         "",
         f"Perplexity through llama.cpp on {text} ({a.windows} windows of 512 tokens, the same token ids "
-        f"for every file; calibration used Jane Austen's novels). Speed: {a.threads} threads on this "
-        f"project's 2-core development machine, prompt 512 and decode 128 tokens, best of {a.rounds} "
+        f"for every file; the GQSA files were calibrated on `{DEFAULT_CALIB}`, which shares no text with it). "
+        f"Speed: {a.threads} threads, prompt 512 and decode 128 tokens, best of {a.rounds} "
         "alternating rounds. Bits per weight: decoder linear weights, all metadata included; embeddings "
         "(tied output head) are F16 in the GQSA files (convert's default `--dense-type f16`) and Q8_0 in "
-        "the stock files (llama.cpp's quantizer's choice). The w4s0-w4s75 rows are one-shot (no "
-        f"BQPO/E2E training; {a.nsamples or 128} calibration windows of 512 tokens); the last row is "
-        "W4S50 at the converter's defaults: one-shot, then BQPO and E2E-OQP on 128 windows of 512 tokens"
-        + (f" (file `{a.trained.name}` written by `benchmarks/quality.py` with those settings)" if a.trained else "")
-        + ".",
+        "the stock files (llama.cpp's quantizer's choice). The w4sNN rows are one-shot (the converter's "
+        f"defaults with `--bqpo-epochs 0 --e2e-epochs 0`; {a.nsamples or 128} calibration windows of 512 tokens"
+        + (f"; extra rows: {', '.join(f'`{n}` = `{p.name}`' for n, p in extra.items())}" if extra else "") + "); "
+        "the last row is W4S50 at the converter's defaults: one-shot, then BQPO and E2E-OQP (distilled from the "
+        "float model) on 128 windows of 512 tokens"
+        + (f" (file `{a.trained.name}`)" if a.trained else "") + f". Machine: {bench.machine_description(llama_cpp)}.",
         "",
-        "| file | linear bits/weight | size MB | perplexity | prompt tok/s | decode tok/s | decode × Q4_0 |",
-        "|---|---|---|---|---|---|---|",
+        "| file | linear bits/weight | size MB | perplexity | × F16 | prompt tok/s | decode tok/s | decode × Q4_0 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, path in files.items():
         pp, tg = speed[name]
         lines.append(f"| {name} | {linear_bpw(path):.2f} | {path.stat().st_size / 1e6:.1f} | {ppl[name]:.2f} | "
-                     f"{pp:.0f} | {tg:.1f} | {tg / ref:.2f} |")
+                     f"{ppl[name] / ppl['f16']:.2f} | {pp:.0f} | {tg:.1f} | {tg / ref:.2f} |")
+    plot(files, ppl, ROOT / "docs" / "default-model.png")
     lines += ["",
               "The shipped file is Q4_1 and the float model is its dequantization, so every 32-wide block "
               "of the weights already lies on a 4-bit grid: dense 4-bit rows (Q4_0, GQSA w4s0) cost only a "
               "few points of perplexity here, less than a real float checkpoint's would. What GQSA's sparse "
-              "rows lose beyond that is the cost of pruning (see the quality section for why SmolLM2-135M "
-              "collapses at one-shot W4S50, and how far the training stages bring it back).",
+              "rows lose beyond that is the cost of pruning half (w4s50) or three quarters (w4s75) of the "
+              "groups; k-quants and i-quants need widths divisible by 256, so for this 576-wide model "
+              "llama.cpp has no 3-bit type to compare with.",
+              "",
+              "![default-model](docs/default-model.png)",
               ""]
     if convert_seconds:
         lines.append(f"Conversion time (this machine): "
@@ -167,6 +185,35 @@ def main() -> int:
     (ROOT / "docs" / "default-model.md").write_text(table)
     update_readme.main()                     # copies docs/default-model.md into the README
     return 0
+
+
+def plot(files: dict, ppl: dict, path: Path) -> None:
+    """Perplexity against linear bits per weight, stock types and GQSA, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    gq = [(linear_bpw(p), ppl[n], n) for n, p in files.items() if n.startswith("w4s") and "trained" not in n]
+    for n, p in files.items():
+        x, y = linear_bpw(p), ppl[n]
+        kind = "trained" if "trained" in n else ("gqsa" if n.startswith("w4s") else "stock")
+        ax.scatter([x], [y], marker={"stock": "s", "gqsa": "o", "trained": "*"}[kind], s=90 if kind == "trained" else 40,
+                   color={"stock": "tab:gray", "gqsa": "tab:blue", "trained": "tab:red"}[kind], zorder=3)
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if gq:
+        gq.sort()
+        ax.plot([g[0] for g in gq], [g[1] for g in gq], color="tab:blue", alpha=0.5, label="GQSA one-shot")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder linear bits per weight (all metadata)")
+    ax.set_ylabel("perplexity (llama.cpp, held-out text)")
+    ax.set_title("SmolLM2-135M-Instruct: perplexity vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python benchmarks/quality.py [--nsamples 32 --seqlen 256 --eval-windows 8 --bqpo-epochs 2 ...]
     python benchmarks/quality.py --lr-sweep          # BQPO lr choice on the first blocks
 
-Calibration/training text: debian:janeaustenr (Austen's novels); held-out evaluation text:
-debian:debian-handbook (a technical manual) — different packages, nothing shared.
+Calibration/training text: the converter's default (config.DEFAULT_CALIB, debian:calib-mix);
+held-out evaluation text: debian:debian-handbook (a technical manual) — nothing shared. The
+one-shot rows use the converter's default one-shot method with the uniform layout.
 
 Stages (each a row of docs/quality.md; results are kept in WORKDIR/results.json so a rerun skips
 finished stages and an interrupted BQPO/E2E resumes from its checkpoint):

@@ -31,9 +31,14 @@ import numpy as np
 from . import codec, format as fmt
 
 # llama.cpp type ids and (block size, block bytes) of the stock formats measured here
-STOCK = {"f16": (1, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_k": (12, 256, 144)}
+STOCK = {"f16": (1, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_k": (12, 256, 144),
+         # what a llama.cpp user picks at about 3 bits per weight (widths divisible by 256 only):
+         # Q3_K (3.44, the bulk of a Q3_K_S file), IQ3_XXS (3.06) and Q2_K (2.63)
+         "q3_k": (11, 256, 110), "iq3_xxs": (18, 256, 98), "q2_k": (10, 256, 84)}
+# byte offsets of each stock block's fp16 scales (set finite in the random blocks)
+_SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_k": (0, 2), "q3_k": (108,), "iq3_xxs": (0,), "q2_k": (80, 82)}
 GQSA_SPARSITY = {"w4s0": 0.0, "w4s25": 0.25, "w4s50": 0.5, "w4s75": 0.75}
-DEFAULT_FORMATS = ("f16", "q8_0", "q4_0", "q4_k", "w4s25", "w4s50", "w4s75")
+DEFAULT_FORMATS = ("f16", "q8_0", "q4_0", "q4_k", "q3_k", "iq3_xxs", "q2_k", "w4s25", "w4s50", "w4s75")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +98,8 @@ class _RandomWeights:
                 w = (self.rng.standard_normal((rows, width), np.float32) * 0.02).astype(np.float16)
             else:
                 blocks = self.rng.integers(0, 256, (rows * width // block, nbytes), np.uint8)
-                blocks[:, 0:2] = _fp16_bits(0.01)           # finite scales (d; q4_k: d and dmin)
-                if name == "q4_k":
-                    blocks[:, 2:4] = _fp16_bits(0.001)
+                for j, off in enumerate(_SCALE_OFFSETS[name]):   # finite scales (d; k-quants: d and dmin)
+                    blocks[:, off:off + 2] = _fp16_bits(0.01 if j == 0 else 0.001)
                 w = blocks.reshape(rows, width // block * nbytes)
             self.cache[key] = w
         return self.cache[key]

@@ -1,6 +1,7 @@
 """BQPO — Block Quantization-Pruning Optimization (paper §3.3): block-wise training of GQS layers.
 
-In:  the float HF model (its original weights: the targets and the initial float weights), the
+In:  the float HF model (its original weights: the targets; the trained weights start at the
+     one-shot result's dequantized values, `GQSLinear.from_oneshot`), the
      one-shot result `{HF linear name: oneshot.CompressedLinear}` (masks, z, d), calibration windows
      LongTensor [nsamples, seqlen], a `BQPOConfig`.
 Out: `run_bqpo(...)` -> (`quant_model`, `BQPOReport`): a copy of the model whose decoder linears are
@@ -8,7 +9,8 @@ Out: `run_bqpo(...)` -> (`quant_model`, `BQPOReport`): a copy of the model whose
      turns it into CompressedLinears for export), and per-block MSE before/after and times.
 
 For each decoder block i, one at a time:
-    target     Y_i = float block_i(X_i)         X_0 = embeddings, X_{i+1} = Y_i   (float chain)
+    target     Y_i = float block_i(Xq_i)        (target="float-block", the default), or
+               Y_i = float block_i(X_i)         X_0 = embeddings, X_{i+1} = Y_i   (target="float-chain")
     prediction P_i = GQS block_i(Xq_i)          Xq_0 = X_0, Xq_{i+1} = trained block_i(Xq_i)
     loss       MSE(P_i, Y_i), AdamW; trainable: the block's kept float weights (lr_weight), scales
                (lr_scale), zero points (lr_zero); norms, biases and everything else frozen; fp32
@@ -81,6 +83,10 @@ class BQPOConfig:
     seed: int = 0
     device: str = "cpu"
     amp: str = "none"                # "bf16" / "fp16" autocast: CUDA only
+    # the block's target: "float-block" = the float block applied to the compressed chain's input
+    # (each block learns to act like its float self on what it will really see, instead of being
+    # asked to undo what earlier blocks lost); "float-chain" = the float model's own activations
+    target: str = "float-block"
     cache: str = "memory"            # "memory" or "disk" (np.memmap) for the two activation caches
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -92,6 +98,8 @@ class BQPOConfig:
             _pos_number(f"bqpo.{n}", getattr(self, n), zero_ok=True)
         _pos_number("bqpo.batch_size", self.batch_size, integer=True)
         _pos_number("bqpo.seed", self.seed, integer=True, zero_ok=True)
+        if self.target not in ("float-block", "float-chain"):
+            raise TrainingError(f"bqpo.target {self.target!r}: choose float-block or float-chain")
         if self.cache not in ("memory", "disk"):
             raise TrainingError(f"bqpo.cache {self.cache!r}: choose memory or disk")
         if self.resume and not self.checkpoint_dir:
@@ -264,14 +272,16 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
         t0 = time.time()
         gen = seeded(cfg.seed, "bqpo", i)
         layer_f, layer_q = layers_f[i], layers_q[i]
+        if cfg.target == "float-block":
+            xf.copy_(xq)                                              # float block on Xq_i
         _float_pass(layer_f, xf, kwargs, bs, device)                 # xf now holds the targets Y_i
 
         params_w, params_s, params_z = [], [], []
         for lin in LINEAR_NAMES:
             name = f"model.layers.{i}.{lin}"
             fl = layer_f.get_submodule(lin)
-            g = GQSLinear.from_compressed(compressed[name], fl.weight.detach().cpu(),
-                                          None if fl.bias is None else fl.bias.detach().cpu()).to(device)
+            g = GQSLinear.from_oneshot(compressed[name],
+                                       None if fl.bias is None else fl.bias.detach().cpu()).to(device)
             swap_linear(layer_q, lin, g)
             params_w.append(g.weight)
             params_s.append(g.scale)

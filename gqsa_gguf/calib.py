@@ -1,7 +1,7 @@
 """Calibration (and evaluation) text, and its cutting into token windows.
 
 In:  a text source string — a local text file; a folder (every *.txt below it, sorted by path);
-     "debian:<name>" (a Debian-package text from `textdata`, the default "debian:janeaustenr");
+     "debian:<name>" (a Debian-package text from `textdata`, the default "debian:calib-mix");
      or a `datasets` name "NAME[:CONFIG]" (only where a dataset hub is reachable and the
      `datasets` package is installed) — and a tokenizer.
 Out: `load_text(source)` -> (text, description);

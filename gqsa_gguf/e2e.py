@@ -7,8 +7,9 @@ Out: `run_e2e(model, windows, cfg)` -> `E2EReport` (per-step loss, per-epoch mea
      model's scales and zero points are trained in place; integer codes q, group indices, and every
      other weight stay bit-identical (only `scale` and `zero` have requires_grad, tested).
 
-Objective: the causal LM loss (next-token cross entropy) of the whole model, mean over the windows
-of a global batch; AdamW with lr_scale / lr_zero; fp32 on the CPU, optional bf16/fp16 autocast on
+Objective: the causal LM loss (next-token cross entropy) of the whole model, or with loss="kd"
+the KL divergence to the float model's next-token distributions (distillation; what the converter
+uses), mean over the windows of a global batch; AdamW with lr_scale / lr_zero; fp32 on the CPU, optional bf16/fp16 autocast on
 CUDA.
 
 Data parallel: under `torchrun` (WORLD_SIZE > 1) call `init_distributed(device)` first (gloo on the
@@ -41,7 +42,7 @@ from .fakequant import PackedGQSLinear, gqs_modules, swap_linear
 from .training import TrainingError, autocast, check_amp, check_finite, resolve_device, seeded
 
 __all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "packed_from_oneshot",
-           "trainable_parameters"]
+           "trainable_parameters", "distillation_loss"]
 
 CKPT_NAME = "e2e.ckpt"
 
@@ -61,11 +62,17 @@ class E2EConfig:
     seed: int = 0
     device: str = "cpu"
     amp: str = "none"
+    # "ce": next-token cross entropy on the text; "kd": KL divergence to the float model's
+    # next-token distribution (needs `teacher=` in run_e2e; every position then carries the whole
+    # distribution, not one token, and the target is the float model rather than the text)
+    loss: str = "ce"
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = True
 
     def __post_init__(self):
+        if self.loss not in ("ce", "kd"):
+            raise TrainingError(f"e2e.loss {self.loss!r}: choose ce or kd")
         for n in ("epochs", "batch_size", "micro_batch", "seed"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if n in ("epochs", "seed") else 1):
@@ -158,14 +165,30 @@ def _fingerprint(cfg, model, windows, world) -> str:
     return ckpt.run_fingerprint(*parts)
 
 
+def distillation_loss(logits: torch.Tensor, teacher, ids: torch.Tensor, device, amp: str) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions."""
+    with torch.no_grad(), autocast(device, amp):
+        t = teacher(input_ids=ids, use_cache=False).logits
+    v = logits.shape[-1]
+    log_p_s = F.log_softmax(logits.float().reshape(-1, v), dim=-1)
+    log_p_t = F.log_softmax(t.float().reshape(-1, v), dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+
+
 def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             on_epoch_end: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
-            max_steps: int | None = None) -> E2EReport:
+            max_steps: int | None = None, teacher=None) -> E2EReport:
     """Trains scales and zero points end to end (see module docstring). `max_steps` (tests,
-    smoke runs) stops each epoch after that many optimizer steps."""
+    smoke runs) stops each epoch after that many optimizer steps. `teacher`: the float model,
+    needed by cfg.loss == "kd" (run without gradients, on the same device)."""
     from tqdm.auto import tqdm
 
+    if cfg.loss == "kd" and teacher is None:
+        raise TrainingError("E2E-OQP: loss 'kd' needs the float model as teacher")
     device = resolve_device(cfg.device)
+    if teacher is not None:
+        teacher.to(device)
+        teacher.train(False)
     check_amp(cfg.amp, device)
     dist, rank, world = _dist()
     if cfg.batch_size % (world * cfg.micro_batch):
@@ -225,8 +248,11 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
                 ids = windows[lidx[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]].to(device)
                 with autocast(device, cfg.amp):
                     logits = model(input_ids=ids, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                       ids[:, 1:].reshape(-1))
+                if cfg.loss == "kd":
+                    loss = distillation_loss(logits, teacher, ids, device, cfg.amp)
+                else:
+                    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                           ids[:, 1:].reshape(-1))
                 check_finite(f"{where} (rank {rank})", loss)
                 part = loss * (cfg.micro_batch / cfg.batch_size)   # share of the global mean
                 (scaler.scale(part) if scaler is not None else part).backward()

@@ -1,7 +1,7 @@
 """Perplexity of a GQSA GGUF through llama.cpp and through PyTorch, on identical token windows.
 
-In:  a GGUF path; an evaluation text source (default "debian:debian-handbook", a different
-     Debian package than the calibration default "debian:janeaustenr"); window length; optionally
+In:  a GGUF path; an evaluation text source (default "debian:debian-handbook", different
+     Debian packages than the calibration default "debian:calib-mix"); window length; optionally
      a float checkpoint folder.
 Out: `evaluate(...)` -> `EvalReport` with one `PerplexityResult` per backend:
        llama.cpp   the GGUF run by the patched llama.cpp (logits of every position)

@@ -196,6 +196,18 @@ class GQSLinear(_GQSBase):
         z = torch.from_numpy(np.asarray(cl.z, dtype=np.float32))
         return cls(cl.name, k, idx, wg, d, z, bias)
 
+    @classmethod
+    def from_oneshot(cls, cl, bias: torch.Tensor | None = None) -> "GQSLinear":
+        """From a one-shot result alone: the kept float weights start at the one-shot's own
+        dequantized values (q - z) * d, so the forward at init is the one-shot layer bit for bit
+        and training starts from the error-compensated weights, not from the float ones."""
+        idx = torch.from_numpy(np.asarray(cl.indices, dtype=np.int64))
+        q = torch.from_numpy(np.asarray(cl.q, dtype=np.float32))
+        d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
+        z = torch.from_numpy(np.asarray(cl.z, dtype=np.float32))
+        wg = (q - z[..., None]) * d[..., None]
+        return cls(cl.name, cl.width, idx, wg, d, z, bias)
+
     def _quant(self):
         d = stored_scale(self.scale)[..., None]
         zi = integer_zero(self.zero)[..., None]

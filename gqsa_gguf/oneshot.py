@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from . import format as fmt
-from .saliency import (HessianAccumulator, group_saliency, hessian_inverse_diag, select_groups,
-                       weight_saliency)
+from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, hessian_inverse_diag,
+                       select_groups, weight_saliency)
 
 __all__ = ["CompressedLinear", "CompressionResult", "OneShotError", "quantize_groups_torch",
            "dequantize_groups_torch", "compress_linear", "compress_model", "apply_compressed",
@@ -175,12 +175,183 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: float, 
     sel = torch.gather(groups, 1, kept[:, :, None].expand(-1, -1, fmt.GROUP_SIZE))
     q, z, d = quantize_groups_torch(sel)
     cl = CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy())
-    # share of the layer's output energy lost: tr(D H D^T) / tr(W H W^T) (a diagnostic; float32)
+    return cl, relative_output_error(W, H, cl)
+
+
+def output_error(W: torch.Tensor, H: torch.Tensor, cl: CompressedLinear) -> tuple[float, float]:
+    """(tr(D H D^T), tr(W H W^T)) with D = W - W_hat: the layer's squared output error on the
+    calibration inputs, and its output energy (float32 products, float64 sums)."""
     H32 = H.to(torch.float32)
+    W = W.detach().to(torch.float32)
     D = W - cl.dequantize()
-    denom = float(((W @ H32) * W).sum(dtype=torch.float64))
-    rel = float(((D @ H32) * D).sum(dtype=torch.float64)) / denom if denom > 0 else 0.0
-    return cl, rel
+    return (float(((D @ H32) * D).sum(dtype=torch.float64)), float(((W @ H32) * W).sum(dtype=torch.float64)))
+
+
+def relative_output_error(W: torch.Tensor, H: torch.Tensor, cl: CompressedLinear) -> float:
+    """Share of the layer's output energy lost, tr(D H D^T) / tr(W H W^T) (a diagnostic)."""
+    err, energy = output_error(W, H, cl)
+    return err / energy if energy > 0 else 0.0
+
+
+# --- error-compensated one-shot (SparseGPT / GPTQ on the row-balanced group mask) -----------------
+
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)   # shrink factors of a group's min-max range tried
+ADAPTIVE_MASK = True
+
+
+def _cholesky_inverse_upper(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (float32, upper triangular) with U^T U = (H_damped)^-1, and the mask of dead inputs.
+
+    SparseGPT's/GPTQ's factor: row j of U holds, from j on, how removing/quantizing input j moves
+    the inputs after it (the OBS update with inputs < j already fixed), and U_jj^2 is
+    [H_{j:,j:}^-1]_jj, the denominator of input j's OBS error w^2 / U_jj^2."""
+    L, dead = dampened_cholesky(H, damp, name)
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0:
+        raise OneShotError(f"{name}: the inverse Hessian lost positive definiteness in float64 "
+                           f"(damp={damp}) — raise --damp")
+    return U.to(torch.float32), dead
+
+
+def obs_group_saliency(W: torch.Tensor, U: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """OBS cost of pruning each group of 16, [N, K/16]: sum_j w_j^2 / U_jj^2 (SparseGPT's score)."""
+    s = W.square() / torch.diagonal(U).square()[None, :]
+    s[:, dead] = 0.0
+    n, k = s.shape
+    return s.reshape(n, k // fmt.GROUP_SIZE, fmt.GROUP_SIZE).sum(dim=-1)
+
+
+def _group_params(x: torch.Tensor, grid=CLIP_GRID, weight: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero point z and scale d (float32 holding the fp16 value) of groups x [N, 16]: the codec's
+    min-max rule on the range shrunk by the factor of `grid` with the smallest squared error,
+    each column weighted by `weight` [16] (its input energy H_jj: a column whose input is large —
+    a massive activation's — is never clipped for the sake of the others); factor 1.0 is exactly
+    codec.quantize_groups."""
+    best_err = best_z = best_d = None
+    w = torch.ones(x.shape[-1]) if weight is None else weight
+    for f in grid:
+        _, z, d = quantize_groups_torch(x * f) if f != 1.0 else quantize_groups_torch(x)
+        zf, df = z.to(torch.float32), d.to(torch.float32)
+        err = ((x - _fake_quant(x, zf, df)).square() * w).sum(dim=-1)
+        if best_err is None:
+            best_err, best_z, best_d = err, zf, df
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_z = torch.where(better, zf, best_z)
+            best_d = torch.where(better, df, best_d)
+    return best_z, best_d
+
+
+def _codes(x: torch.Tensor, z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """4-bit codes of x [..., m] on the grid (z [...], d [...]); 0 where d == 0 (as the codec)."""
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.clamp(torch.round(x / safe[..., None]) + z[..., None], 0, fmt.QMAX)
+    return torch.where((d == 0)[..., None], torch.zeros_like(q), q)
+
+
+def _fake_quant(x, z, d):
+    return (_codes(x, z, d) - z[..., None]) * d[..., None]
+
+
+
+class _threads:
+    """Runs a with-block with n torch threads (None: unchanged)."""
+
+    def __init__(self, n):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        if self.n is not None:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            torch.set_num_threads(self.old)
+
+
+def _obs_columns(W1, E1, U1, i1, keep, Q, Z, D, clip_grid, hdiag) -> None:
+    """The column loop of one block of columns (compress_linear_obs), in place."""
+    g = fmt.GROUP_SIZE
+    for i in range(W1.shape[1]):
+        col = i1 + i
+        grp = col // g
+        if col % g == 0:
+            z, d = _group_params(W1[:, i:i + g], clip_grid, hdiag[col:col + g])
+            Z[:, grp], D[:, grp] = z, d
+            zg, dg, kg = z, d, keep[:, grp]
+            safe = torch.where(dg == 0, torch.ones_like(dg), dg)
+        w = W1[:, i]
+        q = torch.clamp(torch.round(w / safe) + zg, 0, fmt.QMAX)
+        q = torch.where(dg == 0, torch.zeros_like(q), q)
+        deq = torch.where(kg, (q - zg) * dg, torch.zeros_like(w))
+        Q[:, col] = q
+        err = (w - deq) / U1[i, i]
+        W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
+        W1[:, i] = deq
+        E1[:, i] = err
+
+
+def compress_linear_obs(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: float, name: str = "?",
+                        blocksize: int = 128, clip_grid=CLIP_GRID, adaptive: bool = ADAPTIVE_MASK,
+                        chol: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[CompressedLinear, float]:
+    """Prunes and quantizes W [N, K] jointly with Optimal-Brain-Surgeon error compensation.
+
+    The mask (every row keeps its n_kept groups of highest OBS saliency) is fixed first; then the
+    columns are visited left to right in blocks of `blocksize`: a group's 4-bit grid is chosen
+    (min-max, best clip of `clip_grid`) when its first column comes up, from the weights as updated
+    so far; each column is rounded to that grid (or set to 0 in pruned groups) and its error is
+    pushed onto the columns not yet visited through row j of U (U^T U = H^-1) — SparseGPT's and
+    GPTQ's update, here with the gqsa4 format's static 16-weight groups. The stored codes are the
+    ones the loop rounded to, so `CompressedLinear.dequantize()` is exactly the compensated W."""
+    W0 = W.detach().to(torch.float32)
+    W = W0.clone()
+    n, k = W.shape
+    g = fmt.GROUP_SIZE
+    if not bool(torch.isfinite(W).all()):
+        bad = (~torch.isfinite(W)).nonzero()[0].tolist()
+        raise OneShotError(f"{name}: non-finite weight {W[bad[0], bad[1]].item()} at {bad} — the checkpoint is corrupt")
+    if k % g:
+        raise OneShotError(f"{name}: width {k} is not a multiple of {g}")
+    U, dead = chol if chol is not None else _cholesky_inverse_upper(H, damp, name)
+    W[:, dead] = 0.0
+    hdiag = torch.diagonal(H).to(torch.float32).clamp_min(0) + 1e-12
+    ngroups = k // g
+    kept = select_groups(obs_group_saliency(W, U, dead).to(torch.float64), n_kept)      # [N, n_kept]
+    keep = torch.zeros(n, ngroups, dtype=torch.bool)
+    keep.scatter_(1, kept, True)
+    Q = torch.zeros(n, k, dtype=torch.float32)         # the 4-bit codes of every column (0 if pruned)
+    Z = torch.zeros(n, ngroups, dtype=torch.float32)
+    D = torch.zeros(n, ngroups, dtype=torch.float32)
+    bs = max(g, (blocksize // g) * g)
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        if adaptive:
+            # SparseGPT's adaptive mask: which of this block's groups a row keeps is re-chosen from
+            # the weights as updated so far; how many it keeps here stays the up-front mask's count,
+            # so every row still keeps n_kept groups in all
+            g1, g2 = i1 // g, i2 // g
+            count = keep[:, g1:g2].sum(dim=1, keepdim=True)
+            sal = (W1.square() / torch.diagonal(U1).square()[None, :]).reshape(n, g2 - g1, g).sum(-1)
+            rank = torch.argsort(torch.argsort(sal, dim=1, descending=True, stable=True), dim=1)
+            keep[:, g1:g2] = rank < count
+        with _threads(1 if W1.numel() < (1 << 20) else None):   # tiny ops: threads only cost
+            _obs_columns(W1, E1, U1, i1, keep, Q, Z, D, clip_grid, hdiag)
+        W[:, i1:i2] = W1
+        if i2 < k:
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    kept = torch.arange(ngroups).expand(n, -1)[keep].reshape(n, n_kept)   # row-major: sorted per row
+    idx = kept[:, :, None].expand(-1, -1, g)
+    q = torch.gather(Q.reshape(n, ngroups, g), 1, idx).to(torch.uint8)
+    z = torch.gather(Z, 1, kept).to(torch.uint8)
+    d = torch.gather(D, 1, kept).to(torch.float16)
+    cl = CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy())
+    return cl, relative_output_error(W0, H, cl)
 
 
 def decoder_linear_names(n_layers: int) -> list[str]:
@@ -225,8 +396,30 @@ def _layer_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _block_input_hessian(layer, hooked: str, hidden, kwargs, name: str) -> torch.Tensor:
+    """H = 2/n X^T X of the input of `layer.hooked` over all batches; the block's forward stops
+    right after that linear's input is seen."""
+    mod = layer.get_submodule(hooked)
+    acc = HessianAccumulator(mod.in_features, name)
+
+    def hook(m, args):
+        acc.add(args[0])
+        raise _Stop
+
+    h = mod.register_forward_pre_hook(hook)
+    try:
+        for x, kw in zip(hidden, kwargs):
+            try:
+                layer(x, **kw)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return acc.H
+
+
 def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
-                   progress: bool = True) -> CompressionResult:
+                   progress: bool = True, keep: dict[str, int] | None = None) -> CompressionResult:
     """Compresses every decoder linear of `model` block by block (see module docstring).
 
     cfg: a CompressionConfig (sparsity, damp, sequential); batch_size: windows per forward pass
@@ -244,62 +437,147 @@ def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
     bs = max(1, min(int(batch_size), nsamples))
     batches = [windows[i:i + bs] for i in range(0, nsamples, bs)]
 
-    n_kept = {lin: fmt.kept_groups(info.linear_shape(lin)[1], cfg.sparsity) for lin in _LINEARS}
+    uniform = {lin: fmt.kept_groups(info.linear_shape(lin)[1], cfg.sparsity) for lin in _LINEARS}
+    method = getattr(cfg, "method", "obs")
+
+    def kept_of(name: str, lin: str) -> int:
+        return int(keep[name]) if keep is not None and name in keep else uniform[lin]
     result = CompressionResult(linears={}, rel_errors={}, seconds=0.0, nsamples=nsamples, seqlen=seqlen)
 
     with torch.inference_mode():
         # 1. embed: run the model until decoder layer 0, recording what it receives
-        catcher = _Catcher(layers[0])
-        layers[0] = catcher
-        try:
-            for b in batches:
-                try:
-                    inner(input_ids=b, use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            layers[0] = catcher.layer
-        if len(catcher.captured) != len(batches):
-            raise OneShotError("could not capture the inputs of decoder layer 0")
-        hidden = [h for h, _ in catcher.captured]
-        kwargs = [kw for _, kw in catcher.captured]
+        hidden, kwargs = _capture_inputs(inner, layers, batches)
 
         bar = tqdm(range(info.n_layers), desc="GQSA one-shot", unit="block", disable=not progress)
         for i in bar:
             layer = layers[i]
-            accs = {}
-            hooks = []
-            for hooked, _group in _INPUT_GROUPS:
-                mod = layer.get_submodule(hooked)
-                acc = HessianAccumulator(mod.in_features, f"model.layers.{i}.{hooked}")
-                accs[hooked] = acc
-                hooks.append(mod.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
-            try:
-                dense_out = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-            finally:
-                for hk in hooks:
-                    hk.remove()
-
             errs = []
+
+            def compress_group(group, H, fn, aux):
+                for lin in group:
+                    name = f"model.layers.{i}.{lin}"
+                    mod = layer.get_submodule(lin)
+                    cl, rel = fn(mod.weight, H, kept_of(name, lin), cfg.damp, name, aux)
+                    mod.weight.copy_(cl.dequantize())
+                    result.linears[name] = cl
+                    result.rel_errors[name] = rel
+                    errs.append(rel)
+
+            if method == "obs":
+                # true-sequential (GPTQ): each input group's Hessian is taken with the linears before
+                # it in the block already compressed, so o_proj compensates what q/k/v lost, and so on
+                for hooked, group in _INPUT_GROUPS:
+                    where = f"model.layers.{i}.{hooked}"
+                    H = _block_input_hessian(layer, hooked, hidden, kwargs, where)
+                    compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(W, H, k, dp, n, chol=aux),
+                                   _cholesky_inverse_upper(H, cfg.damp, where))
+                dense_out = None
+            else:
+                accs, dense_out = _dense_pass(layer, i, hidden, kwargs)
+                for hooked, group in _INPUT_GROUPS:
+                    H = accs[hooked].H
+                    compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear(W, H, k, dp, n, hinv=aux),
+                                   hessian_inverse_diag(H, cfg.damp, f"model.layers.{i}.{hooked}"))
+                del accs
+
+            if cfg.sequential or dense_out is None:
+                hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            else:
+                hidden = dense_out
+            del dense_out
+            bar.set_postfix(rel_err=f"{np.mean(errs):.4f}")
+
+    result.seconds = time.time() - t0
+    return result
+
+
+# --- sensitivity probe for the bit allocation ----------------------------------------------------
+
+def _dense_pass(layer, i: int, hidden, kwargs):
+    """Runs block i on its inputs as it is; returns the Hessian accumulator of each of its four
+    distinct linear inputs ({hooked linear: HessianAccumulator}) and the block's outputs."""
+    accs, hooks = {}, []
+    for hooked, _group in _INPUT_GROUPS:
+        mod = layer.get_submodule(hooked)
+        acc = HessianAccumulator(mod.in_features, f"model.layers.{i}.{hooked}")
+        accs[hooked] = acc
+        hooks.append(mod.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
+    try:
+        dense_out = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return accs, dense_out
+
+
+def _capture_inputs(inner, layers, batches):
+    """The hidden states and keyword arguments decoder layer 0 receives, one entry per batch."""
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        for b in batches:
+            try:
+                inner(input_ids=b, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        layers[0] = catcher.layer
+    if len(catcher.captured) != len(batches):
+        raise OneShotError("could not capture the inputs of decoder layer 0")
+    return [h for h, _ in catcher.captured], [kw for _, kw in catcher.captured]
+
+
+def sensitivity_curves(model, info, windows: torch.Tensor, cfg, levels=None, probe: int = 4,
+                       batch_size: int = 4, progress: bool = True):
+    """For every decoder linear, the error its block's output takes when that tensor alone is
+    pruned to each keep level (allocation.LEVELS) with the fast saliency mask and 4-bit rounding:
+    mean squared difference to the float block output on the first `probe` windows (the block's
+    inputs are the float model's, the Hessians come from all `windows`). Returns a list of
+    allocation.TensorCurve. The model is left unchanged."""
+    from tqdm.auto import tqdm
+
+    from .allocation import LEVELS, TensorCurve, level_kept
+
+    levels = LEVELS if levels is None else levels
+    inner, layers = model.model, model.model.layers
+    windows = torch.as_tensor(windows, dtype=torch.long)
+    bs = max(1, min(int(batch_size), windows.shape[0]))
+    batches = [windows[i:i + bs] for i in range(0, windows.shape[0], bs)]
+    n_probe_batches = max(1, -(-min(probe, windows.shape[0]) // bs))
+    curves = []
+    with torch.inference_mode():
+        hidden, kwargs = _capture_inputs(inner, layers, batches)
+        bar = tqdm(range(info.n_layers), desc="GQSA sensitivity", unit="block", disable=not progress)
+        for i in bar:
+            layer = layers[i]
+            accs, dense_out = _dense_pass(layer, i, hidden, kwargs)
+            ref = dense_out[:n_probe_batches]
+            # the residual stream's mean square after this block (positions >= 1: the first token's
+            # massive activation would otherwise set the scale of every later block)
+            energy = sum(float(r[:, 1:].double().square().sum()) for r in ref) / sum(r[:, 1:].numel() for r in ref)
             for hooked, group in _INPUT_GROUPS:
                 H = accs[hooked].H
                 hinv = hessian_inverse_diag(H, cfg.damp, f"model.layers.{i}.{hooked}")
                 for lin in group:
                     name = f"model.layers.{i}.{lin}"
                     mod = layer.get_submodule(lin)
-                    cl, rel = compress_linear(mod.weight, H, n_kept[lin], cfg.damp, name, hinv=hinv)
-                    mod.weight.copy_(cl.dequantize())
-                    result.linears[name] = cl
-                    result.rel_errors[name] = rel
-                    errs.append(rel)
+                    w0 = mod.weight.detach().clone()
+                    kept = level_kept(mod.in_features, levels)
+                    errs = []
+                    try:
+                        for k in kept:
+                            cl, _ = compress_linear(w0, H, k, cfg.damp, name, hinv=hinv)
+                            mod.weight.copy_(cl.dequantize())
+                            se = 0.0
+                            n = 0
+                            for r, h, kw in zip(ref, hidden, kwargs):
+                                out = _layer_out(layer(h, **kw))
+                                se += float((out - r).double().square().sum())
+                                n += out.numel()
+                            errs.append(se / n)
+                    finally:
+                        mod.weight.copy_(w0)
+                    curves.append(TensorCurve(name, mod.out_features, mod.in_features, kept, tuple(errs), energy))
             del accs
-
-            if cfg.sequential:
-                hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-                del dense_out
-            else:
-                hidden = dense_out
-            bar.set_postfix(rel_err=f"{np.mean(errs):.4f}")
-
-    result.seconds = time.time() - t0
-    return result
+            hidden = dense_out
+    return curves

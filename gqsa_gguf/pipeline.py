@@ -51,9 +51,9 @@ def check_output_path(output: str) -> Path:
 
 def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir: str | None = None,
             resume: bool = False, device: str = "cpu") -> ConvertReport:
-    """checkpoint_dir / resume / device only concern the BQPO and E2E-OQP training stages
-    (compression.bqpo_epochs / e2e_epochs > 0): where their checkpoints go, whether to continue an
-    interrupted run from them, and the torch device they train on."""
+    """checkpoint_dir / resume: where the one-shot result and the BQPO / E2E-OQP progress are
+    checkpointed, and whether to continue an interrupted run from them; device: the torch device
+    BQPO and E2E-OQP train on."""
     from . import calib, export, model_io, oneshot
 
     c = cfg.compression
@@ -90,9 +90,11 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     if c.bqpo_epochs or c.e2e_epochs:                    # training needs the float weights and targets
         import copy
         float_model = copy.deepcopy(model)
-    log(f"compressing: GQSA {c.spec} (4-bit, {c.sparsity:.0%} of 16-weight groups pruned per row), "
-        f"{'sequential' if c.sequential else 'parallel'} block-wise calibration, damp {c.damp}")
-    result = oneshot.compress_model(model, info, windows, c, batch_size=cfg.calib.batch_size, progress=progress)
+    log(f"compressing: GQSA {c.spec} (4-bit, {c.sparsity:.0%} of 16-weight groups pruned per row on average), "
+        f"{'error-compensated (OBS)' if c.method == 'obs' else 'round-to-nearest'} one-shot, "
+        f"{c.allocation} allocation, {'sequential' if c.sequential else 'parallel'} block-wise calibration, "
+        f"damp {c.damp}")
+    result = _oneshot_resumable(model, info, windows, cfg, checkpoint_dir, resume, progress, log, times)
     times["compress"] = result.seconds
     worst = sorted(result.rel_errors.items(), key=lambda kv: -kv[1])[:3]
     notes.append("largest relative output errors tr(DHD^T)/tr(WHW^T): "
@@ -100,8 +102,11 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
 
     linears = result.linears
     if float_model is not None:
+        # the one-shot model differs from the float one only in the decoder linears, which export
+        # takes from `linears`: drop it before training (one float32 copy of the model less)
+        del model
         linears = _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, progress, log, times)
-        del float_model
+        model = float_model.cpu()
 
     # the config recorded in the file says what was really used (e.g. the clipped seqlen)
     used = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, seqlen=seqlen))
@@ -110,6 +115,67 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
                                  rope_factors=model_io.rope_freq_factors(model, info))
     times["export"] = time.time() - t
     return ConvertReport(output=out, seconds=times, summary=summary, notes=notes)
+
+
+ONESHOT_CKPT = "oneshot.ckpt"
+
+
+def _oneshot_resumable(model, info, windows, cfg, checkpoint_dir, resume, progress, log, times):
+    """The allocation + one-shot pass; with a checkpoint folder its result is saved there
+    (oneshot.ckpt, atomically), and `resume` takes it from there instead of recomputing."""
+    import torch
+
+    from . import checkpoint as ckpt
+    from . import oneshot
+
+    c = cfg.compression
+    path = Path(checkpoint_dir) / ONESHOT_CKPT if checkpoint_dir else None
+    settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("bqpo_epochs", "e2e_epochs")}
+    fp = ckpt.run_fingerprint(settings, model.config.to_dict(), windows)
+    if resume and path is not None and path.exists():
+        meta, payload = ckpt.load(path, expect={"stage": "oneshot", "fingerprint": fp})
+        linears = {n: oneshot.CompressedLinear(n, int(v["width"]), v["indices"].numpy(), v["q"].numpy(),
+                                               v["z"].numpy(), v["d"].numpy())
+                   for n, v in payload["linears"].items()}
+        oneshot.apply_compressed(model, linears)
+        log(f"one-shot: resumed from {path}")
+        return oneshot.CompressionResult(linears=linears, rel_errors=dict(payload["rel_errors"]),
+                                         seconds=float(meta["seconds"]), nsamples=windows.shape[0],
+                                         seqlen=windows.shape[1])
+    keep = None
+    if c.allocation == "sensitivity":
+        t = time.time()
+        keep = choose_allocation(model, info, windows, c, progress=progress, log=log)
+        times["allocate"] = time.time() - t
+    result = oneshot.compress_model(model, info, windows, c, batch_size=cfg.calib.batch_size, progress=progress,
+                                    keep=keep)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.save(path, {"stage": "oneshot", "fingerprint": fp, "seconds": result.seconds},
+                  {"linears": {n: dict(width=cl.width, indices=torch.from_numpy(cl.indices),
+                                       q=torch.from_numpy(cl.q), z=torch.from_numpy(cl.z), d=torch.from_numpy(cl.d))
+                               for n, cl in result.linears.items()},
+                   "rel_errors": result.rel_errors})
+    return result
+
+
+def choose_allocation(model, info, windows, c, progress: bool = True, log=print) -> dict[str, int]:
+    """{linear name: kept groups per row} from the measured sensitivity (allocation.py)."""
+    from . import allocation, oneshot
+
+    curves = oneshot.sensitivity_curves(model, info, windows, c, progress=progress)
+    keep = allocation.allocate(curves, c.sparsity)
+    shapes = {cv.name: (cv.rows, cv.width) for cv in curves}
+    log(f"allocation: {allocation.mean_bits(shapes, keep):.4f} bits/weight on average over the decoder linears "
+        f"(uniform {allocation.mean_bits(shapes, {n: fmt_kept(w, c.sparsity) for n, (_, w) in shapes.items()}):.4f}); "
+        f"kept share per tensor {min(keep[n] / (shapes[n][1] // 16) for n in keep):.0%}"
+        f"..{max(keep[n] / (shapes[n][1] // 16) for n in keep):.0%}")
+    return keep
+
+
+def fmt_kept(width: int, sparsity: float) -> int:
+    from . import format as fmt
+    return fmt.kept_groups(width, sparsity)
 
 
 def _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, progress, log, times):
@@ -126,11 +192,13 @@ def _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, p
                                       resume=resume, progress=progress), log=log)
         times["bqpo"] = time.time() - t
     else:
-        qm = float_model
+        import copy
+        qm = copy.deepcopy(float_model)        # float_model stays the E2E teacher
         packed_from_oneshot(qm, linears)
     if c.e2e_epochs:
         t = time.time()
         run_e2e(qm, windows, E2EConfig(epochs=c.e2e_epochs, seed=seed, device=device, checkpoint_dir=ck("e2e"),
-                                       resume=resume, progress=progress), log=log)
+                                       resume=resume, progress=progress, loss="kd"), log=log,
+                teacher=float_model)
         times["e2e"] = time.time() - t
     return export_compressed(qm.cpu())

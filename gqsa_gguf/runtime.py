@@ -17,6 +17,7 @@ comes from lib_dir(): a stock libggml loaded earlier would silently win otherwis
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -260,9 +261,12 @@ def explain_load_failure(path: os.PathLike[str] | str, exc: BaseException | None
     return "\n".join(parts)
 
 
-def load_model(path: os.PathLike[str] | str, **llama_kwargs):
-    """llama_cpp.Llama(model_path=path, **llama_kwargs) on the patched libraries; a refused file
-    raises ModelLoadError with explain_load_failure's message (llama.cpp's errors included)."""
+@contextlib.contextmanager
+def explained_load_errors(path: os.PathLike[str] | str):
+    """Context in which llama_cpp.Llama(model_path=path, ...) is created (directly, or by code that
+    does it for us, like llama_cpp.server's create_app): llama.cpp's error log is captured, and a
+    ValueError raised inside becomes ModelLoadError with explain_load_failure's message. The log
+    callback in place before is restored (and chained to meanwhile)."""
     llama_cpp = import_llama_cpp()
     previous = getattr(getattr(llama_cpp, "_logger", None), "llama_log_callback", None)
     errors: list[str] = []
@@ -279,8 +283,18 @@ def load_model(path: os.PathLike[str] | str, **llama_kwargs):
 
     llama_cpp.llama_log_set(on_log, None)
     try:
-        return llama_cpp.Llama(model_path=str(path), **llama_kwargs)
+        yield
+    except ModelLoadError:
+        raise
     except ValueError as e:
         raise ModelLoadError(explain_load_failure(path, e, "".join(errors))) from e
     finally:
         llama_cpp.llama_log_set(previous, None)
+
+
+def load_model(path: os.PathLike[str] | str, **llama_kwargs):
+    """llama_cpp.Llama(model_path=path, **llama_kwargs) on the patched libraries; a refused file
+    raises ModelLoadError with explain_load_failure's message (llama.cpp's errors included)."""
+    llama_cpp = import_llama_cpp()
+    with explained_load_errors(path):
+        return llama_cpp.Llama(model_path=str(path), **llama_kwargs)

@@ -26,7 +26,7 @@ import torch
 
 from . import format as fmt
 
-__all__ = ["SaliencyError", "HessianAccumulator", "hessian_inverse_diag", "weight_saliency",
+__all__ = ["SaliencyError", "HessianAccumulator", "dampened_cholesky", "hessian_inverse_diag", "weight_saliency",
            "group_saliency", "select_groups"]
 
 
@@ -57,11 +57,11 @@ class HessianAccumulator:
         self.n = total
 
 
-def hessian_inverse_diag(H: torch.Tensor, damp: float, name: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
-    """diag of (H + damp*mean(diag H)*I)^-1 via Cholesky, float64 [K]; and the mask of dead inputs.
+def dampened_cholesky(H: torch.Tensor, damp: float, name: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    """L (float64, lower) with L L^T = H + damp*mean(diag H)*I, and the mask of dead inputs.
 
-    Dead inputs (H_jj == 0: the input was always zero) get H_jj = 1 before the inverse so the
-    matrix stays positive definite (as GPTQ does); callers give their weights saliency 0.
+    Dead inputs (H_jj == 0: the input was always zero) get H_jj = 1 first so the matrix stays
+    positive definite (as GPTQ does); callers give their weights saliency 0.
     """
     H = H.to(torch.float64).clone()
     diag = torch.diagonal(H)
@@ -76,6 +76,13 @@ def hessian_inverse_diag(H: torch.Tensor, damp: float, name: str = "?") -> tuple
         raise SaliencyError(f"{name}: the dampened Hessian is not positive definite (Cholesky failed at "
                             f"column {int(info) - 1}, damp={damp}) — raise --damp (e.g. 0.1) or use more "
                             f"calibration samples")
+    return L, dead
+
+
+def hessian_inverse_diag(H: torch.Tensor, damp: float, name: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    """diag of (H + damp*mean(diag H)*I)^-1 via Cholesky, float64 [K]; and the mask of dead inputs
+    (`dampened_cholesky`)."""
+    L, dead = dampened_cholesky(H, damp, name)
     # H^-1 = L^-T L^-1, so [H^-1]_jj = sum_i (L^-1)_ij^2: one triangular solve, no full inverse
     # (torch.cholesky_inverse is several times slower on the CPU).
     Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)

@@ -212,9 +212,14 @@ def handbook_text(root: Path) -> str:
     pages = sorted(hdir.glob("*.html"))
     if not pages:
         raise TextDataError(f"debian-handbook: no HTML pages under {hdir} — the package layout changed")
+    return _pages_text(pages, _HandbookParser)
+
+
+def _pages_text(pages, parser_cls) -> str:
+    """The text blocks of HTML pages, one page after the other, pages separated by a blank line."""
     out = []
     for page in pages:
-        p = _HandbookParser()
+        p = parser_cls()
         p.feed(page.read_text(encoding="utf-8", errors="replace"))
         p.close()
         p._flush()
@@ -298,14 +303,7 @@ def python_doc_text(root: Path) -> str:
     if not pages:
         raise TextDataError(f"python3-doc: no HTML pages under {root}/{_PYDOC_GLOB} — the package "
                             f"layout changed")
-    out = []
-    for page in pages:
-        p = _SphinxParser()
-        p.feed(page.read_text(encoding="utf-8", errors="replace"))
-        p.close()
-        p._flush()
-        out.append("\n\n".join(p.blocks))
-    return "\n\n".join(t for t in out if t.strip()) + "\n"
+    return _pages_text(pages, _SphinxParser)
 
 
 # --- The calibration mix ------------------------------------------------------------------------

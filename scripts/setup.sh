@@ -4,7 +4,9 @@
 # The order matters: torch 2.13.0 first (anything letting pip choose a torch pulls a newer one
 # with GBs of CUDA), then llama-cpp-python's Python bindings built without their own llama.cpp
 # (-DLLAMA_BUILD=OFF: we ship the patched libraries), then this package, whose build compiles
-# the patched llama.cpp into build/<wheel tag> (incremental on re-runs).
+# the patched llama.cpp into build/<wheel tag> (incremental on re-runs), with its extras: test
+# (pytest, the OpenAI client) and serve (llama-cpp-python's server dependencies for `gqsa-gguf
+# serve`: fastapi, uvicorn, ...), all pinned in pyproject.toml, none of them pulling a torch.
 #
 # Idempotent: steps already done are skipped, and re-installing the package only recompiles what
 # changed. Env: PYTHON (interpreter for the venv, default python3), GQSA_VENV (default .venv),
@@ -70,12 +72,12 @@ fi
 
 # pip shows a build's output only with -v, and then with much of its own: keep the whole log in
 # a file, show the build's progress lines, and the log's end if it fails.
-step "building the patched llama.cpp and installing gqsa-gguf[test] (full log: $LOG)"
+step "building the patched llama.cpp and installing gqsa-gguf[test,serve] (full log: $LOG)"
 mkdir -p build
 : >"$LOG"     # exists before tail opens it
 set +e
 PATH="$VENV/bin:$PATH" "$PY" -m pip --disable-pip-version-check install -v \
-    --no-build-isolation ".[test]" >"$LOG" 2>&1 &
+    --no-build-isolation ".[test,serve]" >"$LOG" 2>&1 &
 pip_pid=$!
 tail -n +1 -f "$LOG" --pid="$pip_pid" 2>/dev/null \
     | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] |gqsa llama.cpp:|ninja: no work|CMake Error|error:|Successfully installed'

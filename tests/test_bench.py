@@ -91,3 +91,33 @@ def test_plot_labels_of_one_width_are_stacked_apart():
     at = sorted(y + d for (x, y), d in zip(pts, off) if x == 4.5)
     assert at == [100.0, 109.0, 118.0]                  # each the gap above the one below
     assert all(d >= 0 for d in off)
+
+
+@pytest.mark.parametrize("name,bpw", [("q3_k", 3.4375), ("iq3_xxs", 3.0625), ("q2_k", 2.625)])
+def test_equal_size_stock_types_decode_through_llama_cpp(tmp_path, name, bpw):
+    # the ~3-bit types a llama.cpp user would pick instead of W4S50: written with their own type and
+    # size, and llama.cpp decodes them (speed itself is the benchmark's business)
+    import subprocess
+    import sys
+    import textwrap
+
+    from gqsa_gguf import runtime
+    shape = bench.Shape("tiny256", 256, 512, 1, 4, 4, n_vocab=4096)     # time_model uses ids < 2100
+    assert bench.fits(name, shape) and not bench.fits(name, bench.PRESETS["smollm2-135m"])
+    out = tmp_path / f"{name}.gguf"
+    info = bench.write_model(shape, name, out, bench._RandomWeights(seed=0))
+    assert info["linear_bytes"] * 8 / info["n_linear"] == bpw
+    r = gguf.GGUFReader(str(out))
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")
+    assert t.tensor_type.name.lower() == name
+    code = f"""
+        from pathlib import Path
+        from gqsa_gguf import bench, runtime
+        ll = runtime.import_llama_cpp()
+        pp, tg = bench.time_model(ll, Path({str(out)!r}), 1, 16, 4)
+        assert pp > 0 and tg > 0
+        print("ok")
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, runtime.LIB_DIR_ENV: str(runtime.lib_dir())})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

@@ -83,7 +83,7 @@ def test_cli_builds_config_with_defaults():
     cfg = convert_config_from_args(a)
     assert cfg.model == "some/folder" and cfg.output == "x.gguf"
     assert cfg.compression.spec == "w4s50" and cfg.compression.sparsity == 0.5
-    assert (cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.source) == (128, 512, "debian:janeaustenr")
+    assert (cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.source) == (128, 512, "debian:calib-mix")
     assert cfg.export.dense_type == "f16" and cfg.export.tokenizer_pre is None
     a = build_parser().parse_args(["convert", "-o", "x.gguf", "--gqsa", "w4s75", "--nsamples", "4",
                                    "--seqlen", "32", "--dense-type", "q8_0", "--no-sequential"])

@@ -114,3 +114,28 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
             tol = tol + 2 * lr * eps * (ga - gb).abs() / (torch.minimum(ga.abs(), gb.abs()) + eps) ** 2
         bad = (got - ref).abs() > tol
         assert not bad.any(), f"{k}: {int(bad.sum())} elements differ, e.g. {got[bad][:3]} vs {ref[bad][:3]}"
+
+
+def test_e2e_distillation_moves_towards_the_float_model(setup):
+    from gqsa_gguf.e2e import distillation_loss
+
+    windows, comp = setup
+    teacher = tiny_model()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model = _packed(comp)
+
+    def kl():
+        with torch.no_grad():
+            return float(distillation_loss(model(input_ids=windows).logits, teacher, windows, torch.device("cpu"),
+                                           "none"))
+
+    before = kl()
+    assert before > 0
+    with torch.no_grad():                                      # KL of the teacher with itself is 0
+        assert float(distillation_loss(teacher(input_ids=windows).logits, teacher, windows,
+                                       torch.device("cpu"), "none")) < 1e-6
+    rep = run_e2e(model, windows, _cfg(loss="kd", epochs=3), log=lambda s: None, teacher=teacher)
+    assert kl() < before, (before, kl(), rep.step_loss)
+    with pytest.raises(TrainingError, match="teacher"):
+        run_e2e(_packed(comp), windows, _cfg(loss="kd"), log=lambda s: None)

@@ -201,7 +201,10 @@ def test_sequential_and_parallel_differ_only_after_block_0(tiny):
         a, b = seq.linears[name], par.linears[name]
         if name.startswith("model.layers.0."):
             # block 0 sees the embeddings either way; batch size changes only float rounding of H
-            assert (a.indices == b.indices).mean() > 0.99
+            # (q/k/v see the embeddings themselves; the later linears see what the compressed
+            # q/k/v, o, gate/up produce, where a rounding difference can flip a few code choices)
+            first = name.endswith(("q_proj", "k_proj", "v_proj"))
+            assert (a.indices == b.indices).mean() > (0.99 if first else 0.95), name
     assert any(not np.array_equal(seq.linears[n].indices, par.linears[n].indices)
                for n in seq.linears if n.startswith("model.layers.1."))
 

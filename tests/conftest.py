@@ -1,0 +1,24 @@
+"""Test tiers: `scripts/test.sh --fast` runs the modules below (`-m fast`): no native build, no
+model training beyond a step on a tiny random model, under a minute on 2 cores — what a person
+runs while editing. The full suite (`scripts/test.sh`, CI) runs everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FAST_MODULES = {
+    "test_checkpoint.py", "test_cli_args.py", "test_codec.py", "test_fakequant.py", "test_format.py",
+    "test_gguf_io.py", "test_obs_allocation.py", "test_oneshot.py",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fast: in the fast tier (no native build, no training; scripts/test.sh --fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).name in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)

@@ -1,0 +1,172 @@
+"""Error-compensated one-shot (OBS updates on the row-balanced mask), the sensitivity allocation,
+and BQPO starting from the one-shot weights."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from gqsa_gguf import allocation, codec
+from gqsa_gguf import format as fmt
+from gqsa_gguf.bqpo import BQPOConfig, export_compressed, run_bqpo
+from gqsa_gguf.config import CompressionConfig, ConfigError
+from gqsa_gguf.fakequant import GQSLinear
+from gqsa_gguf.oneshot import (compress_linear, compress_linear_obs, compress_model, output_error,
+                               sensitivity_curves)
+
+from tiny_llama import tiny_info, tiny_model, tiny_oneshot, tiny_windows
+
+
+def _correlated(k=192, n=48, tokens=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k // 4, k, generator=g)                  # inputs correlated across columns
+    X = torch.randn(tokens, k // 4, generator=g) @ mix + 0.3 * torch.randn(tokens, k, generator=g)
+    X[:, 7] *= 20.0                                          # and one outlier feature
+    H = (2.0 / tokens) * (X.T @ X).double()
+    W = torch.randn(n, k, generator=g) * 0.05
+    return W, H
+
+
+@pytest.mark.parametrize("n_kept", [3, 6, 9])
+def test_compensation_lowers_the_layer_output_error(n_kept):
+    W, H = _correlated()
+    rtn, _ = compress_linear(W, H, n_kept, 0.01, "w")
+    obs, _ = compress_linear_obs(W, H, n_kept, 0.01, "w")
+    e_rtn, energy = output_error(W, H, rtn)
+    e_obs, _ = output_error(W, H, obs)
+    assert e_obs < 0.9 * e_rtn, (e_obs / energy, e_rtn / energy)
+
+
+def test_compensated_result_is_a_valid_gqsa4_tensor():
+    W, H = _correlated(seed=3)
+    cl, rel = compress_linear_obs(W, H, 5, 0.01, "w")
+    assert cl.indices.shape == (48, 5) and (np.diff(cl.indices, axis=1) > 0).all()
+    assert cl.q.max() <= fmt.QMAX and cl.z.max() <= fmt.QMAX
+    packed = codec.pack(cl.indices, cl.q, cl.z, cl.d)
+    codec.validate(packed, 192, "w")
+    np.testing.assert_array_equal(codec.dequantize(packed, 192), cl.dequantize().numpy())
+    assert 0 < rel < 1
+
+
+def test_compensation_moves_weights_off_their_rounded_values():
+    # dense (all 12 groups kept): the masks agree, and GPTQ's updates change the 4-bit codes so
+    # that the output error drops below round-to-nearest's
+    W, H = _correlated(seed=4)
+    rtn, _ = compress_linear(W, H, 12, 0.01, "w")
+    obs, _ = compress_linear_obs(W, H, 12, 0.01, "w")
+    np.testing.assert_array_equal(rtn.indices, obs.indices)
+    assert (rtn.q != obs.q).mean() > 0.05
+    assert output_error(W, H, obs)[0] < output_error(W, H, rtn)[0]
+
+
+# --- allocation -----------------------------------------------------------------------------------
+
+def _curves(rng, n=21):
+    curves = []
+    for t in range(n):
+        rows, width = [(64, 96), (192, 64), (64, 256)][t % 3]
+        kept = allocation.level_kept(width)
+        base = float(rng.uniform(0.1, 10.0)) * (100.0 if t == 5 else 1.0)
+        errs = tuple(base * (1.0 - k / (width // 16)) ** 2 + base * 0.01 for k in kept)
+        curves.append(allocation.TensorCurve(f"t{t}", rows, width, kept, errs))
+    return curves
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_allocation_meets_the_bit_budget(sparsity):
+    curves = _curves(np.random.default_rng(1))
+    keep = allocation.allocate(curves, sparsity)
+    shapes = {c.name: (c.rows, c.width) for c in curves}
+    spent = sum(shapes[n][0] * k * 96 for n, k in keep.items())
+    budget = allocation.budget_bits(shapes, sparsity)
+    cheapest = min(r for r, _ in shapes.values()) * 96
+    assert budget - cheapest < spent <= budget
+    uniform = {n: fmt.kept_groups(w, sparsity) for n, (_, w) in shapes.items()}
+    assert abs(allocation.mean_bits(shapes, keep) - allocation.mean_bits(shapes, uniform)) < 0.01
+    assert all(1 <= k <= shapes[n][1] // 16 for n, k in keep.items())
+
+
+def test_allocation_gives_the_sensitive_tensor_more():
+    curves = _curves(np.random.default_rng(2))
+    keep = allocation.allocate(curves, 0.5)
+    sensitive = curves[5]
+    assert keep[sensitive.name] > fmt.kept_groups(sensitive.width, 0.5)
+    assert keep != {c.name: fmt.kept_groups(c.width, 0.5) for c in curves}
+
+
+def test_allocation_refuses_an_impossible_budget():
+    c = allocation.TensorCurve("t", 8, 64, (2, 4), (1.0, 0.5))
+    with pytest.raises(allocation.AllocationError, match="budget"):
+        allocation.allocate([c], 0.9)
+
+
+def test_config_validates_method_and_allocation():
+    assert CompressionConfig.from_spec("w4s50", allocation="uniform").allocation == "uniform"
+    with pytest.raises(ConfigError, match="--method"):
+        CompressionConfig.from_spec("w4s50", method="gptq2")
+    with pytest.raises(ConfigError, match="--allocation"):
+        CompressionConfig.from_spec("w4s50", allocation="owl")
+
+
+# --- the driver on a tiny model -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return tiny_model(), tiny_windows()
+
+
+def test_uniform_layout_and_allocated_layout(tiny):
+    model, windows = tiny
+    info = tiny_info()
+    cfg = CompressionConfig.from_spec("w4s50")
+    uni = compress_model(copy.deepcopy(model), info, windows, cfg, batch_size=4, progress=False)
+    for name, cl in uni.linears.items():                        # the paper's per-row layout exactly
+        assert cl.n_kept == fmt.kept_groups(cl.width, 0.5)
+    curves = sensitivity_curves(copy.deepcopy(model), info, windows, cfg, progress=False)
+    assert len(curves) == len(uni.linears)
+    for c in curves:
+        assert all(e >= 0 for e in c.errors) and c.errors[0] >= c.errors[-1]
+    keep = allocation.allocate(curves, 0.5)
+    alloc = compress_model(copy.deepcopy(model), info, windows, cfg, batch_size=4, progress=False, keep=keep)
+    shapes = {n: (cl.rows, cl.width) for n, cl in alloc.linears.items()}
+    for name, cl in alloc.linears.items():
+        assert cl.n_kept == keep[name]
+    assert abs(allocation.mean_bits(shapes, {n: cl.n_kept for n, cl in alloc.linears.items()}) - 3.0) < 0.01
+
+
+def test_bqpo_starts_from_the_oneshot_weights_bit_for_bit(tiny):
+    model, windows = tiny
+    comp = tiny_oneshot(model, windows)
+    # from_oneshot: the trainable layer's forward weight is the one-shot weight exactly
+    for cl in comp.values():
+        g = GQSLinear.from_oneshot(cl)
+        assert torch.equal(g.dense_weight(), cl.dequantize()), cl.name
+    # BQPO with no step to take hands back the one-shot codes, and its "before" MSE is the one-shot's
+    qm, rep = run_bqpo(model, comp, windows, BQPOConfig(epochs=0, batch_size=4, progress=False),
+                       log=lambda s: None)
+    assert rep.loss_before == rep.loss_after
+    out = export_compressed(qm)
+    for name, cl in comp.items():
+        nz = cl.d != 0                                           # d = 0 groups are stored as 2^-24
+        np.testing.assert_array_equal(out[name].indices, cl.indices)
+        np.testing.assert_array_equal(out[name].q[nz], cl.q[nz])
+        np.testing.assert_array_equal(out[name].z[nz], cl.z[nz])
+        np.testing.assert_array_equal(out[name].d[nz], cl.d[nz])
+
+
+def test_wide_tensors_keep_multiples_of_8_groups():
+    # 7B-like widths: the repacked decode layout needs n_kept % 8 == 0
+    rng = np.random.default_rng(3)
+    curves = []
+    for t in range(12):
+        rows, width = [(4096, 4096), (11008, 4096), (4096, 11008)][t % 3]
+        kept = allocation.level_kept(width)
+        base = float(rng.uniform(0.1, 10.0))
+        curves.append(allocation.TensorCurve(f"t{t}", rows, width, kept,
+                                             tuple(base * (1.0 - k / (width // 16)) ** 2 + 0.01 for k in kept)))
+    keep = allocation.allocate(curves, 0.5)
+    assert all(keep[c.name] % 8 == 0 or keep[c.name] == c.width // 16 for c in curves)
+    shapes = {c.name: (c.rows, c.width) for c in curves}
+    assert abs(allocation.mean_bits(shapes, keep) - 3.0) < 0.01
