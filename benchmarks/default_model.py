@@ -79,12 +79,12 @@ def main() -> int:
                     help="another row: an existing GGUF under that name (e.g. the one-shot file the converter's "
                          "defaults make with --bqpo-epochs 0 --e2e-epochs 0, at its 128 calibration windows)")
     a = ap.parse_args()
-    extra = {}
+    extra_files = {}
     for item in a.extra:
         name, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
             raise SystemExit(f"--extra {item!r}: give NAME=PATH of an existing GGUF")
-        extra[name] = Path(path)
+        extra_files[name] = Path(path)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     llama_cpp = runtime.import_llama_cpp()
 
@@ -110,7 +110,7 @@ def main() -> int:
                 raise SystemExit(f"convert {spec} failed ({rc})")
             convert_seconds[spec] = time.time() - t
         files[spec] = dst
-    files.update(extra)
+    files.update(extra_files)
     trained_name = "w4s50 trained (defaults)"
     if a.trained:
         files[trained_name] = a.trained
@@ -151,7 +151,7 @@ def main() -> int:
         "(tied output head) are F16 in the GQSA files (convert's default `--dense-type f16`) and Q8_0 in "
         "the stock files (llama.cpp's quantizer's choice). The w4sNN rows are one-shot (the converter's "
         f"defaults with `--bqpo-epochs 0 --e2e-epochs 0`; {a.nsamples or 128} calibration windows of 512 tokens"
-        + (f"; extra rows: {', '.join(f'`{n}` = `{p.name}`' for n, p in extra.items())}" if extra else "") + "); "
+        + (f"; extra rows: {', '.join(f'`{n}` = `{p.name}`' for n, p in extra_files.items())}" if extra_files else "") + "); "
         "the last row is W4S50 at the converter's defaults: one-shot, then BQPO and E2E-OQP (distilled from the "
         "float model) on 128 windows of 512 tokens"
         + (f" (file `{a.trained.name}`)" if a.trained else "") + f". Machine: {bench.machine_description(llama_cpp)}.",

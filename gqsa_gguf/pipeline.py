@@ -163,6 +163,9 @@ def choose_allocation(model, info, windows, c, progress: bool = True, log=print)
     """{linear name: kept groups per row} from the measured sensitivity (allocation.py)."""
     from . import allocation, oneshot
 
+    if windows.numel() < 16384:
+        log(f"note: the sensitivity allocation is measured on only {windows.numel()} calibration tokens; with "
+            f"so few it can spread the budget badly — use more (--nsamples/--seqlen) or --allocation uniform")
     curves = oneshot.sensitivity_curves(model, info, windows, c, progress=progress)
     keep = allocation.allocate(curves, c.sparsity)
     shapes = {cv.name: (cv.rows, cv.width) for cv in curves}

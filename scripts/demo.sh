@@ -13,8 +13,8 @@ if [ -f "$OUT" ]; then
     echo "==> $OUT exists, not converting again (delete it to reconvert)"
 else
     # the converter's defaults: one-shot GQSA, then BQPO (2 epochs) and E2E-OQP (1 epoch) on 128 x 512
-    # calibration tokens, about 40 min on 2 cores; checkpoints let an interrupted demo continue
-    echo "==> converting SmolLM2 to $OUT (GQSA w4s50; about 40 min on 2 cores, rerun to resume if interrupted)"
+    # calibration tokens, about 48 min on 2 cores; checkpoints let an interrupted demo continue
+    echo "==> converting SmolLM2 to $OUT (GQSA w4s50; about 48 min on 2 cores, rerun to resume if interrupted)"
     "$VENV/bin/python" convert.py --gqsa w4s50 -o "$OUT" --checkpoint-dir "$OUT.checkpoints" --resume
     rm -rf "$OUT.checkpoints"
 fi
