@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -168,7 +169,7 @@ def main() -> int:
               "The shipped file is Q4_1 and the float model is its dequantization, so every 32-wide block "
               "of the weights already lies on a 4-bit grid: dense 4-bit rows (Q4_0, GQSA w4s0) cost only a "
               "few points of perplexity here, less than a real float checkpoint's would. What GQSA's sparse "
-              "rows lose beyond that is the cost of pruning half (w4s50) or three quarters (w4s75) of the "
+              "rows lose beyond that is the cost of pruning half (w4s50) or a quarter (w4s25) of the "
               "groups; k-quants and i-quants need widths divisible by 256, so for this 576-wide model "
               "llama.cpp has no 3-bit type to compare with.",
               "",
@@ -179,7 +180,7 @@ def main() -> int:
                      + ", ".join(f"{k} {v / 60:.1f} min" for k, v in convert_seconds.items()) + ".")
         lines.append("")
     lines.append("Regenerate: `python benchmarks/default_model.py` (this table: `python benchmarks/default_model.py "
-                 + " ".join(sys.argv[1:]) + "`).")
+                 + shlex.join(sys.argv[1:]) + "`).")
     table = "\n".join(lines) + "\n"
     print(table)
     (ROOT / "docs" / "default-model.md").write_text(table)
