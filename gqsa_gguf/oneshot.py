@@ -282,10 +282,8 @@ def _obs_columns(W1, E1, U1, i1, keep, Q, Z, D, clip_grid, hdiag) -> None:
             z, d = _group_params(W1[:, i:i + g], clip_grid, hdiag[col:col + g])
             Z[:, grp], D[:, grp] = z, d
             zg, dg, kg = z, d, keep[:, grp]
-            safe = torch.where(dg == 0, torch.ones_like(dg), dg)
         w = W1[:, i]
-        q = torch.clamp(torch.round(w / safe) + zg, 0, fmt.QMAX)
-        q = torch.where(dg == 0, torch.zeros_like(q), q)
+        q = _codes(w[:, None], zg, dg)[:, 0]
         deq = torch.where(kg, (q - zg) * dg, torch.zeros_like(w))
         Q[:, col] = q
         err = (w - deq) / U1[i, i]
@@ -438,7 +436,6 @@ def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
     batches = [windows[i:i + bs] for i in range(0, nsamples, bs)]
 
     uniform = {lin: fmt.kept_groups(info.linear_shape(lin)[1], cfg.sparsity) for lin in _LINEARS}
-    method = getattr(cfg, "method", "obs")
 
     def kept_of(name: str, lin: str) -> int:
         return int(keep[name]) if keep is not None and name in keep else uniform[lin]
@@ -463,7 +460,7 @@ def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
                     result.rel_errors[name] = rel
                     errs.append(rel)
 
-            if method == "obs":
+            if cfg.method == "obs":
                 # true-sequential (GPTQ): each input group's Hessian is taken with the linears before
                 # it in the block already compressed, so o_proj compensates what q/k/v lost, and so on
                 for hooked, group in _INPUT_GROUPS:

@@ -169,16 +169,11 @@ def choose_allocation(model, info, windows, c, progress: bool = True, log=print)
     curves = oneshot.sensitivity_curves(model, info, windows, c, progress=progress)
     keep = allocation.allocate(curves, c.sparsity)
     shapes = {cv.name: (cv.rows, cv.width) for cv in curves}
+    uniform = allocation.budget_bits(shapes, c.sparsity) / sum(r * w for r, w in shapes.values())
+    share = [keep[cv.name] / cv.groups for cv in curves]
     log(f"allocation: {allocation.mean_bits(shapes, keep):.4f} bits/weight on average over the decoder linears "
-        f"(uniform {allocation.mean_bits(shapes, {n: fmt_kept(w, c.sparsity) for n, (_, w) in shapes.items()}):.4f}); "
-        f"kept share per tensor {min(keep[n] / (shapes[n][1] // 16) for n in keep):.0%}"
-        f"..{max(keep[n] / (shapes[n][1] // 16) for n in keep):.0%}")
+        f"(uniform {uniform:.4f}); kept share per tensor {min(share):.0%}..{max(share):.0%}")
     return keep
-
-
-def fmt_kept(width: int, sparsity: float) -> int:
-    from . import format as fmt
-    return fmt.kept_groups(width, sparsity)
 
 
 def _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, progress, log, times):
