@@ -2,7 +2,8 @@
 """Prepare the patched llama.cpp source tree that the native build compiles.
 
 In:  the pinned llama.cpp source (the `vendor/llama.cpp` of llama-cpp-python's sdist, fetched with
-     pip into a cache, or named by --source / GQSA_LLAMA_CPP_SOURCE), our new files under
+     pip into a cache, or named by --source / GQSA_LLAMA_CPP_SOURCE: the sdist, an offline bundle
+     written by --pack-bundle, or an extracted tree), our new files under
      native/src/ (a mirror of the llama.cpp tree) and native/llama.cpp.patch (unified diff, -p1,
      relative to the llama.cpp root; absent or empty means a stock build).
 Out: --tree DIR, a copy of the pristine tree with native/src copied over it and the patch applied,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -50,6 +52,17 @@ PINNED_FILES = {
 }
 # Bump when the way the tree is assembled changes, to force a re-sync.
 LAYOUT_VERSION = "2"
+
+# The offline bundle (--pack-bundle): the pinned tree without what no build of ours reads (docs,
+# test models, media, CI files, examples, upstream's tests, the server's web UI), as .tar.xz, for a
+# machine that can neither download the sdist nor receive it (76 MB, over the 64 MiB a GPU machine
+# of this project receives). A manifest of every file's SHA-256 travels inside and is checked at
+# extraction, as are the PINNED_FILES.
+BUNDLE_NAME = f"llama.cpp-{PINNED_COMMIT}-bundle.tar.xz"
+BUNDLE_MANIFEST = "gqsa-bundle.json"
+BUNDLE_EXCLUDE = (".github", ".devops", "docs", "models", "media", "benches", "examples", "pocs",
+                  "tests", "tools/ui")
+BUNDLE_MAX_BYTES = 56 << 20     # leaves room for the working tree in the 64 MiB a GPU machine gets
 
 OFFLINE_HINT = (
     f"On a machine without access to PyPI, fetch {PINNED_SDIST} elsewhere with\n"
@@ -179,6 +192,91 @@ def check_source_dir(src: Path) -> None:
                 f"{PINNED_VERSION}) only work with that commit; use its vendor/llama.cpp.")
 
 
+def _bundle_excluded(rel: str) -> bool:
+    return any(rel == x or rel.startswith(x + "/") for x in BUNDLE_EXCLUDE)
+
+
+def pack_bundle(pristine: Path, out: Path) -> dict:
+    """Write the offline bundle of the pristine tree to `out` (.tar.xz); return its manifest."""
+    files = {}
+    for root, dirs, names in os.walk(pristine):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(root) / name
+            rel = path.relative_to(pristine).as_posix()
+            if name == ".gqsa-complete" or _bundle_excluded(rel):
+                continue
+            files[rel] = ("link:" + os.readlink(path)) if path.is_symlink() else sha256_file(path)
+    manifest = {"bundle_format": 1, "commit": PINNED_COMMIT, "sdist": PINNED_SDIST,
+                "sdist_sha256": PINNED_SHA256, "excluded": list(BUNDLE_EXCLUDE), "files": files}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    data = json.dumps(manifest, indent=0, sort_keys=True).encode()
+    with tarfile.open(tmp, "w:xz", preset=6) as tar:
+        info = tarfile.TarInfo(BUNDLE_MANIFEST)
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+        for rel in files:
+            tar.add(pristine / rel, arcname=f"llama.cpp/{rel}", recursive=False)
+    size = tmp.stat().st_size
+    if size > BUNDLE_MAX_BYTES:
+        tmp.unlink()
+        raise PrepareError(f"the bundle would be {size / 2**20:.1f} MiB, over {BUNDLE_MAX_BYTES >> 20} MiB; "
+                           f"exclude more of the tree (BUNDLE_EXCLUDE)")
+    os.replace(tmp, out)
+    log(f"wrote {out} ({size / 2**20:.1f} MiB, {len(files)} files of llama.cpp {PINNED_COMMIT})")
+    return manifest
+
+
+def extract_bundle(bundle: Path, cache: Path) -> tuple[Path, str]:
+    """Extract an offline bundle into the cache once (keyed by its hash), checking every file
+    against its manifest and the tree against PINNED_FILES. Returns (tree, pristine id)."""
+    digest = sha256_file(bundle)
+    dest = cache / f"llama.cpp-{PINNED_COMMIT}-bundle-{digest[:12]}"
+    if (dest / ".gqsa-complete").is_file():
+        return dest, f"bundle:{digest}"
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"extracting the offline bundle {bundle.name} into {dest}")
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".bundle-"))
+    os.chmod(tmp, 0o755)
+    try:
+        try:
+            with tarfile.open(bundle, "r:*") as tar:
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(tmp, **kwargs)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise PrepareError(f"{bundle} is not a readable bundle ({e}); pack it again with "
+                               f"`python native/fetch_llama_cpp.py --pack-bundle OUT`") from e
+        try:
+            manifest = json.loads((tmp / BUNDLE_MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise PrepareError(f"{bundle} has no valid {BUNDLE_MANIFEST}: not a gqsa-gguf bundle") from e
+        if manifest.get("commit") != PINNED_COMMIT or manifest.get("sdist_sha256") != PINNED_SHA256:
+            raise PrepareError(f"{bundle} holds llama.cpp {manifest.get('commit')!r} from an sdist with "
+                               f"SHA-256 {manifest.get('sdist_sha256')!r}; this build is pinned to "
+                               f"{PINNED_COMMIT} ({PINNED_SHA256})")
+        tree = tmp / "llama.cpp"
+        found = {p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file() or p.is_symlink()}
+        want = manifest.get("files", {})
+        if found != set(want):
+            extra, missing = sorted(found - set(want)), sorted(set(want) - found)
+            raise PrepareError(f"{bundle} does not match its manifest: {len(missing)} file(s) missing "
+                               f"{missing[:3]}, {len(extra)} unlisted {extra[:3]}")
+        for rel, h in want.items():
+            got = ("link:" + os.readlink(tree / rel)) if (tree / rel).is_symlink() else sha256_file(tree / rel)
+            if got != h:
+                raise PrepareError(f"{bundle}: {rel} has SHA-256 {got}, its manifest says {h}: the "
+                                   f"bundle is corrupt; pack it again")
+        check_source_dir(tree)
+        (tree / ".gqsa-complete").write_text(f"{digest}\n")
+        if dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tree, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest, f"bundle:{digest}"
+
+
 def pristine_tree(source: str, cache: Path) -> tuple[Path, str]:
     """Return (pristine llama.cpp directory, an id that changes when its content may change)."""
     if not source:
@@ -186,9 +284,11 @@ def pristine_tree(source: str, cache: Path) -> tuple[Path, str]:
         return extract_sdist(sdist, cache), f"sdist:{PINNED_SHA256}"
     src = Path(source).expanduser().resolve()
     if src.is_file():
+        if src.name.endswith(".tar.xz"):
+            return extract_bundle(src, cache)
         if not src.name.endswith(".tar.gz"):
-            raise PrepareError(f"GQSA_LLAMA_CPP_SOURCE={src}: expected the {PINNED_SDIST} sdist "
-                               f"or an extracted llama.cpp directory")
+            raise PrepareError(f"GQSA_LLAMA_CPP_SOURCE={src}: expected the {PINNED_SDIST} sdist, "
+                               f"an offline bundle ({BUNDLE_NAME}) or an extracted llama.cpp directory")
         return extract_sdist(src, cache), f"sdist:{PINNED_SHA256}"
     if src.is_dir():
         check_source_dir(src)
@@ -373,8 +473,12 @@ def prepare(tree: Path, source: str, cache: Path, native_src: Path, patch_file: 
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tree", type=Path, required=True,
+    ap.add_argument("--tree", type=Path,
                     help="where to assemble the patched llama.cpp tree")
+    ap.add_argument("--pack-bundle", type=Path, metavar="OUT",
+                    help=f"instead: write the offline bundle ({BUNDLE_NAME}, what a build needs of the "
+                         f"pinned tree, under {BUNDLE_MAX_BYTES >> 20} MiB) to OUT; a build takes it as "
+                         f"GQSA_LLAMA_CPP_SOURCE")
     ap.add_argument("--source", default=os.environ.get("GQSA_LLAMA_CPP_SOURCE", ""),
                     help=f"local {PINNED_SDIST} or extracted llama.cpp directory "
                          f"(default: $GQSA_LLAMA_CPP_SOURCE, else download with pip)")
@@ -386,7 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="re-copy the whole pristine tree")
     args = ap.parse_args(argv)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    if (args.tree is None) == (args.pack_bundle is None):
+        ap.error("give exactly one of --tree and --pack-bundle")
     try:
+        if args.pack_bundle is not None:
+            pack_bundle(pristine_tree(args.source, cache)[0], args.pack_bundle)
+            return 0
         prepare(args.tree, args.source, cache, args.native_src, args.patch,
                 fresh=args.fresh)
     except PrepareError as e:

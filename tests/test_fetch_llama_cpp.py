@@ -169,3 +169,75 @@ def test_directory_source_must_be_the_pinned_commit(tmp_path):
 def test_missing_source_is_reported(tmp_path):
     with pytest.raises(fetch.PrepareError, match="does not exist"):
         fetch.pristine_tree(str(tmp_path / "nope.tar.gz"), tmp_path / "cache")
+
+
+# --------------------------------------------------------------------------------------------
+# The offline bundle (--pack-bundle): what travels to a GPU machine without network
+
+
+@pytest.fixture
+def fake_pinned(tmp_path, monkeypatch):
+    """A fake pristine tree that passes check_source_dir (PINNED_FILES pointed at its headers),
+    with files in excluded folders."""
+    tree = tmp_path / "pristine"
+    write_tree(tree, dict(UPSTREAM, **{"ggml/CMakeLists.txt": "g\n", "include/llama.h": "L\n",
+                                       "ggml/include/ggml.h": "G\n", "docs/big.md": "doc\n",
+                                       "tools/ui/app.js": "ui\n", "tools/llama-bench/b.cpp": "bench\n"}))
+    monkeypatch.setattr(fetch, "PINNED_FILES", {rel: fetch.sha256_file(tree / rel)
+                                                for rel in ("include/llama.h", "ggml/include/ggml.h")})
+    return tree
+
+
+def test_bundle_round_trip_leaves_out_only_the_excluded(tmp_path, fake_pinned):
+    out = tmp_path / "b" / fetch.BUNDLE_NAME
+    manifest = fetch.pack_bundle(fake_pinned, out)
+    assert "docs/big.md" not in manifest["files"] and "tools/ui/app.js" not in manifest["files"]
+    tree, ident = fetch.pristine_tree(str(out), tmp_path / "cache")
+    assert ident == f"bundle:{fetch.sha256_file(out)}"
+    want = {k: v for k, v in read(fake_pinned).items() if not k.startswith(("docs/", "tools/ui/"))}
+    assert {k: v for k, v in read(tree).items() if k != ".gqsa-complete"} == want
+    # extracted once: a second call reuses the cache
+    assert fetch.pristine_tree(str(out), tmp_path / "cache")[0] == tree
+
+
+def _rewrite_bundle(src: Path, dst: Path, edit):
+    import io
+    import tarfile
+    with tarfile.open(src, "r:xz") as tin, tarfile.open(dst, "w:xz") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read() if m.isfile() else None
+            data = edit(m.name, data)
+            if data is not None:
+                m.size = len(data)
+                tout.addfile(m, io.BytesIO(data))
+            else:
+                tout.addfile(m)
+
+
+def test_bundle_with_a_changed_file_is_refused(tmp_path, fake_pinned):
+    good = tmp_path / fetch.BUNDLE_NAME
+    fetch.pack_bundle(fake_pinned, good)
+    bad = tmp_path / "bad" / fetch.BUNDLE_NAME
+    bad.parent.mkdir()
+    _rewrite_bundle(good, bad, lambda name, data: b"int b;\n" if name == "llama.cpp/src/llama.cpp" else data)
+    with pytest.raises(fetch.PrepareError, match="src/llama.cpp has SHA-256 .* corrupt"):
+        fetch.pristine_tree(str(bad), tmp_path / "cache")
+
+
+def test_bundle_of_another_commit_is_refused(tmp_path, fake_pinned):
+    good = tmp_path / fetch.BUNDLE_NAME
+    fetch.pack_bundle(fake_pinned, good)
+    bad = tmp_path / "bad" / fetch.BUNDLE_NAME
+    bad.parent.mkdir()
+    _rewrite_bundle(good, bad, lambda name, data: data.replace(fetch.PINNED_COMMIT.encode(), b"1234567")
+                    if name == fetch.BUNDLE_MANIFEST else data)
+    with pytest.raises(fetch.PrepareError, match="'1234567'.*pinned to"):
+        fetch.pristine_tree(str(bad), tmp_path / "cache")
+
+
+def test_bundle_over_the_size_limit_is_not_written(tmp_path, fake_pinned, monkeypatch):
+    monkeypatch.setattr(fetch, "BUNDLE_MAX_BYTES", 100)
+    out = tmp_path / fetch.BUNDLE_NAME
+    with pytest.raises(fetch.PrepareError, match="over"):
+        fetch.pack_bundle(fake_pinned, out)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
