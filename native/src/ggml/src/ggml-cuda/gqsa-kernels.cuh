@@ -102,6 +102,17 @@ static __global__ void gqsa_convert_act_f16(const float * __restrict__ src, int6
 // ---------------------------------------------------------------------------------------------
 // Dot products of one weight block with one activation column.
 
+// Four int8 products summed into c: the dp4a instruction from sm_61 on; byte by byte before (ggml-cuda
+// still builds virtual architectures below sm_61 with CUDA < 13).
+static __device__ __forceinline__ int gqsa_dp4a(int a, int b, int c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 610
+    const char4 va = *(const char4 *) &a, vb = *(const char4 *) &b;
+    return c + va.x * vb.x + va.y * vb.y + va.z * vb.z + va.w * vb.w;
+#else
+    return __dp4a(a, b, c);
+#endif
+}
+
 template <int ACT>
 struct gqsa_block_dot;
 
@@ -112,10 +123,10 @@ struct gqsa_block_dot<GQSA_ACT_Q8> {
         const int4   x  = __ldg((const int4 *) (a.qs + c * a.width) + g);
         const float2 ds = __ldg(a.ds + c * (a.width / GQSA_CUDA_GROUP) + g);
         // byte j of w1/w2 is q[j] | q[j+8] << 4 (FORMAT.md): low nibbles weights 0..7, high 8..15
-        int s = __dp4a((int) (w1 & 0x0F0F0F0Fu),        x.x, 0);
-        s     = __dp4a((int) (w2 & 0x0F0F0F0Fu),        x.y, s);
-        s     = __dp4a((int) ((w1 >> 4) & 0x0F0F0F0Fu), x.z, s);
-        s     = __dp4a((int) ((w2 >> 4) & 0x0F0F0F0Fu), x.w, s);
+        int s = gqsa_dp4a((int) (w1 & 0x0F0F0F0Fu),        x.x, 0);
+        s     = gqsa_dp4a((int) (w2 & 0x0F0F0F0Fu),        x.y, s);
+        s     = gqsa_dp4a((int) ((w1 >> 4) & 0x0F0F0F0Fu), x.z, s);
+        s     = gqsa_dp4a((int) ((w2 >> 4) & 0x0F0F0F0Fu), x.w, s);
         return ds.x * (float) s - z * ds.y;
     }
 };
