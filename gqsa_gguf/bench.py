@@ -144,8 +144,40 @@ def _tokenizer_fields(reader, n_vocab: int | None) -> dict:
     return fields
 
 
-def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights) -> dict:
-    """Writes a llama-architecture GGUF of `shape` whose linear weights are in `fmt_name`.
+def tokenizer_fields(shape: Shape) -> dict:
+    """The tokenizer metadata every benchmark model of `shape` gets (the embedded model's, cut to
+    the shape's vocabulary)."""
+    import gguf
+
+    from .model_io import smollm2_gguf
+
+    return _tokenizer_fields(gguf.GGUFReader(str(smollm2_gguf())), shape.n_vocab)
+
+
+def save_tokenizer(shape: Shape, path: Path) -> None:
+    """tokenizer_fields(shape) as JSON, for writing benchmark models where the embedded model is
+    not installed (scripts/gpu_check.sh on a GPU machine)."""
+    fields = tokenizer_fields(shape)
+    out = {k: {"value": [x.item() if hasattr(x, "item") else x for x in v] if isinstance(v, (list, np.ndarray))
+               else (v.item() if hasattr(v, "item") else v), "types": [int(t) for t in types]}
+           for k, (v, types) in fields.items()}
+    path.write_text(json.dumps({"shape": shape.name, "fields": out}))
+
+
+def load_tokenizer(path: Path, shape: Shape) -> dict:
+    """The fields save_tokenizer wrote, checked to be for `shape`."""
+    import gguf
+
+    data = json.loads(Path(path).read_text())
+    if data.get("shape") != shape.name:
+        raise ValueError(f"{path} holds the tokenizer of shape {data.get('shape')!r}, not {shape.name!r}")
+    return {k: (f["value"], [gguf.GGUFValueType(t) for t in f["types"]]) for k, f in data["fields"].items()}
+
+
+def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights,
+                tokenizer: dict | None = None) -> dict:
+    """Writes a llama-architecture GGUF of `shape` whose linear weights are in `fmt_name`, with the
+    tokenizer fields `tokenizer` (default: tokenizer_fields(shape)).
 
     Returns its byte counts: the linear weights, and all weights read per decoded token.
     """
@@ -154,10 +186,8 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
 
     from . import gguf_io
 
-    from .model_io import smollm2_gguf
-
-    reader = gguf.GGUFReader(str(smollm2_gguf()))
-    tokenizer = _tokenizer_fields(reader, shape.n_vocab)
+    if tokenizer is None:
+        tokenizer = tokenizer_fields(shape)
     n_vocab = len(tokenizer["tokenizer.ggml.tokens"][0])
     arch = "llama"
     config = json.dumps({"benchmark": True, "shape": dataclasses.asdict(shape), "format": fmt_name,

@@ -31,6 +31,19 @@ def test_synthetic_vocab_is_the_named_models(tmp_path):
     assert len(merges) < len(full["tokenizer.ggml.merges"][0])
 
 
+def test_saved_tokenizer_writes_the_same_model(tmp_path):
+    # scripts/gpu_check.sh writes its benchmark models from a saved tokenizer (the GPU machine has no
+    # embedded model): the file must be byte for byte the one written from the embedded model
+    shape = bench.Shape("tiny", 64, 128, 1, 4, 4, n_vocab=1000)
+    bench.save_tokenizer(shape, tmp_path / "tok.json")
+    tok = bench.load_tokenizer(tmp_path / "tok.json", shape)
+    bench.write_model(shape, "w4s50", tmp_path / "a.gguf", bench._RandomWeights(seed=0))
+    bench.write_model(shape, "w4s50", tmp_path / "b.gguf", bench._RandomWeights(seed=0), tokenizer=tok)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    with pytest.raises(ValueError, match="not 'llama-7b'"):
+        bench.load_tokenizer(tmp_path / "tok.json", bench.PRESETS["llama-7b"])
+
+
 def test_synthetic_vocab_cannot_exceed_the_tokenizer(tmp_path):
     shape = bench.Shape("big", 64, 128, 1, 4, 4, n_vocab=10 ** 6)
     with pytest.raises(ValueError, match="needs more tokens"):
