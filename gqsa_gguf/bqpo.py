@@ -88,6 +88,9 @@ class BQPOConfig:
     # asked to undo what earlier blocks lost); "float-chain" = the float model's own activations
     target: str = "float-block"
     cache: str = "memory"            # "memory" or "disk" (np.memmap) for the two activation caches
+    # the block MSE before / after training (the report) is measured on the first report_windows
+    # windows: the "before" pass over all of them cost a ninth of BQPO's time and decides nothing
+    report_windows: int = 16
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = True
@@ -97,6 +100,7 @@ class BQPOConfig:
         for n in ("lr_weight", "lr_scale", "lr_zero", "weight_decay"):
             _pos_number(f"bqpo.{n}", getattr(self, n), zero_ok=True)
         _pos_number("bqpo.batch_size", self.batch_size, integer=True)
+        _pos_number("bqpo.report_windows", self.report_windows, integer=True)
         _pos_number("bqpo.seed", self.seed, integer=True, zero_ok=True)
         if self.target not in ("float-block", "float-chain"):
             raise TrainingError(f"bqpo.target {self.target!r}: choose float-block or float-chain")
@@ -108,14 +112,14 @@ class BQPOConfig:
     def fingerprint_dict(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
         d = dataclasses.asdict(self)
-        for k in ("checkpoint_dir", "resume", "progress", "cache"):
+        for k in ("checkpoint_dir", "resume", "progress", "cache", "report_windows"):
             d.pop(k)
         return d
 
 
 @dataclass
 class BQPOReport:
-    loss_before: list[float] = field(default_factory=list)    # per block, MSE over all windows
+    loss_before: list[float] = field(default_factory=list)    # per block, MSE on the report windows
     loss_after: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     resumed_from: int = 0                                      # first block trained by this process
@@ -157,18 +161,22 @@ def _fingerprint(cfg: BQPOConfig, model, compressed, windows) -> str:
 
 
 def _mse_pass(layer, xin: torch.Tensor, target: torch.Tensor, kwargs, bs, device, amp,
-              write_back: bool = False) -> float:
-    """Mean MSE of layer(xin) vs target over all windows; optionally overwrites xin with the outputs."""
+              head: int, write_back: bool = False) -> float:
+    """Mean MSE of layer(xin) vs target over the first `head` windows; with write_back, the layer
+    runs on every window and its outputs overwrite xin."""
     total = 0.0
+    end = len(xin) if write_back else min(head, len(xin))
     with torch.no_grad():
-        for i in range(0, len(xin), bs):
+        for i in range(0, end, bs):
             x = xin[i:i + bs].to(device)
             with autocast(device, amp):
                 y = _layer_out(layer(x, **kwargs)).float()
-            total += F.mse_loss(y, target[i:i + bs].to(device), reduction="sum").item()
+            if i < head:
+                k = min(bs, head - i)
+                total += F.mse_loss(y[:k], target[i:i + k].to(device), reduction="sum").item()
             if write_back:
                 xin[i:i + bs] = y.cpu()
-    return total / target.numel()
+    return total / target[:head].numel()
 
 
 def _float_pass(layer, x: torch.Tensor, kwargs, bs, device) -> None:
@@ -292,7 +300,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
         opt = torch.optim.AdamW([g_ for g_ in groups if g_["lr"] > 0], weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
-        before = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp)
+        before = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, cfg.report_windows)
         bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"BQPO block {i}/{n_layers}", unit="step",
                    disable=not cfg.progress, leave=False)
         for epoch in range(cfg.epochs):
@@ -319,7 +327,8 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
         bar.close()
 
         pack_model(layer_q)                                           # freeze q: same forward, bit-exact
-        after = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, write_back=True)   # xq <- Xq_{i+1}
+        after = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, cfg.report_windows,
+                          write_back=True)                              # xq <- Xq_{i+1}
         report.loss_before.append(before)
         report.loss_after.append(after)
         report.seconds.append(time.time() - t0)

@@ -129,8 +129,8 @@ class CompressionConfig:
     # (allocation.py); "uniform": every tensor at the spec's sparsity (the paper's layout)
     allocation: str = "sensitivity"
     # The paper's method trains after one-shot; epochs measured in benchmarks/quality.py (docs/quality.md)
-    bqpo_epochs: int = 2             # BQPO epochs (paper §3.3, bqpo.py); 0 = off
-    e2e_epochs: int = 1              # E2E-OQP epochs (paper §3.4, e2e.py); 0 = off
+    bqpo_epochs: int = 0             # BQPO epochs (paper §3.3, bqpo.py); 0 = off (see docs/DESIGN.md)
+    e2e_epochs: int = 3              # E2E-OQP epochs (paper §3.4, e2e.py); 0 = off
 
     def __post_init__(self):
         bits, pct = parse_spec(self.spec)

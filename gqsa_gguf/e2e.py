@@ -4,12 +4,13 @@ In:  a model whose decoder linears are `fakequant.PackedGQSLinear` (from `bqpo.r
      `packed_from_oneshot` for E2E-OQP straight after one-shot), training windows LongTensor
      [nsamples, seqlen], an `E2EConfig`.
 Out: `run_e2e(model, windows, cfg)` -> `E2EReport` (per-step loss, per-epoch mean, seconds); the
-     model's scales and zero points are trained in place; integer codes q, group indices, and every
-     other weight stay bit-identical (only `scale` and `zero` have requires_grad, tested).
+     model's scales and zero points are trained in place, and with lr_norm > 0 its RMSNorm gains
+     (`norm_parameters`: F32 in the file, no bits); integer codes q, group indices, and every
+     other weight stay bit-identical (only those have requires_grad, tested).
 
 Objective: the causal LM loss (next-token cross entropy) of the whole model, or with loss="kd"
 the KL divergence to the float model's next-token distributions (distillation; what the converter
-uses), mean over the windows of a global batch; AdamW with lr_scale / lr_zero; fp32 on the CPU, optional bf16/fp16 autocast on
+uses), mean over the windows of a global batch; AdamW with lr_scale / lr_zero / lr_norm; fp32 on the CPU, optional bf16/fp16 autocast on
 CUDA.
 
 Data parallel: under `torchrun` (WORLD_SIZE > 1) call `init_distributed(device)` first (gloo on the
@@ -19,7 +20,7 @@ loss * micro / global_batch, and gradients are summed with all_reduce — so a s
 as one process on the whole global batch (up to float summation order; tested with 2 gloo
 processes). Rank 0 writes the checkpoints; all ranks read them on resume.
 
-Checkpoints (`checkpoint_dir`): after every epoch, atomically, `e2e.ckpt` with all scales/zeros,
+Checkpoints (`checkpoint_dir`): after every epoch, atomically, `e2e.ckpt` with all scales/zeros (and norm gains),
 the optimizer state and the loss log; `resume=True` continues with the next epoch and gives the
 same result as an uninterrupted run (tested). A NaN/Inf loss or scale raises TrainingError naming
 the epoch and step.
@@ -56,6 +57,8 @@ class E2EConfig:
     epochs: int = 1
     lr_scale: float = 2e-4
     lr_zero: float = 2e-3            # continuous zero point, rounded in the forward
+    # RMSNorm gains (F32 in the file, no bits): 0 keeps them frozen
+    lr_norm: float = 3e-4
     weight_decay: float = 0.0
     batch_size: int = 2              # global windows per optimizer step (all ranks together)
     micro_batch: int = 1             # windows per forward/backward on one rank (memory only)
@@ -77,7 +80,7 @@ class E2EConfig:
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if n in ("epochs", "seed") else 1):
                 raise TrainingError(f"e2e.{n} = {v!r} must be a {'non-negative' if n in ('epochs', 'seed') else 'positive'} integer")
-        for n in ("lr_scale", "lr_zero", "weight_decay"):
+        for n in ("lr_scale", "lr_zero", "lr_norm", "weight_decay"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise TrainingError(f"e2e.{n} = {v!r} must be a non-negative number")
@@ -152,9 +155,16 @@ def trainable_parameters(model) -> tuple[list, list, list]:
     return scales, zeros, named
 
 
+def norm_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The RMSNorm gains of the model (every parameter named *norm.weight), in model order."""
+    return [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
+
+
 def _qparam_state(model) -> dict:
-    return {f"{n}.{k}": getattr(m, k).detach().cpu().clone()
-            for n, m in gqs_modules(model).items() for k in ("scale", "zero")}
+    state = {f"{n}.{k}": getattr(m, k).detach().cpu().clone()
+             for n, m in gqs_modules(model).items() for k in ("scale", "zero")}
+    state.update({n: p.detach().cpu().clone() for n, p in norm_parameters(model)})
+    return state
 
 
 def _fingerprint(cfg, model, windows, world) -> str:
@@ -201,7 +211,14 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     model.to(device)
     model.train(False)                                 # no dropout; training mode is not needed
     scales, zeros, named = trainable_parameters(model)
-    groups = [{"params": scales, "lr": cfg.lr_scale}, {"params": zeros, "lr": cfg.lr_zero}]
+    norms = []
+    if cfg.lr_norm > 0:
+        for name, p in norm_parameters(model):
+            p.requires_grad_(True)
+            norms.append(p)
+            named.append((name, p))
+    groups = [{"params": scales, "lr": cfg.lr_scale}, {"params": zeros, "lr": cfg.lr_zero},
+              {"params": norms, "lr": cfg.lr_norm}]
     opt = torch.optim.AdamW([g for g in groups if g["lr"] > 0], weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
@@ -219,6 +236,8 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             for name, m in gqs_modules(model).items():
                 m.scale.copy_(payload["qparams"][name + ".scale"])
                 m.zero.copy_(payload["qparams"][name + ".zero"])
+            for name, p in norm_parameters(model):
+                p.copy_(payload["qparams"][name])
         opt.load_state_dict(payload["optimizer"])
         report.step_loss, report.epoch_loss = list(payload["step_loss"]), list(payload["epoch_loss"])
         report.seconds = list(payload["seconds"])
@@ -258,7 +277,7 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
                 (scaler.scale(part) if scaler is not None else part).backward()
                 step_loss += part.detach().double().cpu()
             if dist is not None:
-                for p in scales + zeros:
+                for p in scales + zeros + norms:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)

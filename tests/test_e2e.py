@@ -41,7 +41,7 @@ def test_e2e_changes_only_scales_and_zeros(setup):
     windows, comp = setup
     model = _packed(comp)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = run_e2e(model, windows, _cfg(), log=lambda s: None)
+    rep = run_e2e(model, windows, _cfg(lr_norm=0.0), log=lambda s: None)
     assert len(rep.step_loss) == 4 and rep.epoch_loss[-1] < rep.step_loss[0] + 1.0
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -51,8 +51,33 @@ def test_e2e_changes_only_scales_and_zeros(setup):
         assert torch.equal(m.q, before[name + ".q"]) and torch.equal(m.indices, before[name + ".indices"])
 
 
+def test_e2e_with_lr_norm_also_trains_the_norm_gains_and_resumes_them(setup, tmp_path):
+    windows, comp = setup
+    model = _packed(comp)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_e2e(model, windows, _cfg(lr_norm=1e-2), log=lambda s: None)
+    changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+    norms = {k for k in changed if k.endswith("norm.weight")}
+    assert norms and {"model.norm.weight", "model.layers.0.input_layernorm.weight"} <= norms
+    assert all(k.endswith((".scale", ".zero", "norm.weight")) for k in changed), sorted(changed)[:5]
+    assert not any(p.requires_grad for p in model.parameters())
+    # the gains are in the checkpoint: a resumed run equals an uninterrupted one
+    d = str(tmp_path / "ck")
+    part = _packed(comp)
+    with pytest.raises(_Interrupt):
+        run_e2e(part, windows, _cfg(lr_norm=1e-2, checkpoint_dir=d), on_epoch_end=_stop, log=lambda s: None)
+    resumed = _packed(comp)
+    run_e2e(resumed, windows, _cfg(lr_norm=1e-2, checkpoint_dir=d, resume=True), log=lambda s: None)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
 class _Interrupt(Exception):
     pass
+
+
+def _stop(epoch):
+    raise _Interrupt
 
 
 def test_e2e_resume_equals_uninterrupted(setup, tmp_path):
@@ -60,13 +85,10 @@ def test_e2e_resume_equals_uninterrupted(setup, tmp_path):
     full = _packed(comp)
     run_e2e(full, windows, _cfg(), log=lambda s: None)
 
-    def stop(epoch):
-        raise _Interrupt
-
     d = str(tmp_path / "ck")
     part = _packed(comp)
     with pytest.raises(_Interrupt):
-        run_e2e(part, windows, _cfg(checkpoint_dir=d), on_epoch_end=stop, log=lambda s: None)
+        run_e2e(part, windows, _cfg(checkpoint_dir=d), on_epoch_end=_stop, log=lambda s: None)
     resumed = _packed(comp)                                   # a fresh process: nothing carried over
     rep = run_e2e(resumed, windows, _cfg(checkpoint_dir=d, resume=True), log=lambda s: None)
     assert rep.resumed_from == 1
