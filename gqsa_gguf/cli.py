@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from . import __version__, arch
 from . import format as fmt
 from .config import (DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL, DEFAULT_NSAMPLES, DEFAULT_SEQLEN,
                      DENSE_TYPES, CalibConfig, CompressionConfig, ConfigError, ConvertConfig, ExportConfig)
@@ -29,8 +29,8 @@ EXIT_FAILURE = 1
 def _add_convert(sub) -> None:
     p = sub.add_parser(
         "convert", help="compress a Hugging Face model with GQSA into a GGUF",
-        description="Compress a LLaMA-family or Qwen2 Hugging Face checkpoint with GQSA (4-bit group "
-                    "quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
+        description=f"Compress a Hugging Face checkpoint ({', '.join(arch.known_hf())}) with GQSA (4-bit "
+                    "group quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
                     "linears use the gqsa4 tensor type.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",

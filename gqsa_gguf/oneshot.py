@@ -34,25 +34,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import arch
 from . import format as fmt
 from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, hessian_inverse_diag,
                        select_groups, weight_saliency)
 
 __all__ = ["CompressedLinear", "CompressionResult", "OneShotError", "quantize_groups_torch",
-           "dequantize_groups_torch", "compress_linear", "compress_model", "apply_compressed",
-           "decoder_linear_names"]
+           "dequantize_groups_torch", "compress_linear", "compress_model", "apply_compressed"]
 
 _FP16_MAX = 65504.0
 _FP16_MIN_SUBNORMAL = 2.0 ** -24
 
-# linears that share one input: the first is hooked, its H serves the group
-_INPUT_GROUPS = (
-    ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.o_proj", ("self_attn.o_proj",)),
-    ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.down_proj", ("mlp.down_proj",)),
-)
-_LINEARS = tuple(n for _, group in _INPUT_GROUPS for n in group)
+# linears that share one input: the first is hooked, its H serves the group (gqsa_gguf/arch)
+_INPUT_GROUPS = arch.INPUT_GROUPS
+_LINEARS = arch.LINEARS
 
 
 class OneShotError(RuntimeError):
@@ -350,10 +345,6 @@ def compress_linear_obs(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: flo
     d = torch.gather(D, 1, kept).to(torch.float16)
     cl = CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy())
     return cl, relative_output_error(W0, H, cl)
-
-
-def decoder_linear_names(n_layers: int) -> list[str]:
-    return [f"model.layers.{i}.{lin}" for i in range(n_layers) for lin in _LINEARS]
 
 
 def apply_compressed(model: torch.nn.Module, compressed: dict[str, CompressedLinear]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import tiny_models
+from gqsa_gguf import arch
 from gqsa_gguf.cli import build_parser, convert_config_from_args, main
 from gqsa_gguf.config import (CalibConfig, CompressionConfig, ConfigError, ConvertConfig, ExportConfig,
                               parse_spec)
@@ -119,10 +120,10 @@ def test_bad_spec_exits_2(tmp_path, capsys, llama_dir, spec, needle):
 
 
 def test_unsupported_architecture(tmp_path, capsys):
-    folder = tiny_models.make_checkpoint(tmp_path / "mistral", "llama", arch_override="MistralForCausalLM")
+    folder = tiny_models.make_checkpoint(tmp_path / "gemma", "llama", arch_override="GemmaForCausalLM")
     out = tmp_path / "o.gguf"
-    _refused(capsys, ["convert", str(folder), "-o", str(out)],
-             ["MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "not supported"])
+    _refused(capsys, ["convert", str(folder), "-o", str(out)],           # with the list of the known ones
+             ["GemmaForCausalLM", "not supported", "LlamaForCausalLM", "Qwen2ForCausalLM", *arch.known_hf()])
     assert not out.exists()
 
 
