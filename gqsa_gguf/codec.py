@@ -35,6 +35,7 @@ from typing import Tuple
 
 import numpy as np
 
+from .errors import GQSAError
 from .format import (
     BLOCK_BYTES,
     BLOCK_DTYPE,
@@ -74,7 +75,7 @@ ACT_BLOCK_DTYPE = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", (GROUP_SIZE
 assert ACT_BLOCK_DTYPE.itemsize == ACT_BLOCK_BYTES
 
 
-class GQSAFormatError(ValueError):
+class GQSAFormatError(GQSAError, ValueError):
     """A GQSA tensor (or the arrays meant to become one) breaks a rule of docs/FORMAT.md."""
 
 

@@ -39,11 +39,12 @@ from .gguf_io import GQSAWriter
 from .model_io import ModelInfo
 from .oneshot import CompressedLinear
 from .vocab import read_vocab
+from .errors import GQSAError
 
 __all__ = ["ExportError", "ExportSummary", "TensorRow", "export_gguf", "hf_to_gguf_name"]
 
 
-class ExportError(RuntimeError):
+class ExportError(GQSAError, RuntimeError):
     """The model cannot be written as a GGUF (unknown tensor, missing compressed linear, ...)."""
 
 

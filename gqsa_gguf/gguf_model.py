@@ -23,11 +23,12 @@ import torch
 
 from . import arch
 from .gguf_io import GGUFFile, read_gguf
+from .errors import GQSAError
 
 __all__ = ["ModelFromGGUFError", "hf_config_from_gguf", "model_from_gguf"]
 
 
-class ModelFromGGUFError(ValueError):
+class ModelFromGGUFError(GQSAError, ValueError):
     """The GGUF does not describe a model this module can rebuild."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from . import arch
 from . import format as fmt
 from .config import DEFAULT_MODEL, cache_root
+from .errors import GQSAError
 
 __all__ = [
     "ModelError",
@@ -49,7 +50,7 @@ __all__ = [
 _DEFAULT_NAME = DEFAULT_MODEL.split(":", 1)[1]
 
 
-class ModelError(ValueError):
+class ModelError(GQSAError, ValueError):
     """A checkpoint cannot be used; the message names the file/field, the value and the fix."""
 
 

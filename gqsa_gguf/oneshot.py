@@ -36,6 +36,7 @@ import torch
 
 from . import arch
 from . import format as fmt
+from .errors import GQSAError
 from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, hessian_inverse_diag,
                        select_groups, weight_saliency)
 
@@ -50,7 +51,7 @@ _INPUT_GROUPS = arch.INPUT_GROUPS
 _LINEARS = arch.LINEARS
 
 
-class OneShotError(RuntimeError):
+class OneShotError(GQSAError, RuntimeError):
     """Compression could not proceed (bad weights, unexpected model structure)."""
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import GQSAError
+
 __all__ = ["LINEARS", "INPUT_GROUPS", "DecoderLayout", "Hparams", "UnknownArchitecture", "register",
            "for_hf", "for_gguf", "known_hf", "rope_inv_freq", "interleave_rope_rows"]
 
@@ -41,7 +43,7 @@ INPUT_GROUPS = (
 LINEARS = tuple(n for _, group in INPUT_GROUPS for n in group)
 
 
-class UnknownArchitecture(ValueError):
+class UnknownArchitecture(GQSAError, ValueError):
     """An architecture no layout in gqsa_gguf/arch registers; the message lists the known ones."""
 
 
