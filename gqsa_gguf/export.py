@@ -106,7 +106,7 @@ def _dense(name: str, arr: np.ndarray, dense_type: str, notes: list[str]) -> tup
         if arr.shape[-1] % blck == 0:
             return gquants.quantize(arr, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0, "q8_0", 8.0 * size / blck
         notes.append(f"{name}: row width {arr.shape[-1]} is not a multiple of {blck}; written as f16 instead of q8_0")
-    if np.abs(arr).max(initial=0.0) > 65504.0:
+    if np.abs(arr).max(initial=0.0) > fmt.FP16_MAX:
         notes.append(f"{name}: values exceed the f16 range; written as f32")
         return arr, None, "f32", 32.0
     return arr.astype(np.float16), None, "f16", 16.0

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import arch
+from . import arch, codec
 from . import format as fmt
 from .errors import GQSAError
 from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, hessian_inverse_diag,
@@ -42,9 +42,6 @@ from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, he
 
 __all__ = ["CompressedLinear", "CompressionResult", "OneShotError", "quantize_groups_torch",
            "dequantize_groups_torch", "compress_linear", "compress_model", "apply_compressed"]
-
-_FP16_MAX = 65504.0
-_FP16_MIN_SUBNORMAL = 2.0 ** -24
 
 # linears that share one input: the first is hooked, its H serves the group (gqsa_gguf/arch)
 _INPUT_GROUPS = arch.INPUT_GROUPS
@@ -122,29 +119,24 @@ def quantize_groups_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """Min-max 4-bit quantization of groups x [..., 16] (docs/FORMAT.md "Reference quantizer").
 
     Returns q uint8 [..., 16], z uint8 [...], d float16 [...] — bit-exact with
-    codec.quantize_groups: the same float32 operations in the same order, fp16 rounding to nearest
-    even, torch.round = rint (half to even).
+    codec.quantize_groups: both run codec.minmax_groups, here on torch's primitives.
     """
     if x.shape[-1] != fmt.GROUP_SIZE:
         raise ValueError(f"quantize_groups_torch needs groups of {fmt.GROUP_SIZE} in the last axis, got {tuple(x.shape)}")
     x = x.to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise OneShotError("non-finite weight in a group to quantize — the model has NaN/inf weights")
-    lo = torch.clamp(x.amin(dim=-1), max=0.0)            # the range always contains 0
-    hi = torch.clamp(x.amax(dim=-1), min=0.0)
-    s = (hi - lo) / torch.tensor(float(fmt.QMAX), dtype=torch.float32)
-    d = s.to(torch.float16)                              # RNE; overflow -> inf
-    d = torch.where((s > 0) & (d == 0), torch.tensor(_FP16_MIN_SUBNORMAL, dtype=torch.float16), d)
-    d = torch.where(d > _FP16_MAX, torch.tensor(_FP16_MAX, dtype=torch.float16), d)
-    d = torch.where(s == 0, torch.tensor(0.0, dtype=torch.float16), d)
-    df = d.to(torch.float32)
-    zero = df == 0
-    safe = torch.where(zero, torch.ones_like(df), df)
-    z = torch.clamp(torch.round(-lo / safe), 0, fmt.QMAX)
-    z = torch.where(zero, torch.zeros_like(z), z)
-    q = torch.clamp(torch.round(x / safe[..., None]) + z[..., None], 0, fmt.QMAX)
-    q = torch.where(zero[..., None], torch.zeros_like(q), q)
-    return q.to(torch.uint8), z.to(torch.uint8), d
+    return codec.minmax_groups(x, _TorchOps)
+
+
+class _TorchOps:
+    """torch's primitives for codec.minmax_groups (torch.round is rint: half to even)."""
+    f32, f16, u8 = torch.float32, torch.float16, torch.uint8
+    const = staticmethod(lambda v, dtype: torch.tensor(v, dtype=dtype))
+    amin = staticmethod(lambda x: x.amin(dim=-1))
+    amax = staticmethod(lambda x: x.amax(dim=-1))
+    minimum, maximum, where, clip, rint = torch.minimum, torch.maximum, torch.where, torch.clamp, torch.round
+    cast = staticmethod(lambda x, dtype: x.to(dtype))
 
 
 def dequantize_groups_torch(q: torch.Tensor, z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
