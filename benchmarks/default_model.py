@@ -29,14 +29,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import update_readme                                         # noqa: E402
-from gqsa_gguf import bench, runtime                        # noqa: E402
+from gqsa_gguf import arch, bench, runtime                  # noqa: E402
 from gqsa_gguf.config import DEFAULT_CALIB, CompressionConfig  # noqa: E402
 from gqsa_gguf.gguf_io import read_gguf                      # noqa: E402
 from gqsa_gguf.model_io import smollm2_gguf                  # noqa: E402
 
 GQSA_SPECS = ("w4s0", "w4s25", "w4s50", "w4s75")
 STOCK_FTYPES = {"f16": 1, "q8_0": 7, "q4_0": 2}              # llama_ftype values
-LINEAR = (".attn_q.", ".attn_k.", ".attn_v.", ".attn_output.", ".ffn_gate.", ".ffn_up.", ".ffn_down.")
+# ".attn_q.", ... ".ffn_down.": the decoder linears' GGUF names (the default model is a LLaMA)
+LINEAR = tuple("." + arch.for_gguf("llama").block_tensors[f"{lin}.weight"].removesuffix("weight") for lin in arch.LINEARS)
 
 
 def requantize(llama_cpp, src: Path, dst: Path, ftype: int) -> None:

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gqsa_gguf import calib, model_io  # noqa: E402
+from gqsa_gguf import arch, calib, model_io  # noqa: E402
 from gqsa_gguf.bqpo import BQPOConfig, export_compressed, run_bqpo  # noqa: E402
 from gqsa_gguf.config import (DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_NSAMPLES, DEFAULT_SEQLEN,  # noqa: E402
                                CompressionConfig)
@@ -46,7 +46,7 @@ from gqsa_gguf.evaluate import perplexity_torch  # noqa: E402
 from gqsa_gguf.oneshot import (CompressedLinear, apply_compressed, compress_model,  # noqa: E402
                                quantize_groups_torch)
 
-LINEARS = model_io.LINEAR_NAMES
+LINEARS = arch.LINEARS
 ROOT = Path(__file__).resolve().parent.parent
 
 

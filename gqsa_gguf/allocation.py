@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import format as fmt
+from .errors import GQSAError
 
 __all__ = ["LEVELS", "AllocationError", "TensorCurve", "allocate", "budget_bits", "mean_bits"]
 
@@ -41,7 +42,7 @@ __all__ = ["LEVELS", "AllocationError", "TensorCurve", "allocate", "budget_bits"
 LEVELS = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
 
 
-class AllocationError(ValueError):
+class AllocationError(GQSAError, ValueError):
     """The curves are inconsistent or the budget cannot be met."""
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import codec, format as fmt
+from . import arch, codec, format as fmt
 
 # llama.cpp type ids and (block size, block bytes) of the stock formats measured here
 STOCK = {"f16": (1, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_k": (12, 256, 144),
@@ -37,6 +37,7 @@ STOCK = {"f16": (1, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_k": (12
          "q3_k": (11, 256, 110), "iq3_xxs": (18, 256, 98), "q2_k": (10, 256, 84)}
 # byte offsets of each stock block's fp16 scales (set finite in the random blocks)
 _SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_k": (0, 2), "q3_k": (108,), "iq3_xxs": (0,), "q2_k": (80, 82)}
+LAYOUT = arch.for_gguf("llama")        # the benchmark models are LLaMA-shaped
 GQSA_SPARSITY = {"w4s0": 0.0, "w4s25": 0.25, "w4s50": 0.5, "w4s75": 0.75}
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0", "q4_k", "q3_k", "iq3_xxs", "q2_k", "w4s25", "w4s50", "w4s75")
 
@@ -58,12 +59,15 @@ class Shape:
         if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
             raise ValueError(f"shape {self.name}: heads do not divide the width")
 
+    def hparams(self, n_vocab: int | None = None) -> arch.Hparams:
+        """The shape as a LLaMA's hyper-parameters (4096 context, plain RoPE)."""
+        return arch.Hparams(n_layers=self.n_layer, hidden_size=self.n_embd, intermediate_size=self.n_ff,
+                            n_head=self.n_head, n_head_kv=self.n_head_kv, head_dim=self.n_embd // self.n_head,
+                            context_length=4096, vocab_size=n_vocab)
+
     def linear(self) -> list[tuple[str, int, int]]:
         """(name, rows, width) of one block's linear weights."""
-        kv = self.n_embd // self.n_head * self.n_head_kv
-        e, f = self.n_embd, self.n_ff
-        return [("attn_q", e, e), ("attn_k", kv, e), ("attn_v", kv, e), ("attn_output", e, e),
-                ("ffn_gate", f, e), ("ffn_up", f, e), ("ffn_down", e, f)]
+        return LAYOUT.gguf_linears(self.hparams())
 
 
 PRESETS = {
@@ -189,26 +193,15 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
     if tokenizer is None:
         tokenizer = tokenizer_fields(shape)
     n_vocab = len(tokenizer["tokenizer.ggml.tokens"][0])
-    arch = "llama"
     config = json.dumps({"benchmark": True, "shape": dataclasses.asdict(shape), "format": fmt_name,
                          "weights": "random, for speed only"})
     if fmt_name in GQSA_SPARSITY:
-        writer = gguf_io.GQSAWriter(arch, config)
+        writer = gguf_io.GQSAWriter(LAYOUT.gguf_arch, config)
         w = writer.gguf
     else:
         writer = None
-        w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"{shape.name} {fmt_name} (random weights, speed benchmark)")
-    w.add_context_length(4096)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head_kv)
-    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(n_vocab)
+        w = gguf.GGUFWriter(str(path), LAYOUT.gguf_arch)
+    LAYOUT.write_hparams(w, shape.hparams(n_vocab), name=f"{shape.name} {fmt_name} (random weights, speed benchmark)")
     for key, (value, types) in tokenizer.items():
         if types[0] == gguf.GGUFValueType.ARRAY:
             w.add_key_value(key, value, types[0], sub_type=types[-1])

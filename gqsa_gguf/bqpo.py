@@ -47,14 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .arch import LINEARS
 from .fakequant import GQSLinear, PackedGQSLinear, gqs_modules, swap_linear
 from .training import (TrainingError, autocast, capture_layer_inputs, check_amp, check_finite,
                        decoder_layers, resolve_device, seeded, to_device)
 
-__all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "export_compressed", "pack_model", "LINEAR_NAMES"]
+__all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "export_compressed", "pack_model"]
 
-LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 CKPT_NAME = "bqpo.ckpt"
 
 
@@ -205,7 +204,7 @@ def _block_state(model, i: int) -> dict:
 def _install_packed(model, compressed, i: int, state: dict, device) -> None:
     """Rebuilds block i of the quant model as PackedGQSLinears from a checkpointed state."""
     layer = decoder_layers(model)[i]
-    for lin in LINEAR_NAMES:
+    for lin in LINEARS:
         name = f"model.layers.{i}.{lin}"
         old = layer.get_submodule(lin)
         bias = getattr(old, "bias", None)
@@ -229,7 +228,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
     layers_f = decoder_layers(float_model)
     n_layers = len(layers_f)
     for i in range(n_layers):
-        for lin in LINEAR_NAMES:
+        for lin in LINEARS:
             if f"model.layers.{i}.{lin}" not in compressed:
                 raise TrainingError(f"BQPO: no one-shot result for model.layers.{i}.{lin} — run the one-shot "
                                     f"pass on the whole model first")
@@ -285,7 +284,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
         _float_pass(layer_f, xf, kwargs, bs, device)                 # xf now holds the targets Y_i
 
         params_w, params_s, params_z = [], [], []
-        for lin in LINEAR_NAMES:
+        for lin in LINEARS:
             name = f"model.layers.{i}.{lin}"
             fl = layer_f.get_submodule(lin)
             g = GQSLinear.from_oneshot(compressed[name],

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import GQSAError
+
 __all__ = ["CalibError", "load_text", "tokenize", "calibration_windows", "eval_windows"]
 
 
-class CalibError(ValueError):
+class CalibError(GQSAError, ValueError):
     """Calibration/evaluation text is missing, empty, unreadable or too short."""
 
 

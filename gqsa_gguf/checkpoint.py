@@ -33,6 +33,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .errors import GQSAError
+
 __all__ = ["CheckpointError", "MAGIC", "VERSION", "save", "load", "run_fingerprint"]
 
 MAGIC = b"GQSACKPT"
@@ -40,7 +42,7 @@ VERSION = 1
 _HEAD = struct.Struct("<8sIQ")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GQSAError, RuntimeError):
     """A checkpoint is missing, torn, corrupt, or belongs to a different run."""
 
 

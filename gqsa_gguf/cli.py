@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from . import __version__, arch
 from . import format as fmt
 from .config import (DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL, DEFAULT_NSAMPLES, DEFAULT_SEQLEN,
                      DENSE_TYPES, CalibConfig, CompressionConfig, ConfigError, ConvertConfig, ExportConfig)
+from .errors import GQSAError
 
 __all__ = ["main", "build_parser", "convert_config_from_args"]
 
@@ -29,8 +30,8 @@ EXIT_FAILURE = 1
 def _add_convert(sub) -> None:
     p = sub.add_parser(
         "convert", help="compress a Hugging Face model with GQSA into a GGUF",
-        description="Compress a LLaMA-family or Qwen2 Hugging Face checkpoint with GQSA (4-bit group "
-                    "quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
+        description=f"Compress a Hugging Face checkpoint ({', '.join(arch.known_hf())}) with GQSA (4-bit "
+                    "group quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
                     "linears use the gqsa4 tensor type.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
@@ -183,26 +184,6 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
     )
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from .calib import CalibError
-    from .codec import GQSAFormatError
-    from .export import ExportError
-    from .gguf_io import GGUFError
-    from .gguf_model import ModelFromGGUFError
-    from .model_io import ModelError
-    from .oneshot import OneShotError
-    from .runtime import ModelLoadError, RuntimeLibraryError
-    from .saliency import SaliencyError
-    from .textdata import TextDataError
-    from .vocab import VocabError
-    from .checkpoint import CheckpointError
-    from .serve import ServeError
-    from .training import TrainingError
-    return (CheckpointError, TrainingError, CalibError, GQSAFormatError, ExportError, GGUFError, ModelFromGGUFError, ModelError, OneShotError,
-            RuntimeLibraryError, ModelLoadError, SaliencyError, TextDataError, VocabError, FileNotFoundError,
-            ServeError)
-
-
 def _run_convert(a) -> int:
     from .pipeline import convert
 
@@ -274,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"gqsa-gguf {a.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except _known_errors() as e:
+    except (GQSAError, FileNotFoundError) as e:      # errors.py: a message, no traceback
         print(f"gqsa-gguf {a.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

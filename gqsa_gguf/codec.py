@@ -35,10 +35,13 @@ from typing import Tuple
 
 import numpy as np
 
+from .errors import GQSAError
 from .format import (
     BLOCK_BYTES,
     BLOCK_DTYPE,
     ACT_BLOCK_BYTES,
+    FP16_MAX,
+    FP16_MIN_SUBNORMAL,
     GROUP_SIZE,
     INDEX_MASK,
     MAX_GROUPS_PER_ROW,
@@ -65,8 +68,6 @@ __all__ = [
 ]
 
 _HALF = GROUP_SIZE // 2
-_FP16_MAX = float(np.finfo(np.float16).max)               # 65504
-_FP16_MIN_SUBNORMAL = np.float16(2.0 ** -24)              # smallest positive fp16
 _FP16_EXP_MASK = 0x7C00                                   # all-ones exponent: inf or NaN
 
 # One gqsa_q8 activation block (runtime only, never in files): x[j] ~ d * qs[j], s = d * sum(qs).
@@ -74,7 +75,7 @@ ACT_BLOCK_DTYPE = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", (GROUP_SIZE
 assert ACT_BLOCK_DTYPE.itemsize == ACT_BLOCK_BYTES
 
 
-class GQSAFormatError(ValueError):
+class GQSAFormatError(GQSAError, ValueError):
     """A GQSA tensor (or the arrays meant to become one) breaks a rule of docs/FORMAT.md."""
 
 
@@ -164,24 +165,45 @@ def quantize_groups(x) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         at = _first(~np.isfinite(x))
         raise ValueError(f"non-finite weight {x[at]} at {list(at)} — the model has NaN/inf weights")
 
-    f32 = np.float32
-    lo = np.minimum(x.min(axis=-1), f32(0))               # the range always contains 0
-    hi = np.maximum(x.max(axis=-1), f32(0))
     with np.errstate(over="ignore"):                      # hi - lo may overflow to inf: d clamps below
-        s = (hi - lo) / f32(QMAX)                         # float32 subtract and divide, as in C
-        d = s.astype(np.float16)                          # round to nearest even; overflow -> inf
-    d = np.where((s > 0) & (d == 0), _FP16_MIN_SUBNORMAL, d)
-    d = np.where(d > _FP16_MAX, np.float16(_FP16_MAX), d)
-    d = np.where(s == 0, np.float16(0.0), d).astype(np.float16)   # all-zero group: d = +0 (never -0)
+        return minmax_groups(x, _NumPyOps)
 
-    df = d.astype(np.float32)
+
+# The rule itself, written once for both array libraries: the NumPy reference above and the torch
+# path of the one-shot pass (`oneshot.quantize_groups_torch`) pass their own primitives, so both run
+# the same float32 operations in the same order and agree bit for bit.
+
+class _NumPyOps:
+    f32, f16, u8 = np.float32, np.float16, np.uint8
+    const = staticmethod(lambda v, dtype: dtype(v))
+    amin = staticmethod(lambda x: x.min(axis=-1))
+    amax = staticmethod(lambda x: x.max(axis=-1))
+    minimum, maximum, where, clip = np.minimum, np.maximum, np.where, np.clip
+    rint = np.rint                                        # half to even
+    cast = staticmethod(lambda x, dtype: x.astype(dtype))
+
+
+def minmax_groups(x, ops=_NumPyOps):
+    """(q, z, d) of finite float32 groups x [..., 16] (docs/FORMAT.md "Reference quantizer"), with
+    `ops` the array library's primitives (`_NumPyOps`, or oneshot's torch ones). An all-zero group
+    gets d = +0, z = 0, q = 0."""
+    f32, f16 = ops.f32, ops.f16
+    lo = ops.minimum(ops.amin(x), ops.const(0, f32))      # the range always contains 0
+    hi = ops.maximum(ops.amax(x), ops.const(0, f32))
+    s = (hi - lo) / ops.const(QMAX, f32)                  # float32 subtract and divide, as in C
+    d = ops.cast(s, f16)                                  # round to nearest even; overflow -> inf
+    d = ops.where((s > 0) & (d == 0), ops.const(FP16_MIN_SUBNORMAL, f16), d)
+    d = ops.where(d > FP16_MAX, ops.const(FP16_MAX, f16), d)
+    d = ops.cast(ops.where(s == 0, ops.const(0.0, f16), d), f16)   # all-zero group: d = +0 (never -0)
+
+    df = ops.cast(d, f32)
     zero = df == 0
-    safe = np.where(zero, f32(1), df)                     # avoid 0/0; those groups are zeroed below
-    z = np.clip(np.rint(-lo / safe), 0, QMAX)
-    z = np.where(zero, f32(0), z)
-    q = np.clip(np.rint(x / safe[..., None]) + z[..., None], 0, QMAX)   # clamp in float, then convert
-    q = np.where(zero[..., None], f32(0), q)
-    return q.astype(np.uint8), z.astype(np.uint8), d
+    safe = ops.where(zero, ops.const(1, f32), df)         # avoid 0/0; those groups are zeroed below
+    z = ops.clip(ops.rint(-lo / safe), 0, QMAX)
+    z = ops.where(zero, ops.const(0, f32), z)
+    q = ops.clip(ops.rint(x / safe[..., None]) + z[..., None], 0, QMAX)   # clamp in float, then convert
+    q = ops.where(zero[..., None], ops.const(0, f32), q)
+    return ops.cast(q, ops.u8), ops.cast(z, ops.u8), d
 
 
 # --- packing -----------------------------------------------------------------------------------
@@ -218,7 +240,7 @@ def pack(indices, q, z, d) -> np.ndarray:
     if bad.any():
         r, b = _first(bad)
         raise GQSAFormatError(f"row {r} block {b}: scale {d[r, b]!r} is not finite in fp16 (|d| <= "
-                              f"{_FP16_MAX:g}) — rescale the weights or keep this tensor in a stock type")
+                              f"{FP16_MAX:g}) — rescale the weights or keep this tensor in a stock type")
 
     blocks = np.empty((n_rows, n_kept), dtype=BLOCK_DTYPE)
     blocks["d"] = d16

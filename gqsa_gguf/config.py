@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import format as fmt
+from .errors import GQSAError
 
 __all__ = [
     "ConfigError",
@@ -50,7 +51,7 @@ _SPEC_RE = re.compile(r"^w(?P<bits>\d+)s(?P<sparsity>\d+)$", re.IGNORECASE)
 _TOKENIZER_PRE_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
 
-class ConfigError(ValueError):
+class ConfigError(GQSAError, ValueError):
     """A configuration value is invalid; the message names the field, the value and the fix."""
 
 

@@ -8,16 +8,15 @@ Out: `export_gguf(...)` writes the file atomically (gguf_io.GQSAWriter) and retu
      linear weights; what was not compressed and why).
 
 What goes in the file:
-  * architecture metadata for llama.cpp's `llama` / `qwen2` graphs;
+  * the architecture's metadata for its llama.cpp graph (`info.layout.write_hparams`);
   * the tokenizer (`vocab.read_vocab`) and the chat template;
   * token_embd / output as --dense-type (f16 or q8_0), norms and biases as f32;
   * the seven decoder linears of every block as gqsa4 (`codec.pack`), their logical widths,
     sparsities and the config JSON under `gqsa.*` (docs/FORMAT.md).
 
-LLaMA q/k rows: HF stores each head's rotary pairs as (first half, second half) ("rotate_half"),
-llama.cpp's `llama` graph wants them interleaved, so llama.cpp's converter permutes q_proj/k_proj
-rows. The permutation reorders output rows only and GQSA's mask and codes are per row, so it is
-applied to the compressed rows (`llama_rope_permutation`); Qwen2 uses NeoX RoPE and is not permuted.
+Tensor names, write order and the q/k row permutation some graphs need are the layout's
+(gqsa_gguf/arch); the permutation reorders output rows only and GQSA's mask and codes are per row,
+so it is applied to the compressed rows.
 
 Invariants: every state-dict tensor is either written or listed with a reason, never dropped
 silently; an unknown tensor name raises; linear widths come from the model, never guessed.
@@ -35,76 +34,27 @@ from gguf import quants as gquants
 
 from . import __version__, codec
 from . import format as fmt
+from .arch import DecoderLayout
 from .gguf_io import GQSAWriter
 from .model_io import ModelInfo
 from .oneshot import CompressedLinear
 from .vocab import read_vocab
+from .errors import GQSAError
 
-__all__ = ["ExportError", "ExportSummary", "TensorRow", "export_gguf", "hf_to_gguf_name",
-           "gguf_to_hf_name", "llama_rope_permutation", "needs_rope_permutation"]
-
-_BLOCK_MAP = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_TOP_MAP = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_GGUF_BLOCK = {v: k for k, v in _BLOCK_MAP.items()}
-_GGUF_TOP = {v: k for k, v in _TOP_MAP.items()}
+__all__ = ["ExportError", "ExportSummary", "TensorRow", "export_gguf", "hf_to_gguf_name"]
 
 
-class ExportError(RuntimeError):
+class ExportError(GQSAError, RuntimeError):
     """The model cannot be written as a GGUF (unknown tensor, missing compressed linear, ...)."""
 
 
-def hf_to_gguf_name(hf: str) -> str:
-    """HF state-dict name -> llama.cpp tensor name; raises ExportError for names it does not know."""
-    if hf in _TOP_MAP:
-        return _TOP_MAP[hf]
-    parts = hf.split(".", 3)
-    if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        sub = _BLOCK_MAP.get(parts[3])
-        if sub is not None:
-            return f"blk.{int(parts[2])}.{sub}"
-    raise ExportError(f"tensor '{hf}' has no llama.cpp counterpart in this exporter — the checkpoint has "
-                      f"parts the llama/qwen2 graphs do not use; refusing to drop it silently")
-
-
-def gguf_to_hf_name(name: str) -> str:
-    if name in _GGUF_TOP:
-        return _GGUF_TOP[name]
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK:
-        return f"model.layers.{int(parts[1])}.{_GGUF_BLOCK[parts[2]]}"
-    raise ExportError(f"GGUF tensor '{name}' is not part of the llama/qwen2 layout this tool writes")
-
-
-def needs_rope_permutation(gguf_arch: str, gguf_name: str) -> bool:
-    return gguf_arch == "llama" and gguf_name.endswith((".attn_q.weight", ".attn_k.weight"))
-
-
-def llama_rope_permutation(n_rows: int, n_head: int) -> np.ndarray:
-    """Row order of llama.cpp's q/k for HF rows: W_gguf = W_hf[perm].
-
-    Per head of hd rows, HF row j*hd/2 + i (j = half, i = pair) goes to row 2*i + j.
-    """
-    if n_rows % n_head or (n_rows // n_head) % 2:
-        raise ExportError(f"cannot permute {n_rows} rows into {n_head} heads of even size")
-    hd = n_rows // n_head
-    return np.arange(n_rows).reshape(n_head, 2, hd // 2).transpose(0, 2, 1).reshape(-1)
+def hf_to_gguf_name(layout: DecoderLayout, hf: str) -> str:
+    """HF state-dict name -> llama.cpp tensor name; raises ExportError for names the layout does not know."""
+    name = layout.hf_to_gguf(hf)
+    if name is None:
+        raise ExportError(f"tensor '{hf}' has no llama.cpp counterpart in this exporter — the checkpoint has "
+                          f"parts the {layout.gguf_arch} graph does not use; refusing to drop it silently")
+    return name
 
 
 @dataclass
@@ -156,7 +106,7 @@ def _dense(name: str, arr: np.ndarray, dense_type: str, notes: list[str]) -> tup
         if arr.shape[-1] % blck == 0:
             return gquants.quantize(arr, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0, "q8_0", 8.0 * size / blck
         notes.append(f"{name}: row width {arr.shape[-1]} is not a multiple of {blck}; written as f16 instead of q8_0")
-    if np.abs(arr).max(initial=0.0) > 65504.0:
+    if np.abs(arr).max(initial=0.0) > fmt.FP16_MAX:
         notes.append(f"{name}: values exceed the f16 range; written as f32")
         return arr, None, "f32", 32.0
     return arr.astype(np.float16), None, "f16", 16.0
@@ -170,32 +120,18 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, comp
     xcfg = config.export
     vocab = read_vocab(info.folder, info.vocab_size, xcfg.tokenizer_pre)
 
-    w = GQSAWriter(info.gguf_arch, config.to_json(), __version__)
+    layout = info.layout
+    w = GQSAWriter(layout.gguf_arch, config.to_json(), __version__)
     g = w.gguf
-    g.add_name(info.name)
-    g.add_context_length(info.context_length)
-    g.add_embedding_length(info.hidden_size)
-    g.add_block_count(info.n_layers)
-    g.add_feed_forward_length(info.intermediate_size)
-    g.add_head_count(info.n_head)
-    g.add_head_count_kv(info.n_head_kv)
-    g.add_rope_freq_base(info.rope_theta)
-    g.add_layer_norm_rms_eps(info.rms_eps)
-    g.add_vocab_size(info.vocab_size)
-    g.add_rope_dimension_count(info.head_dim)
-    if info.head_dim * info.n_head != info.hidden_size:
-        g.add_key_length(info.head_dim)
-        g.add_value_length(info.head_dim)
+    layout.write_hparams(g, info, name=info.name)
     vocab.add_to(g)
 
     rows: list[TensorRow] = []
     not_compressed: list[tuple[str, str]] = []
-    notes: list[str] = list(vocab.notes)
+    notes: list[str] = list(vocab.notes) + layout.notes(info.hf_config)
     notes.append(f"tokenizer: {vocab.model}" + (f", pre-tokenizer '{vocab.pre}' ({vocab.pre_source})" if vocab.pre else ""))
 
-    expected_linears = {f"model.layers.{i}.{lin}" for i in range(info.n_layers) for lin in
-                        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    expected_linears = set(layout.linear_names(info.n_layers))
     missing = sorted(expected_linears - set(compressed))
     extra = sorted(set(compressed) - expected_linears)
     if missing or extra:
@@ -206,8 +142,8 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, comp
 
     gqsa_bits = 0
     gqsa_weights = 0
-    for hf in sorted(state_dict, key=_order_key):
-        name = hf_to_gguf_name(hf) if not hf.endswith("rotary_emb.inv_freq") else None
+    for hf in sorted(state_dict, key=layout.tensor_order):
+        name = hf_to_gguf_name(layout, hf) if not hf.endswith("rotary_emb.inv_freq") else None
         if name is None:
             not_compressed.append((hf, "RoPE frequencies are recomputed by llama.cpp from rope.freq_base"))
             continue
@@ -217,16 +153,16 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, comp
             rows_n, width = info.linear_shape(module.split(".", 3)[3])
             if (cl.rows, cl.width) != (rows_n, width):
                 raise ExportError(f"{module}: compressed shape [{cl.rows}, {cl.width}] != model [{rows_n}, {width}]")
-            if needs_rope_permutation(info.gguf_arch, name):
-                n_head = info.n_head if name.endswith(".attn_q.weight") else info.n_head_kv
-                cl = cl.permute_rows(llama_rope_permutation(cl.rows, n_head))
+            perm = layout.rope_permutation(info, name)
+            if perm is not None:
+                cl = cl.permute_rows(perm)
             packed = codec.pack(cl.indices, cl.q, cl.z, cl.d)
             rec = w.add_gqsa_tensor(name, packed, cl.width, cl.sparsity)
             bpw = fmt.bits_per_weight(cl.n_kept, cl.width)
             gqsa_bits += packed.size * 8
             gqsa_weights += cl.rows * cl.width
             rows.append(TensorRow(name, fmt.TYPE_NAME, (cl.rows, cl.width), rec.sparsity, bpw,
-                                  "rope-permuted rows" if needs_rope_permutation(info.gguf_arch, name) else ""))
+                                  "rope-permuted rows" if perm is not None else ""))
             continue
         arr = np_of(state_dict[hf])
         if name == "output.weight" and info.tie_embeddings:
@@ -275,19 +211,3 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, comp
     return ExportSummary(path=path, rows=rows, linear_bpw=gqsa_bits / max(1, gqsa_weights),
                          file_bytes=path.stat().st_size, not_compressed=not_compressed, notes=notes)
 
-
-_BLOCK_ORDER = {k: i for i, k in enumerate(_BLOCK_MAP)}   # norms, attention, MLP
-
-
-def _order_key(hf: str):
-    """llama.cpp's usual order: embeddings, blocks in order (attention, then MLP), final norm, head."""
-    if hf == "model.embed_tokens.weight":
-        return (0, 0, 0, "")
-    parts = hf.split(".", 3)
-    if len(parts) == 4 and parts[1] == "layers" and parts[2].isdigit():
-        sub = parts[3]
-        rank = {"input_layernorm.weight": 0, "post_attention_layernorm.weight": 20}.get(sub)
-        if rank is None:
-            rank = 10 + _BLOCK_ORDER.get(sub, 99) if sub.startswith("self_attn") else 30 + _BLOCK_ORDER.get(sub, 99)
-        return (1, int(parts[2]), rank, sub)
-    return (2, 0, 0 if hf == "model.norm.weight" else 1, hf)

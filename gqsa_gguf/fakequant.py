@@ -51,8 +51,8 @@ from . import format as fmt
 __all__ = ["SCALE_MIN", "SCALE_MAX", "round_ste", "fp16_ste", "stored_scale", "integer_zero",
            "GQSLinear", "PackedGQSLinear", "swap_linear", "gqs_modules"]
 
-SCALE_MIN = 2.0 ** -24         # smallest positive fp16 (subnormal): the scale never reaches 0
-SCALE_MAX = 65504.0            # largest finite fp16
+SCALE_MIN = fmt.FP16_MIN_SUBNORMAL   # smallest positive fp16 (subnormal): the scale never reaches 0
+SCALE_MAX = fmt.FP16_MAX             # largest finite fp16
 _G = fmt.GROUP_SIZE
 
 

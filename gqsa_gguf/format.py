@@ -21,6 +21,8 @@ INDEX_BITS = 12
 INDEX_MASK = (1 << INDEX_BITS) - 1
 ZERO_SHIFT = INDEX_BITS
 QMAX = (1 << BITS) - 1         # 15
+FP16_MAX = 65504.0             # largest finite fp16: a scale is clamped to it
+FP16_MIN_SUBNORMAL = 2.0 ** -24  # smallest positive fp16: a nonzero scale never rounds to 0
 MAX_GROUPS_PER_ROW = 1 << INDEX_BITS   # 4096 -> logical widths up to 65536
 
 ACT_BLOCK_BYTES = 24           # gqsa_q8: float d, float s, int8 qs[16]

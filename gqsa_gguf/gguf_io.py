@@ -38,6 +38,7 @@ from gguf.constants import (
 )
 
 from . import __version__, codec
+from .errors import GQSAError
 from .format import (
     BITS,
     BLOCK_BYTES,
@@ -96,7 +97,7 @@ _MIN_KV_BYTES = _STRING_HEADER + 1 + 4 + 1                    # key of >= 1 byte
 _MIN_TENSOR_INFO_BYTES = _STRING_HEADER + 1 + 4 + 8 + 4 + 8  # name, n_dims, 1 dim, type, offset
 
 
-class GGUFError(ValueError):
+class GGUFError(GQSAError, ValueError):
     """A GGUF file is malformed, or uses something this version of gqsa-gguf does not support."""
 
 

@@ -2,10 +2,10 @@
 logits-agreement tests against llama.cpp).
 
 In:  a GGUF written by `export` (read and validated by gguf_io.read_gguf).
-Out: `model_from_gguf(path)` -> (transformers causal LM in float32, GGUFFile): a LLaMA / Qwen2 model
-     built from the file's architecture metadata alone (no checkpoint folder needed), whose every
+Out: `model_from_gguf(path)` -> (transformers causal LM in float32, GGUFFile): a model of the
+     layout that rebuilds the file's architecture (gqsa_gguf/arch), built from its metadata alone (no checkpoint folder needed), whose every
      parameter is the file's tensor decoded to float32 — gqsa4 linears dequantized by the NumPy
-     reference codec (zeros in pruned groups), f16 / q8_0 embeddings and head decoded, LLaMA q/k
+     reference codec (zeros in pruned groups), f16 / q8_0 embeddings and head decoded, permuted q/k
      rows un-permuted back to HF order, and a `rope_freqs.weight` ('llama3' RoPE scaling) applied to
      the rotary frequencies as llama.cpp applies it.
 
@@ -21,19 +21,20 @@ import os
 import numpy as np
 import torch
 
-from .export import gguf_to_hf_name, llama_rope_permutation, needs_rope_permutation
+from . import arch
 from .gguf_io import GGUFFile, read_gguf
+from .errors import GQSAError
 
 __all__ = ["ModelFromGGUFError", "hf_config_from_gguf", "model_from_gguf"]
 
 
-class ModelFromGGUFError(ValueError):
+class ModelFromGGUFError(GQSAError, ValueError):
     """The GGUF does not describe a model this module can rebuild."""
 
 
 def _meta(g: GGUFFile, key: str, kind=(int,)):
     if key not in g.metadata:
-        raise ModelFromGGUFError(f"{g.path}: metadata '{key}' is missing — not a llama/qwen2 GGUF of gqsa-gguf")
+        raise ModelFromGGUFError(f"{g.path}: metadata '{key}' is missing — not a GGUF gqsa-gguf writes")
     v = g.metadata[key]
     if not isinstance(v, kind):
         raise ModelFromGGUFError(f"{g.path}: metadata '{key}' = {v!r} has the wrong type")
@@ -41,34 +42,36 @@ def _meta(g: GGUFFile, key: str, kind=(int,)):
 
 
 def hf_config_from_gguf(g: GGUFFile):
-    """The transformers config of the model a llama/qwen2 GGUF describes."""
-    import transformers
+    """The transformers config of the model a GGUF of gqsa-gguf describes."""
+    return _layout_and_config(g)[1]
 
-    arch = _meta(g, "general.architecture", (str,))
-    if arch not in ("llama", "qwen2"):
-        raise ModelFromGGUFError(f"{g.path}: architecture '{arch}' is not llama or qwen2")
-    n_head = _meta(g, f"{arch}.attention.head_count")
-    hidden = _meta(g, f"{arch}.embedding_length")
-    head_dim = g.metadata.get(f"{arch}.attention.key_length") or g.metadata.get(f"{arch}.rope.dimension_count") \
+
+def _layout_and_config(g: GGUFFile):
+    """(layout, transformers config) of the file's architecture."""
+    name = _meta(g, "general.architecture", (str,))
+    try:
+        layout = arch.for_gguf(name)
+    except arch.UnknownArchitecture as e:
+        raise ModelFromGGUFError(f"{g.path}: {e}") from None
+    n_head = _meta(g, f"{name}.attention.head_count")
+    hidden = _meta(g, f"{name}.embedding_length")
+    head_dim = g.metadata.get(f"{name}.attention.key_length") or g.metadata.get(f"{name}.rope.dimension_count") \
         or hidden // n_head
-    vocab = g.metadata.get(f"{arch}.vocab_size") or len(g.metadata.get("tokenizer.ggml.tokens", []))
+    vocab = g.metadata.get(f"{name}.vocab_size") or len(g.metadata.get("tokenizer.ggml.tokens", []))
     common = dict(
-        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=_meta(g, f"{arch}.feed_forward_length"),
-        num_hidden_layers=_meta(g, f"{arch}.block_count"), num_attention_heads=n_head,
-        num_key_value_heads=_meta(g, f"{arch}.attention.head_count_kv"),
-        max_position_embeddings=_meta(g, f"{arch}.context_length"),
-        rms_norm_eps=float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", (float,))),
+        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=_meta(g, f"{name}.feed_forward_length"),
+        num_hidden_layers=_meta(g, f"{name}.block_count"), num_attention_heads=n_head,
+        num_key_value_heads=_meta(g, f"{name}.attention.head_count_kv"),
+        max_position_embeddings=_meta(g, f"{name}.context_length"),
+        rms_norm_eps=float(_meta(g, f"{name}.attention.layer_norm_rms_epsilon", (float,))),
         tie_word_embeddings="output.weight" not in g.tensors, hidden_act="silu",
     )
-    theta = float(_meta(g, f"{arch}.rope.freq_base", (float,)))
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(head_dim=int(head_dim), rope_theta=theta, **common)
-    else:
-        cfg = transformers.Qwen2Config(rope_theta=theta, use_sliding_window=False, **common)
+    theta = float(_meta(g, f"{name}.rope.freq_base", (float,)))
+    cfg = layout.hf_config_from_gguf(common, int(head_dim), theta)
     # transformers >= 5 moved rope_theta into rope_parameters; set both spellings where present
     if getattr(cfg, "rope_parameters", None) is not None:
         cfg.rope_parameters = {**cfg.rope_parameters, "rope_theta": theta, "rope_type": "default"}
-    return cfg
+    return layout, cfg
 
 
 def model_from_gguf(path: str | os.PathLike):
@@ -76,21 +79,27 @@ def model_from_gguf(path: str | os.PathLike):
     import transformers
 
     g = read_gguf(path)
-    cfg = hf_config_from_gguf(g)
-    arch = g.metadata["general.architecture"]
+    layout, cfg = _layout_and_config(g)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.eval()
+    hp = arch.Hparams(n_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+                      intermediate_size=cfg.intermediate_size, n_head=cfg.num_attention_heads,
+                      n_head_kv=cfg.num_key_value_heads, head_dim=_head_dim(cfg),
+                      context_length=cfg.max_position_embeddings)
     state = {}
     rope_freqs = None
     for name, t in g.tensors.items():
         if name == "rope_freqs.weight":
             rope_freqs = torch.from_numpy(np.array(g.tensor_array(name), dtype=np.float32, copy=True))
             continue
-        hf = gguf_to_hf_name(name)
+        hf = layout.gguf_to_hf(name)
+        if hf is None:
+            raise ModelFromGGUFError(f"{g.path}: tensor '{name}' is not part of the {layout.gguf_arch} layout "
+                                     f"gqsa-gguf writes")
         arr = np.asarray(g.tensor_array(name), dtype=np.float32)
-        if needs_rope_permutation(arch, name):
-            n_head = cfg.num_attention_heads if name.endswith(".attn_q.weight") else cfg.num_key_value_heads
-            arr = arr[np.argsort(llama_rope_permutation(arr.shape[0], n_head))]
+        perm = layout.rope_permutation(hp, name)
+        if perm is not None:
+            arr = arr[np.argsort(perm)]
         state[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")
@@ -103,12 +112,14 @@ def model_from_gguf(path: str | os.PathLike):
     if rope_freqs is not None:
         # llama.cpp divides each rotary frequency by its factor; do the same to the plain frequencies
         rot = model.model.rotary_emb
-        hd = rope_freqs.shape[0] * 2
-        plain = 1.0 / (float(g.metadata[f"{arch}.rope.freq_base"])
-                       ** (torch.arange(0, hd, 2, dtype=torch.int64).to(torch.float32) / hd))
+        plain = arch.rope_inv_freq(float(g.metadata[f"{layout.gguf_arch}.rope.freq_base"]), rope_freqs.shape[0] * 2)
         if tuple(rot.inv_freq.shape) != tuple(plain.shape):
             raise ModelFromGGUFError(f"{g.path}: rope_freqs.weight has {rope_freqs.shape[0]} factors, the model "
                                      f"{rot.inv_freq.shape[0]} frequencies")
         rot.inv_freq = plain / rope_freqs
         rot.original_inv_freq = rot.inv_freq
     return model, g
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

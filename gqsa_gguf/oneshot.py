@@ -34,28 +34,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import arch, codec
 from . import format as fmt
+from .errors import GQSAError
 from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, hessian_inverse_diag,
                        select_groups, weight_saliency)
 
 __all__ = ["CompressedLinear", "CompressionResult", "OneShotError", "quantize_groups_torch",
-           "dequantize_groups_torch", "compress_linear", "compress_model", "apply_compressed",
-           "decoder_linear_names"]
+           "dequantize_groups_torch", "compress_linear", "compress_model", "apply_compressed"]
 
-_FP16_MAX = 65504.0
-_FP16_MIN_SUBNORMAL = 2.0 ** -24
-
-# linears that share one input: the first is hooked, its H serves the group
-_INPUT_GROUPS = (
-    ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.o_proj", ("self_attn.o_proj",)),
-    ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.down_proj", ("mlp.down_proj",)),
-)
-_LINEARS = tuple(n for _, group in _INPUT_GROUPS for n in group)
+# linears that share one input: the first is hooked, its H serves the group (gqsa_gguf/arch)
+_INPUT_GROUPS = arch.INPUT_GROUPS
+_LINEARS = arch.LINEARS
 
 
-class OneShotError(RuntimeError):
+class OneShotError(GQSAError, RuntimeError):
     """Compression could not proceed (bad weights, unexpected model structure)."""
 
 
@@ -126,29 +119,24 @@ def quantize_groups_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """Min-max 4-bit quantization of groups x [..., 16] (docs/FORMAT.md "Reference quantizer").
 
     Returns q uint8 [..., 16], z uint8 [...], d float16 [...] — bit-exact with
-    codec.quantize_groups: the same float32 operations in the same order, fp16 rounding to nearest
-    even, torch.round = rint (half to even).
+    codec.quantize_groups: both run codec.minmax_groups, here on torch's primitives.
     """
     if x.shape[-1] != fmt.GROUP_SIZE:
         raise ValueError(f"quantize_groups_torch needs groups of {fmt.GROUP_SIZE} in the last axis, got {tuple(x.shape)}")
     x = x.to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise OneShotError("non-finite weight in a group to quantize — the model has NaN/inf weights")
-    lo = torch.clamp(x.amin(dim=-1), max=0.0)            # the range always contains 0
-    hi = torch.clamp(x.amax(dim=-1), min=0.0)
-    s = (hi - lo) / torch.tensor(float(fmt.QMAX), dtype=torch.float32)
-    d = s.to(torch.float16)                              # RNE; overflow -> inf
-    d = torch.where((s > 0) & (d == 0), torch.tensor(_FP16_MIN_SUBNORMAL, dtype=torch.float16), d)
-    d = torch.where(d > _FP16_MAX, torch.tensor(_FP16_MAX, dtype=torch.float16), d)
-    d = torch.where(s == 0, torch.tensor(0.0, dtype=torch.float16), d)
-    df = d.to(torch.float32)
-    zero = df == 0
-    safe = torch.where(zero, torch.ones_like(df), df)
-    z = torch.clamp(torch.round(-lo / safe), 0, fmt.QMAX)
-    z = torch.where(zero, torch.zeros_like(z), z)
-    q = torch.clamp(torch.round(x / safe[..., None]) + z[..., None], 0, fmt.QMAX)
-    q = torch.where(zero[..., None], torch.zeros_like(q), q)
-    return q.to(torch.uint8), z.to(torch.uint8), d
+    return codec.minmax_groups(x, _TorchOps)
+
+
+class _TorchOps:
+    """torch's primitives for codec.minmax_groups (torch.round is rint: half to even)."""
+    f32, f16, u8 = torch.float32, torch.float16, torch.uint8
+    const = staticmethod(lambda v, dtype: torch.tensor(v, dtype=dtype))
+    amin = staticmethod(lambda x: x.amin(dim=-1))
+    amax = staticmethod(lambda x: x.amax(dim=-1))
+    minimum, maximum, where, clip, rint = torch.minimum, torch.maximum, torch.where, torch.clamp, torch.round
+    cast = staticmethod(lambda x, dtype: x.to(dtype))
 
 
 def dequantize_groups_torch(q: torch.Tensor, z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -350,10 +338,6 @@ def compress_linear_obs(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: flo
     d = torch.gather(D, 1, kept).to(torch.float16)
     cl = CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy())
     return cl, relative_output_error(W0, H, cl)
-
-
-def decoder_linear_names(n_layers: int) -> list[str]:
-    return [f"model.layers.{i}.{lin}" for i in range(n_layers) for lin in _LINEARS]
 
 
 def apply_compressed(model: torch.nn.Module, compressed: dict[str, CompressedLinear]) -> None:

@@ -22,11 +22,7 @@ from pathlib import Path
 
 from .config import ConfigError, ConvertConfig
 
-__all__ = ["ConvertReport", "NotImplementedStageError", "convert", "check_output_path"]
-
-
-class NotImplementedStageError(ConfigError):
-    """A requested pipeline stage exists in the config but not in the code yet."""
+__all__ = ["ConvertReport", "convert", "check_output_path"]
 
 
 @dataclass

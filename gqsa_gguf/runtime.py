@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .format import GGML_TYPE_GQSA4, TYPE_NAME
+from .errors import GQSAError
 
 LIB_DIR_ENV = "GQSA_GGUF_LIB_DIR"
 DIST_NAME = "gqsa-gguf"
@@ -42,7 +43,7 @@ BUILD_HINT = (
 )
 
 
-class RuntimeLibraryError(RuntimeError):
+class RuntimeLibraryError(GQSAError, RuntimeError):
     """The native libraries are missing, unloadable, or not the ones in use."""
 
 
@@ -183,7 +184,7 @@ STOCK_RUNTIME_HINT = (
 )
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(GQSAError, ValueError):
     """llama.cpp refused a model file; the message says why and what to do."""
 
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 import torch
 
 from . import format as fmt
+from .errors import GQSAError
 
 __all__ = ["SaliencyError", "HessianAccumulator", "dampened_cholesky", "hessian_inverse_diag", "weight_saliency",
            "group_saliency", "select_groups"]
 
 
-class SaliencyError(RuntimeError):
+class SaliencyError(GQSAError, RuntimeError):
     """The Hessian of a layer could not be inverted, or inputs have the wrong shape."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import runtime
+from .errors import GQSAError
 
 __all__ = ["ServeError", "serve", "DEFAULT_HOST", "DEFAULT_PORT", "SERVER_MODULES"]
 
@@ -48,7 +49,7 @@ INSTALL_HINT = ("install them with `pip install 'gqsa-gguf[serve]'` (or `bash sc
                 "repository)")
 
 
-class ServeError(RuntimeError):
+class ServeError(GQSAError, RuntimeError):
     """The server cannot start: missing dependencies, an address that cannot be bound."""
 
 

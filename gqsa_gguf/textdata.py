@@ -48,12 +48,13 @@ from pathlib import Path
 from typing import Callable
 
 from .config import cache_root
+from .errors import GQSAError
 
 __all__ = ["SOURCES", "MIXES", "TextDataError", "text_path", "read_text", "austen_text", "handbook_text",
            "python_stdlib_text", "python_doc_text", "mix_text"]
 
 
-class TextDataError(RuntimeError):
+class TextDataError(GQSAError, RuntimeError):
     """A Debian text could not be fetched or extracted; the message says how to work around it."""
 
 

@@ -22,13 +22,15 @@ import random
 import numpy as np
 import torch
 
+from .errors import GQSAError
+
 __all__ = ["TrainingError", "AMP_CHOICES", "resolve_device", "autocast", "seeded", "check_finite",
            "capture_layer_inputs", "decoder_layers", "to_device"]
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(GQSAError, RuntimeError):
     """Training cannot continue (non-finite loss or weights, bad settings, bad model structure)."""
 
 

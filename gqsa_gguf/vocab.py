@@ -33,6 +33,8 @@ from pathlib import Path
 import gguf
 from gguf import TokenType
 
+from .errors import GQSAError
+
 __all__ = ["VocabError", "Vocab", "read_vocab", "detect_pre_tokenizer", "KNOWN_PRE"]
 
 # The split regexes of the Qwen2 and LLaMA-3 tokenizers (they differ only in how digits group).
@@ -43,7 +45,7 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 KNOWN_PRE = ("smollm", "qwen2", "llama-bpe", "gpt-2")
 
 
-class VocabError(ValueError):
+class VocabError(GQSAError, ValueError):
     """The tokenizer cannot be exported; the message says which file/field and how to fix it."""
 
 

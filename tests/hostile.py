@@ -42,18 +42,17 @@ if str(REPO) not in sys.path:       # the child runs as a script, maybe outside 
 
 from gguf.constants import GGUFValueType as VT  # noqa: E402
 
-from gqsa_gguf import codec  # noqa: E402
+from gqsa_gguf import arch, codec  # noqa: E402
 from gqsa_gguf import format as fmt  # noqa: E402
 from gqsa_gguf.gguf_io import GQSAWriter, read_gguf  # noqa: E402
 
 # --- the base files: tiny valid llama models ------------------------------------------------------
 
 N_EMBD, N_FF, N_LAYER, N_HEAD, N_HEAD_KV = 64, 128, 2, 4, 2
-LINEAR = {  # name: (rows, logical width)
-    "attn_q": (N_EMBD, N_EMBD), "attn_k": (N_EMBD // N_HEAD * N_HEAD_KV, N_EMBD),
-    "attn_v": (N_EMBD // N_HEAD * N_HEAD_KV, N_EMBD), "attn_output": (N_EMBD, N_EMBD),
-    "ffn_gate": (N_FF, N_EMBD), "ffn_up": (N_FF, N_EMBD), "ffn_down": (N_EMBD, N_FF),
-}
+LAYOUT = arch.for_gguf("llama")
+HPARAMS = arch.Hparams(n_layers=N_LAYER, hidden_size=N_EMBD, intermediate_size=N_FF, n_head=N_HEAD,
+                       n_head_kv=N_HEAD_KV, head_dim=N_EMBD // N_HEAD, context_length=256)
+LINEAR = {name: (rows, width) for name, rows, width in LAYOUT.gguf_linears(HPARAMS)}  # (rows, logical width)
 BASES = {
     # every linear weight at 50 % sparsity, F32 embeddings, default alignment (32)
     "w4s50": {"sparsity": {k: 0.5 for k in LINEAR}, "embd": "f32", "alignment": None},
@@ -83,17 +82,9 @@ def write_base(path: Path, name: str = "w4s50", seed: int = 0) -> Path:
     """Writes base model `name` (a key of BASES) to `path`."""
     spec = BASES[name]
     rng = np.random.default_rng(seed)
-    w = GQSAWriter("llama", json.dumps({"hostile-test-base": name}))
+    w = GQSAWriter(LAYOUT.gguf_arch, json.dumps({"hostile-test-base": name}))
     g = w.gguf
-    g.add_name(f"gqsa-gguf hostile-file base {name}")
-    g.add_context_length(256)
-    g.add_embedding_length(N_EMBD)
-    g.add_block_count(N_LAYER)
-    g.add_feed_forward_length(N_FF)
-    g.add_head_count(N_HEAD)
-    g.add_head_count_kv(N_HEAD_KV)
-    g.add_rope_dimension_count(N_EMBD // N_HEAD)
-    g.add_layer_norm_rms_eps(1e-5)
+    LAYOUT.write_hparams(g, HPARAMS, name=f"gqsa-gguf hostile-file base {name}")
     if spec["alignment"]:
         g.add_custom_alignment(spec["alignment"])
     tokens, scores, types = tiny_vocab()

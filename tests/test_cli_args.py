@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import tiny_models
+from gqsa_gguf import arch
 from gqsa_gguf.cli import build_parser, convert_config_from_args, main
 from gqsa_gguf.config import (CalibConfig, CompressionConfig, ConfigError, ConvertConfig, ExportConfig,
                               parse_spec)
@@ -119,10 +120,10 @@ def test_bad_spec_exits_2(tmp_path, capsys, llama_dir, spec, needle):
 
 
 def test_unsupported_architecture(tmp_path, capsys):
-    folder = tiny_models.make_checkpoint(tmp_path / "mistral", "llama", arch_override="MistralForCausalLM")
+    folder = tiny_models.make_checkpoint(tmp_path / "gemma", "llama", arch_override="GemmaForCausalLM")
     out = tmp_path / "o.gguf"
-    _refused(capsys, ["convert", str(folder), "-o", str(out)],
-             ["MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "not supported"])
+    _refused(capsys, ["convert", str(folder), "-o", str(out)],           # with the list of the known ones
+             ["GemmaForCausalLM", "not supported", "LlamaForCausalLM", "Qwen2ForCausalLM", *arch.known_hf()])
     assert not out.exists()
 
 
@@ -197,3 +198,35 @@ def test_convert_py_is_the_convert_subcommand(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "convert.py"), "--help"], capture_output=True, text=True,
                        env=env, cwd=tmp_path)
     assert r.returncode == 0 and "--nsamples" in r.stdout and "2048" in r.stdout
+
+
+def test_every_error_class_derives_from_the_one_base():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import gqsa_gguf
+    from gqsa_gguf.errors import GQSAError
+
+    found = {}
+    for m in pkgutil.walk_packages(gqsa_gguf.__path__, "gqsa_gguf."):
+        mod = importlib.import_module(m.name)
+        for name, obj in vars(mod).items():
+            if (inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == mod.__name__
+                    and not name.startswith("_")):
+                found[f"{m.name}.{name}"] = obj
+    assert len(found) >= 18, sorted(found)
+    assert [n for n, cls in found.items() if not issubclass(cls, GQSAError)] == []
+
+
+def test_cli_reports_any_gqsa_error_as_a_message(monkeypatch, capsys):
+    from gqsa_gguf import cli
+    from gqsa_gguf.allocation import AllocationError
+
+    def fail(a):
+        raise AllocationError("budget 3.0 bits per weight cannot be met — raise it")
+
+    monkeypatch.setattr(cli, "_run_bench", fail)
+    assert cli.main(["bench"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "gqsa-gguf bench: error: budget 3.0 bits per weight cannot be met — raise it"

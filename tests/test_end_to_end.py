@@ -21,29 +21,10 @@ from gqsa_gguf.gguf_io import read_gguf
 from gqsa_gguf.gguf_model import model_from_gguf
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    if not runtime.check_patched():
-        pytest.fail(f"the llama.cpp libraries in {runtime.lib_dir()} do not know the gqsa4 type — rebuild them "
-                    f"(bash scripts/setup.sh)")
-    return runtime.import_llama_cpp()
-
-
 def test_native_library_is_patched():
     # fails with the build hint when the libraries are missing (RuntimeLibraryError), or unpatched
     assert runtime.check_patched(), f"{runtime.lib_dir()}: libggml-base does not know gqsa4"
     assert runtime.import_llama_cpp() is not None
-
-
-def _llama_logits(llama_cpp, path, windows):
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1],
-                          n_ubatch=windows.shape[1], logits_all=True, verbose=False)
-    out = []
-    for row in windows:
-        llm.reset()
-        llm.eval([int(t) for t in row])
-        out.append(np.array(llm.scores[: len(row)], dtype=np.float32))
-    return np.concatenate(out)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3-rope"])
@@ -56,13 +37,7 @@ def test_tiny_logits_agree_with_pytorch(llama_cpp, kind, tmp_path):
     out = tmp_path / f"{kind}.gguf"
     assert main(["convert", str(folder), "-o", str(out), "--gqsa", "w4s50", "--calib",
                  str(tiny_models.calib_file(folder)), "--nsamples", "8", "--seqlen", "64", "-q"]) == 0
-    windows = tiny_models.token_windows(folder, n=8, seqlen=64)
-    got = _llama_logits(llama_cpp, out, windows)
-    model, _ = model_from_gguf(out)
-    with torch.no_grad():
-        ref = model(input_ids=windows).logits.reshape(-1, got.shape[-1]).numpy()
-    nmse = float(((got - ref) ** 2).sum() / (ref ** 2).sum())
-    top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    nmse, top1 = tiny_models.logits_agreement(llama_cpp, out, tiny_models.token_windows(folder, n=8, seqlen=64))
     assert nmse <= 1e-3, f"{kind}: logits NMSE {nmse:.2e} > 1e-3"
     assert top1 >= 0.99, f"{kind}: top-1 agreement {top1:.4f} < 0.99"
 

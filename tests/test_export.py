@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import tiny_models
+from gqsa_gguf import arch
 from gqsa_gguf import format as fmt
+from gqsa_gguf.arch import interleave_rope_rows
 from gqsa_gguf.cli import main
 from gqsa_gguf.config import CalibConfig, CompressionConfig, ConvertConfig, ExportConfig
-from gqsa_gguf.export import ExportError, export_gguf, hf_to_gguf_name, llama_rope_permutation
+from gqsa_gguf.export import ExportError, export_gguf, hf_to_gguf_name
 from gqsa_gguf.gguf_io import read_gguf
 from gqsa_gguf.gguf_model import model_from_gguf
 from gqsa_gguf.model_io import ModelError, inspect_checkpoint, load_model, rope_freq_factors
@@ -122,7 +124,7 @@ def test_llama_q_k_rows_are_rope_permuted(llama):
                               ("attn_v", "self_attn.v_proj", None), ("ffn_up", "mlp.up_proj", None)):
             hf = res.linears[f"model.layers.{i}.{lin}"].dequantize().numpy()
             got = g.tensor_array(f"blk.{i}.{t}.weight")
-            want = hf[llama_rope_permutation(hf.shape[0], heads)] if heads else hf
+            want = hf[interleave_rope_rows(hf.shape[0], heads)] if heads else hf
             np.testing.assert_array_equal(got, want)
 
 
@@ -155,7 +157,7 @@ def _rope_interleaved(x, pos, base):   # llama.cpp's LLaMA rope: pairs (2i, 2i +
 
 def test_permutation_turns_hf_rope_into_llama_cpp_rope():
     n_head, hd = 3, 8
-    perm = llama_rope_permutation(n_head * hd, n_head)
+    perm = interleave_rope_rows(n_head * hd, n_head)
     rng = np.random.default_rng(0)
     q_hf = rng.standard_normal(n_head * hd)                # one projected vector, HF row order
     q_gguf = q_hf[perm]
@@ -239,7 +241,7 @@ def test_pre_tokenizer_detection():
 
 def test_unknown_tensor_is_refused(llama, tmp_path):
     with pytest.raises(ExportError, match="no llama.cpp counterpart"):
-        hf_to_gguf_name("model.layers.0.self_attn.rotary_extra.weight")
+        hf_to_gguf_name(arch.for_hf("LlamaForCausalLM"), "model.layers.0.self_attn.rotary_extra.weight")
     state = dict(llama["model"].state_dict())
     state["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, 4)
     with pytest.raises(ExportError, match="extra_proj"):

@@ -1,4 +1,4 @@
-"""Tiny LLaMA / Qwen2 checkpoints on disk (safetensors + a tiny byte-level BPE tokenizer) for the
+"""Tiny checkpoints of the gqsa_gguf/arch architectures on disk (safetensors + a tiny byte-level BPE tokenizer) for the
 convert/export/end-to-end tests.
 
 Not a test module: imported by tests/test_cli_args.py, test_export.py and test_end_to_end.py.
@@ -55,14 +55,20 @@ def text() -> str:
     return _TEXT
 
 
+_KINDS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def make_checkpoint(folder: Path, kind: str = "llama", seed: int = 0, tie: bool | None = None,
                     init_std: float = 0.08, hidden: int = HIDDEN, ffn: int = FFN, pad_vocab: int = 0,
                     arch_override: str | None = None, train_steps: int = 0,
-                    group_sparsity: float | None = None, llama3_rope: bool = False) -> Path:
+                    group_sparsity: float | None = None, llama3_rope: bool = False,
+                    config: dict | None = None, tokenizer: str = "llama") -> Path:
     """Writes a random tiny checkpoint folder and returns it.
 
     kind: "llama" (LlamaForCausalLM, tied embeddings by default) or "qwen2" (Qwen2ForCausalLM with
-    q/k/v biases, untied head by default). pad_vocab: extra vocabulary rows the tokenizer lacks.
+    q/k/v biases, untied head by default), or any HF architecture name gqsa_gguf.arch knows, built
+    from its layout's config class with `config` on top of the tiny sizes (tokenizer: the
+    pre-tokenizer family, "llama" or "qwen2"). pad_vocab: extra vocabulary rows the tokenizer lacks.
     llama3_rope: LLaMA-3.1's 'llama3' RoPE frequency scaling (LLaMA only).
     train_steps: Adam steps of next-token training on the tiny text, so the model predicts with
     confidence like a real LM (a random model's near-tied logits make top-1 comparisons a coin toss).
@@ -73,9 +79,11 @@ def make_checkpoint(folder: Path, kind: str = "llama", seed: int = 0, tie: bool 
     import torch
     import transformers
 
+    from gqsa_gguf import arch
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(kind)
+    tok = _tokenizer(kind if kind in _KINDS else tokenizer)
     vocab = tok.get_vocab_size() + pad_vocab
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=LAYERS,
@@ -87,11 +95,13 @@ def make_checkpoint(folder: Path, kind: str = "llama", seed: int = 0, tie: bool 
             rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
         cfg = transformers.LlamaConfig(tie_word_embeddings=True if tie is None else tie, rope_parameters=rope, **common)
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
+    elif kind == "qwen2":
         cfg = transformers.Qwen2Config(tie_word_embeddings=False if tie is None else tie, rope_theta=1000000.0,
                                        use_sliding_window=False, **common)
-        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        layout = arch.for_hf(kind)
+        cfg = getattr(transformers, layout.hf_config_class)(tie_word_embeddings=bool(tie), **common, **(config or {}))
+    model = getattr(transformers, _KINDS.get(kind, kind))(cfg)
     with torch.no_grad():              # non-trivial norms and biases, so a mix-up would show
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -177,7 +187,7 @@ def checkpoint(kind: str = "llama", **kw) -> Path:
     import shutil
     import tempfile
 
-    key = (kind, tuple(sorted(kw.items())))
+    key = (kind, json.dumps(kw, sort_keys=True))          # kw may hold dicts (config=...)
     if key not in _CACHE:
         if "root" not in _CACHE:
             _CACHE["root"] = Path(tempfile.mkdtemp(prefix="gqsa-tiny-"))
@@ -204,3 +214,31 @@ def token_windows(folder: Path, n: int = 4, seqlen: int = 48, seed: int = 0):
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - seqlen, size=n)
     return torch.tensor(np.stack([ids[s:s + seqlen] for s in starts]), dtype=torch.long)
+
+
+def llama_cpp_logits(llama_cpp, path, windows):
+    """The patched llama.cpp's logits at every position of every window, float32 [n * seqlen, vocab]."""
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1],
+                          n_ubatch=windows.shape[1], logits_all=True, verbose=False)
+    out = []
+    for row in windows:
+        llm.reset()
+        llm.eval([int(t) for t in row])
+        out.append(np.array(llm.scores[: len(row)], dtype=np.float32))
+    return np.concatenate(out)
+
+
+def logits_agreement(llama_cpp, path, windows) -> tuple[float, float]:
+    """(NMSE, top-1 agreement) of llama.cpp's logits against PyTorch's on the model rebuilt from
+    the same file (gguf_model.model_from_gguf)."""
+    import torch
+
+    from gqsa_gguf.gguf_model import model_from_gguf
+
+    got = llama_cpp_logits(llama_cpp, path, windows)
+    model, _ = model_from_gguf(path)
+    with torch.no_grad():
+        ref = model(input_ids=windows).logits.reshape(-1, got.shape[-1]).numpy()
+    return float(((got - ref) ** 2).sum() / (ref ** 2).sum()), float((got.argmax(-1) == ref.argmax(-1)).mean())
