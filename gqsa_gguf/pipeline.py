@@ -155,19 +155,10 @@ def _oneshot_resumable(model, info, windows, cfg, checkpoint_dir, resume, progre
     return result
 
 
-# windows the sensitivity probe takes its Hessians and block inputs from: on SmolLM2-135M the
-# allocation from the first 32 of the default 128 x 512-token windows matched the one from all 128
-# (kept shares per tensor correlated 0.990, mean difference 0.9 % of a tensor's groups), at a
-# quarter of the probe's dense passes
-ALLOCATION_WINDOWS = 32
-
-
 def choose_allocation(model, info, windows, c, progress: bool = True, log=print) -> dict[str, int]:
-    """{linear name: kept groups per row} from the measured sensitivity (allocation.py), measured on
-    the first ALLOCATION_WINDOWS calibration windows."""
+    """{linear name: kept groups per row} from the measured sensitivity (allocation.py)."""
     from . import allocation, oneshot
 
-    windows = windows[:ALLOCATION_WINDOWS]
     if windows.numel() < 16384:
         log(f"note: the sensitivity allocation is measured on only {windows.numel()} calibration tokens; with "
             f"so few it can spread the budget badly — use more (--nsamples/--seqlen) or --allocation uniform")
