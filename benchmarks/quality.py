@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gqsa_gguf import arch, calib, model_io  # noqa: E402
-from gqsa_gguf.bqpo import BQPOConfig, export_compressed, run_bqpo  # noqa: E402
+from gqsa_gguf.bqpo import BQPOConfig, compressed_from_model, run_bqpo  # noqa: E402
 from gqsa_gguf.config import (DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_NSAMPLES, DEFAULT_SEQLEN,  # noqa: E402
                                CompressionConfig)
 from gqsa_gguf.e2e import E2EConfig, run_e2e  # noqa: E402
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 qm, rep = run_bqpo(float_model, lin, windows, cfg)
                 secs = time.time() - t0
-            out = export_compressed(qm)
+            out = compressed_from_model(qm)
             save_compressed(work / f"bqpo-n{args.nsamples}.pt", out)
             (work / f"bqpo-n{args.nsamples}-report.txt").write_text(rep.summary())
             m = copy.deepcopy(float_model)
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 rep = run_e2e(qm, windows, cfg)
                 secs = time.time() - t0
-            out = export_compressed(qm)
+            out = compressed_from_model(qm)
             save_compressed(work / f"{ck}.pt", out)
             m = copy.deepcopy(float_model)
             apply_compressed(m, out)
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
                                                      resume=True))
                 secs = time.time() - t0
             m = copy.deepcopy(float_model)
-            apply_compressed(m, export_compressed(qm))
+            apply_compressed(m, compressed_from_model(qm))
             record(stage, ppl(m), secs, mem.peak_mb, bqpo_seconds=tb, epoch_loss=rep.epoch_loss)
             del m, qm
         else:

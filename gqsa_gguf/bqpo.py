@@ -5,8 +5,9 @@ In:  the float HF model (its original weights: the targets; the trained weights 
      one-shot result `{HF linear name: oneshot.CompressedLinear}` (masks, z, d), calibration windows
      LongTensor [nsamples, seqlen], a `BQPOConfig`.
 Out: `run_bqpo(...)` -> (`quant_model`, `BQPOReport`): a copy of the model whose decoder linears are
-     `fakequant.PackedGQSLinear` (frozen q, trainable scale/zero: E2E-OQP's input; `export_compressed`
-     turns it into CompressedLinears for export), and per-block MSE before/after and times.
+     `fakequant.FrozenGQSLinear` (frozen q, trainable scale/zero: E2E-OQP's input;
+     `compressed_from_model` turns it into the CompressedLinears export writes), and per-block MSE
+     before/after and times.
 
 For each decoder block i, one at a time:
     target     Y_i = float block_i(Xq_i)        (target="float-block", the default), or
@@ -16,7 +17,7 @@ For each decoder block i, one at a time:
                (lr_scale), zero points (lr_zero); norms, biases and everything else frozen; fp32
                (bf16/fp16 autocast only on CUDA).
 The group masks never change (GQSLinear has no pruned weights to revive). After training, the
-block's integer codes are frozen (`GQSLinear.to_packed`, same forward bit for bit) and it produces
+block's integer codes are frozen (`GQSLinear.to_frozen`, same forward bit for bit) and it produces
 Xq_{i+1}. BQPO runs as its own pass after the one-shot pass (the masks come from one-shot's
 sequential calibration), so the one-shot result stays a checkpoint of its own.
 
@@ -25,7 +26,7 @@ overwritten in place by the next block's inputs) are nsamples x seqlen x width f
 128 x 512 x 576 x 4 B = 151 MB for SmolLM2-135M — kept in memory, or with cache="disk" in two
 np.memmap files under the checkpoint folder (or a temp folder).
 
-Checkpoints (`checkpoint_dir`): after every block, atomically, `bqpo.ckpt` with the packed state of
+Checkpoints (`checkpoint_dir`): after every block, atomically, `bqpo.ckpt` with the frozen state of
 blocks <= i, both activation caches and the loss log; `resume=True` continues after the last
 finished block. Every block's shuffling and RNGs are seeded from (seed, block), so a resumed run
 equals an uninterrupted one bit for bit (tested). A NaN/Inf loss or weight raises TrainingError
@@ -48,11 +49,11 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .arch import LINEARS
-from .fakequant import GQSLinear, PackedGQSLinear, gqs_modules, swap_linear
+from .fakequant import GQSLinear, FrozenGQSLinear, gqs_modules, swap_linear
 from .training import (TrainingError, autocast, capture_layer_inputs, check_amp, check_finite,
                        decoder_layers, resolve_device, seeded, to_device)
 
-__all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "export_compressed", "pack_model"]
+__all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "compressed_from_model", "freeze_model"]
 
 CKPT_NAME = "bqpo.ckpt"
 
@@ -184,14 +185,14 @@ def _float_pass(layer, x: torch.Tensor, kwargs, bs, device) -> None:
             x[i:i + bs] = _layer_out(layer(x[i:i + bs].to(device), **kwargs)).float().cpu()
 
 
-def pack_model(model) -> None:
-    """Replaces every GQSLinear of `model` by its PackedGQSLinear (frozen integer codes)."""
+def freeze_model(model) -> None:
+    """Replaces every GQSLinear of `model` by its FrozenGQSLinear (frozen integer codes)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, GQSLinear):
-            swap_linear(model, name, m.to_packed())
+            swap_linear(model, name, m.to_frozen())
 
 
-def export_compressed(model) -> dict:
+def compressed_from_model(model) -> dict:
     """{HF linear name: oneshot.CompressedLinear} of every GQS layer: what export writes."""
     return {name: m.to_compressed() for name, m in gqs_modules(model).items()}
 
@@ -201,15 +202,15 @@ def _block_state(model, i: int) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
-def _install_packed(model, compressed, i: int, state: dict, device) -> None:
-    """Rebuilds block i of the quant model as PackedGQSLinears from a checkpointed state."""
+def _install_frozen(model, compressed, i: int, state: dict, device) -> None:
+    """Rebuilds block i of the quant model as FrozenGQSLinears from a checkpointed state."""
     layer = decoder_layers(model)[i]
     for lin in LINEARS:
         name = f"model.layers.{i}.{lin}"
         old = layer.get_submodule(lin)
         bias = getattr(old, "bias", None)
-        pk = PackedGQSLinear.from_compressed(compressed[name], bias).to(device)
-        swap_linear(layer, lin, pk)
+        fz = FrozenGQSLinear.from_compressed(compressed[name], bias).to(device)
+        swap_linear(layer, lin, fz)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ckpt.CheckpointError(f"checkpoint block {i}: unexpected keys {unexpected[:3]}")
@@ -262,7 +263,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
         meta, payload = ckpt.load(ck_path, expect={"stage": "bqpo", "fingerprint": fp})
         start = int(meta["next_block"])
         for i in range(start):
-            _install_packed(quant_model, compressed, i, payload["blocks"][i], device)
+            _install_frozen(quant_model, compressed, i, payload["blocks"][i], device)
         xf.copy_(payload["xf"])
         xq.copy_(payload["xq"])
         report.loss_before, report.loss_after = list(payload["loss_before"]), list(payload["loss_after"])
@@ -325,7 +326,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
                 bar.set_postfix(loss=f"{loss.item():.4g}")
         bar.close()
 
-        pack_model(layer_q)                                           # freeze q: same forward, bit-exact
+        freeze_model(layer_q)                                         # freeze q: same forward, bit-exact
         after = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, cfg.report_windows,
                           write_back=True)                              # xq <- Xq_{i+1}
         report.loss_before.append(before)

@@ -1,7 +1,7 @@
 """E2E-OQP — End-to-End Optimized Quantization-Pruning (paper §3.4): train only scales and zeros.
 
-In:  a model whose decoder linears are `fakequant.PackedGQSLinear` (from `bqpo.run_bqpo`, or
-     `packed_from_oneshot` for E2E-OQP straight after one-shot), training windows LongTensor
+In:  a model whose decoder linears are `fakequant.FrozenGQSLinear` (from `bqpo.run_bqpo`, or
+     `frozen_from_oneshot` for E2E-OQP straight after one-shot), training windows LongTensor
      [nsamples, seqlen], an `E2EConfig`.
 Out: `run_e2e(model, windows, cfg)` -> `E2EReport` (per-step loss, per-epoch mean, seconds); the
      model's scales and zero points are trained in place, and with lr_norm > 0 its RMSNorm gains
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .fakequant import PackedGQSLinear, gqs_modules, swap_linear
+from .fakequant import FrozenGQSLinear, gqs_modules, swap_linear
 from .training import TrainingError, autocast, check_amp, check_finite, resolve_device, seeded
 
-__all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "packed_from_oneshot",
+__all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "frozen_from_oneshot",
            "trainable_parameters", "distillation_loss"]
 
 CKPT_NAME = "e2e.ckpt"
@@ -126,27 +126,27 @@ def _dist():
     return None, 0, 1
 
 
-def packed_from_oneshot(model, compressed: dict) -> None:
-    """Replaces the model's decoder linears named in `compressed` by PackedGQSLinear (in place)."""
+def frozen_from_oneshot(model, compressed: dict) -> None:
+    """Replaces the model's decoder linears named in `compressed` by FrozenGQSLinear (in place)."""
     for name, cl in compressed.items():
         old = model.get_submodule(name)
-        swap_linear(model, name, PackedGQSLinear.from_compressed(cl, getattr(old, "bias", None))
+        swap_linear(model, name, FrozenGQSLinear.from_compressed(cl, getattr(old, "bias", None))
                     .to(old.weight.device))
 
 
 def trainable_parameters(model) -> tuple[list, list, list]:
-    """Freezes everything, then enables the scales and zeros of every PackedGQSLinear.
+    """Freezes everything, then enables the scales and zeros of every FrozenGQSLinear.
     Returns (scales, zeros, named list for NaN checks)."""
     mods = gqs_modules(model)
     if not mods:
-        raise TrainingError("E2E-OQP: the model has no PackedGQSLinear layers — run BQPO first or "
-                            "packed_from_oneshot")
+        raise TrainingError("E2E-OQP: the model has no FrozenGQSLinear layers — run BQPO first or "
+                            "frozen_from_oneshot")
     for p in model.parameters():
         p.requires_grad_(False)
     scales, zeros, named = [], [], []
     for name, m in mods.items():
-        if not isinstance(m, PackedGQSLinear):
-            raise TrainingError(f"E2E-OQP: {name} is a {type(m).__name__}; pack it first (bqpo.pack_model)")
+        if not isinstance(m, FrozenGQSLinear):
+            raise TrainingError(f"E2E-OQP: {name} is a {type(m).__name__}; freeze it first (bqpo.freeze_model)")
         m.scale.requires_grad_(True)
         m.zero.requires_grad_(True)
         scales.append(m.scale)

@@ -176,8 +176,8 @@ def _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, p
     """BQPO (paper §3.3) then E2E-OQP (§3.4) on the one-shot result; returns the trained linears."""
     import torch
 
-    from .bqpo import BQPOConfig, export_compressed, run_bqpo
-    from .e2e import E2EConfig, norm_parameters, packed_from_oneshot, run_e2e
+    from .bqpo import BQPOConfig, compressed_from_model, run_bqpo
+    from .e2e import E2EConfig, norm_parameters, frozen_from_oneshot, run_e2e
 
     c, seed = cfg.compression, cfg.calib.seed
     ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
@@ -190,7 +190,7 @@ def _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, p
     else:
         import copy
         qm = copy.deepcopy(float_model)        # float_model stays the E2E teacher
-        packed_from_oneshot(qm, linears)
+        frozen_from_oneshot(qm, linears)
     if c.e2e_epochs:
         t = time.time()
         run_e2e(qm, windows, E2EConfig(epochs=c.e2e_epochs, seed=seed, device=device, checkpoint_dir=ck("e2e"),
@@ -203,4 +203,4 @@ def _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, p
         with torch.no_grad():
             for name, p in norm_parameters(float_model):
                 p.copy_(trained[name].to(p.device))
-    return export_compressed(qm.cpu())
+    return compressed_from_model(qm.cpu())

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from gqsa_gguf import codec
-from gqsa_gguf.bqpo import BQPOConfig, export_compressed, run_bqpo
+from gqsa_gguf.bqpo import BQPOConfig, compressed_from_model, run_bqpo
 from gqsa_gguf.checkpoint import CheckpointError
-from gqsa_gguf.fakequant import PackedGQSLinear, gqs_modules
+from gqsa_gguf.fakequant import FrozenGQSLinear, gqs_modules
 from gqsa_gguf.training import TrainingError
 
 from tiny_llama import tiny_model, tiny_oneshot, tiny_windows
@@ -37,8 +37,8 @@ def test_bqpo_lowers_block_mse_and_keeps_masks(setup):
     for b, a in zip(rep.loss_before, rep.loss_after):
         assert a < b, rep.summary()
     mods = gqs_modules(qm)
-    assert len(mods) == 14 and all(isinstance(m, PackedGQSLinear) for m in mods.values())
-    out = export_compressed(qm)
+    assert len(mods) == 14 and all(isinstance(m, FrozenGQSLinear) for m in mods.values())
+    out = compressed_from_model(qm)
     for name, cl in out.items():
         np.testing.assert_array_equal(cl.indices, comp[name].indices)   # masks fixed
         packed = codec.pack(cl.indices, cl.q, cl.z, cl.d)                # a valid gqsa4 tensor
