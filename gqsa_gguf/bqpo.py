@@ -51,7 +51,7 @@ from . import checkpoint as ckpt
 from .arch import LINEARS
 from .fakequant import GQSLinear, FrozenGQSLinear, gqs_modules, swap_linear
 from .training import (TrainingError, autocast, capture_layer_inputs, check_amp, check_finite,
-                       decoder_layers, resolve_device, seeded, to_device)
+                       decoder_layers, layer_output, resolve_device, seeded)
 
 __all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "compressed_from_model", "freeze_model"]
 
@@ -148,10 +148,6 @@ class _Cache:
         return self.t.shape[0]
 
 
-def _layer_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _fingerprint(cfg: BQPOConfig, model, compressed, windows) -> str:
     parts = [cfg.fingerprint_dict(), model.config.to_dict(), windows]
     for name in sorted(compressed):
@@ -170,7 +166,7 @@ def _mse_pass(layer, xin: torch.Tensor, target: torch.Tensor, kwargs, bs, device
         for i in range(0, end, bs):
             x = xin[i:i + bs].to(device)
             with autocast(device, amp):
-                y = _layer_out(layer(x, **kwargs)).float()
+                y = layer_output(layer(x, **kwargs)).float()
             if i < head:
                 k = min(bs, head - i)
                 total += F.mse_loss(y[:k], target[i:i + k].to(device), reduction="sum").item()
@@ -182,7 +178,7 @@ def _mse_pass(layer, xin: torch.Tensor, target: torch.Tensor, kwargs, bs, device
 def _float_pass(layer, x: torch.Tensor, kwargs, bs, device) -> None:
     with torch.no_grad():
         for i in range(0, len(x), bs):
-            x[i:i + bs] = _layer_out(layer(x[i:i + bs].to(device), **kwargs)).float().cpu()
+            x[i:i + bs] = layer_output(layer(x[i:i + bs].to(device), **kwargs)).float().cpu()
 
 
 def freeze_model(model) -> None:
@@ -309,7 +305,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
                 idx = perm[step * bs:(step + 1) * bs]
                 x, y = xq[idx].to(device), xf[idx].to(device)
                 with autocast(device, cfg.amp):
-                    out = _layer_out(layer_q(x, **kwargs)).float()
+                    out = layer_output(layer_q(x, **kwargs)).float()
                 loss = F.mse_loss(out, y)
                 where = f"BQPO block {i} epoch {epoch} step {step}"
                 check_finite(where, loss)
