@@ -3,7 +3,7 @@
 In:  the float HF model (its original weights: the targets; the trained weights start at the
      one-shot result's dequantized values, `GQSLinear.from_oneshot`), the
      one-shot result `{HF linear name: oneshot.CompressedLinear}` (masks, z, d), calibration windows
-     LongTensor [nsamples, seqlen], a `BQPOConfig`.
+     LongTensor [nsamples, seqlen], a `BQPOConfig` (config.py; re-exported here).
 Out: `run_bqpo(...)` -> (`quant_model`, `BQPOReport`): a copy of the model whose decoder linears are
      `fakequant.FrozenGQSLinear` (frozen q, trainable scale/zero: E2E-OQP's input;
      `compressed_from_model` turns it into the CompressedLinears export writes), and per-block MSE
@@ -36,7 +36,6 @@ naming the block, epoch and step.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .arch import LINEARS
+from .config import BQPOConfig
 from .fakequant import GQSLinear, FrozenGQSLinear, gqs_modules, swap_linear
 from .training import (TrainingError, autocast, capture_layer_inputs, check_amp, check_finite,
                        decoder_layers, layer_output, resolve_device, seeded)
@@ -56,65 +56,6 @@ from .training import (TrainingError, autocast, capture_layer_inputs, check_amp,
 __all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "compressed_from_model", "freeze_model"]
 
 CKPT_NAME = "bqpo.ckpt"
-
-
-def _pos_number(name, v, integer=False, zero_ok=False):
-    ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
-    if not ok or v < 0 or (v == 0 and not zero_ok):
-        raise TrainingError(f"{name} = {v!r} must be a {'non-negative' if zero_ok else 'positive'} "
-                            f"{'integer' if integer else 'number'}")
-
-
-@dataclass(frozen=True)
-class BQPOConfig:
-    """Block-wise training settings. Defaults: measured on SmolLM2-135M (docs/quality.md)."""
-
-    # Learning rates: measured on the first 3 blocks of SmolLM2-135M (docs/quality.md, "lr sweep"):
-    # with our small step budget (tens of steps per block, not the paper's 4096 x 2048 tokens x 5
-    # epochs) the paper's single lr 1e-5 barely moves anything (block MSE -1 %), while 1e-4 for
-    # weights and 10x / 100x that for scales / zero points cut it by 12-30 %. The zero point needs
-    # the largest lr: it only changes when its continuous value crosses a rounding boundary.
-    epochs: int = 2
-    lr_weight: float = 1e-4          # paper §4: 1e-5 (worse at our step budget, see above)
-    lr_scale: float = 1e-3
-    lr_zero: float = 1e-2
-    weight_decay: float = 0.0
-    batch_size: int = 1              # windows per step (1 beat 4 at equal compute: more steps)
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"                # "bf16" / "fp16" autocast: CUDA only
-    # the block's target: "float-block" = the float block applied to the compressed chain's input
-    # (each block learns to act like its float self on what it will really see, instead of being
-    # asked to undo what earlier blocks lost); "float-chain" = the float model's own activations
-    target: str = "float-block"
-    cache: str = "memory"            # "memory" or "disk" (np.memmap) for the two activation caches
-    # the block MSE before / after training (the report) is measured on the first report_windows
-    # windows: the "before" pass over all of them cost a ninth of BQPO's time and decides nothing
-    report_windows: int = 16
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        _pos_number("--bqpo-epochs", self.epochs, integer=True, zero_ok=True)
-        for n in ("lr_weight", "lr_scale", "lr_zero", "weight_decay"):
-            _pos_number(f"bqpo.{n}", getattr(self, n), zero_ok=True)
-        _pos_number("bqpo.batch_size", self.batch_size, integer=True)
-        _pos_number("bqpo.report_windows", self.report_windows, integer=True)
-        _pos_number("bqpo.seed", self.seed, integer=True, zero_ok=True)
-        if self.target not in ("float-block", "float-chain"):
-            raise TrainingError(f"bqpo.target {self.target!r}: choose float-block or float-chain")
-        if self.cache not in ("memory", "disk"):
-            raise TrainingError(f"bqpo.cache {self.cache!r}: choose memory or disk")
-        if self.resume and not self.checkpoint_dir:
-            raise TrainingError("--resume needs --checkpoint-dir (where the interrupted run wrote bqpo.ckpt)")
-
-    def fingerprint_dict(self) -> dict:
-        """The settings a resumed run must share with the interrupted one."""
-        d = dataclasses.asdict(self)
-        for k in ("checkpoint_dir", "resume", "progress", "cache", "report_windows"):
-            d.pop(k)
-        return d
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 from gqsa_gguf import codec
 from gqsa_gguf.bqpo import BQPOConfig, compressed_from_model, run_bqpo
 from gqsa_gguf.checkpoint import CheckpointError
+from gqsa_gguf.config import ConfigError
 from gqsa_gguf.fakequant import FrozenGQSLinear, gqs_modules
 from gqsa_gguf.training import TrainingError
 
@@ -84,9 +85,9 @@ def test_bqpo_nan_names_block_and_step(setup):
 
 
 def test_bqpo_config_validation():
-    with pytest.raises(TrainingError, match="--resume needs"):
+    with pytest.raises(ConfigError, match="--resume needs"):
         BQPOConfig(resume=True)
-    with pytest.raises(TrainingError, match="batch_size"):
+    with pytest.raises(ConfigError, match="batch_size"):
         BQPOConfig(batch_size=0)
     with pytest.raises(TrainingError, match="CUDA"):
         run_bqpo(None, {}, None, BQPOConfig(amp="bf16"))
