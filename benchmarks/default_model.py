@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import update_readme                                         # noqa: E402
 from gqsa_gguf import arch, bench, runtime                  # noqa: E402
-from gqsa_gguf.config import DEFAULT_CALIB, CompressionConfig  # noqa: E402
+from gqsa_gguf.config import CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB  # noqa: E402
 from gqsa_gguf.gguf_io import read_gguf                      # noqa: E402
 from gqsa_gguf.model_io import smollm2_gguf                  # noqa: E402
 
@@ -155,8 +155,8 @@ def main() -> int:
         f"defaults with `--bqpo-epochs 0 --e2e-epochs 0`; {a.nsamples or 128} calibration windows of 512 tokens"
         + (f"; extra rows: {', '.join(f'`{n}` = `{p.name}`' for n, p in extra_files.items())}" if extra_files else "") + "); "
         "the last row is W4S50 at the converter's defaults: one-shot, then "
-        f"{'BQPO for %d epochs and ' % CompressionConfig.bqpo_epochs if CompressionConfig.bqpo_epochs else ''}"
-        f"E2E-OQP for {CompressionConfig.e2e_epochs} epochs (distilled from the float model) on 128 windows of 512 tokens"
+        f"{'BQPO for %d epochs and ' % CONVERT_BQPO.epochs if CONVERT_BQPO.epochs else ''}"
+        f"E2E-OQP for {CONVERT_E2E.epochs} epochs (distilled from the float model) on 128 windows of 512 tokens"
         + (f" (file `{a.trained.name}`)" if a.trained else "") + f". Machine: {bench.machine_description(llama_cpp)}.",
         "",
         "| file | linear bits/weight | size MB | perplexity | × F16 | prompt tok/s | decode tok/s | decode × Q4_0 |",

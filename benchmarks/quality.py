@@ -16,6 +16,9 @@ finished stages and an interrupted BQPO/E2E resumes from its checkpoint):
     oneshot-w4sNN    GQSA one-shot (saliency masks + min-max 4-bit) at NN % group sparsity
     bqpo-w4s50       one-shot w4s50 + BQPO
     e2e-w4s50        one-shot w4s50 + BQPO + E2E-OQP
+BQPO and E2E-OQP run through `pipeline.train`, the converter's training path, with `BQPOConfig` /
+`E2EConfig` at their defaults but the epochs (E2E-OQP's loss is then cross entropy; the converter
+distills from the float model); the trained rows are evaluated with the trained RMSNorm gains.
 Perplexity: PyTorch, float32, consecutive 512-token windows of the evaluation text
 (evaluate.perplexity_torch). Time and peak resident memory are measured per stage, in this
 process, on the machine it runs on (shared machines inflate times: see the notes written).
@@ -37,11 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gqsa_gguf import arch, calib, model_io  # noqa: E402
-from gqsa_gguf.bqpo import BQPOConfig, export_compressed, run_bqpo  # noqa: E402
+from gqsa_gguf import arch, calib, model_io, pipeline  # noqa: E402
+from gqsa_gguf import format as fmt  # noqa: E402
+from gqsa_gguf.bqpo import run_bqpo  # noqa: E402
 from gqsa_gguf.config import (DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_NSAMPLES, DEFAULT_SEQLEN,  # noqa: E402
-                               CompressionConfig)
-from gqsa_gguf.e2e import E2EConfig, run_e2e  # noqa: E402
+                               BQPOConfig, CompressionConfig, E2EConfig)
 from gqsa_gguf.evaluate import perplexity_torch  # noqa: E402
 from gqsa_gguf.oneshot import (CompressedLinear, apply_compressed, compress_model,  # noqa: E402
                                quantize_groups_torch)
@@ -110,7 +113,7 @@ def minmax_dense(model, bits: int) -> None:
             g = w.reshape(w.shape[0], -1, 16)
             if bits == "4f":                             # float minimum (Q4_1-style, fp16 scale + min)
                 lo, hi = g.amin(-1), g.amax(-1)
-                s = ((hi - lo) / 15).to(torch.float16).float().clamp(min=2.0 ** -24)
+                s = ((hi - lo) / 15).to(torch.float16).float().clamp(min=fmt.FP16_MIN_SUBNORMAL)
                 m = lo.to(torch.float16).float()
                 q = torch.clamp(torch.round((g - m[..., None]) / s[..., None]), 0, 15)
                 deq = q * s[..., None] + m[..., None]
@@ -120,7 +123,7 @@ def minmax_dense(model, bits: int) -> None:
             else:
                 qmax = 2 ** bits - 1
                 lo, hi = g.amin(-1), g.amax(-1)
-                s = ((hi - lo) / qmax).to(torch.float16).float().clamp(min=2.0 ** -24)
+                s = ((hi - lo) / qmax).to(torch.float16).float().clamp(min=fmt.FP16_MIN_SUBNORMAL)
                 z = torch.clamp(torch.round(-lo / s), 0, qmax)
                 q = torch.clamp(torch.round(g / s[..., None]) + z[..., None], 0, qmax)
                 deq = (q - z[..., None]) * s[..., None]
@@ -288,78 +291,78 @@ def main(argv=None) -> int:
             record(stage, ppl(m), secs, peak)
             del m
         elif stage == "bqpo-w4s50":
+            if not args.bqpo_epochs:
+                raise SystemExit("--bqpo-epochs 0: the bqpo-w4s50 stage trains BQPO; leave it out of --stages")
             lin, _ = oneshot("w4s50")
             cfg = BQPOConfig(epochs=args.bqpo_epochs, checkpoint_dir=str(work / f"bqpo-n{args.nsamples}"),
                              resume=True)
             with PeakRSS() as mem:
-                t0 = time.time()
-                qm, rep = run_bqpo(float_model, lin, windows, cfg)
-                secs = time.time() - t0
-            out = export_compressed(qm)
-            save_compressed(work / f"bqpo-n{args.nsamples}.pt", out)
-            (work / f"bqpo-n{args.nsamples}-report.txt").write_text(rep.summary())
+                tr = pipeline.train(float_model, lin, windows, cfg, E2EConfig(epochs=0))
+            save_compressed(work / f"bqpo-n{args.nsamples}.pt", tr.linears)
+            (work / f"bqpo-n{args.nsamples}-report.txt").write_text(tr.bqpo.summary())
             m = copy.deepcopy(float_model)
-            apply_compressed(m, out)
-            record(stage, ppl(m), secs, mem.peak_mb, bqpo=dict(cfg.fingerprint_dict()),
-                   block_mse_before=rep.loss_before, block_mse_after=rep.loss_after,
-                   resumed_from=rep.resumed_from)
-            del m, qm
+            tr.load_into(m)
+            record(stage, ppl(m), tr.seconds["bqpo"], mem.peak_mb, bqpo=dict(cfg.fingerprint_dict()),
+                   block_mse_before=tr.bqpo.loss_before, block_mse_after=tr.bqpo.loss_after,
+                   resumed_from=tr.bqpo.resumed_from)
+            del m, tr
         elif stage == e2e_key:
             lin, _ = oneshot("w4s50")
+            # BQPO resumes from the bqpo-w4s50 stage's checkpoint to its end: no training
             cfg_b = BQPOConfig(epochs=args.bqpo_epochs, checkpoint_dir=str(work / f"bqpo-n{args.nsamples}"),
                                resume=True)
-            qm, _ = run_bqpo(float_model, lin, windows, cfg_b)          # resumes to the end: no training
             ck = f"e2e-n{args.nsamples}" + ("" if args.e2e_epochs == 1 else f"-ep{args.e2e_epochs}")
             cfg = E2EConfig(epochs=args.e2e_epochs, checkpoint_dir=str(work / ck),
                             resume=True)
             with PeakRSS() as mem:
-                t0 = time.time()
-                rep = run_e2e(qm, windows, cfg)
-                secs = time.time() - t0
-            out = export_compressed(qm)
-            save_compressed(work / f"{ck}.pt", out)
+                tr = pipeline.train(float_model, lin, windows, cfg_b, cfg)
+            save_compressed(work / f"{ck}.pt", tr.linears)
             m = copy.deepcopy(float_model)
-            apply_compressed(m, out)
+            tr.load_into(m)                                      # trained linears and RMSNorm gains
             v = ppl(m)
-            gg = gguf_check(float_model, info, out, work / f"{ck}.gguf", ev, args)
-            record(stage, v, secs, mem.peak_mb, e2e=dict(cfg.fingerprint_dict()),
-                   epoch_loss=rep.epoch_loss, resumed_from=rep.resumed_from,
+            gg = gguf_check(m, info, tr.linears, work / f"{ck}.gguf", ev, args, cfg_b, cfg)
+            record(stage, v, tr.seconds["e2e"], mem.peak_mb, e2e=dict(cfg.fingerprint_dict()),
+                   epoch_loss=tr.e2e.epoch_loss, resumed_from=tr.e2e.resumed_from,
                    bqpo_seconds=results.get("bqpo-w4s50", {}).get("seconds"), **gg)
-            del m, qm
+            del m, tr
         elif stage.startswith("train-"):                 # BQPO + E2E-OQP (1 epoch) at another sparsity
             spec = stage.split("-", 1)[1]
             lin, _ = oneshot(spec)
             with PeakRSS() as mem:
-                t0 = time.time()
-                qm, rep_b = run_bqpo(float_model, lin, windows, BQPOConfig(
-                    epochs=args.bqpo_epochs, checkpoint_dir=str(work / f"bqpo-{spec}-n{args.nsamples}"), resume=True))
-                tb = time.time() - t0
-                rep = run_e2e(qm, windows, E2EConfig(epochs=1, checkpoint_dir=str(work / f"e2e-{spec}-n{args.nsamples}"),
-                                                     resume=True))
-                secs = time.time() - t0
+                tr = pipeline.train(float_model, lin, windows,
+                                    BQPOConfig(epochs=args.bqpo_epochs, resume=True,
+                                               checkpoint_dir=str(work / f"bqpo-{spec}-n{args.nsamples}")),
+                                    E2EConfig(epochs=1, resume=True,
+                                              checkpoint_dir=str(work / f"e2e-{spec}-n{args.nsamples}")))
             m = copy.deepcopy(float_model)
-            apply_compressed(m, export_compressed(qm))
-            record(stage, ppl(m), secs, mem.peak_mb, bqpo_seconds=tb, epoch_loss=rep.epoch_loss)
-            del m, qm
+            tr.load_into(m)
+            record(stage, ppl(m), sum(tr.seconds.values()), mem.peak_mb, bqpo_seconds=tr.seconds.get("bqpo", 0.0),
+                   epoch_loss=tr.e2e.epoch_loss)
+            del m, tr
         else:
             raise SystemExit(f"unknown stage {stage!r}")
     return 0
 
 
-def gguf_check(float_model, info, linears, path: Path, ev, args) -> dict:
-    """Writes the trained model as the GGUF the converter would write, and measures its perplexity
-    through the patched llama.cpp and through a PyTorch model rebuilt from the file, on the same
-    windows (issue 3's comparison, on the trained model)."""
+def gguf_check(model, info, linears, path: Path, ev, args, bqpo: BQPOConfig, e2e: E2EConfig) -> dict:
+    """Writes the trained model as the GGUF the converter would write (`model`: the float model
+    with the trained RMSNorm gains; `gqsa.config` records the training configs used), and measures
+    its perplexity through the patched llama.cpp and through a PyTorch model rebuilt from the file,
+    on the same windows (issue 3's comparison, on the trained model)."""
+    import dataclasses
+
     from gqsa_gguf import export
-    from gqsa_gguf.config import CalibConfig, ConvertConfig
+    from gqsa_gguf.config import RUN_ONLY, CalibConfig, ConvertConfig
     from gqsa_gguf.evaluate import gguf_perplexities
 
-    cfg = ConvertConfig(output=str(path),
-                        compression=CompressionConfig.from_spec("w4s50", bqpo_epochs=args.bqpo_epochs,
-                                                                e2e_epochs=args.e2e_epochs),
-                        calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen))
-    summary = export.export_gguf(path, info, float_model.state_dict(), linears, cfg,
-                                 rope_factors=model_io.rope_freq_factors(float_model, info))
+    def settings(c):                                     # the recorded config holds no run-only fields
+        return dataclasses.replace(c, **{k: getattr(type(c), k) for k in RUN_ONLY})
+
+    cfg = ConvertConfig(output=str(path), compression=CompressionConfig.from_spec("w4s50", allocation="uniform"),
+                        calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen),
+                        bqpo=settings(bqpo), e2e=settings(e2e))
+    summary = export.export_gguf(path, info, model.state_dict(), linears, cfg,
+                                 rope_factors=model_io.rope_freq_factors(model, info))
     p_llama, p_torch = (r.ppl for r in gguf_perplexities(str(path), ev, threads=args.threads, progress=False))
     print(f"   GGUF {path}: llama.cpp ppl {p_llama:.3f}, PyTorch-from-GGUF ppl {p_torch:.3f}, "
           f"ratio {p_llama / p_torch:.4f}", flush=True)

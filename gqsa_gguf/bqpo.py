@@ -3,10 +3,11 @@
 In:  the float HF model (its original weights: the targets; the trained weights start at the
      one-shot result's dequantized values, `GQSLinear.from_oneshot`), the
      one-shot result `{HF linear name: oneshot.CompressedLinear}` (masks, z, d), calibration windows
-     LongTensor [nsamples, seqlen], a `BQPOConfig`.
+     LongTensor [nsamples, seqlen], a `BQPOConfig` (config.py; re-exported here).
 Out: `run_bqpo(...)` -> (`quant_model`, `BQPOReport`): a copy of the model whose decoder linears are
-     `fakequant.PackedGQSLinear` (frozen q, trainable scale/zero: E2E-OQP's input; `export_compressed`
-     turns it into CompressedLinears for export), and per-block MSE before/after and times.
+     `fakequant.FrozenGQSLinear` (frozen q, trainable scale/zero: E2E-OQP's input;
+     `compressed_from_model` turns it into the CompressedLinears export writes), and per-block MSE
+     before/after and times.
 
 For each decoder block i, one at a time:
     target     Y_i = float block_i(Xq_i)        (target="float-block", the default), or
@@ -16,7 +17,7 @@ For each decoder block i, one at a time:
                (lr_scale), zero points (lr_zero); norms, biases and everything else frozen; fp32
                (bf16/fp16 autocast only on CUDA).
 The group masks never change (GQSLinear has no pruned weights to revive). After training, the
-block's integer codes are frozen (`GQSLinear.to_packed`, same forward bit for bit) and it produces
+block's integer codes are frozen (`GQSLinear.to_frozen`, same forward bit for bit) and it produces
 Xq_{i+1}. BQPO runs as its own pass after the one-shot pass (the masks come from one-shot's
 sequential calibration), so the one-shot result stays a checkpoint of its own.
 
@@ -25,7 +26,7 @@ overwritten in place by the next block's inputs) are nsamples x seqlen x width f
 128 x 512 x 576 x 4 B = 151 MB for SmolLM2-135M — kept in memory, or with cache="disk" in two
 np.memmap files under the checkpoint folder (or a temp folder).
 
-Checkpoints (`checkpoint_dir`): after every block, atomically, `bqpo.ckpt` with the packed state of
+Checkpoints (`checkpoint_dir`): after every block, atomically, `bqpo.ckpt` with the frozen state of
 blocks <= i, both activation caches and the loss log; `resume=True` continues after the last
 finished block. Every block's shuffling and RNGs are seeded from (seed, block), so a resumed run
 equals an uninterrupted one bit for bit (tested). A NaN/Inf loss or weight raises TrainingError
@@ -35,7 +36,6 @@ naming the block, epoch and step.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -48,72 +48,14 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .arch import LINEARS
-from .fakequant import GQSLinear, PackedGQSLinear, gqs_modules, swap_linear
+from .config import BQPOConfig
+from .fakequant import GQSLinear, FrozenGQSLinear, gqs_modules, swap_linear
 from .training import (TrainingError, autocast, capture_layer_inputs, check_amp, check_finite,
-                       decoder_layers, resolve_device, seeded, to_device)
+                       decoder_layers, layer_output, resolve_device, seeded)
 
-__all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "export_compressed", "pack_model"]
+__all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "compressed_from_model", "freeze_model"]
 
 CKPT_NAME = "bqpo.ckpt"
-
-
-def _pos_number(name, v, integer=False, zero_ok=False):
-    ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
-    if not ok or v < 0 or (v == 0 and not zero_ok):
-        raise TrainingError(f"{name} = {v!r} must be a {'non-negative' if zero_ok else 'positive'} "
-                            f"{'integer' if integer else 'number'}")
-
-
-@dataclass(frozen=True)
-class BQPOConfig:
-    """Block-wise training settings. Defaults: measured on SmolLM2-135M (docs/quality.md)."""
-
-    # Learning rates: measured on the first 3 blocks of SmolLM2-135M (docs/quality.md, "lr sweep"):
-    # with our small step budget (tens of steps per block, not the paper's 4096 x 2048 tokens x 5
-    # epochs) the paper's single lr 1e-5 barely moves anything (block MSE -1 %), while 1e-4 for
-    # weights and 10x / 100x that for scales / zero points cut it by 12-30 %. The zero point needs
-    # the largest lr: it only changes when its continuous value crosses a rounding boundary.
-    epochs: int = 2
-    lr_weight: float = 1e-4          # paper §4: 1e-5 (worse at our step budget, see above)
-    lr_scale: float = 1e-3
-    lr_zero: float = 1e-2
-    weight_decay: float = 0.0
-    batch_size: int = 1              # windows per step (1 beat 4 at equal compute: more steps)
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"                # "bf16" / "fp16" autocast: CUDA only
-    # the block's target: "float-block" = the float block applied to the compressed chain's input
-    # (each block learns to act like its float self on what it will really see, instead of being
-    # asked to undo what earlier blocks lost); "float-chain" = the float model's own activations
-    target: str = "float-block"
-    cache: str = "memory"            # "memory" or "disk" (np.memmap) for the two activation caches
-    # the block MSE before / after training (the report) is measured on the first report_windows
-    # windows: the "before" pass over all of them cost a ninth of BQPO's time and decides nothing
-    report_windows: int = 16
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        _pos_number("--bqpo-epochs", self.epochs, integer=True, zero_ok=True)
-        for n in ("lr_weight", "lr_scale", "lr_zero", "weight_decay"):
-            _pos_number(f"bqpo.{n}", getattr(self, n), zero_ok=True)
-        _pos_number("bqpo.batch_size", self.batch_size, integer=True)
-        _pos_number("bqpo.report_windows", self.report_windows, integer=True)
-        _pos_number("bqpo.seed", self.seed, integer=True, zero_ok=True)
-        if self.target not in ("float-block", "float-chain"):
-            raise TrainingError(f"bqpo.target {self.target!r}: choose float-block or float-chain")
-        if self.cache not in ("memory", "disk"):
-            raise TrainingError(f"bqpo.cache {self.cache!r}: choose memory or disk")
-        if self.resume and not self.checkpoint_dir:
-            raise TrainingError("--resume needs --checkpoint-dir (where the interrupted run wrote bqpo.ckpt)")
-
-    def fingerprint_dict(self) -> dict:
-        """The settings a resumed run must share with the interrupted one."""
-        d = dataclasses.asdict(self)
-        for k in ("checkpoint_dir", "resume", "progress", "cache", "report_windows"):
-            d.pop(k)
-        return d
 
 
 @dataclass
@@ -147,10 +89,6 @@ class _Cache:
         return self.t.shape[0]
 
 
-def _layer_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _fingerprint(cfg: BQPOConfig, model, compressed, windows) -> str:
     parts = [cfg.fingerprint_dict(), model.config.to_dict(), windows]
     for name in sorted(compressed):
@@ -169,7 +107,7 @@ def _mse_pass(layer, xin: torch.Tensor, target: torch.Tensor, kwargs, bs, device
         for i in range(0, end, bs):
             x = xin[i:i + bs].to(device)
             with autocast(device, amp):
-                y = _layer_out(layer(x, **kwargs)).float()
+                y = layer_output(layer(x, **kwargs)).float()
             if i < head:
                 k = min(bs, head - i)
                 total += F.mse_loss(y[:k], target[i:i + k].to(device), reduction="sum").item()
@@ -181,17 +119,17 @@ def _mse_pass(layer, xin: torch.Tensor, target: torch.Tensor, kwargs, bs, device
 def _float_pass(layer, x: torch.Tensor, kwargs, bs, device) -> None:
     with torch.no_grad():
         for i in range(0, len(x), bs):
-            x[i:i + bs] = _layer_out(layer(x[i:i + bs].to(device), **kwargs)).float().cpu()
+            x[i:i + bs] = layer_output(layer(x[i:i + bs].to(device), **kwargs)).float().cpu()
 
 
-def pack_model(model) -> None:
-    """Replaces every GQSLinear of `model` by its PackedGQSLinear (frozen integer codes)."""
+def freeze_model(model) -> None:
+    """Replaces every GQSLinear of `model` by its FrozenGQSLinear (frozen integer codes)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, GQSLinear):
-            swap_linear(model, name, m.to_packed())
+            swap_linear(model, name, m.to_frozen())
 
 
-def export_compressed(model) -> dict:
+def compressed_from_model(model) -> dict:
     """{HF linear name: oneshot.CompressedLinear} of every GQS layer: what export writes."""
     return {name: m.to_compressed() for name, m in gqs_modules(model).items()}
 
@@ -201,15 +139,15 @@ def _block_state(model, i: int) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
-def _install_packed(model, compressed, i: int, state: dict, device) -> None:
-    """Rebuilds block i of the quant model as PackedGQSLinears from a checkpointed state."""
+def _install_frozen(model, compressed, i: int, state: dict, device) -> None:
+    """Rebuilds block i of the quant model as FrozenGQSLinears from a checkpointed state."""
     layer = decoder_layers(model)[i]
     for lin in LINEARS:
         name = f"model.layers.{i}.{lin}"
         old = layer.get_submodule(lin)
         bias = getattr(old, "bias", None)
-        pk = PackedGQSLinear.from_compressed(compressed[name], bias).to(device)
-        swap_linear(layer, lin, pk)
+        fz = FrozenGQSLinear.from_compressed(compressed[name], bias).to(device)
+        swap_linear(layer, lin, fz)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ckpt.CheckpointError(f"checkpoint block {i}: unexpected keys {unexpected[:3]}")
@@ -262,7 +200,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
         meta, payload = ckpt.load(ck_path, expect={"stage": "bqpo", "fingerprint": fp})
         start = int(meta["next_block"])
         for i in range(start):
-            _install_packed(quant_model, compressed, i, payload["blocks"][i], device)
+            _install_frozen(quant_model, compressed, i, payload["blocks"][i], device)
         xf.copy_(payload["xf"])
         xq.copy_(payload["xq"])
         report.loss_before, report.loss_after = list(payload["loss_before"]), list(payload["loss_after"])
@@ -308,7 +246,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
                 idx = perm[step * bs:(step + 1) * bs]
                 x, y = xq[idx].to(device), xf[idx].to(device)
                 with autocast(device, cfg.amp):
-                    out = _layer_out(layer_q(x, **kwargs)).float()
+                    out = layer_output(layer_q(x, **kwargs)).float()
                 loss = F.mse_loss(out, y)
                 where = f"BQPO block {i} epoch {epoch} step {step}"
                 check_finite(where, loss)
@@ -325,7 +263,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
                 bar.set_postfix(loss=f"{loss.item():.4g}")
         bar.close()
 
-        pack_model(layer_q)                                           # freeze q: same forward, bit-exact
+        freeze_model(layer_q)                                         # freeze q: same forward, bit-exact
         after = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, cfg.report_windows,
                           write_back=True)                              # xq <- Xq_{i+1}
         report.loss_before.append(before)

@@ -13,12 +13,14 @@ conversion leaves no output file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import __version__, arch
 from . import format as fmt
-from .config import (DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL, DEFAULT_NSAMPLES, DEFAULT_SEQLEN,
-                     DENSE_TYPES, CalibConfig, CompressionConfig, ConfigError, ConvertConfig, ExportConfig)
+from .config import (CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL,
+                     DEFAULT_NSAMPLES, DEFAULT_SEQLEN, DENSE_TYPES, CalibConfig, CompressionConfig, ConfigError,
+                     ConvertConfig, ExportConfig)
 from .errors import GQSAError
 
 __all__ = ["main", "build_parser", "convert_config_from_args"]
@@ -53,7 +55,8 @@ def _add_convert(sub) -> None:
                         "2048; 512 keeps a 135M model to minutes on a 2-core CPU)")
     p.add_argument("--group-size", type=int, default=fmt.GROUP_SIZE,
                    help=f"weights per group; the gqsa4 format fixes it at {fmt.GROUP_SIZE}")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration window sampling and of BQPO's / E2E-OQP's shuffles")
     p.add_argument("--damp", type=float, default=0.01,
                    help="Hessian dampening, fraction of the mean diagonal (GPTQ/SparseGPT convention)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
@@ -73,11 +76,12 @@ def _add_convert(sub) -> None:
     p.add_argument("--tokenizer-pre", default=None,
                    help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); detected for SmolLM2 "
                         "('smollm'), Qwen2 ('qwen2') and LLaMA-3 ('llama-bpe') if not given")
-    p.add_argument("--bqpo-epochs", type=int, default=CompressionConfig.bqpo_epochs,
+    p.add_argument("--bqpo-epochs", type=int, default=CONVERT_BQPO.epochs,
                    help="BQPO block-wise training epochs after one-shot (paper §3.3; 0 = off, leaving "
                         "the one-shot result; about 10 min an epoch for SmolLM2-135M on 2 cores)")
-    p.add_argument("--e2e-epochs", type=int, default=CompressionConfig.e2e_epochs,
-                   help="E2E-OQP epochs training only scales and zero points (paper §3.4; 0 = off)")
+    p.add_argument("--e2e-epochs", type=int, default=CONVERT_E2E.epochs,
+                   help="E2E-OQP epochs training only scales, zero points and RMSNorm gains, distilled from "
+                        "the float model (paper §3.4; 0 = off)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the one-shot result, and BQPO / E2E-OQP after every block / epoch, are checkpointed")
     p.add_argument("--resume", action="store_true",
@@ -176,11 +180,12 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         model=a.model, output=a.output,
         compression=CompressionConfig.from_spec(a.gqsa, group_size=a.group_size, damp=a.damp,
                                                 sequential=a.sequential, method=a.method,
-                                                allocation=a.allocation, bqpo_epochs=a.bqpo_epochs,
-                                                e2e_epochs=a.e2e_epochs),
+                                                allocation=a.allocation),
         calib=CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                           batch_size=a.batch_size),
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
+        bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device),
+        e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, seed=a.seed, device=a.device),
     )
 
 
@@ -197,8 +202,7 @@ def _run_convert(a) -> int:
         import transformers
         transformers.utils.logging.disable_progress_bar()
     log = (lambda *x, **k: None) if a.quiet else print
-    report = convert(cfg, progress=not a.quiet, log=log, checkpoint_dir=a.checkpoint_dir, resume=a.resume,
-                     device=a.device)
+    report = convert(cfg, progress=not a.quiet, log=log, checkpoint_dir=a.checkpoint_dir, resume=a.resume)
     s = report.summary
     print(s.format(every_tensor=not a.quiet))
     for n in report.notes:

@@ -1,7 +1,10 @@
 """NumPy reference codec of the GQSA tensor format: the ground truth for every other implementation.
 
 docs/FORMAT.md is the specification; this module implements it literally and vectorised. The C
-scalar path, the SIMD paths, the CUDA kernel and the PyTorch fake-quant are tested against it.
+scalar path (native/src/ggml/include/gqsa.h), the CPU SIMD paths and the PyTorch fake-quant are
+tested against it. The CUDA kernels (native/src/ggml/src/ggml-cuda/gqsa.cu, gqsa-kernels.cuh)
+are checked on a GPU against a C++ dense reference and ggml's CPU backend (native/cuda/
+gqsa_harness.cu, gqsa_ggml_check.cpp), not against this module directly.
 
 Vocabulary (one weight matrix W[N, K], N output rows, K = `width` input columns):
 
@@ -408,7 +411,7 @@ def pack_act(d, s, qs) -> np.ndarray:
 
 
 def act_dot(packed, width: int, act) -> np.ndarray:
-    """The kernel's math on quantized activations, in float64: float64 [ncols, N].
+    """The CPU kernel's math (ggml-cpu-gqsa.c) on quantized activations, in float64: float64 [ncols, N].
 
     act = quantize_act(x) for x [ncols, K]. For each stored block (index g, q, z, d_w) of a row:
         d_w * (d_x[g] * sum_j q[j] * qs[g, j] - z * s_x[g])
@@ -444,7 +447,7 @@ def act_dot(packed, width: int, act) -> np.ndarray:
 
 
 def matmul_q8_ref(packed, width: int, x) -> np.ndarray:
-    """x float32 [ncols, K] -> float64 [ncols, N] computed as the runtime kernel does: activations
+    """x float32 [ncols, K] -> float64 [ncols, N] computed as the CPU kernel does: activations
     quantized to gqsa_q8, then act_dot. A 1-D x gives a 1-D [N] result."""
     x2, vector = _activations(x, width)
     y = act_dot(packed, width, quantize_act(x2))

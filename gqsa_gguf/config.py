@@ -1,11 +1,16 @@
 """Frozen, validated configuration of one conversion: what the CLI builds and the GGUF records.
 
 In:  the values of the command line (or a dict read back from a GGUF's `gqsa.config`).
-Out: `ConvertConfig`, a tree of frozen dataclasses; `to_json()` is what `gqsa.config` stores.
+Out: `ConvertConfig`, a tree of frozen dataclasses — compression (one-shot), calib, export, and the
+     training stages' `BQPOConfig` (bqpo.py) and `E2EConfig` (e2e.py), learning rates included;
+     `to_json()` is what `gqsa.config` stores: every setting the result depends on.
 
 Invariants: every config object is validated in `__post_init__` (a bad value raises `ConfigError`
 naming the field, the value and how to fix it); `from_dict` rejects unknown keys, so a config
 written by a newer version is refused instead of silently half-read; `from_dict(to_dict(c)) == c`.
+The training configs' run-only fields (`RUN_ONLY`: checkpoint folder, resume, progress bars) say
+how a process runs, not what it computes: they are not recorded, and a `ConvertConfig` holds them
+at their defaults (pipeline.convert sets them from its arguments).
 Nothing here touches a model, a file or the network; the pipeline stages consume these objects.
 """
 
@@ -28,7 +33,12 @@ __all__ = [
     "CompressionConfig",
     "CalibConfig",
     "ExportConfig",
+    "BQPOConfig",
+    "E2EConfig",
     "ConvertConfig",
+    "CONVERT_BQPO",
+    "CONVERT_E2E",
+    "RUN_ONLY",
     "cache_root",
     "DEFAULT_MODEL",
     "DEFAULT_CALIB",
@@ -94,6 +104,12 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str =
         raise ConfigError(f"{name} = {value} must be {rng}{' — ' + fix if fix else ''}")
 
 
+def _check_number(name: str, value: Any) -> None:
+    """A non-negative number (inf passes: training's NaN/Inf guards are tested with it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{name} = {value!r} must be a non-negative number")
+
+
 def _from_dict(cls, data: Mapping[str, Any], where: str):
     """Builds dataclass `cls` from `data`, rejecting unknown keys; nested configs recurse."""
     if not isinstance(data, Mapping):
@@ -115,7 +131,8 @@ def _from_dict(cls, data: Mapping[str, Any], where: str):
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How weights are compressed: the GQSA spec and the one-shot / training settings."""
+    """How weights are compressed: the GQSA spec and the one-shot settings (training: BQPOConfig,
+    E2EConfig)."""
 
     spec: str = "w4s50"              # as given, e.g. "w4s50"
     bits: int = 4                    # derived from spec; stored for readers of gqsa.config
@@ -129,9 +146,6 @@ class CompressionConfig:
     # "sensitivity": keep fraction per tensor from a measured sensitivity, same mean bits per weight
     # (allocation.py); "uniform": every tensor at the spec's sparsity (the paper's layout)
     allocation: str = "sensitivity"
-    # The paper's method trains after one-shot; epochs measured in benchmarks/quality.py (docs/quality.md)
-    bqpo_epochs: int = 0             # BQPO epochs (paper §3.3, bqpo.py); 0 = off (see docs/DESIGN.md)
-    e2e_epochs: int = 3              # E2E-OQP epochs (paper §3.4, e2e.py); 0 = off
 
     def __post_init__(self):
         bits, pct = parse_spec(self.spec)
@@ -152,8 +166,6 @@ class CompressionConfig:
             raise ConfigError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"compression.sequential must be true or false, got {self.sequential!r}")
-        _check_int("--bqpo-epochs", self.bqpo_epochs, 0)
-        _check_int("--e2e-epochs", self.e2e_epochs, 0)
 
     @classmethod
     def from_spec(cls, spec: str, **kw) -> "CompressionConfig":
@@ -202,6 +214,112 @@ class ExportConfig:
                               f"name (lower case, e.g. 'llama-bpe', 'qwen2', 'smollm')")
 
 
+RUN_ONLY = ("checkpoint_dir", "resume", "progress")   # training fields that say how a process runs
+
+
+@dataclass(frozen=True)
+class BQPOConfig:
+    """BQPO settings (paper §3.3, bqpo.py). Defaults: measured on SmolLM2-135M (docs/quality.md)."""
+
+    # Learning rates: measured on the first 3 blocks of SmolLM2-135M (docs/quality.md, "lr sweep"):
+    # with our small step budget (tens of steps per block, not the paper's 4096 x 2048 tokens x 5
+    # epochs) the paper's single lr 1e-5 barely moves anything (block MSE -1 %), while 1e-4 for
+    # weights and 10x / 100x that for scales / zero points cut it by 12-30 %. The zero point needs
+    # the largest lr: it only changes when its continuous value crosses a rounding boundary.
+    epochs: int = 2
+    lr_weight: float = 1e-4          # paper §4: 1e-5 (worse at our step budget, see above)
+    lr_scale: float = 1e-3
+    lr_zero: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 1              # windows per step (1 beat 4 at equal compute: more steps)
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "none"                # "bf16" / "fp16" autocast: CUDA only
+    # the block's target: "float-block" = the float block applied to the compressed chain's input
+    # (each block learns to act like its float self on what it will really see, instead of being
+    # asked to undo what earlier blocks lost); "float-chain" = the float model's own activations
+    target: str = "float-block"
+    cache: str = "memory"            # "memory" or "disk" (np.memmap) for the two activation caches
+    # the block MSE before / after training (the report) is measured on the first report_windows
+    # windows: the "before" pass over all of them cost a ninth of BQPO's time and decides nothing
+    report_windows: int = 16
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        _check_int("--bqpo-epochs", self.epochs, 0)
+        for n in ("lr_weight", "lr_scale", "lr_zero", "weight_decay"):
+            _check_number(f"bqpo.{n}", getattr(self, n))
+        _check_int("bqpo.batch_size", self.batch_size, 1)
+        _check_int("bqpo.report_windows", self.report_windows, 1)
+        _check_int("bqpo.seed", self.seed, 0)
+        if self.target not in ("float-block", "float-chain"):
+            raise ConfigError(f"bqpo.target {self.target!r}: choose float-block or float-chain")
+        if self.cache not in ("memory", "disk"):
+            raise ConfigError(f"bqpo.cache {self.cache!r}: choose memory or disk")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("--resume needs --checkpoint-dir (where the interrupted run wrote bqpo.ckpt)")
+
+    def fingerprint_dict(self) -> dict:
+        """The settings a resumed run must share with the interrupted one."""
+        d = dataclasses.asdict(self)
+        for k in ("checkpoint_dir", "resume", "progress", "cache", "report_windows"):
+            d.pop(k)
+        return d
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """E2E-OQP settings (paper §3.4, e2e.py). Defaults: measured on SmolLM2-135M (docs/quality.md)."""
+
+    # Not swept (no time on the shared CPU): 1/5 of BQPO's measured quantization-parameter lrs,
+    # the Block-AP : E2E-QP ratio of EfficientQAT; the paper's 1e-5 assumes far more steps.
+    epochs: int = 1
+    lr_scale: float = 2e-4
+    lr_zero: float = 2e-3            # continuous zero point, rounded in the forward
+    # RMSNorm gains (F32 in the file, no bits): 0 keeps them frozen
+    lr_norm: float = 3e-4
+    weight_decay: float = 0.0
+    batch_size: int = 2              # global windows per optimizer step (all ranks together)
+    micro_batch: int = 1             # windows per forward/backward on one rank (memory only)
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "none"
+    # "ce": next-token cross entropy on the text; "kd": KL divergence to the float model's
+    # next-token distribution (needs `teacher=` in run_e2e; every position then carries the whole
+    # distribution, not one token, and the target is the float model rather than the text)
+    loss: str = "ce"
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.loss not in ("ce", "kd"):
+            raise ConfigError(f"e2e.loss {self.loss!r}: choose ce or kd")
+        _check_int("--e2e-epochs", self.epochs, 0)
+        _check_int("e2e.seed", self.seed, 0)
+        _check_int("e2e.batch_size", self.batch_size, 1)
+        _check_int("e2e.micro_batch", self.micro_batch, 1)
+        for n in ("lr_scale", "lr_zero", "lr_norm", "weight_decay"):
+            _check_number(f"e2e.{n}", getattr(self, n))
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("--resume needs --checkpoint-dir (where the interrupted run wrote e2e.ckpt)")
+
+    def fingerprint_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("checkpoint_dir", "resume", "progress", "micro_batch"):
+            d.pop(k)
+        return d
+
+
+# The converter's training: the paper's method trains after one-shot; what to run was measured in
+# benchmarks/quality.py (docs/quality.md, docs/DESIGN.md): E2E-OQP distilled from the float model
+# for 3 epochs, BQPO off
+CONVERT_BQPO = BQPOConfig(epochs=0)
+CONVERT_E2E = E2EConfig(epochs=3, loss="kd")
+
+
 @dataclass(frozen=True)
 class ConvertConfig:
     """One `gqsa-gguf convert` run."""
@@ -211,6 +329,8 @@ class ConvertConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    bqpo: BQPOConfig = CONVERT_BQPO  # epochs 0: off
+    e2e: E2EConfig = CONVERT_E2E     # epochs 0: off
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -218,13 +338,25 @@ class ConvertConfig:
         if not isinstance(self.output, str) or not self.output:
             raise ConfigError(f"-o {self.output!r}: give the path of the GGUF file to write")
         for name, cls in (("compression", CompressionConfig), ("calib", CalibConfig),
-                          ("export", ExportConfig)):
+                          ("export", ExportConfig), ("bqpo", BQPOConfig), ("e2e", E2EConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(f"ConvertConfig.{name} must be a {cls.__name__}, "
                                   f"got {type(getattr(self, name)).__name__}")
+        for stage in ("bqpo", "e2e"):
+            sub = getattr(self, stage)
+            for k in RUN_ONLY:
+                default = next(f.default for f in dataclasses.fields(sub) if f.name == k)
+                if getattr(sub, k) != default:
+                    raise ConfigError(f"ConvertConfig.{stage}.{k} = {getattr(sub, k)!r}: {k} says how a process "
+                                      f"runs, not what it computes — pass it to pipeline.convert instead")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every setting the result depends on (the training configs without their RUN_ONLY fields)."""
+        d = dataclasses.asdict(self)
+        for stage in ("bqpo", "e2e"):
+            for k in RUN_ONLY:
+                del d[stage][k]
+        return d
 
     def to_json(self) -> str:
         """What the GGUF's `gqsa.config` stores (sorted keys, so equal configs give equal text)."""
@@ -247,4 +379,6 @@ _NESTED = {
     ("ConvertConfig", "compression"): CompressionConfig,
     ("ConvertConfig", "calib"): CalibConfig,
     ("ConvertConfig", "export"): ExportConfig,
+    ("ConvertConfig", "bqpo"): BQPOConfig,
+    ("ConvertConfig", "e2e"): E2EConfig,
 }

@@ -1,8 +1,8 @@
 """E2E-OQP — End-to-End Optimized Quantization-Pruning (paper §3.4): train only scales and zeros.
 
-In:  a model whose decoder linears are `fakequant.PackedGQSLinear` (from `bqpo.run_bqpo`, or
-     `packed_from_oneshot` for E2E-OQP straight after one-shot), training windows LongTensor
-     [nsamples, seqlen], an `E2EConfig`.
+In:  a model whose decoder linears are `fakequant.FrozenGQSLinear` (from `bqpo.run_bqpo`, or
+     `frozen_from_oneshot` for E2E-OQP straight after one-shot), training windows LongTensor
+     [nsamples, seqlen], an `E2EConfig` (config.py; re-exported here).
 Out: `run_e2e(model, windows, cfg)` -> `E2EReport` (per-step loss, per-epoch mean, seconds); the
      model's scales and zero points are trained in place, and with lr_norm > 0 its RMSNorm gains
      (`norm_parameters`: F32 in the file, no bits); integer codes q, group indices, and every
@@ -28,7 +28,6 @@ the epoch and step.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,59 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .fakequant import PackedGQSLinear, gqs_modules, swap_linear
+from .config import E2EConfig
+from .fakequant import FrozenGQSLinear, gqs_modules, swap_linear
 from .training import TrainingError, autocast, check_amp, check_finite, resolve_device, seeded
 
-__all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "packed_from_oneshot",
+__all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "frozen_from_oneshot",
            "trainable_parameters", "distillation_loss"]
 
 CKPT_NAME = "e2e.ckpt"
-
-
-@dataclass(frozen=True)
-class E2EConfig:
-    """End-to-end settings. Defaults: measured on SmolLM2-135M (docs/quality.md)."""
-
-    # Not swept (no time on the shared CPU): 1/5 of BQPO's measured quantization-parameter lrs,
-    # the Block-AP : E2E-QP ratio of EfficientQAT; the paper's 1e-5 assumes far more steps.
-    epochs: int = 1
-    lr_scale: float = 2e-4
-    lr_zero: float = 2e-3            # continuous zero point, rounded in the forward
-    # RMSNorm gains (F32 in the file, no bits): 0 keeps them frozen
-    lr_norm: float = 3e-4
-    weight_decay: float = 0.0
-    batch_size: int = 2              # global windows per optimizer step (all ranks together)
-    micro_batch: int = 1             # windows per forward/backward on one rank (memory only)
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"
-    # "ce": next-token cross entropy on the text; "kd": KL divergence to the float model's
-    # next-token distribution (needs `teacher=` in run_e2e; every position then carries the whole
-    # distribution, not one token, and the target is the float model rather than the text)
-    loss: str = "ce"
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.loss not in ("ce", "kd"):
-            raise TrainingError(f"e2e.loss {self.loss!r}: choose ce or kd")
-        for n in ("epochs", "batch_size", "micro_batch", "seed"):
-            v = getattr(self, n)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if n in ("epochs", "seed") else 1):
-                raise TrainingError(f"e2e.{n} = {v!r} must be a {'non-negative' if n in ('epochs', 'seed') else 'positive'} integer")
-        for n in ("lr_scale", "lr_zero", "lr_norm", "weight_decay"):
-            v = getattr(self, n)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise TrainingError(f"e2e.{n} = {v!r} must be a non-negative number")
-        if self.resume and not self.checkpoint_dir:
-            raise TrainingError("--resume needs --checkpoint-dir (where the interrupted run wrote e2e.ckpt)")
-
-    def fingerprint_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("checkpoint_dir", "resume", "progress", "micro_batch"):
-            d.pop(k)
-        return d
 
 
 @dataclass
@@ -126,27 +80,27 @@ def _dist():
     return None, 0, 1
 
 
-def packed_from_oneshot(model, compressed: dict) -> None:
-    """Replaces the model's decoder linears named in `compressed` by PackedGQSLinear (in place)."""
+def frozen_from_oneshot(model, compressed: dict) -> None:
+    """Replaces the model's decoder linears named in `compressed` by FrozenGQSLinear (in place)."""
     for name, cl in compressed.items():
         old = model.get_submodule(name)
-        swap_linear(model, name, PackedGQSLinear.from_compressed(cl, getattr(old, "bias", None))
+        swap_linear(model, name, FrozenGQSLinear.from_compressed(cl, getattr(old, "bias", None))
                     .to(old.weight.device))
 
 
 def trainable_parameters(model) -> tuple[list, list, list]:
-    """Freezes everything, then enables the scales and zeros of every PackedGQSLinear.
+    """Freezes everything, then enables the scales and zeros of every FrozenGQSLinear.
     Returns (scales, zeros, named list for NaN checks)."""
     mods = gqs_modules(model)
     if not mods:
-        raise TrainingError("E2E-OQP: the model has no PackedGQSLinear layers — run BQPO first or "
-                            "packed_from_oneshot")
+        raise TrainingError("E2E-OQP: the model has no FrozenGQSLinear layers — run BQPO first or "
+                            "frozen_from_oneshot")
     for p in model.parameters():
         p.requires_grad_(False)
     scales, zeros, named = [], [], []
     for name, m in mods.items():
-        if not isinstance(m, PackedGQSLinear):
-            raise TrainingError(f"E2E-OQP: {name} is a {type(m).__name__}; pack it first (bqpo.pack_model)")
+        if not isinstance(m, FrozenGQSLinear):
+            raise TrainingError(f"E2E-OQP: {name} is a {type(m).__name__}; freeze it first (bqpo.freeze_model)")
         m.scale.requires_grad_(True)
         m.zero.requires_grad_(True)
         scales.append(m.scale)

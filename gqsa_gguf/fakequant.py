@@ -4,16 +4,16 @@ In:  a one-shot `oneshot.CompressedLinear` (kept group indices, q, z, d) and the
      weight W [N, K] (and bias, if any).
 Out: `GQSLinear` — the BQPO form: float weights of the kept groups (trainable), per-group scale
      and zero point (trainable), fixed group mask (the kept indices; pruned groups do not exist);
-     `PackedGQSLinear` — the E2E-OQP form: frozen integer codes q of the kept groups only (no dense
+     `FrozenGQSLinear` — the E2E-OQP form: frozen integer codes q of the kept groups only (no dense
      mask), trainable scale and zero point;
-     conversions `GQSLinear.from_compressed` -> `.to_packed()` -> `.export_arrays()` /
+     conversions `GQSLinear.from_compressed` -> `.to_frozen()` -> `.export_arrays()` /
      `.to_compressed()` (indices int32, q uint8, z uint8, d float16: what `codec.pack` takes).
 
 The forward of both forms, per kept group g of a row (16 weights):
 
     d  = fp16(clamp(scale, 2^-24, 65504))           # rounded to fp16 in the forward (STE)
     zi = clamp(round(zero), 0, 15)                   # integer zero point in the forward (STE)
-    q  = clamp(round(w / d) + zi, 0, 15)             # GQSLinear only (STE); PackedGQSLinear: frozen
+    q  = clamp(round(w / d) + zi, 0, 15)             # GQSLinear only (STE); FrozenGQSLinear: frozen
     w_hat = (q - zi) * d                             # exact in float32 (5-bit int x fp16)
 
 and y = x @ W_hat.T + b with W_hat zero in the pruned groups. `export_arrays()` returns exactly
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from . import format as fmt
 
 __all__ = ["SCALE_MIN", "SCALE_MAX", "round_ste", "fp16_ste", "stored_scale", "integer_zero",
-           "GQSLinear", "PackedGQSLinear", "swap_linear", "gqs_modules"]
+           "GQSLinear", "FrozenGQSLinear", "swap_linear", "gqs_modules"]
 
 SCALE_MIN = fmt.FP16_MIN_SUBNORMAL   # smallest positive fp16 (subnormal): the scale never reaches 0
 SCALE_MAX = fmt.FP16_MAX             # largest finite fp16
@@ -224,14 +224,14 @@ class GQSLinear(_GQSBase):
         return q, zi[..., 0], d[..., 0]
 
     @torch.no_grad()
-    def to_packed(self) -> "PackedGQSLinear":
+    def to_frozen(self) -> "FrozenGQSLinear":
         """Freezes the integer codes: the E2E-OQP form with the same forward (bit-exact)."""
         q, z, _ = self.codes()
-        return PackedGQSLinear(self.name, self.in_features, self.indices, q.to(torch.uint8),
+        return FrozenGQSLinear(self.name, self.in_features, self.indices, q.to(torch.uint8),
                                self.scale, z, self.bias)
 
 
-class PackedGQSLinear(_GQSBase):
+class FrozenGQSLinear(_GQSBase):
     """E2E-OQP form: frozen integer q of the kept groups (no dense mask), trainable scale and zero.
 
     The zero parameter starts at the exported integer z; training moves it continuously and the
@@ -247,7 +247,7 @@ class PackedGQSLinear(_GQSBase):
         self.register_buffer("q", q.contiguous().clone())
 
     @classmethod
-    def from_compressed(cls, cl, bias: torch.Tensor | None = None) -> "PackedGQSLinear":
+    def from_compressed(cls, cl, bias: torch.Tensor | None = None) -> "FrozenGQSLinear":
         """Straight from a one-shot result (E2E-OQP without BQPO)."""
         d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
         return cls(cl.name, cl.width, torch.from_numpy(np.asarray(cl.indices, dtype=np.int64)),
@@ -276,5 +276,5 @@ def swap_linear(root: torch.nn.Module, path: str, new: torch.nn.Module) -> torch
 
 
 def gqs_modules(model: torch.nn.Module) -> dict[str, _GQSBase]:
-    """Every GQSLinear / PackedGQSLinear in `model`, keyed by its HF module name (its `.name`)."""
+    """Every GQSLinear / FrozenGQSLinear in `model`, keyed by its HF module name (its `.name`)."""
     return {m.name: m for m in model.modules() if isinstance(m, _GQSBase)}

@@ -1,7 +1,7 @@
 """Constants of the GQSA tensor format: the single Python source of truth.
 
-docs/FORMAT.md is the written specification; native/src/ggml-gqsa.h mirrors these numbers in C,
-and tests/test_format.py checks that the three agree.
+docs/FORMAT.md is the written specification; native/src/ggml/src/ggml-gqsa.h mirrors these numbers
+in C (the fp16 limits included), and tests/test_format.py checks that the three agree.
 """
 
 from __future__ import annotations

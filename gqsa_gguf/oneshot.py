@@ -29,7 +29,7 @@ exactly `format.kept_groups(K, sparsity)` groups, sorted; non-finite weights rai
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from . import format as fmt
 from .errors import GQSAError
 from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, hessian_inverse_diag,
                        select_groups, weight_saliency)
+from .training import capture_layer_inputs, layer_output
 
 __all__ = ["CompressedLinear", "CompressionResult", "OneShotError", "quantize_groups_torch",
            "dequantize_groups_torch", "compress_linear", "compress_model", "apply_compressed"]
@@ -110,7 +111,6 @@ class CompressionResult:
     seconds: float
     nsamples: int
     seqlen: int
-    notes: list[str] = field(default_factory=list)
 
 
 # --- min-max quantization, bit-exact with codec.quantize_groups ----------------------------------
@@ -243,7 +243,6 @@ def _fake_quant(x, z, d):
     return (_codes(x, z, d) - z[..., None]) * d[..., None]
 
 
-
 class _threads:
     """Runs a with-block with n torch threads (None: unchanged)."""
 
@@ -357,27 +356,6 @@ class _Stop(Exception):
     pass
 
 
-class _Catcher(torch.nn.Module):
-    """Stands in for decoder layer 0 to record its inputs (hidden states and keyword arguments)."""
-
-    def __init__(self, layer: torch.nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.attention_type = getattr(layer, "attention_type", None)
-        self.captured: list[tuple[torch.Tensor, dict]] = []
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise OneShotError("decoder layer called with positional arguments besides hidden_states; "
-                               "this transformers version is not supported by the block-wise calibration")
-        self.captured.append((hidden_states.detach(), kwargs))
-        raise _Stop
-
-
-def _layer_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _block_input_hessian(layer, hooked: str, hidden, kwargs, name: str) -> torch.Tensor:
     """H = 2/n X^T X of the input of `layer.hooked` over all batches; the block's forward stops
     right after that linear's input is seen."""
@@ -417,7 +395,6 @@ def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
     windows = torch.as_tensor(windows, dtype=torch.long)
     nsamples, seqlen = windows.shape
     bs = max(1, min(int(batch_size), nsamples))
-    batches = [windows[i:i + bs] for i in range(0, nsamples, bs)]
 
     uniform = {lin: fmt.kept_groups(info.linear_shape(lin)[1], cfg.sparsity) for lin in _LINEARS}
 
@@ -427,7 +404,7 @@ def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
 
     with torch.inference_mode():
         # 1. embed: run the model until decoder layer 0, recording what it receives
-        hidden, kwargs = _capture_inputs(inner, layers, batches)
+        hidden, kwargs = _layer0_inputs(model, windows, bs)
 
         bar = tqdm(range(info.n_layers), desc="GQSA one-shot", unit="block", disable=not progress)
         for i in bar:
@@ -462,7 +439,7 @@ def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
                 del accs
 
             if cfg.sequential or dense_out is None:
-                hidden = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+                hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
             else:
                 hidden = dense_out
             del dense_out
@@ -484,28 +461,19 @@ def _dense_pass(layer, i: int, hidden, kwargs):
         accs[hooked] = acc
         hooks.append(mod.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
     try:
-        dense_out = [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        dense_out = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
     finally:
         for hk in hooks:
             hk.remove()
     return accs, dense_out
 
 
-def _capture_inputs(inner, layers, batches):
-    """The hidden states and keyword arguments decoder layer 0 receives, one entry per batch."""
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
-    try:
-        for b in batches:
-            try:
-                inner(input_ids=b, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        layers[0] = catcher.layer
-    if len(catcher.captured) != len(batches):
-        raise OneShotError("could not capture the inputs of decoder layer 0")
-    return [h for h, _ in catcher.captured], [kw for _, kw in catcher.captured]
+def _layer0_inputs(model, windows: torch.Tensor, bs: int):
+    """What decoder layer 0 receives, as per-batch lists (hidden states [bs, seq, width], keyword
+    arguments): training.capture_layer_inputs cut into batches of `bs` windows."""
+    hidden, kwargs = capture_layer_inputs(model, windows, batch_size=bs)
+    hidden = list(hidden.split(bs))
+    return hidden, [kwargs] * len(hidden)
 
 
 def sensitivity_curves(model, info, windows: torch.Tensor, cfg, levels=None, probe: int = 4,
@@ -520,14 +488,13 @@ def sensitivity_curves(model, info, windows: torch.Tensor, cfg, levels=None, pro
     from .allocation import LEVELS, TensorCurve, level_kept
 
     levels = LEVELS if levels is None else levels
-    inner, layers = model.model, model.model.layers
+    layers = model.model.layers
     windows = torch.as_tensor(windows, dtype=torch.long)
     bs = max(1, min(int(batch_size), windows.shape[0]))
-    batches = [windows[i:i + bs] for i in range(0, windows.shape[0], bs)]
     n_probe_batches = max(1, -(-min(probe, windows.shape[0]) // bs))
     curves = []
     with torch.inference_mode():
-        hidden, kwargs = _capture_inputs(inner, layers, batches)
+        hidden, kwargs = _layer0_inputs(model, windows, bs)
         bar = tqdm(range(info.n_layers), desc="GQSA sensitivity", unit="block", disable=not progress)
         for i in bar:
             layer = layers[i]
@@ -552,7 +519,7 @@ def sensitivity_curves(model, info, windows: torch.Tensor, cfg, levels=None, pro
                             se = 0.0
                             n = 0
                             for r, h, kw in zip(ref, hidden, kwargs):
-                                out = _layer_out(layer(h, **kw))
+                                out = layer_output(layer(h, **kw))
                                 se += float((out - r).double().square().sum())
                                 n += out.numel()
                             errs.append(se / n)

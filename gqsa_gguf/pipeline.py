@@ -1,11 +1,14 @@
-"""`gqsa-gguf convert` end to end: checkpoint -> calibration -> one-shot GQSA -> GGUF.
+"""`gqsa-gguf convert` end to end: checkpoint -> calibration -> one-shot GQSA -> training -> GGUF.
 
 In:  a `ConvertConfig`.
 Out: the GGUF at config.output (written atomically: on any error no file appears) and a
      `ConvertReport` (timings, the export summary, notes).
 
-With compression.bqpo_epochs / e2e_epochs > 0 the one-shot result is trained (bqpo.run_bqpo, then
-e2e.run_e2e) before export; the float model is kept for BQPO's targets.
+The training orchestration lives here and only here: `train` runs BQPO (bqpo.run_bqpo) then
+E2E-OQP (e2e.run_e2e) on a one-shot result, as the configs say (epochs 0 = a stage off); `convert`
+and benchmarks/quality.py both call it. With config.bqpo.epochs / config.e2e.epochs > 0 the float
+model is kept for BQPO's targets and E2E-OQP's teacher. The GGUF's `gqsa.config` records the
+configs used, learning rates included.
 
 Everything that can be refused cheaply is refused before any heavy work, in this order: the
 output path, the checkpoint (folder, architecture,
@@ -20,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, ConvertConfig
+from .config import BQPOConfig, ConfigError, ConvertConfig, E2EConfig
 
-__all__ = ["ConvertReport", "convert", "check_output_path"]
+__all__ = ["ConvertReport", "TrainResult", "convert", "train", "check_output_path"]
 
 
 @dataclass
@@ -46,11 +49,11 @@ def check_output_path(output: str) -> Path:
 
 
 def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir: str | None = None,
-            resume: bool = False, device: str = "cpu") -> ConvertReport:
+            resume: bool = False) -> ConvertReport:
     """checkpoint_dir / resume: where the one-shot result and the BQPO / E2E-OQP progress are
-    checkpointed, and whether to continue an interrupted run from them; device: the torch device
-    BQPO and E2E-OQP train on."""
-    from . import calib, export, model_io, oneshot
+    checkpointed, and whether to continue an interrupted run from them (the training configs'
+    run-only fields, config.RUN_ONLY)."""
+    from . import calib, export, model_io
 
     c = cfg.compression
     if resume and not checkpoint_dir:
@@ -83,7 +86,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     times["load"] = time.time() - t
 
     float_model = None
-    if c.bqpo_epochs or c.e2e_epochs:                    # training needs the float weights and targets
+    if cfg.bqpo.epochs or cfg.e2e.epochs:                # training needs the float weights and targets
         import copy
         float_model = copy.deepcopy(model)
     log(f"compressing: GQSA {c.spec} (4-bit, {c.sparsity:.0%} of 16-weight groups pruned per row on average), "
@@ -101,8 +104,17 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
         # the one-shot model differs from the float one only in the decoder linears, which export
         # takes from `linears`: drop it before training (one float32 copy of the model less)
         del model
-        linears = _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, progress, log, times)
+        ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
+        trained = train(float_model, linears, windows,
+                        dataclasses.replace(cfg.bqpo, checkpoint_dir=ck("bqpo"), resume=resume, progress=progress),
+                        dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress),
+                        log=log)
+        times.update(trained.seconds)
+        linears = trained.linears
+        # the export takes the non-linear tensors from float_model (the teacher, no longer
+        # needed): the RMSNorm gains E2E-OQP trained go into the file with the other F32 tensors
         model = float_model.cpu()
+        trained.load_norms(model)
 
     # the config recorded in the file says what was really used (e.g. the clipped seqlen)
     used = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, seqlen=seqlen))
@@ -126,8 +138,7 @@ def _oneshot_resumable(model, info, windows, cfg, checkpoint_dir, resume, progre
 
     c = cfg.compression
     path = Path(checkpoint_dir) / ONESHOT_CKPT if checkpoint_dir else None
-    settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("bqpo_epochs", "e2e_epochs")}
-    fp = ckpt.run_fingerprint(settings, model.config.to_dict(), windows)
+    fp = ckpt.run_fingerprint(dataclasses.asdict(c), model.config.to_dict(), windows)
     if resume and path is not None and path.exists():
         meta, payload = ckpt.load(path, expect={"stage": "oneshot", "fingerprint": fp})
         linears = {n: oneshot.CompressedLinear(n, int(v["width"]), v["indices"].numpy(), v["q"].numpy(),
@@ -172,35 +183,59 @@ def choose_allocation(model, info, windows, c, progress: bool = True, log=print)
     return keep
 
 
-def _train(float_model, linears, windows, cfg, checkpoint_dir, resume, device, progress, log, times):
-    """BQPO (paper §3.3) then E2E-OQP (§3.4) on the one-shot result; returns the trained linears."""
-    import torch
+@dataclass
+class TrainResult:
+    """What `train` returns: the trained linears (export's input), the RMSNorm gains after
+    training, each stage's own seconds and report."""
 
-    from .bqpo import BQPOConfig, export_compressed, run_bqpo
-    from .e2e import E2EConfig, norm_parameters, packed_from_oneshot, run_e2e
+    linears: dict                   # {HF linear name: oneshot.CompressedLinear}
+    norms: dict                     # {HF parameter name: float32 CPU tensor}, every *norm.weight
+    seconds: dict[str, float]       # "bqpo", "e2e": the stages that ran
+    bqpo: object = None             # bqpo.BQPOReport, or None when BQPO did not run
+    e2e: object = None              # e2e.E2EReport, or None when E2E-OQP did not run
 
-    c, seed = cfg.compression, cfg.calib.seed
-    ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
-    t = time.time()
-    if c.bqpo_epochs:
-        qm, rep = run_bqpo(float_model, linears, windows,
-                           BQPOConfig(epochs=c.bqpo_epochs, seed=seed, device=device, checkpoint_dir=ck("bqpo"),
-                                      resume=resume, progress=progress), log=log)
-        times["bqpo"] = time.time() - t
-    else:
-        import copy
-        qm = copy.deepcopy(float_model)        # float_model stays the E2E teacher
-        packed_from_oneshot(qm, linears)
-    if c.e2e_epochs:
-        t = time.time()
-        run_e2e(qm, windows, E2EConfig(epochs=c.e2e_epochs, seed=seed, device=device, checkpoint_dir=ck("e2e"),
-                                       resume=resume, progress=progress, loss="kd"), log=log,
-                teacher=float_model)
-        times["e2e"] = time.time() - t
-        # the export takes the non-linear tensors from float_model (the teacher, no longer
-        # needed): the RMSNorm gains E2E-OQP trained go into the file with the other F32 tensors
-        trained = dict(norm_parameters(qm))
+    def load_norms(self, model) -> None:
+        """Copies the trained RMSNorm gains into `model` (an HF model of the same architecture)."""
+        import torch
+
         with torch.no_grad():
-            for name, p in norm_parameters(float_model):
-                p.copy_(trained[name].to(p.device))
-    return export_compressed(qm.cpu())
+            for name, p in model.named_parameters():
+                if name in self.norms:
+                    p.copy_(self.norms[name].to(p.device))
+
+    def load_into(self, model) -> None:
+        """Makes a float HF model compute what the trained file holds: the trained linears'
+        dequantized weights and the trained RMSNorm gains (for PyTorch evaluation)."""
+        from .oneshot import apply_compressed
+
+        apply_compressed(model, self.linears)
+        self.load_norms(model)
+
+
+def train(float_model, linears: dict, windows, bqpo: BQPOConfig, e2e: E2EConfig, log=print) -> TrainResult:
+    """BQPO (paper §3.3) then E2E-OQP (§3.4) on the one-shot result `linears`; a stage with
+    epochs 0 is skipped (both 0: the one-shot result comes back). `float_model` keeps its weights:
+    BQPO's targets and, with e2e.loss "kd", E2E-OQP's teacher (both move it to their device)."""
+    import copy
+
+    from .bqpo import compressed_from_model, run_bqpo
+    from .e2e import frozen_from_oneshot, norm_parameters, run_e2e
+
+    seconds: dict[str, float] = {}
+    if not bqpo.epochs and not e2e.epochs:
+        return TrainResult(linears=linears, norms={}, seconds=seconds)
+    rep_b = rep_e = None
+    if bqpo.epochs:
+        t = time.time()
+        qm, rep_b = run_bqpo(float_model, linears, windows, bqpo, log=log)
+        seconds["bqpo"] = time.time() - t
+    else:
+        qm = copy.deepcopy(float_model)        # float_model stays the E2E teacher
+        frozen_from_oneshot(qm, linears)
+    if e2e.epochs:
+        t = time.time()
+        rep_e = run_e2e(qm, windows, e2e, log=log, teacher=float_model if e2e.loss == "kd" else None)
+        seconds["e2e"] = time.time() - t
+    qm = qm.cpu()
+    return TrainResult(linears=compressed_from_model(qm), seconds=seconds, bqpo=rep_b, e2e=rep_e,
+                       norms={n: p.detach().clone() for n, p in norm_parameters(qm)})

@@ -1,12 +1,15 @@
-"""What BQPO and E2E-OQP share: devices and autocast, deterministic seeding, NaN/Inf guards,
-capturing the inputs of decoder layer 0, and the shared settings dataclass fields.
+"""What the block-wise stages share: devices and autocast, deterministic seeding, NaN/Inf guards
+(BQPO, E2E-OQP), and the one way to capture the inputs of decoder layer 0 and read a decoder
+layer's output (`capture_layer_inputs`, `layer_output`: the one-shot pass, the sensitivity probe
+and BQPO).
 
 In:  a device string ("cpu", "cuda", "cuda:1"), an autocast choice ("none", "bf16", "fp16"),
      seeds; a HF causal LM and token windows.
 Out: `resolve_device`, `autocast(device, amp)`, `seeded(seed, *keys)` (a torch.Generator and the
      global RNGs set from (seed, keys) — the same keys give the same streams in an interrupted and
      an uninterrupted run), `check_finite(...)` raising `TrainingError` naming the stage, block and
-     step, `capture_layer_inputs(model, windows)` -> (hidden float32 [n, seq, width], kwargs).
+     step, `capture_layer_inputs(model, windows)` -> (hidden float32 [n, seq, width], kwargs),
+     `layer_output(out)` -> the hidden states of a decoder layer's return value.
 
 Invariants: autocast is refused on the CPU (fp32 there: the CPU has no fast bf16 and exactness
 with the file is only promised in fp32); the layer keyword arguments captured are batch
@@ -25,7 +28,7 @@ import torch
 from .errors import GQSAError
 
 __all__ = ["TrainingError", "AMP_CHOICES", "resolve_device", "autocast", "seeded", "check_finite",
-           "capture_layer_inputs", "decoder_layers", "to_device"]
+           "capture_layer_inputs", "layer_output", "decoder_layers", "to_device"]
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 
@@ -101,6 +104,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
         raise TrainingError(f"{type(model).__name__}: expected decoder layers at model.model.layers "
                             f"(LLaMA/Qwen2 structure) — unsupported model")
     return layers
+
+
+def layer_output(out) -> torch.Tensor:
+    """The hidden states of a decoder layer's return value (a tensor, or a tuple led by one)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class _Stop(Exception):

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gqsa_gguf.e2e import E2EConfig, init_distributed, packed_from_oneshot, run_e2e  # noqa: E402
+from gqsa_gguf.e2e import E2EConfig, init_distributed, frozen_from_oneshot, run_e2e  # noqa: E402
 from gqsa_gguf.fakequant import gqs_modules  # noqa: E402
 from tiny_llama import tiny_model, tiny_oneshot, tiny_windows  # noqa: E402
 
@@ -21,7 +21,7 @@ def main(out: str) -> None:
     rank, world = init_distributed("cpu")
     model = tiny_model()
     windows = tiny_windows()
-    packed_from_oneshot(model, tiny_oneshot(model, windows))
+    frozen_from_oneshot(model, tiny_oneshot(model, windows))
     cfg = E2EConfig(epochs=1, batch_size=4, micro_batch=1, lr_scale=1e-3, lr_zero=1e-1, progress=False)
     rep = run_e2e(model, windows, cfg, log=lambda s: None, max_steps=1)
     if rank == 0:

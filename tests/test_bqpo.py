@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from gqsa_gguf import codec
-from gqsa_gguf.bqpo import BQPOConfig, export_compressed, run_bqpo
+from gqsa_gguf.bqpo import BQPOConfig, compressed_from_model, run_bqpo
 from gqsa_gguf.checkpoint import CheckpointError
-from gqsa_gguf.fakequant import PackedGQSLinear, gqs_modules
+from gqsa_gguf.config import ConfigError
+from gqsa_gguf.fakequant import FrozenGQSLinear, gqs_modules
 from gqsa_gguf.training import TrainingError
 
 from tiny_llama import tiny_model, tiny_oneshot, tiny_windows
@@ -37,8 +38,8 @@ def test_bqpo_lowers_block_mse_and_keeps_masks(setup):
     for b, a in zip(rep.loss_before, rep.loss_after):
         assert a < b, rep.summary()
     mods = gqs_modules(qm)
-    assert len(mods) == 14 and all(isinstance(m, PackedGQSLinear) for m in mods.values())
-    out = export_compressed(qm)
+    assert len(mods) == 14 and all(isinstance(m, FrozenGQSLinear) for m in mods.values())
+    out = compressed_from_model(qm)
     for name, cl in out.items():
         np.testing.assert_array_equal(cl.indices, comp[name].indices)   # masks fixed
         packed = codec.pack(cl.indices, cl.q, cl.z, cl.d)                # a valid gqsa4 tensor
@@ -84,9 +85,9 @@ def test_bqpo_nan_names_block_and_step(setup):
 
 
 def test_bqpo_config_validation():
-    with pytest.raises(TrainingError, match="--resume needs"):
+    with pytest.raises(ConfigError, match="--resume needs"):
         BQPOConfig(resume=True)
-    with pytest.raises(TrainingError, match="batch_size"):
+    with pytest.raises(ConfigError, match="batch_size"):
         BQPOConfig(batch_size=0)
     with pytest.raises(TrainingError, match="CUDA"):
         run_bqpo(None, {}, None, BQPOConfig(amp="bf16"))

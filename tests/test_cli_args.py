@@ -12,8 +12,8 @@ import pytest
 import tiny_models
 from gqsa_gguf import arch
 from gqsa_gguf.cli import build_parser, convert_config_from_args, main
-from gqsa_gguf.config import (CalibConfig, CompressionConfig, ConfigError, ConvertConfig, ExportConfig,
-                              parse_spec)
+from gqsa_gguf.config import (BQPOConfig, CalibConfig, CompressionConfig, ConfigError, ConvertConfig, E2EConfig,
+                              ExportConfig, parse_spec)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,11 @@ def test_compression_config_from_spec_and_validation():
     with pytest.raises(ConfigError, match="damp"):
         CompressionConfig.from_spec("w4s50", damp=0.0)
     with pytest.raises(ConfigError, match="bqpo-epochs"):
-        CompressionConfig.from_spec("w4s50", bqpo_epochs=-1)
+        BQPOConfig(epochs=-1)
+    with pytest.raises(ConfigError, match="e2e.lr_norm"):
+        E2EConfig(lr_norm=-1e-3)
+    with pytest.raises(ConfigError, match="pass it to pipeline.convert"):
+        ConvertConfig(e2e=E2EConfig(checkpoint_dir="ck"))
     with pytest.raises(ConfigError, match="nsamples"):
         CalibConfig(nsamples=0)
     with pytest.raises(ConfigError, match="seqlen"):
@@ -60,12 +64,17 @@ def test_compression_config_from_spec_and_validation():
 def test_config_is_frozen_and_round_trips_json():
     cfg = ConvertConfig(model="m", output="o.gguf", compression=CompressionConfig.from_spec("w4s20", damp=0.05),
                         calib=CalibConfig(source="x.txt", nsamples=3, seqlen=64, seed=7),
-                        export=ExportConfig(dense_type="q8_0", tokenizer_pre="qwen2"))
+                        export=ExportConfig(dense_type="q8_0", tokenizer_pre="qwen2"),
+                        bqpo=BQPOConfig(epochs=1, lr_zero=3e-2, target="float-chain"),
+                        e2e=E2EConfig(epochs=2, lr_norm=0.0, loss="ce"))
     with pytest.raises(Exception):
         cfg.output = "other"                                        # frozen
     back = ConvertConfig.from_json(cfg.to_json())
     assert back == cfg
-    assert json.loads(cfg.to_json())["compression"]["sparsity"] == 0.2
+    d = json.loads(cfg.to_json())
+    assert d["compression"]["sparsity"] == 0.2
+    assert d["bqpo"]["lr_zero"] == 3e-2 and d["e2e"]["lr_norm"] == 0.0 and d["e2e"]["loss"] == "ce"
+    assert not {"checkpoint_dir", "resume", "progress"} & (set(d["bqpo"]) | set(d["e2e"]))   # run-only
 
 
 def test_config_rejects_unknown_keys():
@@ -86,11 +95,15 @@ def test_cli_builds_config_with_defaults():
     assert cfg.compression.spec == "w4s50" and cfg.compression.sparsity == 0.5
     assert (cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.source) == (128, 512, "debian:calib-mix")
     assert cfg.export.dense_type == "f16" and cfg.export.tokenizer_pre is None
+    assert cfg.bqpo == BQPOConfig(epochs=0) and cfg.e2e == E2EConfig(epochs=3, loss="kd")
     a = build_parser().parse_args(["convert", "-o", "x.gguf", "--gqsa", "w4s75", "--nsamples", "4",
-                                   "--seqlen", "32", "--dense-type", "q8_0", "--no-sequential"])
+                                   "--seqlen", "32", "--dense-type", "q8_0", "--no-sequential",
+                                   "--bqpo-epochs", "2", "--e2e-epochs", "0", "--seed", "5", "--device", "cuda"])
     cfg = convert_config_from_args(a)
     assert cfg.model.startswith("default:") and cfg.compression.sparsity == 0.75
     assert cfg.compression.sequential is False and cfg.export.dense_type == "q8_0"
+    assert (cfg.bqpo.epochs, cfg.e2e.epochs) == (2, 0)
+    assert cfg.calib.seed == cfg.bqpo.seed == cfg.e2e.seed == 5 and cfg.bqpo.device == cfg.e2e.device == "cuda"
 
 
 # --- refusals through main(): non-zero exit, one clear line, no output file -----------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gqsa_gguf.e2e import E2EConfig, packed_from_oneshot, run_e2e
+from gqsa_gguf.e2e import E2EConfig, frozen_from_oneshot, run_e2e
 from gqsa_gguf.fakequant import gqs_modules
 from gqsa_gguf.training import TrainingError
 
@@ -25,9 +25,9 @@ def setup():
     return windows, tiny_oneshot(model, windows)
 
 
-def _packed(comp):
+def _frozen(comp):
     m = tiny_model()
-    packed_from_oneshot(m, comp)
+    frozen_from_oneshot(m, comp)
     return m
 
 
@@ -39,7 +39,7 @@ def _cfg(**kw):
 
 def test_e2e_changes_only_scales_and_zeros(setup):
     windows, comp = setup
-    model = _packed(comp)
+    model = _frozen(comp)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rep = run_e2e(model, windows, _cfg(lr_norm=0.0), log=lambda s: None)
     assert len(rep.step_loss) == 4 and rep.epoch_loss[-1] < rep.step_loss[0] + 1.0
@@ -53,7 +53,7 @@ def test_e2e_changes_only_scales_and_zeros(setup):
 
 def test_e2e_with_lr_norm_also_trains_the_norm_gains_and_resumes_them(setup, tmp_path):
     windows, comp = setup
-    model = _packed(comp)
+    model = _frozen(comp)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run_e2e(model, windows, _cfg(lr_norm=1e-2), log=lambda s: None)
     changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
@@ -63,10 +63,10 @@ def test_e2e_with_lr_norm_also_trains_the_norm_gains_and_resumes_them(setup, tmp
     assert not any(p.requires_grad for p in model.parameters())
     # the gains are in the checkpoint: a resumed run equals an uninterrupted one
     d = str(tmp_path / "ck")
-    part = _packed(comp)
+    part = _frozen(comp)
     with pytest.raises(_Interrupt):
         run_e2e(part, windows, _cfg(lr_norm=1e-2, checkpoint_dir=d), on_epoch_end=_stop, log=lambda s: None)
-    resumed = _packed(comp)
+    resumed = _frozen(comp)
     run_e2e(resumed, windows, _cfg(lr_norm=1e-2, checkpoint_dir=d, resume=True), log=lambda s: None)
     for k, v in model.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
@@ -82,14 +82,14 @@ def _stop(epoch):
 
 def test_e2e_resume_equals_uninterrupted(setup, tmp_path):
     windows, comp = setup
-    full = _packed(comp)
+    full = _frozen(comp)
     run_e2e(full, windows, _cfg(), log=lambda s: None)
 
     d = str(tmp_path / "ck")
-    part = _packed(comp)
+    part = _frozen(comp)
     with pytest.raises(_Interrupt):
         run_e2e(part, windows, _cfg(checkpoint_dir=d), on_epoch_end=_stop, log=lambda s: None)
-    resumed = _packed(comp)                                   # a fresh process: nothing carried over
+    resumed = _frozen(comp)                                   # a fresh process: nothing carried over
     rep = run_e2e(resumed, windows, _cfg(checkpoint_dir=d, resume=True), log=lambda s: None)
     assert rep.resumed_from == 1
     a, b = full.state_dict(), resumed.state_dict()
@@ -100,13 +100,13 @@ def test_e2e_resume_equals_uninterrupted(setup, tmp_path):
 def test_e2e_nan_names_epoch_and_step(setup):
     windows, comp = setup
     with pytest.raises(TrainingError, match=r"E2E-OQP epoch 0 step 0"):
-        run_e2e(_packed(comp), windows, _cfg(lr_scale=float("inf")), log=lambda s: None)
+        run_e2e(_frozen(comp), windows, _cfg(lr_scale=float("inf")), log=lambda s: None)
 
 
 def test_e2e_batch_must_split_evenly(setup):
     windows, comp = setup
     with pytest.raises(TrainingError, match="multiple of world size"):
-        run_e2e(_packed(comp), windows, _cfg(batch_size=3, micro_batch=2), log=lambda s: None)
+        run_e2e(_frozen(comp), windows, _cfg(batch_size=3, micro_batch=2), log=lambda s: None)
 
 
 def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
@@ -145,7 +145,7 @@ def test_e2e_distillation_moves_towards_the_float_model(setup):
     teacher = tiny_model()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    model = _packed(comp)
+    model = _frozen(comp)
 
     def kl():
         with torch.no_grad():
@@ -160,4 +160,4 @@ def test_e2e_distillation_moves_towards_the_float_model(setup):
     rep = run_e2e(model, windows, _cfg(loss="kd", epochs=3), log=lambda s: None, teacher=teacher)
     assert kl() < before, (before, kl(), rep.step_loss)
     with pytest.raises(TrainingError, match="teacher"):
-        run_e2e(_packed(comp), windows, _cfg(loss="kd"), log=lambda s: None)
+        run_e2e(_frozen(comp), windows, _cfg(loss="kd"), log=lambda s: None)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gqsa_gguf import codec, format as fmt
-from gqsa_gguf.fakequant import GQSLinear, PackedGQSLinear, stored_scale, integer_zero
+from gqsa_gguf.fakequant import GQSLinear, FrozenGQSLinear, stored_scale, integer_zero
 from gqsa_gguf.oneshot import CompressedLinear
 
 
@@ -43,10 +43,10 @@ def test_gqslinear_init_reproduces_oneshot_bit_exact():
     np.testing.assert_array_equal(z[1:], cl.z[1:])
 
 
-@pytest.mark.parametrize("cls", ["gqs", "packed"])
+@pytest.mark.parametrize("cls", ["gqs", "frozen"])
 def test_forward_equals_dequantized_file_bit_exact(cls):
     w, cl, _ = _random_compressed()
-    layer = GQSLinear.from_compressed(cl, w) if cls == "gqs" else PackedGQSLinear.from_compressed(cl)
+    layer = GQSLinear.from_compressed(cl, w) if cls == "gqs" else FrozenGQSLinear.from_compressed(cl)
     _perturb(layer)
     x = torch.randn(5, 7, 96)
     W = _file_weight(layer)                             # bit-exact with codec.dequantize(pack(...))
@@ -54,11 +54,11 @@ def test_forward_equals_dequantized_file_bit_exact(cls):
     assert torch.equal(layer(x), F.linear(x, W))
 
 
-def test_to_packed_keeps_forward_and_codes():
+def test_to_frozen_keeps_forward_and_codes():
     w, cl, _ = _random_compressed()
     g = GQSLinear.from_compressed(cl, w)
     _perturb(g)
-    p = g.to_packed()
+    p = g.to_frozen()
     assert torch.equal(p.dense_weight(), g.dense_weight())
     for a, b in zip(p.export_arrays(), g.export_arrays()):
         np.testing.assert_array_equal(a, b)
@@ -85,7 +85,7 @@ def test_gradients_reach_weights_scales_zeros():
     g(torch.randn(4, 96)).pow(2).sum().backward()
     for p in (g.weight, g.scale, g.zero):
         assert p.grad is not None and p.grad.abs().sum() > 0
-    p = PackedGQSLinear.from_compressed(cl)
+    p = FrozenGQSLinear.from_compressed(cl)
     p(torch.randn(4, 96)).pow(2).sum().backward()
     assert p.scale.grad.abs().sum() > 0 and p.zero.grad.abs().sum() > 0
     assert not p.q.requires_grad and p.q.dtype == torch.uint8

@@ -1,5 +1,6 @@
 """The format's numbers agree across docs/FORMAT.md (parsed from the markdown), gqsa_gguf.format,
-the NumPy block dtype, the metadata the writer emits, and (once it exists) the C header."""
+the NumPy block dtype, the metadata the writer emits, the C header (format numbers and the scale's
+fp16 limits) and the CUDA kernels' header."""
 
 from __future__ import annotations
 
@@ -121,8 +122,16 @@ C_DEFINES = {                                           # required
     "GQSA_Q8_TYPE_ID": fmt.GGML_TYPE_GQSA_Q8,
     "GQSA_FORMAT_VERSION": fmt.FORMAT_VERSION,
     "GQSA_ACT_BLOCK_BYTES": fmt.ACT_BLOCK_BYTES,
+    "GQSA_BITS": fmt.BITS,
+    "GQSA_QMAX": fmt.QMAX,
 }
 C_DERIVED = {"GQSA_INDEX_MASK": fmt.INDEX_MASK, "GQSA_MAX_GROUPS": fmt.MAX_GROUPS_PER_ROW}   # checked if present
+# the fp16 limits of a scale: a float literal, and fp16 bit patterns (required)
+C_FP16_FLOAT = {"GQSA_FP16_MAX": fmt.FP16_MAX}
+C_FP16_BITS = {"GQSA_FP16_MAX_BITS": fmt.FP16_MAX, "GQSA_FP16_MIN_SUBNORMAL_BITS": fmt.FP16_MIN_SUBNORMAL}
+# the CUDA kernels' own copies of format numbers (a standalone header: the harness builds it without ggml)
+CUDA_HEADER = ROOT / "native" / "src" / "ggml" / "src" / "ggml-cuda" / "gqsa-kernels.cuh"
+CUDA_DEFINES = {"GQSA_CUDA_GROUP": fmt.GROUP_SIZE, "GQSA_CUDA_BLOCK_WORDS": fmt.BLOCK_BYTES // 4}
 
 
 def c_int(expr: str, defines: dict[str, str], depth: int = 0) -> int | None:
@@ -140,11 +149,16 @@ def c_int(expr: str, defines: dict[str, str], depth: int = 0) -> int | None:
     return int(eval(expr, {"__builtins__": {}}))      # only digits, parentheses and + - * << >>
 
 
+def c_defines(header: Path) -> tuple[str, dict[str, str]]:
+    """(text without comments, {GQSA_ macro: its definition}) of a C header."""
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", "", header.read_text(encoding="utf-8"), flags=re.S)
+    return text, {k: v.strip() for k, v in re.findall(r"^[ \t]*#define[ \t]+(GQSA_\w+)[ \t]+([^\n]+)$", text, re.M)}
+
+
 def test_c_header_agrees():
     assert C_HEADER.relative_to(ROOT).as_posix() in (ROOT / "docs" / "FORMAT.md").read_text(encoding="utf-8")
     for header in [C_HEADER]:
-        text = re.sub(r"/\*.*?\*/|//[^\n]*", "", header.read_text(encoding="utf-8"), flags=re.S)
-        defines = dict(re.findall(r"^[ \t]*#define[ \t]+(GQSA_\w+)[ \t]+([^\n]+)$", text, re.M))
+        text, defines = c_defines(header)
         for name, value in {**C_DEFINES, **C_DERIVED}.items():
             if name not in defines:
                 assert name not in C_DEFINES, f"{header.name} lacks #define {name}"
@@ -159,3 +173,33 @@ def test_c_header_agrees():
                 continue                                # an expression with sizeof: the compiler checks it
             want = fmt.ACT_BLOCK_BYTES if "q8" in lhs.lower() else fmt.BLOCK_BYTES
             assert value == want, f"static_assert(sizeof({lhs}) == {rhs}) in {header.name}"
+
+
+def test_c_header_fp16_limits_agree():
+    """The scale's fp16 limits: defined once in the C header (the C quantizer uses the macros) and
+    equal to format.py's, as a float literal and as ggml_fp16_t bit patterns."""
+    _, defines = c_defines(C_HEADER)
+    for name, value in C_FP16_FLOAT.items():
+        assert name in defines, f"{C_HEADER.name} lacks #define {name}"
+        m = re.fullmatch(r"([0-9]+\.[0-9]*(?:[eE][+-]?[0-9]+)?)[fF]?", defines[name])
+        assert m and float(m.group(1)) == value, f"{name} = {defines[name]} in {C_HEADER.name}, {value} in format.py"
+    for name, value in C_FP16_BITS.items():
+        assert name in defines, f"{C_HEADER.name} lacks #define {name}"
+        m = re.fullmatch(r"0[xX]([0-9a-fA-F]{1,4})[uU]?", defines[name])
+        assert m, f"{name} = {defines[name]} in {C_HEADER.name}: expected a 16-bit hex literal"
+        got = float(np.array([int(m.group(1), 16)], dtype=np.uint16).view(np.float16)[0])
+        assert got == value, f"{name} = {defines[name]} (fp16 {got}) in {C_HEADER.name}, {value} in format.py"
+    # nowhere else in the native sources: the quantizer takes them from the header
+    for src in sorted((ROOT / "native" / "src").rglob("*gqsa*")):
+        if src == C_HEADER or src.suffix not in (".c", ".cpp", ".h", ".cu", ".cuh"):
+            continue
+        text = re.sub(r"/\*.*?\*/|//[^\n]*", "", src.read_text(encoding="utf-8"), flags=re.S)
+        for literal in ("65504", "0x7bff", "0x7BFF"):
+            assert literal not in text, f"{src.name} hard-codes {literal}; use the macros of {C_HEADER.name}"
+
+
+def test_cuda_header_agrees():
+    _, defines = c_defines(CUDA_HEADER)
+    for name, value in CUDA_DEFINES.items():
+        assert name in defines, f"{CUDA_HEADER.name} lacks #define {name}"
+        assert c_int(defines[name], defines) == value, f"{name} = {defines[name]} in {CUDA_HEADER.name}, {value} in format.py"

@@ -9,7 +9,7 @@ import torch
 
 from gqsa_gguf import allocation, codec
 from gqsa_gguf import format as fmt
-from gqsa_gguf.bqpo import BQPOConfig, export_compressed, run_bqpo
+from gqsa_gguf.bqpo import BQPOConfig, compressed_from_model, run_bqpo
 from gqsa_gguf.config import CompressionConfig, ConfigError
 from gqsa_gguf.fakequant import GQSLinear
 from gqsa_gguf.oneshot import (compress_linear, compress_linear_obs, compress_model, output_error,
@@ -147,7 +147,7 @@ def test_bqpo_starts_from_the_oneshot_weights_bit_for_bit(tiny):
     qm, rep = run_bqpo(model, comp, windows, BQPOConfig(epochs=0, batch_size=4, progress=False),
                        log=lambda s: None)
     assert rep.loss_before == rep.loss_after
-    out = export_compressed(qm)
+    out = compressed_from_model(qm)
     for name, cl in comp.items():
         nz = cl.d != 0                                           # d = 0 groups are stored as 2^-24
         np.testing.assert_array_equal(out[name].indices, cl.indices)

@@ -3,7 +3,7 @@ inside the pipeline, write checkpoints, resume, and produce a valid GGUF."""
 
 import pytest
 
-from gqsa_gguf.config import CalibConfig, CompressionConfig, ConvertConfig, ConfigError
+from gqsa_gguf.config import BQPOConfig, CalibConfig, CompressionConfig, ConvertConfig, ConfigError, E2EConfig
 from gqsa_gguf.pipeline import convert
 
 from tiny_models import make_checkpoint, text
@@ -13,8 +13,9 @@ def _cfg(tmp_path, folder, out, **kw):
     calib = tmp_path / "calib.txt"
     calib.write_text(text() * 20)
     return ConvertConfig(model=str(folder), output=str(out),
-                         compression=CompressionConfig.from_spec("w4s50", bqpo_epochs=1, e2e_epochs=1, **kw),
-                         calib=CalibConfig(source=str(calib), nsamples=4, seqlen=32))
+                         compression=CompressionConfig.from_spec("w4s50", **kw),
+                         calib=CalibConfig(source=str(calib), nsamples=4, seqlen=32),
+                         bqpo=BQPOConfig(epochs=1), e2e=E2EConfig(epochs=1, loss="kd"))
 
 
 def test_convert_with_training_and_resume(tmp_path):
@@ -37,3 +38,50 @@ def test_convert_with_training_and_resume(tmp_path):
 def test_resume_needs_checkpoint_dir(tmp_path):
     with pytest.raises(ConfigError, match="--checkpoint-dir"):
         convert(_cfg(tmp_path, tmp_path, tmp_path / "x.gguf"), resume=True)
+
+
+def test_gguf_records_the_training_configs_used(tmp_path, monkeypatch):
+    """gqsa.config holds every setting of the run, the learning rates included, and they are the
+    ones the training stages really ran with."""
+    import dataclasses
+
+    from gqsa_gguf import bqpo, e2e
+    from gqsa_gguf.config import RUN_ONLY
+    from gqsa_gguf.gguf_io import read_gguf
+
+    used = {}
+
+    def spy(stage, fn):
+        def run(*args, **kw):
+            used[stage] = args[3] if stage == "bqpo" else args[2]          # the config argument
+            return fn(*args, **kw)
+        return run
+    monkeypatch.setattr(bqpo, "run_bqpo", spy("bqpo", bqpo.run_bqpo))
+    monkeypatch.setattr(e2e, "run_e2e", spy("e2e", e2e.run_e2e))
+
+    folder = make_checkpoint(tmp_path / "ckpt", "llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text() * 20)
+    out = tmp_path / "m.gguf"
+    cfg = ConvertConfig(model=str(folder), output=str(out),
+                        compression=CompressionConfig.from_spec("w4s40", method="rtn", allocation="uniform", damp=0.02),
+                        calib=CalibConfig(source=str(calib), nsamples=4, seqlen=32, seed=3),
+                        bqpo=BQPOConfig(epochs=1, lr_weight=3e-5, lr_scale=7e-4, lr_zero=5e-3, seed=3,
+                                        target="float-chain"),
+                        e2e=E2EConfig(epochs=1, lr_scale=1e-4, lr_zero=1e-3, lr_norm=5e-5, seed=3, loss="kd"))
+    convert(cfg, progress=False, log=lambda *a: None, checkpoint_dir=str(tmp_path / "train"))
+
+    recorded = read_gguf(out).gqsa_config
+    assert ConvertConfig.from_dict(recorded) == cfg
+    assert recorded["compression"].items() >= {"spec": "w4s40", "method": "rtn", "allocation": "uniform",
+                                               "damp": 0.02}.items()
+    assert recorded["calib"].items() >= {"source": str(calib), "nsamples": 4, "seqlen": 32, "seed": 3}.items()
+    assert recorded["bqpo"].items() >= {"epochs": 1, "lr_weight": 3e-5, "lr_scale": 7e-4, "lr_zero": 5e-3,
+                                        "target": "float-chain", "seed": 3}.items()
+    assert recorded["e2e"].items() >= {"epochs": 1, "lr_scale": 1e-4, "lr_zero": 1e-3, "lr_norm": 5e-5,
+                                       "loss": "kd", "seed": 3}.items()
+    for stage in ("bqpo", "e2e"):          # what ran = what the file says, but for the run-only fields
+        ran = dataclasses.asdict(used[stage])
+        for k in RUN_ONLY:
+            ran.pop(k)
+        assert ran == recorded[stage]

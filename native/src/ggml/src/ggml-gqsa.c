@@ -10,8 +10,6 @@
 #include <string.h>
 #include <inttypes.h>
 
-#define GQSA_QMAX 15
-
 static inline float gqsa_clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
@@ -29,12 +27,12 @@ void gqsa_quantize_group(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTR
     ggml_fp16_t dh = GGML_FP32_TO_FP16(s);
     float     d  = GGML_FP16_TO_FP32(dh);
     if (s > 0.0f && d == 0.0f) {
-        dh = 0x0001;                 // smallest subnormal, 2^-24
+        dh = GQSA_FP16_MIN_SUBNORMAL_BITS;
         d  = GGML_FP16_TO_FP32(dh);
     }
-    if (!(d <= 65504.0f)) {
-        dh = 0x7bff;                 // largest finite fp16
-        d  = 65504.0f;
+    if (!(d <= GQSA_FP16_MAX)) {
+        dh = GQSA_FP16_MAX_BITS;
+        d  = GQSA_FP16_MAX;
     }
 
     uint8_t q[GQSA_GROUP_SIZE];

@@ -17,9 +17,16 @@
 #define GQSA_BLOCK_BYTES     12
 #define GQSA_ACT_BLOCK_BYTES 24
 #define GQSA_BITS            4     // bits per stored weight
+#define GQSA_QMAX            ((1 << GQSA_BITS) - 1)   // 15: the largest code q and zero point z
 #define GQSA_INDEX_BITS      12
 #define GQSA_INDEX_MASK      ((1u << GQSA_INDEX_BITS) - 1)
 #define GQSA_MAX_GROUPS      (1 << GQSA_INDEX_BITS)
+
+// fp16 limits of a block's scale d (docs/FORMAT.md "Reference quantizer"): a nonzero range never
+// rounds to d = 0, and a range beyond fp16 is clamped to the largest finite value
+#define GQSA_FP16_MAX                65504.0f  // largest finite fp16
+#define GQSA_FP16_MAX_BITS           0x7bff    // GQSA_FP16_MAX as ggml_fp16_t bits
+#define GQSA_FP16_MIN_SUBNORMAL_BITS 0x0001    // 2^-24, the smallest positive fp16, as ggml_fp16_t bits
 
 // GGUF metadata keys the loader checks (docs/FORMAT.md "GGUF metadata")
 #define GQSA_KEY_FORMAT_VERSION "gqsa.format_version"
