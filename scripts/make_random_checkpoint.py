@@ -121,7 +121,7 @@ def _write_values(f, name: str, shape: tuple[int, ...], seed: int) -> None:
         k = min(CHUNK_ELEMENTS, n - start)
         chunk = gen.standard_normal(k, dtype=np.float32)
         chunk *= INIT_STD
-        f.write(chunk.astype(np.float16).tobytes())
+        f.write(chunk.astype(np.float16).data)        # no bytes copy
 
 
 def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: int) -> None:
