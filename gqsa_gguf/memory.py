@@ -431,12 +431,14 @@ def check_convert(cfg, device: str = "cpu", available: int | None = None, log=No
     return v
 
 
-def main() -> None:           # python -m gqsa_gguf.memory MODEL_FOLDER [nsamples seqlen bqpo e2e]
+def main() -> None:
+    """python -m gqsa_gguf.memory [MODEL_FOLDER|default [nsamples seqlen bqpo_epochs e2e_epochs]]"""
     import sys
 
     from . import model_io
 
-    info = model_io.inspect_checkpoint(model_io.resolve_model(sys.argv[1] if len(sys.argv) > 1 else None))
+    arg = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] not in ("", "default") else None
+    info = model_io.inspect_checkpoint(model_io.resolve_model(arg))
     vals = [int(x) for x in sys.argv[2:6]]
     s = MemorySettings(**dict(zip(("nsamples", "seqlen", "bqpo_epochs", "e2e_epochs"), vals)))
     for p in PIPELINES:
