@@ -91,6 +91,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core); on a machine busy "
                         "with other work 1 can be several times faster")
+    p.add_argument("--ignore-memory-check", action="store_true",
+                   help="convert even when the memory estimate (gqsa_gguf/memory.py) says a stage will not fit "
+                        "in the available memory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no per-tensor table")
 
 
@@ -202,6 +205,9 @@ def _run_convert(a) -> int:
         import transformers
         transformers.utils.logging.disable_progress_bar()
     log = (lambda *x, **k: None) if a.quiet else print
+    if not a.ignore_memory_check:            # refuse up front what would end in an out-of-memory kill
+        from .memory import check_convert
+        check_convert(cfg, log=log)
     report = convert(cfg, progress=not a.quiet, log=log, checkpoint_dir=a.checkpoint_dir, resume=a.resume)
     s = report.summary
     print(s.format(every_tensor=not a.quiet))

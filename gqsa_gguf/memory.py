@@ -1,0 +1,450 @@
+"""How much memory each conversion stage holds, estimated before any weight is read.
+
+In:  a checkpoint's `model_io.ModelInfo` (sizes from config.json), the settings that matter
+     (`MemorySettings`: calibration windows, lengths, batch sizes, training epochs, sparsity), the
+     checkpoint's size on disk.
+Out: `estimate(info, settings, pipeline)` -> `Estimate`: one `Stage` per conversion stage with its
+     named terms in bytes, and the peak; `check(...)` -> `Verdict` (fits, or a message naming the
+     stage, the estimate, the memory available and settings that would fit); `check_convert(cfg)`
+     does that for a `ConvertConfig` and raises `MemoryCheckError` (the CLI's refusal up front);
+     `available_memory()` -> bytes (MemAvailable, lowered by a cgroup limit).
+
+Two pipelines are estimated:
+  * "whole-model": today's `pipeline.convert` — the float32 model (`model_io.load_model`), a second
+    float32 copy when BQPO or E2E-OQP train (their targets and teacher), BQPO's own deep copy,
+    E2E-OQP's dense fake-quant weights kept for the backward pass.
+  * "streamed": the layer-streamed conversion of issue 16 (not built yet; this is its budget): the
+    embeddings (and an untied head) in float32, one decoder block at a time from
+    `lazy_checkpoint.LazyCheckpoint`, the calibration activations, the finished blocks in their
+    compressed form, and for E2E-OQP only scales/zero points with their optimizer state, the frozen
+    codes expanded one layer at a time under activation checkpointing, the teacher's logits
+    recomputed from the float model's final hidden states.
+
+The terms are written out in docs/DESIGN.md ("Memory: what each stage holds"). Calibration
+(`RUNTIME_BYTES`, `LOAD_RESIDUE`, `LOGIT_COPIES`, `OVERHEAD`): peak RSS measured with
+/usr/bin/time -v — SmolLM2-135M at the defaults 4.4 GB; a 1.3B LLaMA-shaped F16 checkpoint (hidden
+2048, 22 layers, FFN 5632, tied 152k vocabulary) with --nsamples 8 --seqlen 256 --bqpo-epochs 1
+--e2e-epochs 1: 17.5 GB in one-shot, > 23.2 GB (killed) at the start of E2E-OQP; and the smaller
+runs listed in DESIGN.md. The estimate is meant to err high by up to ~25 %, never low by much.
+
+Nothing here imports torch or reads weights: it runs in milliseconds before the model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import GQSAError
+
+__all__ = ["MemoryCheckError", "MemorySettings", "ModelSizes", "Stage", "Estimate", "Verdict", "model_sizes",
+           "estimate", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
+
+GB = 1e9                               # messages print decimal GB, as /usr/bin/time's kB / 1e6
+PIPELINES = ("whole-model", "streamed")
+F32 = 4
+
+# --- calibration constants (see the module docstring and docs/DESIGN.md) --------------------------
+RUNTIME_BYTES = int(0.45e9)   # Python + torch + transformers + tokenizer + tokenized calibration text: 0.40 GB measured
+LOAD_RESIDUE = 1.0            # float32 model copies' worth of heap the load leaves resident (measured)
+TRAIN_RESIDUE = 0.5           # ... and what the freed one-shot model and BQPO's swapped-out linears leave
+LOGIT_COPIES = 7              # [micro, seqlen, vocab] float32 tensors alive in a KD step (student and
+                              # teacher logits, log-softmaxes, their product, the gradient)
+OVERHEAD = 1.10               # allocator slack on top of the live tensors
+HEADROOM = 0.92               # use at most this share of the available memory
+# per token and decoder layer, the float32 activations autograd keeps for the backward pass, in
+# units of (hidden, ffn, heads x seqlen): norm in/out, q/k/v, rotated q/k, attention out, residuals;
+# gate, up, silu(gate), their product; the attention probabilities (CPU: math path)
+SAVED_PER_TOKEN = (10, 4, 1)
+# streamed E2E-OQP / stored result: bytes per kept weight of the compressed form — 4-bit codes two
+# to a byte, int16 group index / 16, uint8 zero / 16, fp16 scale / 16
+COMPRESSED_BYTES_PER_KEPT = 0.5 + 2 / 16 + 1 / 16 + 2 / 16
+# today's CompressedLinear (q uint8, indices int32, z uint8, d fp16) and PackedGQSLinear (q uint8,
+# indices int64, fp32 scale and zero)
+ONESHOT_BYTES_PER_KEPT = 1 + 4 / 16 + 1 / 16 + 2 / 16
+PACKED_BYTES_PER_KEPT = 1 + 8 / 16 + 8 / 16
+# The defaults of the training configs (bqpo.BQPOConfig.batch_size, e2e.E2EConfig.micro_batch): the
+# CLI does not change them; a test checks they agree.
+BQPO_BATCH = 1
+E2E_MICRO_BATCH = 1
+
+
+class MemoryCheckError(GQSAError, RuntimeError):
+    """A conversion would not fit in the available memory; the message says which stage, the
+    estimate, and the settings that would fit."""
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The settings the estimate depends on (a subset of ConvertConfig, seqlen already clipped)."""
+
+    nsamples: int = 128
+    seqlen: int = 512
+    batch_size: int = 8                # calibration windows per forward (one-shot, allocation)
+    bqpo_epochs: int = 0
+    e2e_epochs: int = 3
+    sparsity: float = 0.5
+    allocation: str = "sensitivity"
+    bqpo_batch: int = BQPO_BATCH
+    e2e_micro_batch: int = E2E_MICRO_BATCH
+    train_on_host: bool = True         # False: BQPO / E2E-OQP run on a GPU (--device cuda), not counted here
+
+    @classmethod
+    def from_config(cls, cfg, info=None, device: str | None = None) -> "MemorySettings":
+        seqlen = cfg.calib.seqlen if info is None else min(cfg.calib.seqlen, info.context_length)
+        c = cfg.compression
+        device = cfg.e2e.device if device is None else device
+        return cls(nsamples=cfg.calib.nsamples, seqlen=seqlen, batch_size=cfg.calib.batch_size,
+                   bqpo_epochs=cfg.bqpo.epochs, e2e_epochs=cfg.e2e.epochs, sparsity=c.sparsity,
+                   allocation=c.allocation, train_on_host=str(device) == "cpu")
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Element counts of a checkpoint, from its config alone."""
+
+    n_layers: int
+    hidden: int
+    ffn: int
+    n_head: int
+    vocab: int
+    q_dim: int                          # n_head * head_dim
+    kv_dim: int                         # n_head_kv * head_dim
+    block: int                          # every tensor of one decoder block
+    block_linear: int                   # its seven compressed linears
+    linear_shapes: tuple                # ((rows, width), ...) of one block's linears
+    embed: int                          # vocab x hidden
+    head: int                           # 0 when tied
+    total: int                          # what load_model holds
+
+    @property
+    def linear(self) -> int:
+        return self.n_layers * self.block_linear
+
+
+def model_sizes(info) -> ModelSizes:
+    """ModelSizes of a ModelInfo (or anything with its attributes and a `layout`)."""
+    layout = info.layout
+    shapes = tuple(layout.linear_shape(info, lin) for lin in layout.linears)
+    lin = sum(n * k for n, k in shapes)
+    rest = 0
+    for sub in layout.block_tensors:                   # norms, biases, per-head norms
+        mod, _, kind = sub.rpartition(".")
+        if mod in layout.linears:
+            rest += layout.linear_shape(info, mod)[0] if kind == "bias" else 0
+        elif mod.endswith(("q_norm", "k_norm")):
+            rest += info.head_dim
+        else:
+            rest += info.hidden_size
+    embed = info.vocab_size * info.hidden_size
+    head = 0 if info.tie_embeddings else embed
+    block = lin + rest
+    return ModelSizes(n_layers=info.n_layers, hidden=info.hidden_size, ffn=info.intermediate_size,
+                      n_head=info.n_head, vocab=info.vocab_size, q_dim=info.n_head * info.head_dim,
+                      kv_dim=info.n_head_kv * info.head_dim, block=block, block_linear=lin,
+                      linear_shapes=shapes, embed=embed, head=head,
+                      total=embed + head + info.n_layers * block + info.hidden_size)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    terms: dict = field(default_factory=dict)          # what -> bytes (before OVERHEAD)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.terms.values()) * OVERHEAD)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    pipeline: str
+    settings: MemorySettings
+    stages: tuple
+
+    @property
+    def peak(self) -> Stage:
+        return max(self.stages, key=lambda s: s.total)
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def format(self) -> str:
+        lines = [f"memory estimate ({self.pipeline} pipeline), GB:"]
+        for s in self.stages:
+            top = sorted(s.terms.items(), key=lambda kv: -kv[1])[:4]
+            lines.append(f"  {s.name:<10} {s.total / GB:7.2f}  (" + ", ".join(f"{k} {v / GB:.2f}" for k, v in top) + ")")
+        return "\n".join(lines)
+
+
+# --- the terms -----------------------------------------------------------------------------------
+
+def _forward_temps(z: ModelSizes, tokens: int, seqlen: int) -> int:
+    """float32 temporaries of one block's forward on `tokens` tokens (windows of `seqlen`)."""
+    per_token = 6 * z.hidden + 2 * z.q_dim + 2 * z.kv_dim + 3 * z.ffn + z.n_head * seqlen
+    return tokens * per_token * F32
+
+
+def _saved_for_backward(z: ModelSizes, tokens: int, seqlen: int) -> int:
+    """float32 activations one decoder layer keeps for the backward pass on `tokens` tokens."""
+    h, f, a = SAVED_PER_TOKEN
+    return tokens * (h * z.hidden + f * z.ffn + a * z.n_head * seqlen) * F32
+
+
+def _obs_working_set(z: ModelSizes) -> int:
+    """The one-shot pass on the largest linear (oneshot.compress_linear_obs): the input group's
+    Hessian, its dampened Cholesky factor and inverse in float64 and U in float32 (K x K each), and
+    W0, W, the codes (N x K float32 each)."""
+    return max((3 * 8 + 4) * k * k + 3 * F32 * n * k for n, k in z.linear_shapes)
+
+
+def _block_adam(z: ModelSizes, s: MemorySettings) -> int:
+    """BQPO on one block: the kept float weights, scales and zeros with gradient and two AdamW moments."""
+    kept = (1 - s.sparsity) * z.block_linear
+    return int(kept * (1 + 2 / 16) * F32 * 4)
+
+
+def _whole_model(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
+    model = z.total * F32
+    trains = s.bqpo_epochs > 0 or s.e2e_epochs > 0
+    acts = s.nsamples * s.seqlen * z.hidden * F32          # all windows' hidden states at one block
+    batch_tokens = min(s.batch_size, s.nsamples) * s.seqlen
+    base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8}
+    resident = {**base, "model f32": model, "load residue": int(LOAD_RESIDUE * model)}
+    kept = (1 - s.sparsity) * z.linear
+    stages = [Stage("load", {**base, "model f32": model, "checkpoint mapped": ckpt_bytes})]
+    one = {**resident, "activations in/out": 2 * acts, "block forward": _forward_temps(z, batch_tokens, s.seqlen),
+           "one-shot working set": _obs_working_set(z)}
+    if trains:
+        one["float copy (targets)"] = model
+    if s.allocation == "sensitivity":
+        one["activations in/out"] += acts                  # the probe keeps the dense outputs too
+    stages.append(Stage("one-shot", one))
+    if s.bqpo_epochs > 0 and s.train_on_host:
+        stages.append(Stage("bqpo", {
+            **resident, "quant copy": model, "activation caches": 2 * acts,
+            "block training": _block_adam(z, s) + _saved_for_backward(z, s.bqpo_batch * s.seqlen, s.seqlen)
+            + _forward_temps(z, s.bqpo_batch * s.seqlen, s.seqlen),
+            "one-shot result": int(kept * ONESHOT_BYTES_PER_KEPT)}))
+    if s.e2e_epochs > 0 and s.train_on_host:
+        tokens = s.e2e_micro_batch * s.seqlen
+        stages.append(Stage("e2e", {
+            **resident, "freed copies' heap": int(TRAIN_RESIDUE * model), "student (dense parts)": (z.total - z.linear) * F32,
+            "student packed linears": int(kept * PACKED_BYTES_PER_KEPT),
+            "scale/zero grad + AdamW": int(kept / 16 * 2 * F32 * 3),
+            "dense fake-quant weights": z.linear * F32,
+            "activations for backward": z.n_layers * _saved_for_backward(z, tokens, s.seqlen),
+            "logits": LOGIT_COPIES * tokens * z.vocab * F32}))
+    stages.append(Stage("export", {**resident, "compressed": int(kept * ONESHOT_BYTES_PER_KEPT),
+                                   "dense tensor conversion": z.embed * (F32 + 2)}))
+    return stages
+
+
+def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
+    acts = s.nsamples * s.seqlen * z.hidden * F32
+    batch_tokens = min(s.batch_size, s.nsamples) * s.seqlen
+    kept = (1 - s.sparsity) * z.linear
+    compressed = int(kept * COMPRESSED_BYTES_PER_KEPT)
+    block = z.block * F32
+    # the float chain (teacher's final hidden states for E2E-OQP's distillation) is carried along
+    chains = 2 + (1 if s.e2e_epochs > 0 else 0)
+    base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8, "embeddings f32": z.embed * F32}
+    one = {**base, "block f32": block, "activations": chains * acts,
+           "block forward": _forward_temps(z, batch_tokens, s.seqlen), "one-shot working set": _obs_working_set(z),
+           "compressed blocks": compressed}
+    stages = [Stage("one-shot", one)]
+    if s.bqpo_epochs > 0 and s.train_on_host:
+        stages.append(Stage("bqpo", {
+            **base, "block f32 (float + trained)": 2 * block, "activations": (chains + 1) * acts,
+            "block training": _block_adam(z, s) + _saved_for_backward(z, s.bqpo_batch * s.seqlen, s.seqlen)
+            + _forward_temps(z, s.bqpo_batch * s.seqlen, s.seqlen),
+            "compressed blocks": compressed}))
+    if s.e2e_epochs > 0 and s.train_on_host:
+        tokens = s.e2e_micro_batch * s.seqlen
+        qparams = int(kept / 16 * 2 * F32)                 # one fp32 scale and zero per kept group
+        frozen = int(kept * (COMPRESSED_BYTES_PER_KEPT - 3 / 16))  # codes + indices; z, d are qparams
+        widest = max(n * k for n, k in z.linear_shapes)
+        stages.append(Stage("e2e", {
+            **base, "head + norms f32": (z.head + z.n_layers * (z.block - z.block_linear) + z.hidden) * F32,
+            "frozen codes": frozen, "scale/zero": qparams, "scale/zero grad + AdamW": 3 * qparams,
+            "teacher final hidden": acts,
+            "checkpointed layer inputs": z.n_layers * tokens * z.hidden * F32,
+            # one layer's forward recomputed for its backward; the fake-quant weights expanded one
+            # linear at a time (an autograd function that saves the codes, not the dense weight)
+            "one layer recomputed": _saved_for_backward(z, tokens, s.seqlen) + 2 * widest * F32,
+            "logits": LOGIT_COPIES * tokens * z.vocab * F32}))
+    stages.append(Stage("export", {**base, "compressed": compressed, "dense tensor conversion": z.embed * 2,
+                                   "one tensor read": max(z.embed, z.head) * F32}))
+    return stages
+
+
+def estimate(info, settings: MemorySettings, pipeline: str = "whole-model", checkpoint_bytes: int | None = None
+             ) -> Estimate:
+    """Per-stage estimate for a ModelInfo; checkpoint_bytes: the weights' size on disk (default:
+    the *.safetensors files in info.folder, or F16 when there are none)."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline {pipeline!r}: choose one of {PIPELINES}")
+    z = model_sizes(info)
+    if checkpoint_bytes is None:
+        checkpoint_bytes = _checkpoint_bytes(getattr(info, "folder", None)) or 2 * z.total
+    build = _whole_model if pipeline == "whole-model" else _streamed
+    return Estimate(pipeline, settings, tuple(build(z, settings, checkpoint_bytes)))
+
+
+def _checkpoint_bytes(folder) -> int:
+    if folder is None or not Path(folder).is_dir():
+        return 0
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+# --- available memory ----------------------------------------------------------------------------
+
+def available_memory() -> int:
+    """Bytes a new allocation can get: MemAvailable (psutil, else /proc/meminfo), lowered to what a
+    cgroup v2 limit leaves (memory.max - memory.current) when one is set."""
+    avail = None
+    try:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        avail = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    try:
+        lim = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        cur = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if lim != "max":
+            left = int(lim) - cur
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        raise MemoryCheckError("cannot tell the available memory (no psutil, no /proc/meminfo) — pass "
+                               "--ignore-memory-check to convert without the check")
+    return avail
+
+
+# --- the check -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verdict:
+    fits: bool
+    estimate: Estimate
+    available: int
+    message: str = ""
+    alternatives: tuple = ()            # ((what to change, Estimate), ...) that fit
+
+
+_FLAGS = {"nsamples": "--nsamples", "seqlen": "--seqlen", "batch_size": "--batch-size",
+          "bqpo_epochs": "--bqpo-epochs", "e2e_epochs": "--e2e-epochs"}
+
+
+def _describe(change: dict) -> str:
+    return " ".join(f"{_FLAGS[k]} {v}" for k, v in change.items())
+
+
+def _candidates(s: MemorySettings, failing: str) -> list[dict]:
+    """Setting changes to try, the least intrusive first."""
+    out: list[dict] = []
+    if s.batch_size > 1:
+        out.append({"batch_size": 1})
+    n = s.nsamples // 2
+    while n >= 8:
+        out.append({"nsamples": n})
+        n //= 2
+    if failing in ("e2e", "export", "one-shot", "load") and s.e2e_epochs:
+        out.append({"e2e_epochs": 0})
+    if s.bqpo_epochs:
+        out.append({"bqpo_epochs": 0})
+    if s.e2e_epochs and s.bqpo_epochs:
+        out.append({"bqpo_epochs": 0, "e2e_epochs": 0})
+    sl = s.seqlen // 2
+    while sl >= 128:
+        out.append({"seqlen": sl})
+        sl //= 2
+    return out
+
+
+def check(info, settings: MemorySettings, available: int | None = None, pipeline: str = "whole-model",
+          checkpoint_bytes: int | None = None) -> Verdict:
+    """Whether the conversion fits in `available` bytes (default: available_memory()), with
+    HEADROOM kept free; if not, a message naming the stage, its estimate and settings that fit."""
+    avail = available_memory() if available is None else int(available)
+    est = estimate(info, settings, pipeline, checkpoint_bytes)
+    budget = avail * HEADROOM
+    peak = est.peak
+    if peak.total <= budget:
+        return Verdict(True, est, avail)
+    fits = []
+    for change in _candidates(settings, peak.name):
+        e = estimate(info, replace(settings, **change), pipeline, checkpoint_bytes)
+        if e.peak.total <= budget:
+            fits.append((change, e))
+    # the smallest change per flag: one suggestion per flag set, the first found is the mildest
+    seen, picked = set(), []
+    for change, e in fits:
+        key = tuple(sorted(change))
+        if key not in seen:
+            seen.add(key)
+            picked.append((change, e))
+    top = sorted(peak.terms.items(), key=lambda kv: -kv[1])[:3]
+    msg = (f"this conversion needs about {peak.total / GB:.1f} GB in its {peak.name} stage ("
+           + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
+           + f"), but {avail / GB:.1f} GB of memory is available ({pipeline} pipeline, {settings.nsamples} x "
+           f"{settings.seqlen} calibration tokens, --bqpo-epochs {settings.bqpo_epochs}, --e2e-epochs "
+           f"{settings.e2e_epochs}). ")
+    if picked:
+        msg += "These would fit: " + "; ".join(
+            f"{_describe(c)} (~{e.peak.total / GB:.1f} GB)" for c, e in picked[:3]) + ". "
+    else:
+        msg += (f"No smaller --nsamples/--seqlen/--batch-size or fewer training epochs fit: the float32 "
+                f"model alone is {model_sizes(info).total * F32 / GB:.1f} GB here. ")
+        if pipeline == "whole-model":
+            streamed = estimate(info, settings, "streamed", checkpoint_bytes)
+            msg += (f"A layer-streamed conversion (issue 16, not yet available) would need about "
+                    f"{streamed.peak.total / GB:.1f} GB. ")
+    msg += "Free memory, or pass --ignore-memory-check to try anyway."
+    return Verdict(False, est, avail, msg, tuple(picked))
+
+
+def check_convert(cfg, device: str | None = None, available: int | None = None, log=None) -> Verdict | None:
+    """The check for a ConvertConfig (today's whole-model pipeline); raises MemoryCheckError when
+    the conversion would not fit; None when the checkpoint itself is refused (the conversion then
+    says why). Reads only config.json (and the default model's, building it once like the
+    conversion would)."""
+    from . import model_io
+
+    try:
+        info = model_io.inspect_checkpoint(model_io.resolve_model(cfg.model))
+    except GQSAError:
+        return None                   # the conversion refuses the checkpoint itself, in its own order
+    v = check(info, MemorySettings.from_config(cfg, info, device=device), available=available)
+    if not v.fits:
+        raise MemoryCheckError(v.message)
+    if log is not None:
+        log(f"memory: about {v.estimate.peak.total / GB:.1f} GB at the peak ({v.estimate.peak.name}), "
+            f"{v.available / GB:.1f} GB available")
+    return v
+
+
+def main() -> None:
+    """python -m gqsa_gguf.memory [MODEL_FOLDER|default [nsamples seqlen bqpo_epochs e2e_epochs]]"""
+    import sys
+
+    from . import model_io
+
+    arg = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] not in ("", "default") else None
+    info = model_io.inspect_checkpoint(model_io.resolve_model(arg))
+    vals = [int(x) for x in sys.argv[2:6]]
+    s = MemorySettings(**dict(zip(("nsamples", "seqlen", "bqpo_epochs", "e2e_epochs"), vals)))
+    for p in PIPELINES:
+        print(estimate(info, s, p).format())
+
+
+if __name__ == "__main__":
+    main()
