@@ -98,6 +98,14 @@ def _first(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask.reshape(-1))), mask.shape))
 
 
+def _first_not_increasing(idx: np.ndarray) -> tuple[int, int] | None:
+    """(row, block) of the first kept index [N, n_kept] not above the one before it, or None."""
+    if idx.shape[1] < 2:
+        return None
+    bad = np.diff(idx, axis=1) <= 0
+    return _first(bad) if bad.any() else None
+
+
 def _check_width(width: int, name: str | None) -> int:
     """Rule 1 for the logical width; returns the number of groups K/16."""
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)):
@@ -223,12 +231,11 @@ def pack(indices, q, z, d) -> np.ndarray:
         raise ValueError(f"indices must be [N, n_kept] with n_kept >= 1, got shape {indices.shape}")
     n_rows, n_kept = indices.shape
     idx = _integers(indices, "indices", (n_rows, n_kept), 0, MAX_GROUPS_PER_ROW - 1)
-    if n_kept > 1:
-        bad = np.diff(idx, axis=1) <= 0
-        if bad.any():
-            r, b = _first(bad)
-            raise GQSAFormatError(f"row {r} block {b + 1}: group index {idx[r, b + 1]} does not follow "
-                                  f"{idx[r, b]} — the kept indices of a row must be sorted and unique")
+    unsorted = _first_not_increasing(idx)
+    if unsorted is not None:
+        r, b = unsorted
+        raise GQSAFormatError(f"row {r} block {b + 1}: group index {idx[r, b + 1]} does not follow "
+                              f"{idx[r, b]} — the kept indices of a row must be sorted and unique")
     qi = _integers(q, "q", (n_rows, n_kept, GROUP_SIZE), 0, QMAX)
     zi = _integers(z, "z", (n_rows, n_kept), 0, QMAX)
 
@@ -324,12 +331,11 @@ def validate(packed, width: int, name: str = "?") -> None:
         r, b = _first(bad)
         raise GQSAFormatError(f"{_at(name, r, b)}group index {idx[r, b]} >= {n_groups} groups in a row of "
                               f"width {width} — the file is corrupt or was written by a newer version")
-    if n_kept > 1:
-        bad = np.diff(idx, axis=1) <= 0
-        if bad.any():
-            r, b = _first(bad)
-            raise GQSAFormatError(f"{_at(name, r, b + 1)}group index {idx[r, b + 1]} after {idx[r, b]}: "
-                                  f"indices in a row must be strictly increasing — the file is corrupt")
+    unsorted = _first_not_increasing(idx)
+    if unsorted is not None:
+        r, b = unsorted
+        raise GQSAFormatError(f"{_at(name, r, b + 1)}group index {idx[r, b + 1]} after {idx[r, b]}: "
+                              f"indices in a row must be strictly increasing — the file is corrupt")
     d_bits = blocks["d"].view("<u2")                     # same bytes, read as the fp16 bit pattern
     bad = (d_bits & _FP16_EXP_MASK) == _FP16_EXP_MASK
     if bad.any():

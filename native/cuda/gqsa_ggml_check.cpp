@@ -22,6 +22,8 @@
 #include <random>
 #include <vector>
 
+#include "gqsa_nmse.h"
+
 static std::vector<float> mul_mat(ggml_backend_t backend, int64_t rows, int64_t n_kept, int64_t width, int64_t ncols,
                                   const std::vector<uint8_t> & w, const std::vector<float> & x, bool * supported) {
     ggml_init_params params = {ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, true};
@@ -42,15 +44,6 @@ static std::vector<float> mul_mat(ggml_backend_t backend, int64_t rows, int64_t 
     ggml_backend_buffer_free(buf);
     ggml_free(ctx);
     return y;
-}
-
-static double nmse(const std::vector<float> & y, const std::vector<double> & ref) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < y.size(); ++i) {
-        num += (y[i] - ref[i]) * (y[i] - ref[i]);
-        den += ref[i] * ref[i];
-    }
-    return num / den;     // NaN (an unwritten or unsupported output) propagates
 }
 
 int main() {
@@ -100,8 +93,8 @@ int main() {
                     }
                 }
                 bool sup_cuda = false, sup_cpu = false;
-                const double e_cuda = nmse(mul_mat(cuda, rows, n_kept, width, ncols, w, x, &sup_cuda), ref);
-                const double e_cpu  = nmse(mul_mat(cpu,  rows, n_kept, width, ncols, w, x, &sup_cpu),  ref);
+                const double e_cuda = gqsa_nmse(mul_mat(cuda, rows, n_kept, width, ncols, w, x, &sup_cuda), ref);
+                const double e_cpu  = gqsa_nmse(mul_mat(cpu,  rows, n_kept, width, ncols, w, x, &sup_cpu),  ref);
                 const bool ok = sup_cuda && e_cuda <= 5e-4 && e_cpu <= 5e-4;
                 failures += !ok;
                 printf("| %lld | %lld | %lld | %lld | %s | %.2e | %.2e |%s\n", (long long) rows, (long long) width,

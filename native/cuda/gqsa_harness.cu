@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "gqsa_nmse.h"
+
 #ifdef GQSA_HARNESS_CUBLAS
 #include <cublas_v2.h>
 #endif
@@ -106,15 +108,6 @@ static std::vector<double> gemm_ref(const std::vector<float> & w, int64_t rows, 
     return y;
 }
 
-static double nmse(const std::vector<float> & y, const std::vector<double> & ref) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < y.size(); ++i) {
-        num += (y[i] - ref[i]) * (y[i] - ref[i]);
-        den += ref[i] * ref[i];
-    }
-    return den > 0.0 ? num / den : num;
-}
-
 template <typename T>
 struct Dev {
     T * p = nullptr;
@@ -196,7 +189,7 @@ static int check(bool quick) {
                         op.run(w, t, xd, ncols, y, 0);
                         CK(cudaGetLastError());
                         CK(cudaDeviceSynchronize());
-                        const double e = nmse(y.get(), ref);
+                        const double e = gqsa_nmse(y.get(), ref);
                         const bool ok = e <= NMSE_MAX;      // NaN fails too
                         failures += !ok;
                         ++runs;
