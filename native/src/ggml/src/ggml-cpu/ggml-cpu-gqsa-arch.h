@@ -28,13 +28,16 @@ extern "C" {
 #define GQSA_PANEL_GROUP_BYTES (GQSA_ACT_BLOCK_BYTES * GQSA_PANEL)
 
 // The mul_mat driver's panel kernels, from the ISA files only (without them the driver leaves
-// mul_mat to ggml's vec_dot loop): acc[p][c] += the n units at x of one weight row . column c of
-// panel p, for np = 1..4 panels. Units are blocks (ggml_gqsa_panel_acc) or superblocks
-// (ggml_gqsa_sb_panel_acc, GQSA_CPU_X86 only).
-void ggml_gqsa_panel_acc   (const void * GGML_RESTRICT x, int n, const uint8_t * const * panels, int np,
-                            float acc[][GQSA_PANEL]);
-void ggml_gqsa_sb_panel_acc(const void * GGML_RESTRICT x, int n, const uint8_t * const * panels, int np,
-                            float acc[][GQSA_PANEL]);
+// mul_mat to ggml's vec_dot loop). One call runs one K window for a pass of nr weight rows (row i at
+// x + i*row_bytes, n units): for each row, the units from cur[i] on whose group is < gend (a row's
+// units are sorted by group), acc[i][p][c] += those units . column c of panel p for np = 1..4
+// panels, and cur[i] moves past them. Units are blocks (ggml_gqsa_panel_pass) or superblocks
+// (ggml_gqsa_sb_panel_pass, GQSA_CPU_X86 only; a superblock goes by the group of its first block).
+// Coarse on purpose: a call per row and window measured 10-30 % slower on 64-column prompts.
+void ggml_gqsa_panel_pass   (const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                             const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
+void ggml_gqsa_sb_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                             const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
 
 #ifdef __cplusplus
 }

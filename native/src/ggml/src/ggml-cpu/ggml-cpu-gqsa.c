@@ -346,11 +346,9 @@ typedef struct {
     // out[r] = row r . decode column y, for nrows rows of n_kept blocks
     void (*rows)(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y, int64_t G,
                  float * GGML_RESTRICT out);
-    // the first unit from cur on, of a row of n units, whose group is >= gend
-    int  (*window_end)(const void * row, int cur, int n, uint32_t gend);
-    // acc[p][c] += n units at x . column c of panel p, for np = 1..4 panels (ggml-cpu-gqsa-arch.h)
-    void (*panel_acc)(const void * GGML_RESTRICT x, int n, const uint8_t * const * panels, int np,
-                      float acc[][GQSA_PANEL]);
+    // one K window for a pass of rows against np panels (ggml-cpu-gqsa-arch.h)
+    void (*panel_pass)(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                       const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
 } gqsa_layout;
 
 static void gqsa_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1) {
@@ -364,29 +362,13 @@ static void gqsa_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, c
     ggml_gqsa_rows(x, n_kept, nrows, y, out);
 }
 
-static int gqsa_window_end(const void * row, int e, int n, uint32_t gend) {
-    const block_gqsa4 * x = (const block_gqsa4 *) row;
-    while (e < n && gqsa_block_index(x + e) < gend) {
-        ++e;
-    }
-    return e;
-}
-
-static int gqsa_sb_window_end(const void * row, int e, int n, uint32_t gend) {
-    const gqsa_sb8 * t = (const gqsa_sb8 *) row;
-    while (e < n && (uint32_t) (t[e].gz[0] >> 4) < gend) {   // superblocks go whole, by their first block
-        ++e;
-    }
-    return e;
-}
-
 // The layout the driver runs, chosen once per mul_mat; NULL where this build has no panel kernels
 // for it: then ggml's generic vec_dot loop over (row, column) is as good, and superblocks exist
 // only where the AVX2 kernels do.
 static const gqsa_layout * gqsa_layout_of(bool sb) {
 #if defined(GQSA_CPU_X86) || defined(GQSA_CPU_ARM)
     static const gqsa_layout file_rows = {
-        sizeof(block_gqsa4), GQSA_ACT_BLOCK_BYTES, gqsa_quantize_act, gqsa_rows, gqsa_window_end, ggml_gqsa_panel_acc,
+        sizeof(block_gqsa4), GQSA_ACT_BLOCK_BYTES, gqsa_quantize_act, gqsa_rows, ggml_gqsa_panel_pass,
     };
     if (!sb) {
         return &file_rows;
@@ -394,8 +376,8 @@ static const gqsa_layout * gqsa_layout_of(bool sb) {
 #endif
 #if defined(GQSA_CPU_X86)
     static const gqsa_layout superblocks = {
-        sizeof(gqsa_sb8), ggml_gqsa_sb_act_bytes(1), ggml_gqsa_sb_quantize_act, ggml_gqsa_sb_rows, gqsa_sb_window_end,
-        ggml_gqsa_sb_panel_acc,
+        sizeof(gqsa_sb8), ggml_gqsa_sb_act_bytes(1), ggml_gqsa_sb_quantize_act, ggml_gqsa_sb_rows,
+        ggml_gqsa_sb_panel_pass,
     };
     return &superblocks;
 #else
@@ -483,14 +465,8 @@ static void gqsa_mm_panels(const gqsa_mm * m, int64_t r0, int64_t r1) {
             memset(acc, 0, sizeof(acc));
             memset(cur, 0, sizeof(cur));
             for (int64_t gw = 0; gw < m->G; gw += win) {
-                for (int i = 0; i < nr; ++i) {
-                    const uint8_t * row = m->x + (rb + i) * m->row_bytes;
-                    const int e = m->L->window_end(row, cur[i], m->nunit, (uint32_t) (gw + win));
-                    if (e > cur[i]) {
-                        m->L->panel_acc(row + cur[i] * m->L->unit_bytes, e - cur[i], panels, npg, acc[i]);
-                        cur[i] = e;
-                    }
-                }
+                m->L->panel_pass(m->x + rb * m->row_bytes, m->row_bytes, m->nunit, nr, cur, (uint32_t) (gw + win),
+                                 panels, npg, acc);
             }
             for (int i = 0; i < nr; ++i) {
                 for (int p = 0; p < npg; ++p) {

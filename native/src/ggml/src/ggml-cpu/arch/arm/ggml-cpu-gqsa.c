@@ -178,14 +178,24 @@ void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nro
     }
 }
 
-void ggml_gqsa_panel_acc(const void * GGML_RESTRICT vx, int n, const uint8_t * const * panels, int np,
-                         float acc[][GQSA_PANEL]) {
-    const block_gqsa4 * x = (const block_gqsa4 *) vx;
-    switch (np) {   // constant panel counts: the accumulators stay in registers
-        case 4:  gqsa_panel_row_neon(x, n, panels, 4, acc); break;
-        case 3:  gqsa_panel_row_neon(x, n, panels, 3, acc); break;
-        case 2:  gqsa_panel_row_neon(x, n, panels, 2, acc); break;
-        default: gqsa_panel_row_neon(x, n, panels, 1, acc); break;
+void ggml_gqsa_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                          const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    for (int i = 0; i < nr; ++i) {
+        const block_gqsa4 * xr = (const block_gqsa4 *) (x + i * row_bytes);
+        int e = cur[i];
+        while (e < n && gqsa_block_index(xr + e) < gend) {
+            ++e;
+        }
+        if (e == cur[i]) {
+            continue;
+        }
+        switch (np) {   // constant panel counts: the accumulators stay in registers
+            case 4:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 4, acc[i]); break;
+            case 3:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 3, acc[i]); break;
+            case 2:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 2, acc[i]); break;
+            default: gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 1, acc[i]); break;
+        }
+        cur[i] = e;
     }
 }
 

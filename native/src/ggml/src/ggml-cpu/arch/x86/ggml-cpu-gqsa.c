@@ -329,14 +329,24 @@ void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nro
     }
 }
 
-void ggml_gqsa_panel_acc(const void * GGML_RESTRICT vx, int n, const uint8_t * const * panels, int np,
-                         float acc[][GQSA_PANEL]) {
-    const block_gqsa4 * x = (const block_gqsa4 *) vx;
-    switch (np) {   // constant panel counts: the accumulators stay in registers
-        case 4:  gqsa_panel_row_avx2(x, n, panels, 4, acc); break;
-        case 3:  gqsa_panel_row_avx2(x, n, panels, 3, acc); break;
-        case 2:  gqsa_panel_row_avx2(x, n, panels, 2, acc); break;
-        default: gqsa_panel_row_avx2(x, n, panels, 1, acc); break;
+void ggml_gqsa_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                          const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    for (int i = 0; i < nr; ++i) {
+        const block_gqsa4 * xr = (const block_gqsa4 *) (x + i * row_bytes);
+        int e = cur[i];
+        while (e < n && gqsa_block_index(xr + e) < gend) {
+            ++e;
+        }
+        if (e == cur[i]) {
+            continue;
+        }
+        switch (np) {   // constant panel counts: the accumulators stay in registers
+            case 4:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 4, acc[i]); break;
+            case 3:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 3, acc[i]); break;
+            case 2:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 2, acc[i]); break;
+            default: gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 1, acc[i]); break;
+        }
+        cur[i] = e;
     }
 }
 
@@ -453,14 +463,24 @@ void ggml_gqsa_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
     gqsa_sb_rows_avx2((const gqsa_sb8 *) vx, n_kept / GQSA_SB_BLOCKS, nrows, vy, G, out);
 }
 
-void ggml_gqsa_sb_panel_acc(const void * GGML_RESTRICT vx, int n, const uint8_t * const * panels, int np,
-                            float acc[][GQSA_PANEL]) {
-    const gqsa_sb8 * t = (const gqsa_sb8 *) vx;
-    switch (np) {
-        case 4:  gqsa_sb_panel_row_avx2(t, n, panels, 4, acc); break;
-        case 3:  gqsa_sb_panel_row_avx2(t, n, panels, 3, acc); break;
-        case 2:  gqsa_sb_panel_row_avx2(t, n, panels, 2, acc); break;
-        default: gqsa_sb_panel_row_avx2(t, n, panels, 1, acc); break;
+void ggml_gqsa_sb_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                             const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    for (int i = 0; i < nr; ++i) {
+        const gqsa_sb8 * tr = (const gqsa_sb8 *) (x + i * row_bytes);
+        int e = cur[i];
+        while (e < n && (uint32_t) (tr[e].gz[0] >> 4) < gend) {
+            ++e;
+        }
+        if (e == cur[i]) {
+            continue;
+        }
+        switch (np) {
+            case 4:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 4, acc[i]); break;
+            case 3:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 3, acc[i]); break;
+            case 2:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 2, acc[i]); break;
+            default: gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 1, acc[i]); break;
+        }
+        cur[i] = e;
     }
 }
 
