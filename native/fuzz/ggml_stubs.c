@@ -1,7 +1,8 @@
 // The few ggml/gguf symbols the GQSA sources reference, for the standalone fuzz target
-// (native/fuzz/fuzz_gqsa_validate.c), which compiles ggml-gqsa.c and ggml-cpu-gqsa.c without the
-// rest of ggml. Each does what ggml does for the inputs the target uses; the others are never
-// reached (the gguf ones serve ggml_gqsa_check_metadata and ggml_gqsa_check_tensor_width, the threadpool ones the mul_mat driver
+// (native/fuzz/fuzz_gqsa_validate.c), which compiles ggml-gqsa.c and the ggml-cpu-gqsa.c kernels
+// (generic and this machine's arch/ file) without the rest of ggml. Each does what ggml does for
+// the inputs the target uses; the others are never reached (the gguf ones serve
+// ggml_gqsa_check_metadata and ggml_gqsa_check_tensor_width, the threadpool ones the mul_mat driver
 // ggml_gqsa_mul_mat; neither is fuzzed here) and abort if they are.
 #include "ggml.h"
 #include "ggml-impl.h"

@@ -32,11 +32,17 @@ mkdir -p "$OUT/corpus"
     cat "$OUT/fetch.log" >&2
     exit 1
 }
+# the ISA kernels of this machine's architecture, as ggml-cpu's CMake adds them (none elsewhere)
+arch_src=()
+case "$(uname -m)" in
+    x86_64 | i?86) arch_src=("$TREE/ggml/src/ggml-cpu/arch/x86/ggml-cpu-gqsa.c") ;;
+    aarch64 | arm*) arch_src=("$TREE/ggml/src/ggml-cpu/arch/arm/ggml-cpu-gqsa.c") ;;
+esac
 "$CC" -g -O1 -march=native -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
     -I"$TREE/ggml/include" -I"$TREE/ggml/src" -I"$TREE/ggml/src/ggml-cpu" \
     native/fuzz/fuzz_gqsa_validate.c native/fuzz/ggml_stubs.c \
-    "$TREE/ggml/src/ggml-gqsa.c" "$TREE/ggml/src/ggml-cpu/ggml-cpu-gqsa.c" \
+    "$TREE/ggml/src/ggml-gqsa.c" "$TREE/ggml/src/ggml-cpu/ggml-cpu-gqsa.c" "${arch_src[@]}" \
     -o "$BIN" -lm
 echo "run.sh: built $BIN"
 

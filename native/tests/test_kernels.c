@@ -1,6 +1,7 @@
-// Standalone test of the GQSA CPU kernels: builds ggml-gqsa.c and ggml-cpu-gqsa.c against the shims
-// in native/tests/shim (no llama.cpp tree), for the host and for aarch64 (run under qemu by
-// native/tests/run_qemu.sh), and checks every dispatched (SIMD) path against its scalar reference:
+// Standalone test of the GQSA CPU kernels: builds ggml-gqsa.c, ggml-cpu-gqsa.c and the target's
+// arch/x86 or arch/arm ggml-cpu-gqsa.c against the shims in native/tests/shim (no llama.cpp tree),
+// for the host and for aarch64 (run under qemu by native/tests/run_qemu.sh), and checks every
+// dispatched (SIMD) path against its scalar reference:
 //
 //   - integer exactness: scales 1 and activation scales 1 make every path's result an exact integer
 //     sum, so dispatched and scalar results must be equal, bit for bit;

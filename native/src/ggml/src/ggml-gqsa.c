@@ -1,5 +1,6 @@
 // GQSA 4-bit group-sparse weights: reference quantization, dequantization and validation
-// (ggml-base). Kernels live in ggml-cpu/ggml-cpu-gqsa.c. Specification: docs/FORMAT.md.
+// (ggml-base). Kernels live in ggml-cpu/ggml-cpu-gqsa.c and ggml-cpu/arch/{x86,arm}/ggml-cpu-gqsa.c.
+// Specification: docs/FORMAT.md.
 #include "ggml-gqsa.h"
 #include "gqsa.h"
 #include "gguf.h"

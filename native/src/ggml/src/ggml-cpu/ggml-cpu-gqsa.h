@@ -1,4 +1,7 @@
-// GQSA CPU kernels (gqsa-gguf). See ggml-gqsa.h for the block layouts.
+// GQSA CPU kernels (gqsa-gguf). See ggml-gqsa.h for the block layouts. Each kernel X has a scalar
+// reference X_generic (ggml-cpu-gqsa.c); X itself is the ISA version where the build has one
+// (arch/x86/ggml-cpu-gqsa.c, arch/arm/ggml-cpu-gqsa.c: ggml-cpu-gqsa-arch.h picks), else the
+// generic one.
 #pragma once
 
 #include "ggml.h"
@@ -71,7 +74,8 @@ void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT ds
 // Decode activations for superblocks: groups [g0, g1) of one float row of G groups into y
 // (qs of group g at 16 g, floats d, s, 0, 0 at 16 G + 16 g); ggml_gqsa_sb_act_bytes(G) per row
 #define ggml_gqsa_sb_act_bytes(G) ((size_t) (G) * 32)
-void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1);
+void ggml_gqsa_sb_quantize_act        (const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1);
+void ggml_gqsa_sb_quantize_act_generic(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1);
 // out[r] = superblock row r . y (decode activations of G groups), for nrows consecutive rows
 void ggml_gqsa_sb_rows        (const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
                                int64_t G, float * GGML_RESTRICT out);

@@ -1,0 +1,202 @@
+// GQSA CPU kernels for ARM (gqsa-gguf): NEON on aarch64, with the dot-product instructions (sdot)
+// where the build enables them (e.g. -march=armv8.2-a+dotprod). Each function here has its scalar
+// reference, *_generic, in ../../ggml-cpu-gqsa.c (the math, the layouts and the mul_mat driver are
+// described there), and native/tests/test_kernels.c checks one against the other (run_qemu.sh runs
+// it under qemu-aarch64). No superblock kernels: weights stay in the file layout on ARM. Without
+// NEON on aarch64 this file is empty and the generic kernels take the public names
+// (ggml-cpu-gqsa-arch.h).
+#include "ggml-cpu-gqsa-arch.h"
+#include "ggml-cpu-impl.h"
+#include "simd-mappings.h"
+
+#if defined(GQSA_CPU_ARM)
+
+#include <arm_neon.h>
+
+#include <assert.h>
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization (from_float of gqsa_q8)
+// ---------------------------------------------------------------------------------------------
+
+// One group of 16 floats, bit-exact with quantize_row_gqsa_q8_ref (as the AVX2 version; vcvtnq
+// rounds to nearest, ties to even, like nearbyintf in the default rounding mode)
+static inline int8x16_t gqsa_quantize_act_group_neon(const float * GGML_RESTRICT x, float * d_out, float * s_out) {
+    const float32x4_t x0 = vld1q_f32(x), x1 = vld1q_f32(x + 4), x2 = vld1q_f32(x + 8), x3 = vld1q_f32(x + 12);
+    const float amax = vmaxvq_f32(vmaxq_f32(vmaxq_f32(vabsq_f32(x0), vabsq_f32(x1)), vmaxq_f32(vabsq_f32(x2), vabsq_f32(x3))));
+    const float d = amax / 127.0f;
+    const float32x4_t dv = vdupq_n_f32(d == 0.0f ? 1.0f : d);      // d == 0: all x are +-0, q = 0
+    const int32x4_t q0 = vcvtnq_s32_f32(vdivq_f32(x0, dv)), q1 = vcvtnq_s32_f32(vdivq_f32(x1, dv));
+    const int32x4_t q2 = vcvtnq_s32_f32(vdivq_f32(x2, dv)), q3 = vcvtnq_s32_f32(vdivq_f32(x3, dv));
+    *d_out = d;
+    *s_out = d * (float) vaddvq_s32(vaddq_s32(vaddq_s32(q0, q1), vaddq_s32(q2, q3)));
+    const int16x8_t h0 = vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1));
+    const int16x8_t h1 = vcombine_s16(vqmovn_s32(q2), vqmovn_s32(q3));
+    return vcombine_s8(vqmovn_s16(h0), vqmovn_s16(h1));
+}
+
+void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t k) {
+    assert(k % GQSA_GROUP_SIZE == 0);
+    block_gqsa_q8 * GGML_RESTRICT y = (block_gqsa_q8 *) vy;
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    for (int64_t i = 0; i < nb; ++i) {
+        vst1q_s8(y[i].qs, gqsa_quantize_act_group_neon(x + i * GQSA_GROUP_SIZE, &y[i].d, &y[i].s));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot product of one weight row with one activation row
+// ---------------------------------------------------------------------------------------------
+
+static float gqsa_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const block_gqsa_q8 * GGML_RESTRICT y) {
+    const uint8x8_t m4 = vdup_n_u8(0x0F);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    float zacc = 0.0f;
+    for (int i = 0; i < nb; ++i) {
+        const block_gqsa_q8 * a = y + gqsa_block_index(&x[i]);
+        const uint8x8_t v  = vld1_u8(x[i].qs);
+        const int8x16_t q  = vreinterpretq_s8_u8(vcombine_u8(vand_u8(v, m4), vshr_n_u8(v, 4)));
+        const int8x16_t xq = vld1q_s8(a->qs);
+#if defined(__ARM_FEATURE_DOTPROD)
+        const int32x4_t p = vdotq_s32(vdupq_n_s32(0), q, xq);
+#else
+        const int16x8_t lo = vmull_s8(vget_low_s8(q),  vget_low_s8(xq));
+        const int16x8_t hi = vmull_s8(vget_high_s8(q), vget_high_s8(xq));
+        const int32x4_t p  = vpadalq_s16(vpaddlq_s16(lo), hi);
+#endif
+        const float dw = GGML_CPU_FP16_TO_FP32(x[i].d);
+        acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), dw * a->d);
+        zacc += dw * (float) gqsa_block_zero(&x[i]) * a->s;
+    }
+    return vaddvq_f32(acc) - zacc;
+}
+
+void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    assert(n % GQSA_GROUP_SIZE == 0);
+    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+    *s = gqsa_row_neon((const block_gqsa4 *) vx, n / GQSA_GROUP_SIZE, (const block_gqsa_q8 *) vy);
+}
+
+void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                    const void * GGML_RESTRICT vy, float * GGML_RESTRICT out) {
+    const block_gqsa4   * x = (const block_gqsa4 *) vx;
+    const block_gqsa_q8 * y = (const block_gqsa_q8 *) vy;
+    for (int64_t r = 0; r < nrows; ++r) {
+        out[r] = gqsa_row_neon(x + r * n_kept, n_kept, y);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Panels: GQSA_PANEL activation columns, column-interleaved per group
+// ---------------------------------------------------------------------------------------------
+
+void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT vpanel) {
+    uint8_t * panel = (uint8_t *) vpanel;
+    for (int64_t g = g0; g < g1; ++g) {
+        uint8_t * pg = panel + g * GQSA_PANEL_GROUP_BYTES;
+        float * pd = (float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            const int32x4_t q = vreinterpretq_s32_s8(gqsa_quantize_act_group_neon(x + c * ldx + g * GQSA_GROUP_SIZE, &pd[c], &pd[GQSA_PANEL + c]));
+            vst1q_lane_s32((int32_t *) (pg + (0 * GQSA_PANEL + c) * 4), q, 0);
+            vst1q_lane_s32((int32_t *) (pg + (1 * GQSA_PANEL + c) * 4), q, 1);
+            vst1q_lane_s32((int32_t *) (pg + (2 * GQSA_PANEL + c) * 4), q, 2);
+            vst1q_lane_s32((int32_t *) (pg + (3 * GQSA_PANEL + c) * 4), q, 3);
+        }
+    }
+}
+
+// np panels (1..4) against nb blocks of a row: acc_io[p][c] += those blocks . column c of panel p.
+// Each weight block's 16 weights in one register; sdot by lane multiplies weights 4k..4k+3 with the
+// qs[k] dwords of 4 columns at once.
+static inline void gqsa_panel_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
+                                       int np, float acc_io[][GQSA_PANEL]) {
+    float32x4_t acc[4][2];
+    for (int p = 0; p < np; ++p) {
+        acc[p][0] = vld1q_f32(acc_io[p]);
+        acc[p][1] = vld1q_f32(acc_io[p] + 4);
+    }
+    const uint8x8_t m4 = vdup_n_u8(0x0F);
+    for (int i = 0; i < nb; ++i) {
+        const uint8x8_t v = vld1_u8(x[i].qs);
+        const int8x16_t w = vreinterpretq_s8_u8(vcombine_u8(vand_u8(v, m4), vshr_n_u8(v, 4)));
+        const float dw  = GGML_CPU_FP16_TO_FP32(x[i].d);
+        const float dwz = dw * (float) gqsa_block_zero(&x[i]);
+        const size_t off = (size_t) gqsa_block_index(&x[i]) * GQSA_PANEL_GROUP_BYTES;
+#if !defined(__ARM_FEATURE_DOTPROD)
+        int32_t wd[4];
+        vst1q_s32(wd, vreinterpretq_s32_s8(w));
+#endif
+        for (int p = 0; p < np; ++p) {
+            const int8_t * pg = (const int8_t *) (panels[p] + off);
+            int32x4_t s[2];
+#if defined(__ARM_FEATURE_DOTPROD)
+            for (int h = 0; h < 2; ++h) {          // columns 4h..4h+3
+                int32x4_t t = vdotq_laneq_s32(vdupq_n_s32(0), vld1q_s8(pg +  0 + 16 * h), w, 0);
+                t = vdotq_laneq_s32(t, vld1q_s8(pg + 32 + 16 * h), w, 1);
+                t = vdotq_laneq_s32(t, vld1q_s8(pg + 64 + 16 * h), w, 2);
+                s[h] = vdotq_laneq_s32(t, vld1q_s8(pg + 96 + 16 * h), w, 3);
+            }
+#else
+            s[0] = s[1] = vdupq_n_s32(0);
+            for (int k = 0; k < 4; ++k) {
+                const int8x8_t w8 = vreinterpret_s8_s32(vdup_n_s32(wd[k]));     // weights 4k..4k+3, twice
+                for (int h = 0; h < 2; ++h) {      // columns 4h, 4h+1 and 4h+2, 4h+3
+                    const int8x16_t a = vld1q_s8(pg + 32 * k + 16 * h);
+                    const int32x4_t p01 = vpaddlq_s16(vmull_s8(vget_low_s8(a),  w8));
+                    const int32x4_t p23 = vpaddlq_s16(vmull_s8(vget_high_s8(a), w8));
+                    s[h] = vaddq_s32(s[h], vpaddq_s32(p01, p23));
+                }
+            }
+#endif
+            const float * pd = (const float *) (panels[p] + off + GQSA_GROUP_SIZE * GQSA_PANEL);
+            for (int h = 0; h < 2; ++h) {
+                const float32x4_t t = vmulq_f32(vld1q_f32(pd + 4 * h), vcvtq_f32_s32(s[h]));
+                acc[p][h] = vfmaq_n_f32(acc[p][h], t, dw);
+                acc[p][h] = vfmsq_f32(acc[p][h], vld1q_f32(pd + GQSA_PANEL + 4 * h), vdupq_n_f32(dwz));
+            }
+        }
+    }
+    for (int p = 0; p < np; ++p) {
+        vst1q_f32(acc_io[p],     acc[p][0]);
+        vst1q_f32(acc_io[p] + 4, acc[p][1]);
+    }
+}
+
+// out[c*ldo + r] = row r . column c of the panel (the test entry of the panel kernel)
+void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                          const void * GGML_RESTRICT vpanel, float * GGML_RESTRICT out, int64_t ldo) {
+    const block_gqsa4 * x = (const block_gqsa4 *) vx;
+    const uint8_t * panels[1] = { (const uint8_t *) vpanel };
+    for (int64_t r = 0; r < nrows; ++r) {
+        float tmp[1][GQSA_PANEL] = {{0}};
+        gqsa_panel_row_neon(x + r * n_kept, n_kept, panels, 1, tmp);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            out[c * ldo + r] = tmp[0][c];
+        }
+    }
+}
+
+void ggml_gqsa_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                          const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    for (int i = 0; i < nr; ++i) {
+        const block_gqsa4 * xr = (const block_gqsa4 *) (x + i * row_bytes);
+        int e = cur[i];
+        while (e < n && gqsa_block_index(xr + e) < gend) {
+            ++e;
+        }
+        if (e == cur[i]) {
+            continue;
+        }
+        switch (np) {   // constant panel counts: the accumulators stay in registers
+            case 4:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 4, acc[i]); break;
+            case 3:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 3, acc[i]); break;
+            case 2:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 2, acc[i]); break;
+            default: gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 1, acc[i]); break;
+        }
+        cur[i] = e;
+    }
+}
+
+#endif // GQSA_CPU_ARM

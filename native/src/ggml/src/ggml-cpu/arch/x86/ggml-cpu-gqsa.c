@@ -1,0 +1,487 @@
+// GQSA CPU kernels for x86 (gqsa-gguf): AVX2, with the AVX-512 VNNI (256-bit) or AVX-VNNI dot
+// products where the build enables them. Each function here has its scalar reference, *_generic,
+// in ../../ggml-cpu-gqsa.c (the math, the layouts and the mul_mat driver are described there), and
+// native/tests/test_kernels.c checks one against the other. Without AVX2 this file is empty and
+// the generic kernels take the public names (ggml-cpu-gqsa-arch.h).
+//
+// Measured on Zen 4 and kept out (benchmarks, not tests, hold the numbers): 512-bit versions of the
+// decode step (16 blocks, vpermt2d / vpermb assembly) ran 10-15 % slower than the 256-bit one (Zen 4
+// splits 512-bit ops; the step is bound by shuffles and the per-block gathers, not by instruction
+// count), so AVX-512 builds use the AVX2 code with 256-bit VNNI; gathers (vpgatherdd) of the group
+// scales and vector-computed group addresses spilled to the stack were slower than scalar loads;
+// 32-byte activation blocks and a [8 headers][8 qs] chunked row layout gained under 8 %.
+#include "ggml-cpu-gqsa-arch.h"
+#include "ggml-cpu-impl.h"
+#include "simd-mappings.h"
+
+#if defined(GQSA_CPU_X86)
+
+#include <immintrin.h>
+
+#include <assert.h>
+#include <string.h>
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization (from_float of gqsa_q8)
+// ---------------------------------------------------------------------------------------------
+
+// One group of 16 floats, bit-exact with quantize_row_gqsa_q8_ref: amax by max (|x| never NaN for
+// finite x), d = amax / 127, qs = round-half-even(x / d) by IEEE division and cvtps (default MXCSR
+// rounding = nearbyintf's), s = d * sum. Returns the 16 qs in weight order.
+static inline __m128i gqsa_quantize_act_group_avx2(const float * GGML_RESTRICT x, float * d_out, float * s_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 x0 = _mm256_loadu_ps(x);
+    const __m256 x1 = _mm256_loadu_ps(x + 8);
+    const __m256 m8 = _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const __m256 dv = _mm256_set1_ps(d == 0.0f ? 1.0f : d);      // d == 0: all x are +-0, q = 0
+    const __m256i q0 = _mm256_cvtps_epi32(_mm256_div_ps(x0, dv));
+    const __m256i q1 = _mm256_cvtps_epi32(_mm256_div_ps(x1, dv));
+    __m256i s8 = _mm256_add_epi32(q0, q1);
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+    *d_out = d;
+    *s_out = d * (float) _mm_cvtsi128_si32(s4);
+    // |q| <= 127: the saturating packs are exact; packs_epi32 interleaves 128-bit lanes, vpermq undoes it
+    const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
+    return _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
+}
+
+void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t k) {
+    assert(k % GQSA_GROUP_SIZE == 0);
+    block_gqsa_q8 * GGML_RESTRICT y = (block_gqsa_q8 *) vy;
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    for (int64_t i = 0; i < nb; ++i) {
+        const __m128i q = gqsa_quantize_act_group_avx2(x + i * GQSA_GROUP_SIZE, &y[i].d, &y[i].s);
+        _mm_storeu_si128((__m128i *) y[i].qs, q);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot product of one weight row with one activation row
+// ---------------------------------------------------------------------------------------------
+
+// sum of u8 x s8 products in groups of 4 adjacent bytes (q in 0..15, xq in -127..127: no saturation)
+static inline __m256i gqsa_dot4(__m256i q, __m256i xq) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xq);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, xq);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float gqsa_hsum_ps(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+static inline __m256i gqsa_loadu2(const void * lo, const void * hi) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) lo)),
+                                   _mm_loadu_si128((const __m128i *) hi), 1);
+}
+
+// The contributions of eight consecutive blocks, in lane order [b0 b1 b4 b5 | b2 b3 b6 b7].
+// 128-bit lanes hold one block each: its 16 weights in order (the 8 packed bytes duplicated by an
+// in-lane byte shuffle, then shifted by 0 / 4 per 64-bit half), against the 16 activation bytes of
+// its group. Three horizontal adds reduce the four dot vectors to one sum per block in the lane
+// order above; the headers, scales and activation (d, s) pairs are assembled in the same order.
+// Group addresses come from scalar 16-bit loads: spilling vector-computed offsets and reloading
+// them measured slower (store-to-load forwarding from vector stores stalls).
+static inline __m256 gqsa_step8_avx2(const block_gqsa4 * GGML_RESTRICT x, const block_gqsa_q8 * GGML_RESTRICT y) {
+    const uint8_t * b = (const uint8_t *) x;
+    const block_gqsa_q8 * a0 = y + gqsa_block_index(x + 0), * a1 = y + gqsa_block_index(x + 1);
+    const block_gqsa_q8 * a2 = y + gqsa_block_index(x + 2), * a3 = y + gqsa_block_index(x + 3);
+    const block_gqsa_q8 * a4 = y + gqsa_block_index(x + 4), * a5 = y + gqsa_block_index(x + 5);
+    const block_gqsa_q8 * a6 = y + gqsa_block_index(x + 6), * a7 = y + gqsa_block_index(x + 7);
+
+    // headers (d | iz << 16) at dwords 0, 3, 6, ...: [b0 b1 .. | b2 b3 ..] and [b4 b5 .. | b6 b7 ..]
+    const __m256i h = _mm256_blend_epi32(_mm256_shuffle_epi32(gqsa_loadu2(b,      b + 24), 0xCC),
+                                         _mm256_shuffle_epi32(gqsa_loadu2(b + 48, b + 72), 0xCC), 0xCC);
+
+    // qs of blocks (0,2), (1,3), (4,6), (5,7) sit at byte 0 / byte 8 of the two lanes of these loads
+    const __m256i dup = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7,
+                                         8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i sh = _mm256_setr_epi64x(0, 4, 0, 4);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+#define GQSA_W(off) _mm256_and_si256(_mm256_srlv_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *) (b + (off))), dup), sh), m4)
+    const __m256i p0 = gqsa_dot4(GQSA_W(4),  gqsa_loadu2(a0->qs, a2->qs));
+    const __m256i p1 = gqsa_dot4(GQSA_W(16), gqsa_loadu2(a1->qs, a3->qs));
+    const __m256i p2 = gqsa_dot4(GQSA_W(52), gqsa_loadu2(a4->qs, a6->qs));
+    const __m256i p3 = gqsa_dot4(GQSA_W(64), gqsa_loadu2(a5->qs, a7->qs));
+#undef GQSA_W
+    const __m256i sumi = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+
+    // activation (d, s): [d0 s0 d1 s1 | d2 s2 d3 s3], [d4 s4 d5 s5 | d6 s6 d7 s7] -> lane order
+    const __m128d q01 = _mm_loadh_pd(_mm_load_sd((const double *) a0), (const double *) a1);
+    const __m128d q23 = _mm_loadh_pd(_mm_load_sd((const double *) a2), (const double *) a3);
+    const __m128d q45 = _mm_loadh_pd(_mm_load_sd((const double *) a4), (const double *) a5);
+    const __m128d q67 = _mm_loadh_pd(_mm_load_sd((const double *) a6), (const double *) a7);
+    const __m256 A  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q01), q23, 1));
+    const __m256 B  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q45), q67, 1));
+    const __m256 dx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 sx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(3, 1, 3, 1));
+
+    const __m256i dsel = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256 dw = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(h, dsel), 0x08)));
+    const __m256 zf = _mm256_cvtepi32_ps(_mm256_srli_epi32(h, 28));
+
+    return _mm256_mul_ps(dw, _mm256_fnmadd_ps(zf, sx, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(sumi))));
+}
+
+// 1..7 blocks: copied into zero blocks (d = 0: they contribute 0; index 0: a valid address)
+static inline __m256 gqsa_step8_partial_avx2(const block_gqsa4 * GGML_RESTRICT x, int n, const block_gqsa_q8 * GGML_RESTRICT y) {
+    block_gqsa4 tmp[8];
+    memset(tmp, 0, sizeof(tmp));
+    memcpy(tmp, x, (size_t) n * sizeof(block_gqsa4));
+    return gqsa_step8_avx2(tmp, y);
+}
+
+static float gqsa_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, const block_gqsa_q8 * GGML_RESTRICT y) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= nb; i += 8) {
+        acc = _mm256_add_ps(acc, gqsa_step8_avx2(x + i, y));
+    }
+    if (i < nb) {
+        acc = _mm256_add_ps(acc, gqsa_step8_partial_avx2(x + i, nb - i, y));
+    }
+    return gqsa_hsum_ps(acc);
+}
+
+// Consecutive rows as one stream of blocks (rows are contiguous): eight blocks per step whatever
+// the row boundaries, so short rows (a 576-wide row at 50 % keeps 18 blocks) pay no per-row tail.
+// A step that crosses into the next row splits its lanes with a mask. Needs nb >= 8 (at most one
+// boundary per step).
+static void gqsa_rows_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, int64_t nrows,
+                           const block_gqsa_q8 * GGML_RESTRICT y, float * GGML_RESTRICT out) {
+    // lanes_lt[n]: lanes holding blocks 0..n-1 of the step, in the lane order of gqsa_step8_avx2
+    static const int32_t lanes_lt[9][8] = {
+        { 0,  0,  0,  0,  0,  0,  0,  0}, {-1,  0,  0,  0,  0,  0,  0,  0}, {-1, -1,  0,  0,  0,  0,  0,  0},
+        {-1, -1,  0,  0, -1,  0,  0,  0}, {-1, -1,  0,  0, -1, -1,  0,  0}, {-1, -1, -1,  0, -1, -1,  0,  0},
+        {-1, -1, -1, -1, -1, -1,  0,  0}, {-1, -1, -1, -1, -1, -1, -1,  0}, {-1, -1, -1, -1, -1, -1, -1, -1},
+    };
+    assert(nb >= 8);
+    const block_gqsa4 * p   = x;
+    const block_gqsa4 * end = x + (int64_t) nb * nrows;
+    __m256 acc = _mm256_setzero_ps();
+    int left = nb;                                          // blocks of the current row not yet summed
+    for (; p + 8 <= end; p += 8) {
+        const __m256 c = gqsa_step8_avx2(p, y);
+        if (left > 8) {
+            acc = _mm256_add_ps(acc, c);
+            left -= 8;
+            continue;
+        }
+        const __m256 m = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *) lanes_lt[left]));
+        *out++ = gqsa_hsum_ps(_mm256_add_ps(acc, _mm256_and_ps(m, c)));
+        acc  = _mm256_andnot_ps(m, c);
+        left += nb - 8;
+    }
+    if (p < end) {                                          // the last row's last 1..7 blocks
+        acc = _mm256_add_ps(acc, gqsa_step8_partial_avx2(p, (int) (end - p), y));
+        *out = gqsa_hsum_ps(acc);
+    }
+}
+
+void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    assert(n % GQSA_GROUP_SIZE == 0);
+    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+    *s = gqsa_row_avx2((const block_gqsa4 *) vx, n / GQSA_GROUP_SIZE, (const block_gqsa_q8 *) vy);
+}
+
+void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                    const void * GGML_RESTRICT vy, float * GGML_RESTRICT out) {
+    const block_gqsa4   * x = (const block_gqsa4 *) vx;
+    const block_gqsa_q8 * y = (const block_gqsa_q8 *) vy;
+    if (n_kept >= 8) {
+        gqsa_rows_avx2(x, n_kept, nrows, y, out);
+        return;
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+        out[r] = gqsa_row_avx2(x + r * n_kept, n_kept, y);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Panels: GQSA_PANEL activation columns, column-interleaved per group
+// ---------------------------------------------------------------------------------------------
+
+void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT vpanel) {
+    uint8_t * panel = (uint8_t *) vpanel;
+    for (int64_t g = g0; g < g1; ++g) {
+        uint8_t * pg = panel + g * GQSA_PANEL_GROUP_BYTES;
+        float * pd = (float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            const __m128i q = gqsa_quantize_act_group_avx2(x + c * ldx + g * GQSA_GROUP_SIZE, &pd[c], &pd[GQSA_PANEL + c]);
+            const int32_t w0 = _mm_cvtsi128_si32(q),     w1 = _mm_extract_epi32(q, 1);
+            const int32_t w2 = _mm_extract_epi32(q, 2),  w3 = _mm_extract_epi32(q, 3);
+            memcpy(pg + (0 * GQSA_PANEL + c) * 4, &w0, 4);
+            memcpy(pg + (1 * GQSA_PANEL + c) * 4, &w1, 4);
+            memcpy(pg + (2 * GQSA_PANEL + c) * 4, &w2, 4);
+            memcpy(pg + (3 * GQSA_PANEL + c) * 4, &w3, 4);
+        }
+    }
+}
+
+// Eight blocks of a row decoded once for all panels: the 16 weights of each (in order), the scale,
+// scale * zero point, and the byte offset of the block's group in a panel.
+typedef struct {
+    uint8_t q[8][GQSA_GROUP_SIZE];
+    float   dw[8];
+    float   dwz[8];
+    int32_t off[8];
+} gqsa_decoded8;
+
+static inline void gqsa_decode8_avx2(const block_gqsa4 * GGML_RESTRICT x, int n, gqsa_decoded8 * GGML_RESTRICT dec) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int k = 0; k < n; ++k) {
+        const __m128i v = _mm_loadl_epi64((const __m128i *) x[k].qs);
+        _mm_storeu_si128((__m128i *) dec->q[k], _mm_unpacklo_epi64(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+        const float dw = GGML_CPU_FP16_TO_FP32(x[k].d);
+        dec->dw[k]  = dw;
+        dec->dwz[k] = dw * (float) gqsa_block_zero(&x[k]);
+        dec->off[k] = (int32_t) gqsa_block_index(&x[k]) * GQSA_PANEL_GROUP_BYTES;
+    }
+}
+
+// Decoded blocks (n <= 8) against np panels (1..4) of GQSA_PANEL = 8 columns: acc[p] += the
+// blocks' products with the columns of panel p, accz[p] += their zero-point terms (kept apart: two
+// short dependency chains). Inlined with a constant np, the accumulators stay in registers.
+static inline void gqsa_panel_dec8_avx2(const gqsa_decoded8 * GGML_RESTRICT dec, int n, const uint8_t * const * panels,
+                                        int np, __m256 * acc, __m256 * accz) {
+    for (int k = 0; k < n; ++k) {
+        int32_t w[4];
+        memcpy(w, dec->q[k], sizeof(w));
+        const __m256i w0 = _mm256_set1_epi32(w[0]), w1 = _mm256_set1_epi32(w[1]);
+        const __m256i w2 = _mm256_set1_epi32(w[2]), w3 = _mm256_set1_epi32(w[3]);
+        const __m256 dw  = _mm256_set1_ps(dec->dw[k]);
+        const __m256 dwz = _mm256_set1_ps(dec->dwz[k]);
+        for (int p = 0; p < np; ++p) {
+            const uint8_t * pg = panels[p] + dec->off[k];
+            const __m256i * a = (const __m256i *) pg;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(a + 0));
+            s = _mm256_dpbusd_epi32(s, w1, _mm256_loadu_si256(a + 1));
+            s = _mm256_dpbusd_epi32(s, w2, _mm256_loadu_si256(a + 2));
+            s = _mm256_dpbusd_epi32(s, w3, _mm256_loadu_si256(a + 3));
+#elif defined(__AVXVNNI__)
+            __m256i s = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w0, _mm256_loadu_si256(a + 0));
+            s = _mm256_dpbusd_avx_epi32(s, w1, _mm256_loadu_si256(a + 1));
+            s = _mm256_dpbusd_avx_epi32(s, w2, _mm256_loadu_si256(a + 2));
+            s = _mm256_dpbusd_avx_epi32(s, w3, _mm256_loadu_si256(a + 3));
+#else
+            // pairwise u8 x s8 sums are at most 2*15*127: four of them fit int16
+            __m256i s16 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256(a + 0));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w1, _mm256_loadu_si256(a + 1)));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w2, _mm256_loadu_si256(a + 2)));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w3, _mm256_loadu_si256(a + 3)));
+            const __m256i s = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+            const __m256 dx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL));
+            const __m256 sx = _mm256_loadu_ps((const float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL) + GQSA_PANEL);
+            acc[p]  = _mm256_fmadd_ps(dw, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)), acc[p]);
+            accz[p] = _mm256_fmadd_ps(dwz, sx, accz[p]);
+        }
+    }
+}
+
+// np panels (1..4) against nb blocks of a row: acc_io[p][c] += those blocks . column c of panel p
+static inline void gqsa_panel_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
+                                       int np, float acc_io[][GQSA_PANEL]) {
+    __m256 acc[4], accz[4];
+    for (int p = 0; p < np; ++p) {
+        acc[p]  = _mm256_loadu_ps(acc_io[p]);
+        accz[p] = _mm256_setzero_ps();
+    }
+    gqsa_decoded8 dec;
+    for (int i = 0; i < nb; i += 8) {
+        const int n = nb - i < 8 ? nb - i : 8;
+        gqsa_decode8_avx2(x + i, n, &dec);
+        gqsa_panel_dec8_avx2(&dec, n, panels, np, acc, accz);
+    }
+    for (int p = 0; p < np; ++p) {
+        _mm256_storeu_ps(acc_io[p], _mm256_sub_ps(acc[p], accz[p]));
+    }
+}
+
+// out[c*ldo + r] = row r . column c of the panel (the test entry of the panel kernel)
+void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                          const void * GGML_RESTRICT vpanel, float * GGML_RESTRICT out, int64_t ldo) {
+    const block_gqsa4 * x = (const block_gqsa4 *) vx;
+    const uint8_t * panels[1] = { (const uint8_t *) vpanel };
+    for (int64_t r = 0; r < nrows; ++r) {
+        float tmp[1][GQSA_PANEL] = {{0}};
+        gqsa_panel_row_avx2(x + r * n_kept, n_kept, panels, 1, tmp);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            out[c * ldo + r] = tmp[0][c];
+        }
+    }
+}
+
+void ggml_gqsa_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                          const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    for (int i = 0; i < nr; ++i) {
+        const block_gqsa4 * xr = (const block_gqsa4 *) (x + i * row_bytes);
+        int e = cur[i];
+        while (e < n && gqsa_block_index(xr + e) < gend) {
+            ++e;
+        }
+        if (e == cur[i]) {
+            continue;
+        }
+        switch (np) {   // constant panel counts: the accumulators stay in registers
+            case 4:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 4, acc[i]); break;
+            case 3:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 3, acc[i]); break;
+            case 2:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 2, acc[i]); break;
+            default: gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 1, acc[i]); break;
+        }
+        cur[i] = e;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repacked weights: superblocks of 8 blocks (layout: "Repacked weights" in ggml-cpu-gqsa.c)
+// ---------------------------------------------------------------------------------------------
+
+void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t G, int64_t g0, int64_t g1) {
+    int8_t * qs = (int8_t *) vy;
+    float  * ds = (float *) (qs + GQSA_GROUP_SIZE * G);
+    for (int64_t g = g0; g < g1; ++g) {
+        const __m128i q = gqsa_quantize_act_group_avx2(x + g * GQSA_GROUP_SIZE, &ds[4 * g], &ds[4 * g + 1]);
+        _mm_storeu_si128((__m128i *) (qs + GQSA_GROUP_SIZE * g), q);
+        ds[4 * g + 2] = ds[4 * g + 3] = 0.0f;
+    }
+}
+
+// The 8 blocks of a superblock, in lane order [b0 b2 b4 b6 | b1 b3 b5 b7]
+static inline __m256 gqsa_sb_step_avx2(const gqsa_sb8 * GGML_RESTRICT t, const uint8_t * GGML_RESTRICT yq,
+                                       const uint8_t * GGML_RESTRICT yd) {
+    const uint16_t * gz = t->gz;
+    const size_t o0 = gz[0] & 0xFFF0, o1 = gz[1] & 0xFFF0, o2 = gz[2] & 0xFFF0, o3 = gz[3] & 0xFFF0;   // b0 b2 b4 b6
+    const size_t o4 = gz[4] & 0xFFF0, o5 = gz[5] & 0xFFF0, o6 = gz[6] & 0xFFF0, o7 = gz[7] & 0xFFF0;   // b1 b3 b5 b7
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i h0 = _mm256_loadu_si256((const __m256i *) t->qs);
+    const __m256i h1 = _mm256_loadu_si256((const __m256i *) (t->qs + 32));
+    const __m256i p0 = gqsa_dot4(_mm256_and_si256(h0, m4),                        gqsa_loadu2(yq + o0, yq + o4)); // b0 | b1
+    const __m256i p1 = gqsa_dot4(_mm256_and_si256(_mm256_srli_epi16(h0, 4), m4), gqsa_loadu2(yq + o1, yq + o5)); // b2 | b3
+    const __m256i p2 = gqsa_dot4(_mm256_and_si256(h1, m4),                        gqsa_loadu2(yq + o2, yq + o6)); // b4 | b5
+    const __m256i p3 = gqsa_dot4(_mm256_and_si256(_mm256_srli_epi16(h1, 4), m4), gqsa_loadu2(yq + o3, yq + o7)); // b6 | b7
+    // Reduce each block's 4 dword sums to one by 16-bit packing: a dword sums 4 products (|.| <= 4*15*127),
+    // a block 16 (<= 30480), so every pack is exact. Fewer shuffles than three hadds.
+    const __m256i one = _mm256_set1_epi16(1);
+    const __m256i s01 = _mm256_madd_epi16(_mm256_packs_epi32(p0, p1), one);     // [b0 b0 b2 b2 | b1 b1 b3 b3]
+    const __m256i s23 = _mm256_madd_epi16(_mm256_packs_epi32(p2, p3), one);     // [b4 b4 b6 b6 | b5 b5 b7 b7]
+    const __m256i sumi = _mm256_madd_epi16(_mm256_packs_epi32(s01, s23), one); // [b0 b2 b4 b6 | b1 b3 b5 b7]
+
+    // activation (d, s) in lane order
+    const __m128d q01 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o0)), (const double *) (yd + o1));
+    const __m128d q23 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o4)), (const double *) (yd + o5));
+    const __m128d q45 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o2)), (const double *) (yd + o3));
+    const __m128d q67 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o6)), (const double *) (yd + o7));
+    const __m256 A  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q01), q23, 1));   // d0 s0 d2 s2 | d1 s1 d3 s3
+    const __m256 B  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q45), q67, 1));   // d4 s4 d6 s6 | d5 s5 d7 s7
+    const __m256 dx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 sx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(3, 1, 3, 1));
+
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) t->d));
+    const __m256 zf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *) gz)),
+                                                          _mm256_set1_epi32(0x0F)));
+    return _mm256_mul_ps(dw, _mm256_fnmadd_ps(zf, sx, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(sumi))));
+}
+
+#ifndef GQSA_PREFETCH_BYTES      // how far ahead the decode kernel prefetches (overridable, for measurements)
+#define GQSA_PREFETCH_BYTES 2048
+#endif
+
+static void gqsa_sb_rows_avx2(const gqsa_sb8 * GGML_RESTRICT x, int nsb, int64_t nrows, const void * GGML_RESTRICT vy,
+                              int64_t G, float * GGML_RESTRICT out) {
+    const uint8_t * yq = (const uint8_t *) vy;
+    const uint8_t * yd = yq + GQSA_GROUP_SIZE * G;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const gqsa_sb8 * t = x + r * nsb;
+        __m256 acc = _mm256_setzero_ps();
+        for (int s = 0; s < nsb; ++s) {
+            // the hardware prefetchers alone leave the stream latency-bound (measured 10-15 % slower
+            // decode on 7B shapes); prefetching runs past rows and chunks, harmlessly
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, _MM_HINT_T0);
+            acc = _mm256_add_ps(acc, gqsa_sb_step_avx2(t + s, yq, yd));
+        }
+        out[r] = gqsa_hsum_ps(acc);
+    }
+}
+
+// A superblock decoded for the panel kernel: slot l holds lane l (block gqsa_sb_lane[l])
+static inline void gqsa_sb_decode8_avx2(const gqsa_sb8 * GGML_RESTRICT t, gqsa_decoded8 * GGML_RESTRICT dec) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int h = 0; h < 2; ++h) {
+        const __m256i v  = _mm256_loadu_si256((const __m256i *) (t->qs + 32 * h));
+        const __m256i lo = _mm256_and_si256(v, m4);                          // blocks 4h   | 4h+1
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);   // blocks 4h+2 | 4h+3
+        _mm_storeu_si128((__m128i *) dec->q[2 * h],     _mm256_castsi256_si128(lo));        // lane of block 4h
+        _mm_storeu_si128((__m128i *) dec->q[2 * h + 4], _mm256_extracti128_si256(lo, 1));   // 4h+1
+        _mm_storeu_si128((__m128i *) dec->q[2 * h + 1], _mm256_castsi256_si128(hi));        // 4h+2
+        _mm_storeu_si128((__m128i *) dec->q[2 * h + 5], _mm256_extracti128_si256(hi, 1));   // 4h+3
+    }
+    const __m256  dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) t->d));
+    const __m256i gz = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *) t->gz));
+    _mm256_storeu_ps(dec->dw, dw);
+    _mm256_storeu_ps(dec->dwz, _mm256_mul_ps(dw, _mm256_cvtepi32_ps(_mm256_and_si256(gz, _mm256_set1_epi32(0x0F)))));
+    _mm256_storeu_si256((__m256i *) dec->off, _mm256_mullo_epi32(_mm256_srli_epi32(gz, 4), _mm256_set1_epi32(GQSA_PANEL_GROUP_BYTES)));
+}
+
+static inline void gqsa_sb_panel_row_avx2(const gqsa_sb8 * GGML_RESTRICT t, int nsb, const uint8_t * const * panels,
+                                          int np, float acc_io[][GQSA_PANEL]) {
+    __m256 acc[4], accz[4];
+    for (int p = 0; p < np; ++p) {
+        acc[p]  = _mm256_loadu_ps(acc_io[p]);
+        accz[p] = _mm256_setzero_ps();
+    }
+    gqsa_decoded8 dec;
+    for (int s = 0; s < nsb; ++s) {
+        gqsa_sb_decode8_avx2(t + s, &dec);
+        gqsa_panel_dec8_avx2(&dec, GQSA_SB_BLOCKS, panels, np, acc, accz);
+    }
+    for (int p = 0; p < np; ++p) {
+        _mm256_storeu_ps(acc_io[p], _mm256_sub_ps(acc[p], accz[p]));
+    }
+}
+
+void ggml_gqsa_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                       const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
+    gqsa_sb_rows_avx2((const gqsa_sb8 *) vx, n_kept / GQSA_SB_BLOCKS, nrows, vy, G, out);
+}
+
+void ggml_gqsa_sb_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                             const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    for (int i = 0; i < nr; ++i) {
+        const gqsa_sb8 * tr = (const gqsa_sb8 *) (x + i * row_bytes);
+        int e = cur[i];
+        while (e < n && (uint32_t) (tr[e].gz[0] >> 4) < gend) {
+            ++e;
+        }
+        if (e == cur[i]) {
+            continue;
+        }
+        switch (np) {
+            case 4:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 4, acc[i]); break;
+            case 3:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 3, acc[i]); break;
+            case 2:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 2, acc[i]); break;
+            default: gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 1, acc[i]); break;
+        }
+        cur[i] = e;
+    }
+}
+
+#endif // GQSA_CPU_X86
