@@ -82,6 +82,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--e2e-epochs", type=int, default=CONVERT_E2E.epochs,
                    help="E2E-OQP epochs training only scales, zero points and RMSNorm gains, distilled from "
                         "the float model (paper §3.4; 0 = off)")
+    p.add_argument("--e2e-windows", type=int, default=CONVERT_E2E.windows,
+                   help="E2E-OQP training windows drawn from the calibration text (0 = the --nsamples "
+                        "windows of the one-shot pass); an epoch's time grows with them")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the one-shot result, and BQPO / E2E-OQP after every block / epoch, are checkpointed")
     p.add_argument("--resume", action="store_true",
@@ -188,7 +191,8 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
                           batch_size=a.batch_size),
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device),
-        e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, seed=a.seed, device=a.device),
+        e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seed=a.seed,
+                                device=a.device),
     )
 
 

@@ -290,6 +290,9 @@ class E2EConfig:
     # next-token distribution (needs `teacher=` in run_e2e; every position then carries the whole
     # distribution, not one token, and the target is the float model rather than the text)
     loss: str = "ce"
+    # training windows: 0 = the one-shot pass's calibration windows; N = N windows drawn from the
+    # same text (one epoch over more distinct windows beat repeated epochs, docs/DESIGN.md)
+    windows: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = True
@@ -298,6 +301,7 @@ class E2EConfig:
         if self.loss not in ("ce", "kd"):
             raise ConfigError(f"e2e.loss {self.loss!r}: choose ce or kd")
         _check_int("--e2e-epochs", self.epochs, 0)
+        _check_int("--e2e-windows", self.windows, 0, 1_000_000)
         _check_int("e2e.seed", self.seed, 0)
         _check_int("e2e.batch_size", self.batch_size, 1)
         _check_int("e2e.micro_batch", self.micro_batch, 1)

@@ -79,6 +79,13 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
                      f"{cfg.calib.nsamples * seqlen}: windows overlap")
     log(f"calibration: {desc}, {ids.size} tokens -> {cfg.calib.nsamples} windows x {seqlen} tokens "
         f"(seed {cfg.calib.seed})")
+    e2e_windows = windows
+    if cfg.e2e.epochs and cfg.e2e.windows and cfg.e2e.windows != cfg.calib.nsamples:
+        e2e_windows = calib.calibration_windows(ids, cfg.e2e.windows, seqlen, cfg.calib.seed)
+        if ids.size < cfg.e2e.windows * seqlen:
+            notes.append(f"calibration text has {ids.size} tokens < e2e windows x seqlen = "
+                         f"{cfg.e2e.windows * seqlen}: E2E-OQP windows overlap")
+        log(f"E2E-OQP windows: {cfg.e2e.windows} x {seqlen} tokens from the same text")
     times["prepare"] = time.time() - t
 
     t = time.time()
@@ -108,7 +115,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
         trained = train(float_model, linears, windows,
                         dataclasses.replace(cfg.bqpo, checkpoint_dir=ck("bqpo"), resume=resume, progress=progress),
                         dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress),
-                        log=log)
+                        log=log, e2e_windows=e2e_windows)
         times.update(trained.seconds)
         linears = trained.linears
         # the export takes the non-linear tensors from float_model (the teacher, no longer
@@ -212,10 +219,12 @@ class TrainResult:
         self.load_norms(model)
 
 
-def train(float_model, linears: dict, windows, bqpo: BQPOConfig, e2e: E2EConfig, log=print) -> TrainResult:
+def train(float_model, linears: dict, windows, bqpo: BQPOConfig, e2e: E2EConfig, log=print,
+          e2e_windows=None) -> TrainResult:
     """BQPO (paper §3.3) then E2E-OQP (§3.4) on the one-shot result `linears`; a stage with
     epochs 0 is skipped (both 0: the one-shot result comes back). `float_model` keeps its weights:
-    BQPO's targets and, with e2e.loss "kd", E2E-OQP's teacher (both move it to their device)."""
+    BQPO's targets and, with e2e.loss "kd", E2E-OQP's teacher (both move it to their device).
+    `e2e_windows`: E2E-OQP's training windows when they differ from `windows` (e2e.windows)."""
     import copy
 
     from .bqpo import compressed_from_model, run_bqpo
@@ -234,7 +243,8 @@ def train(float_model, linears: dict, windows, bqpo: BQPOConfig, e2e: E2EConfig,
         frozen_from_oneshot(qm, linears)
     if e2e.epochs:
         t = time.time()
-        rep_e = run_e2e(qm, windows, e2e, log=log, teacher=float_model if e2e.loss == "kd" else None)
+        rep_e = run_e2e(qm, windows if e2e_windows is None else e2e_windows, e2e, log=log,
+                        teacher=float_model if e2e.loss == "kd" else None)
         seconds["e2e"] = time.time() - t
     qm = qm.cpu()
     return TrainResult(linears=compressed_from_model(qm), seconds=seconds, bqpo=rep_b, e2e=rep_e,

@@ -85,3 +85,29 @@ def test_gguf_records_the_training_configs_used(tmp_path, monkeypatch):
         for k in RUN_ONLY:
             ran.pop(k)
         assert ran == recorded[stage]
+
+
+def test_e2e_windows_drawn_apart_from_the_oneshot_windows(tmp_path, monkeypatch):
+    """--e2e-windows N: E2E-OQP trains on N windows of the calibration text while the one-shot
+    pass keeps its --nsamples; the file records the setting."""
+    from gqsa_gguf import e2e
+    from gqsa_gguf.gguf_io import read_gguf
+
+    seen = {}
+
+    def spy(model, windows, cfg, **kw):
+        seen["shape"] = tuple(windows.shape)
+        return real(model, windows, cfg, **kw)
+    real = e2e.run_e2e
+    monkeypatch.setattr(e2e, "run_e2e", spy)
+    folder = make_checkpoint(tmp_path / "ckpt", "llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text() * 20)
+    out = tmp_path / "m.gguf"
+    cfg = ConvertConfig(model=str(folder), output=str(out),
+                        compression=CompressionConfig.from_spec("w4s50", method="rtn", allocation="uniform"),
+                        calib=CalibConfig(source=str(calib), nsamples=2, seqlen=32),
+                        e2e=E2EConfig(epochs=1, windows=6, loss="kd"))
+    convert(cfg, progress=False, log=lambda *a: None)
+    assert seen["shape"] == (6, 32)
+    assert read_gguf(out).gqsa_config["e2e"]["windows"] == 6
