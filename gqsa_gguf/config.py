@@ -56,6 +56,7 @@ DEFAULT_DAMP = 0.01                                 # Hessian dampening, fractio
 
 METHODS = ("obs", "rtn")                           # one-shot pruning + quantization
 ALLOCATIONS = ("sensitivity", "uniform")            # keep fraction per tensor
+TARGETS = ("layer", "float")                        # what a compensated linear reproduces
 
 _SPEC_RE = re.compile(r"^w(?P<bits>\d+)s(?P<sparsity>\d+)$", re.IGNORECASE)
 _TOKENIZER_PRE_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
@@ -146,6 +147,11 @@ class CompressionConfig:
     # "sensitivity": keep fraction per tensor from a measured sensitivity, same mean bits per weight
     # (allocation.py); "uniform": every tensor at the spec's sparsity (the paper's layout)
     allocation: str = "sensitivity"
+    # what the OBS pass makes each linear reproduce: "layer", its own output on the input the
+    # compressed model gives it (GPTQ / SparseGPT); "float", the float model's output of that
+    # linear on the float model's input (GPTAQ's asymmetric calibration), so a linear also makes up
+    # for what the compressed blocks before it lost
+    target: str = "layer"
 
     def __post_init__(self):
         bits, pct = parse_spec(self.spec)
@@ -164,6 +170,8 @@ class CompressionConfig:
                               f"compensated, the default; rtn = saliency mask + round-to-nearest)")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"compression.target {self.target!r}: choose one of {', '.join(TARGETS)}")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"compression.sequential must be true or false, got {self.sequential!r}")
 

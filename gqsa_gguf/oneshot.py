@@ -28,6 +28,7 @@ exactly `format.kept_groups(K, sparsity)` groups, sorted; non-finite weights rai
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -378,6 +379,54 @@ def _block_input_hessian(layer, hooked: str, hidden, kwargs, name: str) -> torch
     return acc.H
 
 
+def _block_input_pair(layer, float_layer, hooked: str, hidden, fhidden, kwargs, name: str):
+    """(H, G): H = 2/n X^T X of the input X of `layer.hooked` on the compressed chain `hidden`, and
+    G = 2/n X^T F with F the same linear's input in the float block `float_layer` on the float
+    chain `fhidden` (row for row the same tokens). Both forwards stop at the linear."""
+    width = layer.get_submodule(hooked).in_features
+    H = torch.zeros(width, width, dtype=torch.float64)
+    G = torch.zeros(width, width, dtype=torch.float64)
+    seen = {}
+
+    def grab(key):
+        def hook(m, args):
+            seen[key] = args[0].detach().reshape(-1, width).to(torch.float32)
+            raise _Stop
+        return hook
+
+    hs = [layer.get_submodule(hooked).register_forward_pre_hook(grab("q")),
+          float_layer.get_submodule(hooked).register_forward_pre_hook(grab("f"))]
+    n = 0
+    try:
+        for x, xf, kw in zip(hidden, fhidden, kwargs):
+            for mod, inp in ((layer, x), (float_layer, xf)):
+                try:
+                    mod(inp, **kw)
+                except _Stop:
+                    pass
+            xq, xfl = seen.pop("q"), seen.pop("f")
+            H += (xq.T @ xq).to(torch.float64)
+            G += (xq.T @ xfl).to(torch.float64)
+            n += xq.shape[0]
+    finally:
+        for h in hs:
+            h.remove()
+    if n == 0:
+        raise OneShotError(f"{name}: no calibration tokens reached the layer")
+    return H * (2.0 / n), G * (2.0 / n)
+
+
+def float_target_weight(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """The weight whose output on the compressed input X best matches W's output on the float
+    input F (least squares, with the pass's dampening): W' = W + W (G^T - H) H_d^-1, H_d^-1 = U^T U.
+    With X = F (nothing lost before this linear) G = H and W' = W exactly, so minimising
+    ||X W'^T - X W_hat^T|| (what the OBS pass does) minimises ||F W^T - X W_hat^T||."""
+    W64 = W.detach().to(torch.float64)
+    M = W64 @ (G.T - H)
+    U64 = U.to(torch.float64)
+    return (W64 + (M @ U64.T) @ U64).to(torch.float32)
+
+
 def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
                    progress: bool = True, keep: dict[str, int] | None = None) -> CompressionResult:
     """Compresses every decoder linear of `model` block by block (see module docstring).
@@ -405,6 +454,8 @@ def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
     with torch.inference_mode():
         # 1. embed: run the model until decoder layer 0, recording what it receives
         hidden, kwargs = _layer0_inputs(model, windows, bs)
+        asym = getattr(cfg, "target", "layer") == "float" and cfg.sequential
+        fhidden = [h.clone() for h in hidden] if asym else None
 
         bar = tqdm(range(info.n_layers), desc="GQSA one-shot", unit="block", disable=not progress)
         for i in bar:
@@ -421,7 +472,19 @@ def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
                     result.rel_errors[name] = rel
                     errs.append(rel)
 
-            if cfg.method == "obs":
+            if cfg.method == "obs" and asym:
+                # GPTAQ: each linear is asked for the float model's output on the float input
+                float_layer = copy.deepcopy(layer)
+                for hooked, group in _INPUT_GROUPS:
+                    where = f"model.layers.{i}.{hooked}"
+                    H, G = _block_input_pair(layer, float_layer, hooked, hidden, fhidden, kwargs, where)
+                    chol = _cholesky_inverse_upper(H, cfg.damp, where)
+                    compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(
+                        float_target_weight(W, H, aux[1], aux[0][0]), H, k, dp, n, chol=aux[0]), (chol, G))
+                dense_out = None
+                fhidden = [layer_output(float_layer(h, **kw)) for h, kw in zip(fhidden, kwargs)]
+                del float_layer
+            elif cfg.method == "obs":
                 # true-sequential (GPTQ): each input group's Hessian is taken with the linears before
                 # it in the block already compressed, so o_proj compensates what q/k/v lost, and so on
                 for hooked, group in _INPUT_GROUPS:
