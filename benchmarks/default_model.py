@@ -156,7 +156,8 @@ def main() -> int:
         + (f"; extra rows: {', '.join(f'`{n}` = `{p.name}`' for n, p in extra_files.items())}" if extra_files else "") + "); "
         "the last row is W4S50 at the converter's defaults: one-shot, then "
         f"{'BQPO for %d epochs and ' % CONVERT_BQPO.epochs if CONVERT_BQPO.epochs else ''}"
-        f"E2E-OQP for {CONVERT_E2E.epochs} epochs (distilled from the float model) on 128 windows of 512 tokens"
+        f"E2E-OQP for {CONVERT_E2E.epochs} epoch(s) (distilled from the float model) on "
+        f"{CONVERT_E2E.windows or 128} windows of 512 tokens"
         + (f" (file `{a.trained.name}`)" if a.trained else "") + f". Machine: {bench.machine_description(llama_cpp)}.",
         "",
         "| file | linear bits/weight | size MB | perplexity | × F16 | prompt tok/s | decode tok/s | decode × Q4_0 |",

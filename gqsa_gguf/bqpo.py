@@ -35,6 +35,7 @@ naming the block, epoch and step.
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 import tempfile
 import time
@@ -50,7 +51,7 @@ from . import checkpoint as ckpt
 from .arch import LINEARS
 from .config import BQPOConfig
 from .fakequant import GQSLinear, FrozenGQSLinear, gqs_modules, swap_linear
-from .training import (TrainingError, autocast, capture_layer_inputs, check_amp, check_finite,
+from .training import (TrainingError, autocast, capture_layer_inputs, check_amp, check_finite, resolve_amp,
                        decoder_layers, layer_output, resolve_device, seeded)
 
 __all__ = ["BQPOConfig", "BQPOReport", "run_bqpo", "compressed_from_model", "freeze_model"]
@@ -162,6 +163,7 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
     from tqdm.auto import tqdm
 
     device = resolve_device(cfg.device)
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device))
     check_amp(cfg.amp, device)
     layers_f = decoder_layers(float_model)
     n_layers = len(layers_f)

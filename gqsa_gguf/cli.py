@@ -83,14 +83,20 @@ def _add_convert(sub) -> None:
                    help="E2E-OQP epochs training only scales, zero points and RMSNorm gains, distilled from "
                         "the float model (paper §3.4; 0 = off)")
     p.add_argument("--e2e-windows", type=int, default=CONVERT_E2E.windows,
-                   help="E2E-OQP training windows drawn from the calibration text (0 = the --nsamples "
-                        "windows of the one-shot pass); an epoch's time grows with them")
+                   help="E2E-OQP training windows of --seqlen tokens drawn from the calibration text (0 = "
+                        "the --nsamples windows of the one-shot pass); an epoch's time grows with them "
+                        "(SmolLM2-135M on 2 cores: about 10 s per 2 windows)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the one-shot result, and BQPO / E2E-OQP after every block / epoch, are checkpointed")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from --checkpoint-dir (same settings): the one-shot "
                         "result, BQPO's finished blocks and E2E-OQP's finished epochs are taken from there")
     p.add_argument("--device", default="cpu", help="torch device for BQPO / E2E-OQP (cpu, cuda, cuda:N)")
+    p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="autocast of BQPO / E2E-OQP's matrix products: auto = bf16 where the device "
+                        "multiplies bf16 in hardware (CPUs with AMX or AVX512-BF16, Arm BF16, recent "
+                        "GPUs; 1.5x faster E2E-OQP on an AMX CPU at the same perplexity, docs/DESIGN.md), "
+                        "fp32 elsewhere; the choice made is recorded in the file's gqsa.config")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core); on a machine busy "
                         "with other work 1 can be several times faster")
@@ -190,9 +196,9 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         calib=CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                           batch_size=a.batch_size),
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
-        bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device),
+        bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
         e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seed=a.seed,
-                                device=a.device),
+                                device=a.device, amp=a.amp),
     )
 
 

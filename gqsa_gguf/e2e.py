@@ -28,6 +28,7 @@ the epoch and step.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .config import E2EConfig
 from .fakequant import FrozenGQSLinear, gqs_modules, swap_linear
-from .training import TrainingError, autocast, check_amp, check_finite, resolve_device, seeded
+from .training import TrainingError, autocast, check_amp, check_finite, resolve_amp, resolve_device, seeded
 
 __all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "frozen_from_oneshot",
            "trainable_parameters", "distillation_loss"]
@@ -153,6 +154,7 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     if teacher is not None:
         teacher.to(device)
         teacher.train(False)
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device))
     check_amp(cfg.amp, device)
     dist, rank, world = _dist()
     if cfg.batch_size % (world * cfg.micro_batch):

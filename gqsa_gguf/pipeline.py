@@ -55,6 +55,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     run-only fields, config.RUN_ONLY)."""
     from . import calib, export, model_io
 
+    cfg = resolve_training_precision(cfg, log)
     c = cfg.compression
     if resume and not checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir (the folder the interrupted run wrote its checkpoints to)")
@@ -133,6 +134,20 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
 
 
 ONESHOT_CKPT = "oneshot.ckpt"
+
+
+def resolve_training_precision(cfg: ConvertConfig, log=print) -> ConvertConfig:
+    """cfg with BQPO's and E2E-OQP's amp "auto" replaced by what this machine will use (so the
+    file's gqsa.config records the precision the training really had)."""
+    from .training import resolve_amp
+
+    bqpo = dataclasses.replace(cfg.bqpo, amp=resolve_amp(cfg.bqpo.amp, cfg.bqpo.device))
+    e2e = dataclasses.replace(cfg.e2e, amp=resolve_amp(cfg.e2e.amp, cfg.e2e.device))
+    if (bqpo.epochs and cfg.bqpo.amp == "auto") or (e2e.epochs and cfg.e2e.amp == "auto"):
+        used = e2e.amp if e2e.epochs else bqpo.amp
+        log(f"training precision: {'bf16 autocast (the device multiplies bf16 in hardware)' if used == 'bf16' else 'fp32'}"
+            f" (--amp auto)")
+    return dataclasses.replace(cfg, bqpo=bqpo, e2e=e2e)
 
 
 def _oneshot_resumable(model, info, windows, cfg, checkpoint_dir, resume, progress, log, times):

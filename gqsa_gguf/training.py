@@ -21,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import GQSAError
 
-__all__ = ["TrainingError", "AMP_CHOICES", "resolve_device", "autocast", "seeded", "check_finite",
+__all__ = ["TrainingError", "AMP_CHOICES", "resolve_device", "resolve_amp", "cpu_has_native_bf16", "autocast",
+           "seeded", "check_finite",
            "capture_layer_inputs", "layer_output", "decoder_layers", "to_device"]
 
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -49,12 +51,41 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86: AMX-BF16 or AVX512-BF16; Arm: the BF16
+    extension), read from /proc/cpuinfo's flags. Elsewhere bf16 autocast is emulated and slower
+    than fp32, so "auto" keeps fp32 there."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    return False
+
+
+def resolve_amp(amp: str, device: str | torch.device) -> str:
+    """The autocast a run really uses: "auto" is bf16 where the device multiplies bf16 natively (a
+    CUDA GPU that supports it, a CPU with AMX/AVX512-BF16 or Arm BF16) and "none" (fp32) elsewhere;
+    any other value is returned as given (check_amp validates it)."""
+    if amp != "auto":
+        return amp
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "none"
+    return "bf16" if cpu_has_native_bf16() else "none"
+
+
 def check_amp(amp: str, device: torch.device) -> None:
     if amp not in AMP_CHOICES:
         raise TrainingError(f"--amp {amp!r}: choose one of {', '.join(AMP_CHOICES)}")
-    if amp != "none" and device.type != "cuda":
-        raise TrainingError(f"--amp {amp} needs a CUDA device (mixed precision is GPU-only; the CPU trains "
-                            f"in fp32) — use --amp none or --device cuda")
+    if amp == "fp16" and device.type != "cuda":
+        raise TrainingError("--amp fp16 needs a CUDA device (fp16 autocast with loss scaling is GPU-only) — "
+                            "use --amp bf16 or none on the CPU")
 
 
 def autocast(device: torch.device, amp: str):

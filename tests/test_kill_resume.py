@@ -43,7 +43,7 @@ def _cmd(folder: Path, out: Path, ckdir: Path, resume: bool = False, slow_write:
     cmd = [sys.executable] + (["-c", _SLOW_WRITE] if slow_write else []) + [
            str(ROOT / "convert.py"), str(folder), "--gqsa", "w4s50", "-o", str(out),
            "--calib", str(calib_file(folder)), "--nsamples", "4", "--seqlen", "32",
-           "--bqpo-epochs", "2", "--e2e-epochs", "2", "--checkpoint-dir", str(ckdir), "--threads", "1", "-q"]
+           "--bqpo-epochs", "2", "--e2e-epochs", "2", "--e2e-windows", "0", "--checkpoint-dir", str(ckdir), "--threads", "1", "-q"]
     return cmd + (["--resume"] if resume else [])
 
 

@@ -12,8 +12,8 @@ from gqsa_gguf import format as fmt
 from gqsa_gguf.bqpo import BQPOConfig, compressed_from_model, run_bqpo
 from gqsa_gguf.config import CompressionConfig, ConfigError
 from gqsa_gguf.fakequant import GQSLinear
-from gqsa_gguf.oneshot import (compress_linear, compress_linear_obs, compress_model, output_error,
-                               sensitivity_curves)
+from gqsa_gguf.oneshot import (_cholesky_inverse_upper, compress_linear, compress_linear_obs, compress_model,
+                               float_target_weight, output_error, sensitivity_curves)
 
 from tiny_llama import tiny_info, tiny_model, tiny_oneshot, tiny_windows
 
@@ -99,6 +99,43 @@ def test_allocation_refuses_an_impossible_budget():
     c = allocation.TensorCurve("t", 8, 64, (2, 4), (1.0, 0.5))
     with pytest.raises(allocation.AllocationError, match="budget"):
         allocation.allocate([c], 0.9)
+
+
+def test_float_target_makes_up_for_the_error_upstream():
+    # the layer's input X is the float input F with an upstream error correlated with it; asked for
+    # F W^T (target "float") the compensated layer gets closer to it than when asked for X W^T
+    W, _ = _correlated()
+    g = torch.Generator().manual_seed(1)
+    k, tokens = W.shape[1], 2048
+    F = torch.randn(tokens, k // 4, generator=g) @ torch.randn(k // 4, k, generator=g) + 0.3 * torch.randn(tokens, k, generator=g)
+    X = F @ (torch.eye(k) + 0.05 * torch.randn(k, k, generator=g)) + 0.1 * torch.randn(tokens, k, generator=g)
+    H = (2.0 / tokens) * (X.T @ X).double()
+    G = (2.0 / tokens) * (X.T @ F).double()
+    U, _ = _cholesky_inverse_upper(H, 0.01, "w")
+    errs = {}
+    for target, w in (("layer", W), ("float", float_target_weight(W, H, G, U))):
+        cl, _ = compress_linear_obs(w, H, 6, 0.01, "w")
+        errs[target] = float((F @ W.T - X @ cl.dequantize().T).square().mean())
+    assert errs["float"] < 0.5 * errs["layer"], errs
+    # with nothing lost upstream (X = F, so G = H) the float target is the weight itself, exactly
+    assert torch.equal(float_target_weight(W, H, H, U), W)
+
+
+def test_float_target_on_a_tiny_model(tiny):
+    model, windows = tiny
+    info = tiny_info()
+    res = {t: compress_model(copy.deepcopy(model), info, windows, CompressionConfig.from_spec("w4s50", target=t),
+                             batch_size=4, progress=False) for t in ("layer", "float")}
+    first = [n for n in res["layer"].linears if n.startswith("model.layers.0.self_attn.") and "o_proj" not in n]
+    for name in first:                      # block 0's q/k/v see the float input itself: no change
+        np.testing.assert_array_equal(res["layer"].linears[name].q, res["float"].linears[name].q)
+        np.testing.assert_array_equal(res["layer"].linears[name].d, res["float"].linears[name].d)
+    later = [n for n in res["layer"].linears if n.startswith("model.layers.1.")]
+    assert any(not np.array_equal(res["layer"].linears[n].q, res["float"].linears[n].q) for n in later)
+    for cl in res["float"].linears.values():
+        assert cl.n_kept == fmt.kept_groups(cl.width, 0.5)
+    with pytest.raises(ConfigError, match="target"):
+        CompressionConfig.from_spec("w4s50", target="chain")
 
 
 def test_config_validates_method_and_allocation():

@@ -1,7 +1,10 @@
 """convert with BQPO + E2E-OQP on a tiny Qwen2 checkpoint (q/k/v biases): the training stages run
 inside the pipeline, write checkpoints, resume, and produce a valid GGUF."""
 
+import math
+
 import pytest
+import torch
 
 from gqsa_gguf.config import BQPOConfig, CalibConfig, CompressionConfig, ConvertConfig, ConfigError, E2EConfig
 from gqsa_gguf.pipeline import convert
@@ -111,3 +114,53 @@ def test_e2e_windows_drawn_apart_from_the_oneshot_windows(tmp_path, monkeypatch)
     convert(cfg, progress=False, log=lambda *a: None)
     assert seen["shape"] == (6, 32)
     assert read_gguf(out).gqsa_config["e2e"]["windows"] == 6
+
+
+def test_amp_auto_reads_the_cpu_flags():
+    from gqsa_gguf.training import TrainingError, check_amp, cpu_has_native_bf16, resolve_amp
+
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
+    zen4 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    avx2 = "flags\t\t: fpu sse4_2 avx avx2 fma\n"
+    neoverse_v1 = "Features\t: fp asimd sve bf16 i8mm\n"
+    cortex_a72 = "Features\t: fp asimd evtstrm crc32\n"
+    assert [cpu_has_native_bf16(s) for s in (amx, zen4, avx2, neoverse_v1, cortex_a72)] == \
+        [True, True, False, True, False]
+    assert resolve_amp("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "none")
+    assert resolve_amp("none", "cpu") == "none" and resolve_amp("bf16", "cpu") == "bf16"
+    check_amp("bf16", torch.device("cpu"))                       # bf16 autocast runs on the CPU
+    with pytest.raises(TrainingError, match="fp16"):
+        check_amp("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="amp"):
+        E2EConfig(amp="fp8")
+
+
+def test_amp_auto_is_recorded_as_what_ran(tmp_path, monkeypatch):
+    """The converter's default --amp auto: the file says which precision E2E-OQP really used, and a
+    bf16 run on the CPU trains (a finite loss at every step)."""
+    from gqsa_gguf import e2e
+    from gqsa_gguf.gguf_io import read_gguf
+    from gqsa_gguf.training import resolve_amp
+
+    seen = {}
+
+    def spy(model, windows, cfg, **kw):
+        seen["amp"] = cfg.amp
+        rep = real(model, windows, cfg, **kw)
+        seen["loss"] = rep.step_loss
+        return rep
+    real = e2e.run_e2e
+    monkeypatch.setattr(e2e, "run_e2e", spy)
+    folder = make_checkpoint(tmp_path / "ckpt", "llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text() * 20)
+    for amp in ("auto", "bf16"):
+        out = tmp_path / f"m-{amp}.gguf"
+        cfg = ConvertConfig(model=str(folder), output=str(out),
+                            compression=CompressionConfig.from_spec("w4s50", method="rtn", allocation="uniform"),
+                            calib=CalibConfig(source=str(calib), nsamples=4, seqlen=32),
+                            e2e=E2EConfig(epochs=1, loss="kd", amp=amp))
+        convert(cfg, progress=False, log=lambda *a: None)
+        want = resolve_amp(amp, "cpu")
+        assert seen["amp"] == want and read_gguf(out).gqsa_config["e2e"]["amp"] == want
+        assert all(math.isfinite(v) for v in seen["loss"]) and len(seen["loss"]) == 2
