@@ -7,6 +7,8 @@ In:  a text source string — a local text file; a folder (every *.txt below it,
 Out: `load_text(source)` -> (text, description);
      `calibration_windows(token_ids, nsamples, seqlen, seed)` -> LongTensor [nsamples, seqlen],
      windows starting at uniformly random offsets (GPTQ's sampling), reproducible from the seed;
+     `chat_windows(tokenizer, token_ids, nsamples, seqlen, seed)` -> LongTensor [nsamples, seqlen],
+     conversations in the tokenizer's chat template whose turns are chunks of the text;
      `eval_windows(token_ids, seqlen, max_windows)` -> LongTensor [n, seqlen], consecutive
      non-overlapping windows from the start of the text (the same for every backend).
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from .errors import GQSAError
 
-__all__ = ["CalibError", "load_text", "tokenize", "calibration_windows", "eval_windows"]
+__all__ = ["CalibError", "load_text", "tokenize", "calibration_windows", "chat_windows", "eval_windows"]
 
 
 class CalibError(GQSAError, ValueError):
@@ -122,6 +124,40 @@ def calibration_windows(token_ids, nsamples: int, seqlen: int, seed: int):
     starts = rng.integers(0, ids.size - seqlen + 1, size=nsamples)
     windows = np.stack([ids[s:s + seqlen] for s in starts])
     return torch.from_numpy(windows)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, turn=(32, 192)):
+    """nsamples windows of seqlen tokens, each a conversation in the tokenizer's chat template
+    (its default system prompt included) whose user and assistant turns are chunks of `turn`
+    tokens of the calibration text at random offsets, cut to seqlen tokens. Distilling on them
+    keeps what an instruct model does right after its chat markers (where the assistant's reply
+    starts, where a turn ends), which plain text never shows."""
+    import torch
+
+    if not has_chat_template(tokenizer):
+        raise CalibError("the tokenizer has no chat template: chat-formatted calibration windows need one "
+                         "(use --e2e-chat-share 0 for a base model)")
+    ids = np.asarray(token_ids, dtype=np.int64)
+    lo, hi = turn
+    if ids.size < hi:
+        raise CalibError(f"the calibration text has {ids.size} tokens, fewer than one chat turn of {hi}")
+    rng = np.random.default_rng([int(seed), 1])
+    out = []
+    for _ in range(nsamples):
+        messages, toks = [], []
+        while len(toks) < seqlen:
+            for role in ("user", "assistant"):
+                n = int(rng.integers(lo, hi + 1))
+                s = int(rng.integers(0, ids.size - n + 1))
+                messages.append({"role": role, "content": tokenizer.decode(ids[s:s + n].tolist()).strip()})
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            toks = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        out.append(toks[:seqlen])
+    return torch.tensor(out, dtype=torch.long)
 
 
 def eval_windows(token_ids, seqlen: int, max_windows: int | None = None):

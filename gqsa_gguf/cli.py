@@ -86,6 +86,9 @@ def _add_convert(sub) -> None:
                    help="E2E-OQP training windows of --seqlen tokens drawn from the calibration text (0 = "
                         "the --nsamples windows of the one-shot pass); an epoch's time grows with them "
                         "(SmolLM2-135M on 2 cores: about 10 s per 2 windows)")
+    p.add_argument("--e2e-chat-share", type=float, default=CONVERT_E2E.chat_share,
+                   help="share of the E2E-OQP windows that are conversations in the model's chat template "
+                        "made of the calibration text (0 for base models; ignored without a chat template)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the one-shot result, and BQPO / E2E-OQP after every block / epoch, are checkpointed")
     p.add_argument("--resume", action="store_true",
@@ -197,7 +200,8 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
                           batch_size=a.batch_size),
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
-        e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seed=a.seed,
+        e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows,
+                                chat_share=a.e2e_chat_share, seed=a.seed,
                                 device=a.device, amp=a.amp),
     )
 

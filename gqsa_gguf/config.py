@@ -308,11 +308,17 @@ class E2EConfig:
     # training windows: 0 = the one-shot pass's calibration windows; N = N windows drawn from the
     # same text (one epoch over more distinct windows beat repeated epochs, docs/DESIGN.md)
     windows: int = 0
+    # share of those windows replaced by conversations in the model's chat template made of the
+    # same text (calib.chat_windows), so the distillation also covers what follows chat markers
+    chat_share: float = 0.0
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = True
 
     def __post_init__(self):
+        if isinstance(self.chat_share, bool) or not isinstance(self.chat_share, (int, float)) \
+                or not 0.0 <= self.chat_share <= 1.0:
+            raise ConfigError(f"--e2e-chat-share {self.chat_share!r} must be a number in [0, 1]")
         if self.loss not in ("ce", "kd"):
             raise ConfigError(f"e2e.loss {self.loss!r}: choose ce or kd")
         _check_amp("e2e", self.amp)
@@ -341,7 +347,9 @@ CONVERT_BQPO = BQPOConfig(epochs=0, amp="auto")
 # windows, and better (82.4 vs 93.3 through llama.cpp on SmolLM2-135M, docs/DESIGN.md)
 # amp "auto": bf16 autocast where the CPU/GPU multiplies bf16 natively (the same perplexity, 1.5x
 # faster on an AMX CPU), resolved by pipeline.convert before anything is recorded
-CONVERT_E2E = E2EConfig(epochs=1, windows=384, loss="kd", amp="auto")
+# chat_share: a quarter of the windows are conversations in the model's chat template; without
+# them the distilled SmolLM2 answered every chat turn with an empty reply (docs/DESIGN.md)
+CONVERT_E2E = E2EConfig(epochs=1, windows=384, loss="kd", amp="auto", chat_share=0.25)
 
 
 @dataclass(frozen=True)

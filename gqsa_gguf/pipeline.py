@@ -87,6 +87,15 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
             notes.append(f"calibration text has {ids.size} tokens < e2e windows x seqlen = "
                          f"{cfg.e2e.windows * seqlen}: E2E-OQP windows overlap")
         log(f"E2E-OQP windows: {cfg.e2e.windows} x {seqlen} tokens from the same text")
+    n_chat = round(cfg.e2e.chat_share * e2e_windows.shape[0]) if cfg.e2e.epochs else 0
+    if n_chat and not calib.has_chat_template(tokenizer):
+        notes.append("the tokenizer has no chat template: E2E-OQP trains on plain text only")
+    elif n_chat:
+        import torch
+        chats = calib.chat_windows(tokenizer, ids, n_chat, seqlen, cfg.calib.seed)
+        e2e_windows = torch.cat([e2e_windows[:e2e_windows.shape[0] - n_chat], chats])
+        log(f"E2E-OQP: {n_chat} of its {e2e_windows.shape[0]} windows are conversations in the model's chat "
+            f"template made of the same text")
     times["prepare"] = time.time() - t
 
     t = time.time()

@@ -12,9 +12,10 @@ OUT=smollm2-w4s50.gguf
 if [ -f "$OUT" ]; then
     echo "==> $OUT exists, not converting again (delete it to reconvert)"
 else
-    # the converter's defaults: one-shot GQSA, then E2E-OQP (3 epochs, distilled from the float model)
-    # on 128 x 512 calibration tokens, about 45 min on 2 cores; checkpoints let an interrupted demo continue
-    echo "==> converting SmolLM2 to $OUT (GQSA w4s50; about 45 min on 2 cores, rerun to resume if interrupted)"
+    # the converter's defaults: one-shot GQSA, then E2E-OQP (one epoch over 384 x 512 calibration
+    # tokens, distilled from the float model), about 35-47 min on 2 cores; checkpoints let an
+    # interrupted demo continue
+    echo "==> converting SmolLM2 to $OUT (GQSA w4s50; about 35-47 min on 2 cores, rerun to resume if interrupted)"
     "$VENV/bin/python" convert.py --gqsa w4s50 -o "$OUT" --checkpoint-dir "$OUT.checkpoints" --resume
     rm -rf "$OUT.checkpoints"
 fi

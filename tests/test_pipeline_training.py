@@ -164,3 +164,54 @@ def test_amp_auto_is_recorded_as_what_ran(tmp_path, monkeypatch):
         want = resolve_amp(amp, "cpu")
         assert seen["amp"] == want and read_gguf(out).gqsa_config["e2e"]["amp"] == want
         assert all(math.isfinite(v) for v in seen["loss"]) and len(seen["loss"]) == 2
+
+
+def test_chat_windows_are_conversations_of_the_calibration_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from gqsa_gguf import calib
+
+    folder = make_checkpoint(tmp_path / "ckpt", "llama")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = calib.tokenize(tok, text() * 20)
+    w = calib.chat_windows(tok, ids, 3, 64, seed=5, turn=(8, 16))
+    assert tuple(w.shape) == (3, 64)
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    for row in w.tolist():
+        assert row[0] == start and end in row                  # the template's markers, from token 0
+        decoded = tok.decode(row)
+        assert "user\n" in decoded and "assistant\n" in decoded
+    assert torch.equal(w, calib.chat_windows(tok, ids, 3, 64, seed=5, turn=(8, 16)))      # reproducible
+    assert not torch.equal(w, calib.chat_windows(tok, ids, 3, 64, seed=6, turn=(8, 16)))
+    tok.chat_template = None
+    with pytest.raises(calib.CalibError, match="chat template"):
+        calib.chat_windows(tok, ids, 1, 64, seed=0)
+
+
+def test_e2e_trains_on_a_share_of_chat_windows(tmp_path, monkeypatch):
+    """--e2e-chat-share: that share of E2E-OQP's windows are chat-formatted; the file records it."""
+    from gqsa_gguf import e2e
+    from gqsa_gguf.gguf_io import read_gguf
+
+    seen = {}
+
+    def spy(model, windows, cfg, **kw):
+        seen["windows"] = windows.clone()
+        return real(model, windows, cfg, **kw)
+    real = e2e.run_e2e
+    monkeypatch.setattr(e2e, "run_e2e", spy)
+    folder = make_checkpoint(tmp_path / "ckpt", "llama")
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text(text() * 20)
+    out = tmp_path / "m.gguf"
+    cfg = ConvertConfig(model=str(folder), output=str(out),
+                        compression=CompressionConfig.from_spec("w4s50", method="rtn", allocation="uniform"),
+                        calib=CalibConfig(source=str(calib_file), nsamples=2, seqlen=32),
+                        e2e=E2EConfig(epochs=1, windows=8, loss="kd", chat_share=0.25))
+    convert(cfg, progress=False, log=lambda *a: None)
+    from transformers import AutoTokenizer
+    start = AutoTokenizer.from_pretrained(str(folder)).convert_tokens_to_ids("<|im_start|>")
+    assert [int(r[0] == start) for r in seen["windows"]] == [0] * 6 + [1] * 2
+    assert read_gguf(out).gqsa_config["e2e"]["chat_share"] == 0.25
+    with pytest.raises(ConfigError, match="chat-share"):
+        E2EConfig(chat_share=1.5)
