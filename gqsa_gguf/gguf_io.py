@@ -76,15 +76,7 @@ GGML_MAX_NAME = 64                    # tensor names are shorter than this (NUL 
 KEY_ALIGNMENT = Keys.General.ALIGNMENT
 _INT64_MAX = (1 << 63) - 1
 
-_SCALAR_FORMATS = {                   # little-endian struct format per GGUF scalar value type
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.FLOAT64: "<d",
-    GGUFValueType.BOOL: "<B",
-}
-_ARRAY_DTYPES = {                     # NumPy dtype per numeric GGUF array element type
+_NUMERIC_DTYPES = {                   # NumPy dtype per numeric GGUF value type, of a value or an array element
     GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1",
     GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
     GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
@@ -297,6 +289,14 @@ class _Cursor:
         self.pos += n
         return v
 
+    def numbers(self, dtype: str, n: int, what: str) -> np.ndarray:
+        """n values of NumPy dtype `dtype`, copied out of the file."""
+        nbytes = n * np.dtype(dtype).itemsize
+        self.need(nbytes, what)
+        v = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).copy()
+        self.pos += nbytes
+        return v
+
     def string(self, what: str, strict: bool = True) -> str:
         n = self.scalar("<Q", f"length of {what}")
         self.need(n, f"{what} ({n} bytes)")
@@ -363,10 +363,10 @@ class GGUFFile:
     def _read_value(self, cur: _Cursor, vtype: int, key: str) -> Any:
         if vtype == GGUFValueType.STRING:
             return cur.string(f"value of '{key}'", strict=False)
-        fmt = _SCALAR_FORMATS.get(vtype)  # type: ignore[call-overload]
-        if fmt is None:
+        dt = _NUMERIC_DTYPES.get(vtype)  # type: ignore[call-overload]
+        if dt is None:
             raise self._err(f"metadata '{key}' has unknown value type {vtype} at offset {cur.pos - 4}")
-        v = cur.scalar(fmt, f"value of '{key}'")
+        v = cur.numbers(dt, 1, f"value of '{key}'")[0].item()
         if vtype == GGUFValueType.BOOL:
             if v > 1:
                 raise self._err(f"metadata '{key}': bool byte {v} is neither 0 nor 1 — the file is corrupt")
@@ -390,13 +390,10 @@ class GGUFFile:
                     cur.need(n * _STRING_HEADER, f"{n} strings of '{key}'")
                     value: Any = [cur.string(f"element {j} of '{key}'", strict=False) for j in range(n)]
                 else:
-                    dt = _ARRAY_DTYPES.get(etype)  # type: ignore[call-overload]
+                    dt = _NUMERIC_DTYPES.get(etype)  # type: ignore[call-overload]
                     if dt is None:
                         raise self._err(f"metadata '{key}' has unknown array element type {etype}")
-                    nbytes = n * np.dtype(dt).itemsize
-                    cur.need(nbytes, f"{n} elements of '{key}'")
-                    value = np.frombuffer(self.data, dtype=dt, count=n, offset=cur.pos).copy()
-                    cur.pos += nbytes
+                    value = cur.numbers(dt, n, f"{n} elements of '{key}'")
                     if etype == GGUFValueType.BOOL:
                         if (value > 1).any():
                             raise self._err(f"metadata '{key}': bool array holds bytes other than 0/1")

@@ -21,14 +21,17 @@ from gqsa_gguf.format import (
 )
 
 
-def random_tensor(rng, n_rows, n_groups, n_kept):
-    """Random valid kept-group arrays: sorted unique indices, q, z, finite fp16 scales."""
+def random_tensor(rng, n_rows, n_groups, n_kept, d_std=None):
+    """Random valid kept-group arrays: sorted unique indices, q, z, finite fp16 scales (any, or
+    normal with standard deviation d_std, for sums that stay far from overflow)."""
     idx = np.sort(np.argsort(rng.random((n_rows, n_groups)), axis=1)[:, :n_kept], axis=1)
     q = rng.integers(0, QMAX + 1, (n_rows, n_kept, GROUP_SIZE))
     z = rng.integers(0, QMAX + 1, (n_rows, n_kept))
     bits = rng.integers(0, 0x7C00, (n_rows, n_kept), dtype=np.uint16)       # finite, positive
     sign = rng.integers(0, 2, (n_rows, n_kept), dtype=np.uint16) << 15
     d = (bits | sign).view(np.float16)
+    if d_std is not None:
+        d = (rng.standard_normal((n_rows, n_kept)) * d_std).astype(np.float16)
     return idx, q, z, d
 
 
@@ -222,8 +225,7 @@ def test_quantize_rejects_bad_kept(bad):
 def test_dequantize_matches_formula():
     rng = np.random.default_rng(7)
     n_rows, n_groups, n_kept = 5, 12, 5
-    idx, q, z, d = random_tensor(rng, n_rows, n_groups, n_kept)
-    d = (rng.standard_normal((n_rows, n_kept)) * 0.05).astype(np.float16)
+    idx, q, z, d = random_tensor(rng, n_rows, n_groups, n_kept, d_std=0.05)
     packed = codec.pack(idx, q, z, d)
     dense = codec.dequantize(packed, n_groups * GROUP_SIZE)
     stored = codec.dequantize_stored(packed)
@@ -326,8 +328,7 @@ def test_matmul_refs_agree():
 def test_act_dot_is_the_kernel_formula():
     rng = np.random.default_rng(10)
     n_rows, n_groups, n_kept = 3, 6, 4
-    idx, q, z, d = random_tensor(rng, n_rows, n_groups, n_kept)
-    d = (rng.standard_normal((n_rows, n_kept)) * 0.1).astype(np.float16)
+    idx, q, z, d = random_tensor(rng, n_rows, n_groups, n_kept, d_std=0.1)
     packed = codec.pack(idx, q, z, d)
     x = rng.standard_normal((2, n_groups * GROUP_SIZE)).astype(np.float32)
     d_x, s_x, qs_x = codec.quantize_act(x)

@@ -13,7 +13,7 @@
 //
 // Prints one line per test case and "N passed, M failed"; exits 1 if any failed.
 #include "ggml-gqsa.h"
-#include "ggml-cpu-gqsa.h"
+#include "ggml-cpu-gqsa-arch.h"      // which kernels this build runs (GQSA_CPU_X86, _ARM, _PANELS)
 #include "ggml-cpu-impl.h"
 #include "gqsa.h"
 #include "gguf.h"
@@ -594,7 +594,7 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, b
     pthread_barrier_destroy(&tp.barrier);
 
     bool ok = true;
-#if defined(__AVX2__) || (defined(__ARM_NEON) && defined(__aarch64__))
+#if GQSA_CPU_PANELS
     if (!handled) {
         printf("    the driver refused a plain 2-D f32 mul_mat\n");
         ok = false;
@@ -631,13 +631,13 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, b
 
 int main(void) {
     printf("GQSA kernel tests (%s)\n",
-#if defined(__AVX512F__)
+#if defined(GQSA_CPU_X86) && defined(__AVX512F__)
            "x86-64 AVX-512"
-#elif defined(__AVX2__)
+#elif defined(GQSA_CPU_X86)
            "x86-64 AVX2"
-#elif defined(__ARM_FEATURE_DOTPROD)
+#elif defined(GQSA_CPU_ARM) && defined(__ARM_FEATURE_DOTPROD)
            "aarch64 NEON + dotprod"
-#elif defined(__ARM_NEON)
+#elif defined(GQSA_CPU_ARM)
            "aarch64 NEON"
 #else
            "scalar"

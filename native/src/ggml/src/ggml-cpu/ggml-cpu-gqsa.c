@@ -70,6 +70,19 @@ void ggml_gqsa_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t n
     }
 }
 
+// ggml's vec_dot: the ISA file's row kernel, else the generic one
+void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
+#if GQSA_CPU_PANELS
+    assert(nrc == 1);
+    assert(n % GQSA_GROUP_SIZE == 0);
+    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+    *s = ggml_gqsa_row(vx, n / GQSA_GROUP_SIZE, vy);
+#else
+    ggml_vec_dot_gqsa4_gqsa_q8_generic(n, s, bs, vx, bx, vy, by, nrc);
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Panels: GQSA_PANEL activation columns, column-interleaved per group
 // ---------------------------------------------------------------------------------------------
@@ -245,14 +258,9 @@ static_assert(sizeof(gqsa_sb8) == GQSA_SB_BLOCKS * GQSA_BLOCK_BYTES, "wrong gqsa
 // The public kernel names where no ISA file defines them: the generic kernels
 // ---------------------------------------------------------------------------------------------
 
-#if !defined(GQSA_CPU_X86) && !defined(GQSA_CPU_ARM)
+#if !GQSA_CPU_PANELS
 void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
     quantize_row_gqsa_q8_ref(x, (block_gqsa_q8 *) y, k);
-}
-
-void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
-                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
-    ggml_vec_dot_gqsa4_gqsa_q8_generic(n, s, bs, vx, bx, vy, by, nrc);
 }
 
 void ggml_gqsa_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
@@ -262,11 +270,6 @@ void ggml_gqsa_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, con
 
 void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT panel) {
     ggml_gqsa_pack_panel_generic(x, ldx, g0, g1, panel);
-}
-
-void ggml_gqsa_panel_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT panel,
-                          float * GGML_RESTRICT out, int64_t ldo) {
-    ggml_gqsa_panel_rows_generic(x, n_kept, nrows, panel, out, ldo);
 }
 #endif
 
@@ -288,11 +291,29 @@ void ggml_gqsa_sb_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, 
 #define GQSA_ROWS_PER_PASS 32             // rows per pass over the K windows (accumulators on the stack)
 #define GQSA_WINDOW_BYTES  (24 * 1024)     // four panels' data of one K window: about 3/4 of a 32 KiB L1
 
-#if defined(GQSA_CPU_X86) || defined(GQSA_CPU_ARM)
-#define GQSA_USE_PANELS 1                 // the ISA file has the panel kernels the driver runs
+// out[c*ldo + r] = row r . column c of the panel. With panel kernels, the test entry of the ISA
+// file's ggml_gqsa_panel_pass, run as the driver runs it but in one K window (a row's blocks in one
+// kernel call); else the generic kernel.
+void ggml_gqsa_panel_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT panel,
+                          float * GGML_RESTRICT out, int64_t ldo) {
+#if GQSA_CPU_PANELS
+    const uint8_t * panels[1] = { (const uint8_t *) panel };
+    const size_t row_bytes = (size_t) n_kept * sizeof(block_gqsa4);
+    for (int64_t r0 = 0; r0 < nrows; r0 += GQSA_ROWS_PER_PASS) {
+        float acc[GQSA_ROWS_PER_PASS][4][GQSA_PANEL] = {{{0}}};
+        int   cur[GQSA_ROWS_PER_PASS] = {0};
+        const int nr = (int) (nrows - r0 < GQSA_ROWS_PER_PASS ? nrows - r0 : GQSA_ROWS_PER_PASS);
+        ggml_gqsa_panel_pass((const uint8_t *) x + r0 * row_bytes, row_bytes, n_kept, nr, cur, UINT32_MAX, panels, 1, acc);
+        for (int c = 0; c < GQSA_PANEL; ++c) {
+            for (int i = 0; i < nr; ++i) {
+                out[c * ldo + r0 + i] = acc[i][0][c];
+            }
+        }
+    }
 #else
-#define GQSA_USE_PANELS 0
+    ggml_gqsa_panel_rows_generic(x, n_kept, nrows, panel, out, ldo);
 #endif
+}
 
 bool ggml_gqsa_sb_available(void) {
 #if defined(GQSA_CPU_X86)
@@ -322,7 +343,7 @@ bool ggml_gqsa_sb_supports_mul_mat(const struct ggml_tensor * dst) {
 // Work buffer layout: full panels first (24 bytes per group and column), then the remaining
 // columns as decode rows (24 bytes per group in the file layout, 32 for superblocks)
 static size_t gqsa_work_bytes(int64_t G, int64_t ncols, bool sb, int64_t * np_out) {
-    const int64_t np  = GQSA_USE_PANELS ? ncols / GQSA_PANEL : 0;
+    const int64_t np  = GQSA_CPU_PANELS ? ncols / GQSA_PANEL : 0;
     const int64_t rem = ncols - np * GQSA_PANEL;
     if (np_out) {
         *np_out = np;
@@ -366,7 +387,7 @@ static void gqsa_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, c
 // for it: then ggml's generic vec_dot loop over (row, column) is as good, and superblocks exist
 // only where the AVX2 kernels do.
 static const gqsa_layout * gqsa_layout_of(bool sb) {
-#if defined(GQSA_CPU_X86) || defined(GQSA_CPU_ARM)
+#if GQSA_CPU_PANELS
     static const gqsa_layout file_rows = {
         sizeof(block_gqsa4), GQSA_ACT_BLOCK_BYTES, gqsa_quantize_act, gqsa_rows, ggml_gqsa_panel_pass,
     };

@@ -1,6 +1,7 @@
 // GQSA CPU kernels (gqsa-gguf). See ggml-gqsa.h for the block layouts. Each kernel X has a scalar
 // reference X_generic (ggml-cpu-gqsa.c); X itself is the ISA version where the build has one
-// (arch/x86/ggml-cpu-gqsa.c, arch/arm/ggml-cpu-gqsa.c: ggml-cpu-gqsa-arch.h picks), else the
+// (arch/x86/ggml-cpu-gqsa.c, arch/arm/ggml-cpu-gqsa.c: ggml-cpu-gqsa-arch.h picks; the vec_dot and
+// panel_rows entries are defined once in ggml-cpu-gqsa.c on top of the ISA kernels), else the
 // generic one.
 #pragma once
 

@@ -21,7 +21,8 @@
 
 // One group of 16 floats, bit-exact with quantize_row_gqsa_q8_ref (as the AVX2 version; vcvtnq
 // rounds to nearest, ties to even, like nearbyintf in the default rounding mode)
-static inline int8x16_t gqsa_quantize_act_group_neon(const float * GGML_RESTRICT x, float * d_out, float * s_out) {
+static inline void gqsa_quantize_group_neon(const float * GGML_RESTRICT x, int8_t * GGML_RESTRICT qs, float * d_out,
+                                            float * s_out) {
     const float32x4_t x0 = vld1q_f32(x), x1 = vld1q_f32(x + 4), x2 = vld1q_f32(x + 8), x3 = vld1q_f32(x + 12);
     const float amax = vmaxvq_f32(vmaxq_f32(vmaxq_f32(vabsq_f32(x0), vabsq_f32(x1)), vmaxq_f32(vabsq_f32(x2), vabsq_f32(x3))));
     const float d = amax / 127.0f;
@@ -32,16 +33,11 @@ static inline int8x16_t gqsa_quantize_act_group_neon(const float * GGML_RESTRICT
     *s_out = d * (float) vaddvq_s32(vaddq_s32(vaddq_s32(q0, q1), vaddq_s32(q2, q3)));
     const int16x8_t h0 = vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1));
     const int16x8_t h1 = vcombine_s16(vqmovn_s32(q2), vqmovn_s32(q3));
-    return vcombine_s8(vqmovn_s16(h0), vqmovn_s16(h1));
+    vst1q_s8(qs, vcombine_s8(vqmovn_s16(h0), vqmovn_s16(h1)));
 }
 
-void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t k) {
-    assert(k % GQSA_GROUP_SIZE == 0);
-    block_gqsa_q8 * GGML_RESTRICT y = (block_gqsa_q8 *) vy;
-    const int64_t nb = k / GQSA_GROUP_SIZE;
-    for (int64_t i = 0; i < nb; ++i) {
-        vst1q_s8(y[i].qs, gqsa_quantize_act_group_neon(x + i * GQSA_GROUP_SIZE, &y[i].d, &y[i].s));
-    }
+void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    gqsa_quantize_row(gqsa_quantize_group_neon, x, y, k);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -71,12 +67,9 @@ static float gqsa_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const bl
     return vaddvq_f32(acc) - zacc;
 }
 
-void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
-                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
-    assert(nrc == 1);
-    assert(n % GQSA_GROUP_SIZE == 0);
-    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
-    *s = gqsa_row_neon((const block_gqsa4 *) vx, n / GQSA_GROUP_SIZE, (const block_gqsa_q8 *) vy);
+// one row: ggml_vec_dot_gqsa4_gqsa_q8's kernel (ggml-cpu-gqsa.c)
+float ggml_gqsa_row(const void * GGML_RESTRICT x, int nb, const void * GGML_RESTRICT y) {
+    return gqsa_row_neon((const block_gqsa4 *) x, nb, (const block_gqsa_q8 *) y);
 }
 
 void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
@@ -92,26 +85,16 @@ void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
 // Panels: GQSA_PANEL activation columns, column-interleaved per group
 // ---------------------------------------------------------------------------------------------
 
-void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT vpanel) {
-    uint8_t * panel = (uint8_t *) vpanel;
-    for (int64_t g = g0; g < g1; ++g) {
-        uint8_t * pg = panel + g * GQSA_PANEL_GROUP_BYTES;
-        float * pd = (float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL);
-        for (int c = 0; c < GQSA_PANEL; ++c) {
-            const int32x4_t q = vreinterpretq_s32_s8(gqsa_quantize_act_group_neon(x + c * ldx + g * GQSA_GROUP_SIZE, &pd[c], &pd[GQSA_PANEL + c]));
-            vst1q_lane_s32((int32_t *) (pg + (0 * GQSA_PANEL + c) * 4), q, 0);
-            vst1q_lane_s32((int32_t *) (pg + (1 * GQSA_PANEL + c) * 4), q, 1);
-            vst1q_lane_s32((int32_t *) (pg + (2 * GQSA_PANEL + c) * 4), q, 2);
-            vst1q_lane_s32((int32_t *) (pg + (3 * GQSA_PANEL + c) * 4), q, 3);
-        }
-    }
+void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT panel) {
+    gqsa_pack_panel(gqsa_quantize_group_neon, x, ldx, g0, g1, panel);
 }
 
 // np panels (1..4) against nb blocks of a row: acc_io[p][c] += those blocks . column c of panel p.
 // Each weight block's 16 weights in one register; sdot by lane multiplies weights 4k..4k+3 with the
 // qs[k] dwords of 4 columns at once.
-static inline void gqsa_panel_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
+static inline void gqsa_panel_row_neon(const void * GGML_RESTRICT vx, int nb, const uint8_t * const * panels,
                                        int np, float acc_io[][GQSA_PANEL]) {
+    const block_gqsa4 * x = (const block_gqsa4 *) vx;
     float32x4_t acc[4][2];
     for (int p = 0; p < np; ++p) {
         acc[p][0] = vld1q_f32(acc_io[p]);
@@ -164,39 +147,9 @@ static inline void gqsa_panel_row_neon(const block_gqsa4 * GGML_RESTRICT x, int 
     }
 }
 
-// out[c*ldo + r] = row r . column c of the panel (the test entry of the panel kernel)
-void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
-                          const void * GGML_RESTRICT vpanel, float * GGML_RESTRICT out, int64_t ldo) {
-    const block_gqsa4 * x = (const block_gqsa4 *) vx;
-    const uint8_t * panels[1] = { (const uint8_t *) vpanel };
-    for (int64_t r = 0; r < nrows; ++r) {
-        float tmp[1][GQSA_PANEL] = {{0}};
-        gqsa_panel_row_neon(x + r * n_kept, n_kept, panels, 1, tmp);
-        for (int c = 0; c < GQSA_PANEL; ++c) {
-            out[c * ldo + r] = tmp[0][c];
-        }
-    }
-}
-
 void ggml_gqsa_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
                           const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
-    for (int i = 0; i < nr; ++i) {
-        const block_gqsa4 * xr = (const block_gqsa4 *) (x + i * row_bytes);
-        int e = cur[i];
-        while (e < n && gqsa_block_index(xr + e) < gend) {
-            ++e;
-        }
-        if (e == cur[i]) {
-            continue;
-        }
-        switch (np) {   // constant panel counts: the accumulators stay in registers
-            case 4:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 4, acc[i]); break;
-            case 3:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 3, acc[i]); break;
-            case 2:  gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 2, acc[i]); break;
-            default: gqsa_panel_row_neon(xr + cur[i], e - cur[i], panels, 1, acc[i]); break;
-        }
-        cur[i] = e;
-    }
+    gqsa_panel_pass(gqsa_panel_row_neon, gqsa_block_group, sizeof(block_gqsa4), x, row_bytes, n, nr, cur, gend, panels, np, acc);
 }
 
 #endif // GQSA_CPU_ARM

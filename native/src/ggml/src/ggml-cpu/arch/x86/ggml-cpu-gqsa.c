@@ -27,8 +27,9 @@
 
 // One group of 16 floats, bit-exact with quantize_row_gqsa_q8_ref: amax by max (|x| never NaN for
 // finite x), d = amax / 127, qs = round-half-even(x / d) by IEEE division and cvtps (default MXCSR
-// rounding = nearbyintf's), s = d * sum. Returns the 16 qs in weight order.
-static inline __m128i gqsa_quantize_act_group_avx2(const float * GGML_RESTRICT x, float * d_out, float * s_out) {
+// rounding = nearbyintf's), s = d * sum (a gqsa_quantize_group_fn)
+static inline void gqsa_quantize_group_avx2(const float * GGML_RESTRICT x, int8_t * GGML_RESTRICT qs, float * d_out,
+                                            float * s_out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256 x0 = _mm256_loadu_ps(x);
     const __m256 x1 = _mm256_loadu_ps(x + 8);
@@ -48,17 +49,11 @@ static inline __m128i gqsa_quantize_act_group_avx2(const float * GGML_RESTRICT x
     *s_out = d * (float) _mm_cvtsi128_si32(s4);
     // |q| <= 127: the saturating packs are exact; packs_epi32 interleaves 128-bit lanes, vpermq undoes it
     const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
-    return _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
+    _mm_storeu_si128((__m128i *) qs, _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)));
 }
 
-void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t k) {
-    assert(k % GQSA_GROUP_SIZE == 0);
-    block_gqsa_q8 * GGML_RESTRICT y = (block_gqsa_q8 *) vy;
-    const int64_t nb = k / GQSA_GROUP_SIZE;
-    for (int64_t i = 0; i < nb; ++i) {
-        const __m128i q = gqsa_quantize_act_group_avx2(x + i * GQSA_GROUP_SIZE, &y[i].d, &y[i].s);
-        _mm_storeu_si128((__m128i *) y[i].qs, q);
-    }
+void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    gqsa_quantize_row(gqsa_quantize_group_avx2, x, y, k);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -157,6 +152,11 @@ static float gqsa_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, const bl
     return gqsa_hsum_ps(acc);
 }
 
+// one row: ggml_vec_dot_gqsa4_gqsa_q8's kernel (ggml-cpu-gqsa.c)
+float ggml_gqsa_row(const void * GGML_RESTRICT x, int nb, const void * GGML_RESTRICT y) {
+    return gqsa_row_avx2((const block_gqsa4 *) x, nb, (const block_gqsa_q8 *) y);
+}
+
 // Consecutive rows as one stream of blocks (rows are contiguous): eight blocks per step whatever
 // the row boundaries, so short rows (a 576-wide row at 50 % keeps 18 blocks) pay no per-row tail.
 // A step that crosses into the next row splits its lanes with a mask. Needs nb >= 8 (at most one
@@ -192,14 +192,6 @@ static void gqsa_rows_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, int64_t 
     }
 }
 
-void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
-                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
-    assert(nrc == 1);
-    assert(n % GQSA_GROUP_SIZE == 0);
-    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
-    *s = gqsa_row_avx2((const block_gqsa4 *) vx, n / GQSA_GROUP_SIZE, (const block_gqsa_q8 *) vy);
-}
-
 void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                     const void * GGML_RESTRICT vy, float * GGML_RESTRICT out) {
     const block_gqsa4   * x = (const block_gqsa4 *) vx;
@@ -217,21 +209,8 @@ void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
 // Panels: GQSA_PANEL activation columns, column-interleaved per group
 // ---------------------------------------------------------------------------------------------
 
-void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT vpanel) {
-    uint8_t * panel = (uint8_t *) vpanel;
-    for (int64_t g = g0; g < g1; ++g) {
-        uint8_t * pg = panel + g * GQSA_PANEL_GROUP_BYTES;
-        float * pd = (float *) (pg + GQSA_GROUP_SIZE * GQSA_PANEL);
-        for (int c = 0; c < GQSA_PANEL; ++c) {
-            const __m128i q = gqsa_quantize_act_group_avx2(x + c * ldx + g * GQSA_GROUP_SIZE, &pd[c], &pd[GQSA_PANEL + c]);
-            const int32_t w0 = _mm_cvtsi128_si32(q),     w1 = _mm_extract_epi32(q, 1);
-            const int32_t w2 = _mm_extract_epi32(q, 2),  w3 = _mm_extract_epi32(q, 3);
-            memcpy(pg + (0 * GQSA_PANEL + c) * 4, &w0, 4);
-            memcpy(pg + (1 * GQSA_PANEL + c) * 4, &w1, 4);
-            memcpy(pg + (2 * GQSA_PANEL + c) * 4, &w2, 4);
-            memcpy(pg + (3 * GQSA_PANEL + c) * 4, &w3, 4);
-        }
-    }
+void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0, int64_t g1, void * GGML_RESTRICT panel) {
+    gqsa_pack_panel(gqsa_quantize_group_avx2, x, ldx, g0, g1, panel);
 }
 
 // Eight blocks of a row decoded once for all panels: the 16 weights of each (in order), the scale,
@@ -296,58 +275,40 @@ static inline void gqsa_panel_dec8_avx2(const gqsa_decoded8 * GGML_RESTRICT dec,
     }
 }
 
-// np panels (1..4) against nb blocks of a row: acc_io[p][c] += those blocks . column c of panel p
-static inline void gqsa_panel_row_avx2(const block_gqsa4 * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
-                                       int np, float acc_io[][GQSA_PANEL]) {
-    __m256 acc[4], accz[4];
+// A panel kernel's accumulators for np panels: acc[p] starts from acc_io[p], accz[p] (the zero-point
+// terms, kept apart: two short dependency chains) from 0; at the end acc_io[p] = acc[p] - accz[p]
+static inline void gqsa_panel_acc_load(float acc_io[][GQSA_PANEL], int np, __m256 * acc, __m256 * accz) {
     for (int p = 0; p < np; ++p) {
         acc[p]  = _mm256_loadu_ps(acc_io[p]);
         accz[p] = _mm256_setzero_ps();
     }
-    gqsa_decoded8 dec;
-    for (int i = 0; i < nb; i += 8) {
-        const int n = nb - i < 8 ? nb - i : 8;
-        gqsa_decode8_avx2(x + i, n, &dec);
-        gqsa_panel_dec8_avx2(&dec, n, panels, np, acc, accz);
-    }
+}
+
+static inline void gqsa_panel_acc_store(float acc_io[][GQSA_PANEL], int np, const __m256 * acc, const __m256 * accz) {
     for (int p = 0; p < np; ++p) {
         _mm256_storeu_ps(acc_io[p], _mm256_sub_ps(acc[p], accz[p]));
     }
 }
 
-// out[c*ldo + r] = row r . column c of the panel (the test entry of the panel kernel)
-void ggml_gqsa_panel_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
-                          const void * GGML_RESTRICT vpanel, float * GGML_RESTRICT out, int64_t ldo) {
-    const block_gqsa4 * x = (const block_gqsa4 *) vx;
-    const uint8_t * panels[1] = { (const uint8_t *) vpanel };
-    for (int64_t r = 0; r < nrows; ++r) {
-        float tmp[1][GQSA_PANEL] = {{0}};
-        gqsa_panel_row_avx2(x + r * n_kept, n_kept, panels, 1, tmp);
-        for (int c = 0; c < GQSA_PANEL; ++c) {
-            out[c * ldo + r] = tmp[0][c];
-        }
+// The panel kernel (a gqsa_panel_row_fn): np panels (1..4) against nb blocks of a row,
+// acc_io[p][c] += those blocks . column c of panel p. Superblocks have their own kernel below,
+// not a layout flag here: GCC 12 then specializes each for the constant panel counts of a pass.
+static inline void gqsa_panel_row_avx2(const void * GGML_RESTRICT x, int nb, const uint8_t * const * panels,
+                                       int np, float acc_io[][GQSA_PANEL]) {
+    __m256 acc[4], accz[4];
+    gqsa_panel_acc_load(acc_io, np, acc, accz);
+    gqsa_decoded8 dec;
+    for (int i = 0; i < nb; i += 8) {
+        const int n = nb - i < 8 ? nb - i : 8;
+        gqsa_decode8_avx2((const block_gqsa4 *) x + i, n, &dec);
+        gqsa_panel_dec8_avx2(&dec, n, panels, np, acc, accz);
     }
+    gqsa_panel_acc_store(acc_io, np, acc, accz);
 }
 
 void ggml_gqsa_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
                           const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
-    for (int i = 0; i < nr; ++i) {
-        const block_gqsa4 * xr = (const block_gqsa4 *) (x + i * row_bytes);
-        int e = cur[i];
-        while (e < n && gqsa_block_index(xr + e) < gend) {
-            ++e;
-        }
-        if (e == cur[i]) {
-            continue;
-        }
-        switch (np) {   // constant panel counts: the accumulators stay in registers
-            case 4:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 4, acc[i]); break;
-            case 3:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 3, acc[i]); break;
-            case 2:  gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 2, acc[i]); break;
-            default: gqsa_panel_row_avx2(xr + cur[i], e - cur[i], panels, 1, acc[i]); break;
-        }
-        cur[i] = e;
-    }
+    gqsa_panel_pass(gqsa_panel_row_avx2, gqsa_block_group, sizeof(block_gqsa4), x, row_bytes, n, nr, cur, gend, panels, np, acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -358,8 +319,7 @@ void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRI
     int8_t * qs = (int8_t *) vy;
     float  * ds = (float *) (qs + GQSA_GROUP_SIZE * G);
     for (int64_t g = g0; g < g1; ++g) {
-        const __m128i q = gqsa_quantize_act_group_avx2(x + g * GQSA_GROUP_SIZE, &ds[4 * g], &ds[4 * g + 1]);
-        _mm_storeu_si128((__m128i *) (qs + GQSA_GROUP_SIZE * g), q);
+        gqsa_quantize_group_avx2(x + g * GQSA_GROUP_SIZE, qs + GQSA_GROUP_SIZE * g, &ds[4 * g], &ds[4 * g + 1]);
         ds[4 * g + 2] = ds[4 * g + 3] = 0.0f;
     }
 }
@@ -441,21 +401,17 @@ static inline void gqsa_sb_decode8_avx2(const gqsa_sb8 * GGML_RESTRICT t, gqsa_d
     _mm256_storeu_si256((__m256i *) dec->off, _mm256_mullo_epi32(_mm256_srli_epi32(gz, 4), _mm256_set1_epi32(GQSA_PANEL_GROUP_BYTES)));
 }
 
-static inline void gqsa_sb_panel_row_avx2(const gqsa_sb8 * GGML_RESTRICT t, int nsb, const uint8_t * const * panels,
+// The panel kernel of superblocks (a gqsa_panel_row_fn): np panels against nsb superblocks of a row
+static inline void gqsa_sb_panel_row_avx2(const void * GGML_RESTRICT x, int nsb, const uint8_t * const * panels,
                                           int np, float acc_io[][GQSA_PANEL]) {
     __m256 acc[4], accz[4];
-    for (int p = 0; p < np; ++p) {
-        acc[p]  = _mm256_loadu_ps(acc_io[p]);
-        accz[p] = _mm256_setzero_ps();
-    }
+    gqsa_panel_acc_load(acc_io, np, acc, accz);
     gqsa_decoded8 dec;
     for (int s = 0; s < nsb; ++s) {
-        gqsa_sb_decode8_avx2(t + s, &dec);
+        gqsa_sb_decode8_avx2((const gqsa_sb8 *) x + s, &dec);
         gqsa_panel_dec8_avx2(&dec, GQSA_SB_BLOCKS, panels, np, acc, accz);
     }
-    for (int p = 0; p < np; ++p) {
-        _mm256_storeu_ps(acc_io[p], _mm256_sub_ps(acc[p], accz[p]));
-    }
+    gqsa_panel_acc_store(acc_io, np, acc, accz);
 }
 
 void ggml_gqsa_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
@@ -463,25 +419,14 @@ void ggml_gqsa_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
     gqsa_sb_rows_avx2((const gqsa_sb8 *) vx, n_kept / GQSA_SB_BLOCKS, nrows, vy, G, out);
 }
 
+// a superblock goes by the group of its first block (lane 0)
+static inline uint32_t gqsa_sb_group(const void * unit) {
+    return (uint32_t) (((const gqsa_sb8 *) unit)->gz[0] >> 4);
+}
+
 void ggml_gqsa_sb_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
                              const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
-    for (int i = 0; i < nr; ++i) {
-        const gqsa_sb8 * tr = (const gqsa_sb8 *) (x + i * row_bytes);
-        int e = cur[i];
-        while (e < n && (uint32_t) (tr[e].gz[0] >> 4) < gend) {
-            ++e;
-        }
-        if (e == cur[i]) {
-            continue;
-        }
-        switch (np) {
-            case 4:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 4, acc[i]); break;
-            case 3:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 3, acc[i]); break;
-            case 2:  gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 2, acc[i]); break;
-            default: gqsa_sb_panel_row_avx2(tr + cur[i], e - cur[i], panels, 1, acc[i]); break;
-        }
-        cur[i] = e;
-    }
+    gqsa_panel_pass(gqsa_sb_panel_row_avx2, gqsa_sb_group, sizeof(gqsa_sb8), x, row_bytes, n, nr, cur, gend, panels, np, acc);
 }
 
 #endif // GQSA_CPU_X86
