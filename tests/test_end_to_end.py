@@ -114,10 +114,11 @@ def smollm_gguf(tmp_path_factory):
     # technical text), where the runtime's 8-bit activation rounding moves perplexity by ~2 %; at w4s20
     # the model still predicts, and the comparison measures the runtime rather than chaos.
     # The uniform layout: a sensitivity allocation measured on 8 x 128 tokens is noise, and this
-    # fixture is about the runtime (the allocation is tested on tiny models and benchmarked).
+    # fixture is about the runtime (the allocation is tested on tiny models and benchmarked), and
+    # E2E-OQP trains on the 8 calibration windows (--e2e-windows 0), not the default 384.
     out = tmp_path_factory.mktemp("smollm") / "smollm2-w4s20.gguf"
     rc = main(["convert", "--gqsa", "w4s20", "-o", str(out), "--nsamples", "8", "--seqlen", "128",
-               "--allocation", "uniform", "-q"])
+               "--allocation", "uniform", "--e2e-windows", "0", "-q"])
     assert rc == 0 and out.is_file()
     return out
 

@@ -90,30 +90,40 @@ def test_gguf_records_the_training_configs_used(tmp_path, monkeypatch):
         assert ran == recorded[stage]
 
 
-def test_e2e_windows_drawn_apart_from_the_oneshot_windows(tmp_path, monkeypatch):
-    """--e2e-windows N: E2E-OQP trains on N windows of the calibration text while the one-shot
-    pass keeps its --nsamples; the file records the setting."""
+def _convert_spying_e2e(tmp_path, monkeypatch, e2e_cfg, nsamples=2, name="m.gguf"):
+    """Converts the tiny LLaMA with `e2e_cfg` (one-shot: round-to-nearest, uniform); returns
+    (what run_e2e received: windows, config and step losses; the file's gqsa.config)."""
     from gqsa_gguf import e2e
     from gqsa_gguf.gguf_io import read_gguf
 
     seen = {}
+    real = e2e.run_e2e
 
     def spy(model, windows, cfg, **kw):
-        seen["shape"] = tuple(windows.shape)
-        return real(model, windows, cfg, **kw)
-    real = e2e.run_e2e
+        seen.update(windows=windows.clone(), cfg=cfg)
+        rep = real(model, windows, cfg, **kw)
+        seen["loss"] = rep.step_loss
+        return rep
     monkeypatch.setattr(e2e, "run_e2e", spy)
-    folder = make_checkpoint(tmp_path / "ckpt", "llama")
+    folder = tmp_path / "ckpt"
+    if not folder.exists():
+        make_checkpoint(folder, "llama")
     calib = tmp_path / "calib.txt"
     calib.write_text(text() * 20)
-    out = tmp_path / "m.gguf"
+    out = tmp_path / name
     cfg = ConvertConfig(model=str(folder), output=str(out),
                         compression=CompressionConfig.from_spec("w4s50", method="rtn", allocation="uniform"),
-                        calib=CalibConfig(source=str(calib), nsamples=2, seqlen=32),
-                        e2e=E2EConfig(epochs=1, windows=6, loss="kd"))
+                        calib=CalibConfig(source=str(calib), nsamples=nsamples, seqlen=32), e2e=e2e_cfg)
     convert(cfg, progress=False, log=lambda *a: None)
-    assert seen["shape"] == (6, 32)
-    assert read_gguf(out).gqsa_config["e2e"]["windows"] == 6
+    return seen, read_gguf(out).gqsa_config
+
+
+def test_e2e_windows_drawn_apart_from_the_oneshot_windows(tmp_path, monkeypatch):
+    """--e2e-windows N: E2E-OQP trains on N windows of the calibration text while the one-shot
+    pass keeps its --nsamples; the file records the setting."""
+    seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch, E2EConfig(epochs=1, windows=6, loss="kd"))
+    assert tuple(seen["windows"].shape) == (6, 32)
+    assert recorded["e2e"]["windows"] == 6
 
 
 def test_amp_auto_reads_the_cpu_flags():
@@ -138,31 +148,13 @@ def test_amp_auto_reads_the_cpu_flags():
 def test_amp_auto_is_recorded_as_what_ran(tmp_path, monkeypatch):
     """The converter's default --amp auto: the file says which precision E2E-OQP really used, and a
     bf16 run on the CPU trains (a finite loss at every step)."""
-    from gqsa_gguf import e2e
-    from gqsa_gguf.gguf_io import read_gguf
     from gqsa_gguf.training import resolve_amp
 
-    seen = {}
-
-    def spy(model, windows, cfg, **kw):
-        seen["amp"] = cfg.amp
-        rep = real(model, windows, cfg, **kw)
-        seen["loss"] = rep.step_loss
-        return rep
-    real = e2e.run_e2e
-    monkeypatch.setattr(e2e, "run_e2e", spy)
-    folder = make_checkpoint(tmp_path / "ckpt", "llama")
-    calib = tmp_path / "calib.txt"
-    calib.write_text(text() * 20)
     for amp in ("auto", "bf16"):
-        out = tmp_path / f"m-{amp}.gguf"
-        cfg = ConvertConfig(model=str(folder), output=str(out),
-                            compression=CompressionConfig.from_spec("w4s50", method="rtn", allocation="uniform"),
-                            calib=CalibConfig(source=str(calib), nsamples=4, seqlen=32),
-                            e2e=E2EConfig(epochs=1, loss="kd", amp=amp))
-        convert(cfg, progress=False, log=lambda *a: None)
+        seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch, E2EConfig(epochs=1, loss="kd", amp=amp),
+                                             nsamples=4, name=f"m-{amp}.gguf")
         want = resolve_amp(amp, "cpu")
-        assert seen["amp"] == want and read_gguf(out).gqsa_config["e2e"]["amp"] == want
+        assert seen["cfg"].amp == want and recorded["e2e"]["amp"] == want
         assert all(math.isfinite(v) for v in seen["loss"]) and len(seen["loss"]) == 2
 
 
@@ -190,28 +182,12 @@ def test_chat_windows_are_conversations_of_the_calibration_text(tmp_path):
 
 def test_e2e_trains_on_a_share_of_chat_windows(tmp_path, monkeypatch):
     """--e2e-chat-share: that share of E2E-OQP's windows are chat-formatted; the file records it."""
-    from gqsa_gguf import e2e
-    from gqsa_gguf.gguf_io import read_gguf
-
-    seen = {}
-
-    def spy(model, windows, cfg, **kw):
-        seen["windows"] = windows.clone()
-        return real(model, windows, cfg, **kw)
-    real = e2e.run_e2e
-    monkeypatch.setattr(e2e, "run_e2e", spy)
-    folder = make_checkpoint(tmp_path / "ckpt", "llama")
-    calib_file = tmp_path / "calib.txt"
-    calib_file.write_text(text() * 20)
-    out = tmp_path / "m.gguf"
-    cfg = ConvertConfig(model=str(folder), output=str(out),
-                        compression=CompressionConfig.from_spec("w4s50", method="rtn", allocation="uniform"),
-                        calib=CalibConfig(source=str(calib_file), nsamples=2, seqlen=32),
-                        e2e=E2EConfig(epochs=1, windows=8, loss="kd", chat_share=0.25))
-    convert(cfg, progress=False, log=lambda *a: None)
     from transformers import AutoTokenizer
-    start = AutoTokenizer.from_pretrained(str(folder)).convert_tokens_to_ids("<|im_start|>")
+
+    seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch,
+                                         E2EConfig(epochs=1, windows=8, loss="kd", chat_share=0.25))
+    start = AutoTokenizer.from_pretrained(str(tmp_path / "ckpt")).convert_tokens_to_ids("<|im_start|>")
     assert [int(r[0] == start) for r in seen["windows"]] == [0] * 6 + [1] * 2
-    assert read_gguf(out).gqsa_config["e2e"]["chat_share"] == 0.25
+    assert recorded["e2e"]["chat_share"] == 0.25
     with pytest.raises(ConfigError, match="chat-share"):
         E2EConfig(chat_share=1.5)
