@@ -1,33 +1,39 @@
 """One-shot GQSA compression: decide, for every decoder linear, which groups survive and their
 4-bit codes (paper §3.1-3.2; the BQPO / E2E-OQP training of §3.3-3.4 comes later).
 
-In:  a float32 HF causal LM (LLaMA / Qwen2), its `ModelInfo`, calibration windows
-     LongTensor [nsamples, seqlen], a `CompressionConfig`.
+In:  a float32 HF causal LM (the architectures of gqsa_gguf/arch), or a block source over a
+     checkpoint read block by block (`streamed.StreamedModel`); its `ModelInfo`, calibration
+     windows LongTensor [nsamples, seqlen], a `CompressionConfig`.
 Out: `compress_model(...)` -> `CompressionResult` with one `CompressedLinear` per decoder linear
      (q, k, v, o, gate, up, down of every layer), keyed by HF module name, e.g.
-     "model.layers.3.self_attn.q_proj". The model is modified in place: on return each of those
-     linears holds exactly the dequantized compressed weight (`CompressedLinear.dequantize()`).
+     "model.layers.3.self_attn.q_proj". A model given whole is modified in place: on return each
+     of those linears holds exactly the dequantized compressed weight
+     (`CompressedLinear.dequantize()`). `compress_blocks(...)` is the same pass as a generator of
+     one `BlockResult` per block (what the streamed conversion consumes, writing each to disk);
+     `sensitivity_curves` / `sensitivity_blocks` the allocation's probe, likewise.
 
 `CompressedLinear` is the seam between deciding and storing: kept group indices, q, z, d and the
-logical width, in HF row order. Packing into gqsa4 bytes (and llama.cpp's q/k row permutation)
-is `export`'s job.
+logical width, in HF row order; `PackedLinear` the same as gqsa4 rows (12 bytes a kept group).
+Packing into gqsa4 bytes (and llama.cpp's q/k row permutation) is `export`'s job.
 
 Order of work (the GPTQ/SparseGPT block-wise scheme): the calibration windows are embedded once;
-then for each decoder block: (1) run the block on its inputs with hooks accumulating H = 2XX^T/n
-for the four distinct linear inputs (q/k/v share the attention input, gate/up the MLP input);
-(2) compress its seven linears from W and H (Eq. 4 saliency -> per-row mask -> min-max 4-bit);
-(3) with `sequential=True` (default) run the now-compressed block again, and its outputs are the
-next block's inputs, so later blocks are calibrated on the activations they will really see
-(GPTQ's sequential mode); with `sequential=False` the dense outputs of step (1) are used instead.
-Within a block all seven linears see the block's dense inputs (no intra-block re-run): one extra
-pass per block instead of four.
+then for each decoder block (`compress_block`, one code path for a model in memory and a streamed
+one): with `method="obs"` (default) the four input groups (q/k/v share the attention input, gate/up
+the MLP input) are compressed in the order the data flows, each from H = 2XX^T/n taken with the
+linears before it already compressed (GPTQ's true-sequential), by OBS error compensation on the
+row-balanced group mask; with `method="rtn"` one dense pass gives all four H, and each linear gets
+the Eq. 4 saliency mask with min-max 4-bit rounding. With `sequential=True` (default) the
+now-compressed block is run again and its outputs are the next block's inputs, so later blocks
+are calibrated on the activations they will really see.
 
 Invariants: quantization is bit-exact with `codec.quantize_groups` (tested); every row keeps
-exactly `format.kept_groups(K, sparsity)` groups, sorted; non-finite weights raise.
+exactly the allocated number of groups, sorted; non-finite weights raise; a block source gives
+bit-for-bit the results of the loaded model (tests/test_streamed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -39,11 +45,13 @@ from . import arch, codec
 from . import format as fmt
 from .errors import GQSAError
 from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, hessian_inverse_diag,
-                       select_groups, weight_saliency)
+                       inverse_diag_from_cholesky, select_groups, weight_saliency)
 from .training import capture_layer_inputs, layer_output
 
-__all__ = ["CompressedLinear", "CompressionResult", "OneShotError", "quantize_groups_torch",
-           "dequantize_groups_torch", "compress_linear", "compress_model", "apply_compressed"]
+__all__ = ["CompressedLinear", "PackedLinear", "CompressionResult", "OneShotError", "ChainState", "BlockResult",
+           "ModelBlocks", "quantize_groups_torch", "dequantize_groups_torch", "compress_linear", "saliency_round",
+           "compress_block", "compress_blocks", "compress_model", "sensitivity_block", "sensitivity_blocks",
+           "sensitivity_curves", "apply_compressed"]
 
 # linears that share one input: the first is hooked, its H serves the group (gqsa_gguf/arch)
 _INPUT_GROUPS = arch.INPUT_GROUPS
@@ -54,8 +62,18 @@ class OneShotError(GQSAError, RuntimeError):
     """Compression could not proceed (bad weights, unexpected model structure)."""
 
 
+class _KeptGroups:
+    """What CompressedLinear and PackedLinear share: rows, kept groups per row, the width."""
+
+    width: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n_kept / (self.width // fmt.GROUP_SIZE)
+
+
 @dataclass(frozen=True, eq=False)
-class CompressedLinear:
+class CompressedLinear(_KeptGroups):
     """One compressed linear W[N, K] in HF row order.
 
     indices int32 [N, n_kept]: kept group numbers per row, strictly increasing, < K/16
@@ -86,14 +104,14 @@ class CompressedLinear:
     def n_kept(self) -> int:
         return self.indices.shape[1]
 
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.n_kept / (self.width // fmt.GROUP_SIZE)
-
     def permute_rows(self, perm: np.ndarray) -> "CompressedLinear":
         """Rows reordered: row r of the result is row perm[r] of self (rows are independent)."""
         return CompressedLinear(self.name, self.width, self.indices[perm], self.q[perm], self.z[perm],
                                 self.d[perm])
+
+    def packed_rows(self) -> np.ndarray:
+        """The gqsa4 rows, uint8 [N, n_kept*12] (codec.pack; docs/FORMAT.md)."""
+        return codec.pack(self.indices, self.q, self.z, self.d)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, width], exact (the same values as codec.dequantize of the packed rows)."""
@@ -103,6 +121,38 @@ class CompressedLinear:
         idx = torch.from_numpy(self.indices.astype(np.int64))[:, :, None].expand(-1, -1, fmt.GROUP_SIZE)
         out.scatter_(1, idx, vals)
         return out.reshape(self.rows, self.width)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLinear(_KeptGroups):
+    """A CompressedLinear held as its gqsa4 rows, uint8 [N, n_kept*12]: 12 bytes a kept group,
+    0.75 a kept weight against CompressedLinear's 1.44 — how the streamed conversion keeps the
+    finished blocks. `unpack()` gives the CompressedLinear back exactly (codec.pack / unpack)."""
+
+    name: str
+    width: int
+    data: np.ndarray
+
+    @classmethod
+    def of(cls, cl: CompressedLinear) -> "PackedLinear":
+        return cls(cl.name, cl.width, cl.packed_rows())
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def n_kept(self) -> int:
+        return self.data.shape[1] // fmt.BLOCK_BYTES
+
+    def permute_rows(self, perm: np.ndarray) -> "PackedLinear":
+        return PackedLinear(self.name, self.width, self.data[perm])
+
+    def packed_rows(self) -> np.ndarray:
+        return self.data
+
+    def unpack(self) -> CompressedLinear:
+        return CompressedLinear(self.name, self.width, *codec.unpack(self.data))
 
 
 @dataclass
@@ -154,17 +204,25 @@ def compress_linear(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: float, 
     hinv: `hessian_inverse_diag(H, damp)` if already computed (linears sharing an input share it).
     """
     W = W.detach().to(torch.float32)
+    cl = saliency_round(W, hinv if hinv is not None else hessian_inverse_diag(H, damp, name), n_kept, name)
+    return cl, relative_output_error(W, H, cl)
+
+
+def saliency_round(W: torch.Tensor, hinv: tuple[torch.Tensor, torch.Tensor], n_kept: int,
+                   name: str = "?") -> CompressedLinear:
+    """The paper's one-shot of W [N, K] (float32): each row keeps its n_kept groups of highest
+    Eq. 4 saliency, rounded to nearest on their min-max grids. hinv: (diag(H_damped^-1), dead
+    inputs), `hessian_inverse_diag`; H itself is not needed (the sensitivity probe drops it)."""
     n, k = W.shape
     if not bool(torch.isfinite(W).all()):
         bad = (~torch.isfinite(W)).nonzero()[0].tolist()
         raise OneShotError(f"{name}: non-finite weight {W[bad[0], bad[1]].item()} at {bad} — the checkpoint is corrupt")
-    hinv_diag, dead = hinv if hinv is not None else hessian_inverse_diag(H, damp, name)
+    hinv_diag, dead = hinv
     kept = select_groups(group_saliency(weight_saliency(W, hinv_diag, dead)), n_kept)
     groups = W.reshape(n, k // fmt.GROUP_SIZE, fmt.GROUP_SIZE)
     sel = torch.gather(groups, 1, kept[:, :, None].expand(-1, -1, fmt.GROUP_SIZE))
     q, z, d = quantize_groups_torch(sel)
-    cl = CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy())
-    return cl, relative_output_error(W, H, cl)
+    return CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy())
 
 
 def output_error(W: torch.Tensor, H: torch.Tensor, cl: CompressedLinear) -> tuple[float, float]:
@@ -195,7 +253,12 @@ def _cholesky_inverse_upper(H: torch.Tensor, damp: float, name: str) -> tuple[to
     the inputs after it (the OBS update with inputs < j already fixed), and U_jj^2 is
     [H_{j:,j:}^-1]_jj, the denominator of input j's OBS error w^2 / U_jj^2."""
     L, dead = dampened_cholesky(H, damp, name)
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    # each K x K float64 intermediate is freed as soon as the next exists: with H (the caller's)
+    # at most three are alive (24 K^2 bytes; for down_proj of a 7B shape, K = 11008, 2.9 GB)
+    inv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(inv, upper=True)
+    del inv
     if int(info) != 0:
         raise OneShotError(f"{name}: the inverse Hessian lost positive definiteness in float64 "
                            f"(damp={damp}) — raise --damp")
@@ -427,87 +490,161 @@ def float_target_weight(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, U: to
     return (W64 + (M @ U64.T) @ U64).to(torch.float32)
 
 
+# --- the block-wise passes ------------------------------------------------------------------------
+#
+# Both passes (the one-shot compression and the allocation's sensitivity probe) walk the decoder
+# block by block and ask a *block source* for each block: `ModelBlocks` over a model held whole in
+# memory, or `streamed.StreamedModel`, which reads each block from the checkpoint when the pass
+# reaches it and frees it after. The per-block work (`compress_block`, `sensitivity_block`) is the
+# same code for both, so a streamed conversion computes exactly what the whole-model one does.
+
+
+@dataclass
+class ChainState:
+    """Where a block-wise pass stands: the next block to process and the inputs it receives, per
+    batch of windows. `hidden` is the chain the pass calibrates on; `fhidden` the float model's own
+    chain, carried only with CompressionConfig.target "float". A pass resumes from it."""
+
+    block: int
+    hidden: list
+    fhidden: list | None = None
+
+
+@dataclass
+class BlockResult:
+    """The one-shot result of one decoder block."""
+
+    index: int
+    linears: dict[str, CompressedLinear]
+    rel_errors: dict[str, float]
+
+
+class ModelBlocks:
+    """The decoder blocks of a model held whole in memory, as the block-wise passes ask for them
+    (`streamed.StreamedModel` is the same three members over a checkpoint read block by block)."""
+
+    def __init__(self, model, info):
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None or len(layers) != info.n_layers:
+            raise OneShotError(f"{info.architecture}: expected model.model.layers with {info.n_layers} decoder "
+                               f"layers — unsupported model structure")
+        self.model, self.layers, self.n_layers = model, layers, info.n_layers
+
+    def layer0_inputs(self, windows: torch.Tensor, bs: int):
+        return _layer0_inputs(self.model, windows, bs)
+
+    @contextlib.contextmanager
+    def block(self, i: int):
+        """Block i, the model's own module: what a pass does to it stays in the model."""
+        yield self.layers[i]
+
+
+def as_blocks(model, info):
+    """A block source for `model`: an HF model (torch module) is wrapped in ModelBlocks; a block
+    source (streamed.StreamedModel) is returned as it is."""
+    return ModelBlocks(model, info) if isinstance(model, torch.nn.Module) else model
+
+
+def compress_block(layer, i: int, state: ChainState, kwargs, cfg, kept_of) -> tuple[BlockResult, ChainState]:
+    """Compresses the seven linears of decoder block i (`layer`, which ends holding the compressed
+    weights) calibrated on `state` (its inputs); returns them and the next block's inputs.
+    kept_of(name, linear) -> groups each row keeps."""
+    hidden, fhidden = state.hidden, state.fhidden
+    res = BlockResult(i, {}, {})
+
+    def compress_group(group, H, fn, aux):
+        for lin in group:
+            name = f"model.layers.{i}.{lin}"
+            mod = layer.get_submodule(lin)
+            cl, rel = fn(mod.weight, H, kept_of(name, lin), cfg.damp, name, aux)
+            mod.weight.copy_(cl.dequantize())
+            res.linears[name] = cl
+            res.rel_errors[name] = rel
+
+    if cfg.method == "obs" and fhidden is not None:
+        # GPTAQ: each linear is asked for the float model's output on the float input
+        float_layer = copy.deepcopy(layer)
+        for hooked, group in _INPUT_GROUPS:
+            where = f"model.layers.{i}.{hooked}"
+            H, G = _block_input_pair(layer, float_layer, hooked, hidden, fhidden, kwargs, where)
+            chol = _cholesky_inverse_upper(H, cfg.damp, where)
+            compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(
+                float_target_weight(W, H, aux[1], aux[0][0]), H, k, dp, n, chol=aux[0]), (chol, G))
+            del H, G, chol
+        dense_out = None
+        fhidden = [layer_output(float_layer(h, **kw)) for h, kw in zip(fhidden, kwargs)]
+        del float_layer
+    elif cfg.method == "obs":
+        # true-sequential (GPTQ): each input group's Hessian is taken with the linears before
+        # it in the block already compressed, so o_proj compensates what q/k/v lost, and so on
+        for hooked, group in _INPUT_GROUPS:
+            where = f"model.layers.{i}.{hooked}"
+            H = _block_input_hessian(layer, hooked, hidden, kwargs, where)
+            compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(W, H, k, dp, n, chol=aux),
+                           _cholesky_inverse_upper(H, cfg.damp, where))
+            del H
+        dense_out = None
+    else:
+        accs, dense_out = _dense_pass(layer, i, hidden, kwargs)
+        for hooked, group in _INPUT_GROUPS:
+            H = accs.pop(hooked).H
+            compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear(W, H, k, dp, n, hinv=aux),
+                           hessian_inverse_diag(H, cfg.damp, f"model.layers.{i}.{hooked}"))
+            del H
+
+    if cfg.sequential or dense_out is None:
+        hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+    else:
+        hidden = dense_out
+    return res, ChainState(i + 1, hidden, fhidden)
+
+
+def compress_blocks(model, info, windows: torch.Tensor, cfg, batch_size: int = 8, progress: bool = True,
+                    keep: dict[str, int] | None = None, resume: ChainState | None = None):
+    """The one-shot pass as a generator: (BlockResult, ChainState after it) block by block.
+
+    model: an HF model (compressed in place) or a block source (`as_blocks`); resume: the state a
+    previous run of the same pass stopped at (its blocks < resume.block are not redone)."""
+    from tqdm.auto import tqdm
+
+    blocks = as_blocks(model, info)
+    windows = torch.as_tensor(windows, dtype=torch.long)
+    bs = max(1, min(int(batch_size), windows.shape[0]))
+    uniform = {lin: fmt.kept_groups(info.linear_shape(lin)[1], cfg.sparsity) for lin in _LINEARS}
+
+    def kept_of(name: str, lin: str) -> int:
+        return int(keep[name]) if keep is not None and name in keep else uniform[lin]
+
+    # embed: run the model until decoder layer 0, recording what it receives (under no_grad, not
+    # inference mode: a streamed source materializes the embeddings there)
+    hidden, kwargs = blocks.layer0_inputs(windows, bs)
+    if resume is None:
+        asym = getattr(cfg, "target", "layer") == "float" and cfg.sequential
+        state = ChainState(0, hidden, [h.clone() for h in hidden] if asym else None)
+    else:
+        state = resume
+    del hidden
+    bar = tqdm(range(state.block, info.n_layers), desc="GQSA one-shot", unit="block", disable=not progress)
+    for i in bar:
+        with blocks.block(i) as layer, torch.inference_mode():
+            res, state = compress_block(layer, i, state, kwargs, cfg, kept_of)
+        bar.set_postfix(rel_err=f"{np.mean(list(res.rel_errors.values())):.4f}")
+        yield res, state
+
+
 def compress_model(model, info, windows: torch.Tensor, cfg, batch_size: int = 8,
                    progress: bool = True, keep: dict[str, int] | None = None) -> CompressionResult:
     """Compresses every decoder linear of `model` block by block (see module docstring).
 
     cfg: a CompressionConfig (sparsity, damp, sequential); batch_size: windows per forward pass
     (affects speed and memory only; H is the same up to float rounding)."""
-    from tqdm.auto import tqdm
-
     t0 = time.time()
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None or len(layers) != info.n_layers:
-        raise OneShotError(f"{info.architecture}: expected model.model.layers with {info.n_layers} decoder "
-                           f"layers — unsupported model structure")
     windows = torch.as_tensor(windows, dtype=torch.long)
     nsamples, seqlen = windows.shape
-    bs = max(1, min(int(batch_size), nsamples))
-
-    uniform = {lin: fmt.kept_groups(info.linear_shape(lin)[1], cfg.sparsity) for lin in _LINEARS}
-
-    def kept_of(name: str, lin: str) -> int:
-        return int(keep[name]) if keep is not None and name in keep else uniform[lin]
     result = CompressionResult(linears={}, rel_errors={}, seconds=0.0, nsamples=nsamples, seqlen=seqlen)
-
-    with torch.inference_mode():
-        # 1. embed: run the model until decoder layer 0, recording what it receives
-        hidden, kwargs = _layer0_inputs(model, windows, bs)
-        asym = getattr(cfg, "target", "layer") == "float" and cfg.sequential
-        fhidden = [h.clone() for h in hidden] if asym else None
-
-        bar = tqdm(range(info.n_layers), desc="GQSA one-shot", unit="block", disable=not progress)
-        for i in bar:
-            layer = layers[i]
-            errs = []
-
-            def compress_group(group, H, fn, aux):
-                for lin in group:
-                    name = f"model.layers.{i}.{lin}"
-                    mod = layer.get_submodule(lin)
-                    cl, rel = fn(mod.weight, H, kept_of(name, lin), cfg.damp, name, aux)
-                    mod.weight.copy_(cl.dequantize())
-                    result.linears[name] = cl
-                    result.rel_errors[name] = rel
-                    errs.append(rel)
-
-            if cfg.method == "obs" and asym:
-                # GPTAQ: each linear is asked for the float model's output on the float input
-                float_layer = copy.deepcopy(layer)
-                for hooked, group in _INPUT_GROUPS:
-                    where = f"model.layers.{i}.{hooked}"
-                    H, G = _block_input_pair(layer, float_layer, hooked, hidden, fhidden, kwargs, where)
-                    chol = _cholesky_inverse_upper(H, cfg.damp, where)
-                    compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(
-                        float_target_weight(W, H, aux[1], aux[0][0]), H, k, dp, n, chol=aux[0]), (chol, G))
-                dense_out = None
-                fhidden = [layer_output(float_layer(h, **kw)) for h, kw in zip(fhidden, kwargs)]
-                del float_layer
-            elif cfg.method == "obs":
-                # true-sequential (GPTQ): each input group's Hessian is taken with the linears before
-                # it in the block already compressed, so o_proj compensates what q/k/v lost, and so on
-                for hooked, group in _INPUT_GROUPS:
-                    where = f"model.layers.{i}.{hooked}"
-                    H = _block_input_hessian(layer, hooked, hidden, kwargs, where)
-                    compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(W, H, k, dp, n, chol=aux),
-                                   _cholesky_inverse_upper(H, cfg.damp, where))
-                dense_out = None
-            else:
-                accs, dense_out = _dense_pass(layer, i, hidden, kwargs)
-                for hooked, group in _INPUT_GROUPS:
-                    H = accs[hooked].H
-                    compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear(W, H, k, dp, n, hinv=aux),
-                                   hessian_inverse_diag(H, cfg.damp, f"model.layers.{i}.{hooked}"))
-                del accs
-
-            if cfg.sequential or dense_out is None:
-                hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-            else:
-                hidden = dense_out
-            del dense_out
-            bar.set_postfix(rel_err=f"{np.mean(errs):.4f}")
-
+    for res, _ in compress_blocks(model, info, windows, cfg, batch_size=batch_size, progress=progress, keep=keep):
+        result.linears.update(res.linears)
+        result.rel_errors.update(res.rel_errors)
     result.seconds = time.time() - t0
     return result
 
@@ -531,12 +668,76 @@ def _dense_pass(layer, i: int, hidden, kwargs):
     return accs, dense_out
 
 
-def _layer0_inputs(model, windows: torch.Tensor, bs: int):
+def _layer0_inputs(model, windows: torch.Tensor, bs: int, device: torch.device | None = None):
     """What decoder layer 0 receives, as per-batch lists (hidden states [bs, seq, width], keyword
     arguments): training.capture_layer_inputs cut into batches of `bs` windows."""
-    hidden, kwargs = capture_layer_inputs(model, windows, batch_size=bs)
+    hidden, kwargs = capture_layer_inputs(model, windows, batch_size=bs, device=device)
     hidden = list(hidden.split(bs))
     return hidden, [kwargs] * len(hidden)
+
+
+def sensitivity_block(layer, i: int, hidden, kwargs, cfg, levels, n_probe_batches: int):
+    """The sensitivity curves of block i's seven linears (`sensitivity_curves`) and the block's
+    dense outputs (the next block's inputs). `layer` is left as it was."""
+    from .allocation import TensorCurve, level_kept
+
+    accs, dense_out = _dense_pass(layer, i, hidden, kwargs)
+    ref = dense_out[:n_probe_batches]
+    # the residual stream's mean square after this block (positions >= 1: the first token's
+    # massive activation would otherwise set the scale of every later block)
+    energy = sum(float(r[:, 1:].double().square().sum()) for r in ref) / sum(r[:, 1:].numel() for r in ref)
+    curves = []
+    for hooked, group in _INPUT_GROUPS:
+        # H itself is dropped once factored (the probe needs only diag(H^-1)): H, its factor and
+        # the inverse are never alive together
+        L, dead = dampened_cholesky(accs[hooked].H, cfg.damp, f"model.layers.{i}.{hooked}")
+        del accs[hooked]
+        hinv = (inverse_diag_from_cholesky(L), dead)
+        del L
+        for lin in group:
+            name = f"model.layers.{i}.{lin}"
+            mod = layer.get_submodule(lin)
+            w0 = mod.weight.detach().clone()
+            kept = level_kept(mod.in_features, levels)
+            errs = []
+            try:
+                for k in kept:
+                    mod.weight.copy_(saliency_round(w0, hinv, k, name).dequantize())
+                    se = 0.0
+                    n = 0
+                    for r, h, kw in zip(ref, hidden, kwargs):
+                        out = layer_output(layer(h, **kw))
+                        se += float((out - r).double().square().sum())
+                        n += out.numel()
+                    errs.append(se / n)
+            finally:
+                mod.weight.copy_(w0)
+            curves.append(TensorCurve(name, mod.out_features, mod.in_features, kept, tuple(errs), energy))
+    return curves, dense_out
+
+
+def sensitivity_blocks(model, info, windows: torch.Tensor, cfg, levels=None, probe: int = 4,
+                       batch_size: int = 4, progress: bool = True, resume: ChainState | None = None):
+    """The sensitivity probe as a generator: (curves of block i, ChainState after it) block by
+    block (`sensitivity_curves`); model / resume as for `compress_blocks`."""
+    from tqdm.auto import tqdm
+
+    from .allocation import LEVELS
+
+    levels = LEVELS if levels is None else levels
+    blocks = as_blocks(model, info)
+    windows = torch.as_tensor(windows, dtype=torch.long)
+    bs = max(1, min(int(batch_size), windows.shape[0]))
+    n_probe_batches = max(1, -(-min(probe, windows.shape[0]) // bs))
+    hidden, kwargs = blocks.layer0_inputs(windows, bs)
+    state = ChainState(0, hidden) if resume is None else resume
+    del hidden
+    bar = tqdm(range(state.block, info.n_layers), desc="GQSA sensitivity", unit="block", disable=not progress)
+    for i in bar:
+        with blocks.block(i) as layer, torch.inference_mode():
+            curves, dense_out = sensitivity_block(layer, i, state.hidden, kwargs, cfg, levels, n_probe_batches)
+        state = ChainState(i + 1, dense_out)
+        yield curves, state
 
 
 def sensitivity_curves(model, info, windows: torch.Tensor, cfg, levels=None, probe: int = 4,
@@ -546,49 +747,5 @@ def sensitivity_curves(model, info, windows: torch.Tensor, cfg, levels=None, pro
     mean squared difference to the float block output on the first `probe` windows (the block's
     inputs are the float model's, the Hessians come from all `windows`). Returns a list of
     allocation.TensorCurve. The model is left unchanged."""
-    from tqdm.auto import tqdm
-
-    from .allocation import LEVELS, TensorCurve, level_kept
-
-    levels = LEVELS if levels is None else levels
-    layers = model.model.layers
-    windows = torch.as_tensor(windows, dtype=torch.long)
-    bs = max(1, min(int(batch_size), windows.shape[0]))
-    n_probe_batches = max(1, -(-min(probe, windows.shape[0]) // bs))
-    curves = []
-    with torch.inference_mode():
-        hidden, kwargs = _layer0_inputs(model, windows, bs)
-        bar = tqdm(range(info.n_layers), desc="GQSA sensitivity", unit="block", disable=not progress)
-        for i in bar:
-            layer = layers[i]
-            accs, dense_out = _dense_pass(layer, i, hidden, kwargs)
-            ref = dense_out[:n_probe_batches]
-            # the residual stream's mean square after this block (positions >= 1: the first token's
-            # massive activation would otherwise set the scale of every later block)
-            energy = sum(float(r[:, 1:].double().square().sum()) for r in ref) / sum(r[:, 1:].numel() for r in ref)
-            for hooked, group in _INPUT_GROUPS:
-                H = accs[hooked].H
-                hinv = hessian_inverse_diag(H, cfg.damp, f"model.layers.{i}.{hooked}")
-                for lin in group:
-                    name = f"model.layers.{i}.{lin}"
-                    mod = layer.get_submodule(lin)
-                    w0 = mod.weight.detach().clone()
-                    kept = level_kept(mod.in_features, levels)
-                    errs = []
-                    try:
-                        for k in kept:
-                            cl, _ = compress_linear(w0, H, k, cfg.damp, name, hinv=hinv)
-                            mod.weight.copy_(cl.dequantize())
-                            se = 0.0
-                            n = 0
-                            for r, h, kw in zip(ref, hidden, kwargs):
-                                out = layer_output(layer(h, **kw))
-                                se += float((out - r).double().square().sum())
-                                n += out.numel()
-                            errs.append(se / n)
-                    finally:
-                        mod.weight.copy_(w0)
-                    curves.append(TensorCurve(name, mod.out_features, mod.in_features, kept, tuple(errs), energy))
-            del accs
-            hidden = dense_out
-    return curves
+    return [c for curves, _ in sensitivity_blocks(model, info, windows, cfg, levels=levels, probe=probe,
+                                                 batch_size=batch_size, progress=progress) for c in curves]

@@ -27,8 +27,8 @@ import torch
 from . import format as fmt
 from .errors import GQSAError
 
-__all__ = ["SaliencyError", "HessianAccumulator", "dampened_cholesky", "hessian_inverse_diag", "weight_saliency",
-           "group_saliency", "select_groups"]
+__all__ = ["SaliencyError", "HessianAccumulator", "dampened_cholesky", "hessian_inverse_diag",
+           "inverse_diag_from_cholesky", "weight_saliency", "group_saliency", "select_groups"]
 
 
 class SaliencyError(GQSAError, RuntimeError):
@@ -84,10 +84,17 @@ def hessian_inverse_diag(H: torch.Tensor, damp: float, name: str = "?") -> tuple
     """diag of (H + damp*mean(diag H)*I)^-1 via Cholesky, float64 [K]; and the mask of dead inputs
     (`dampened_cholesky`)."""
     L, dead = dampened_cholesky(H, damp, name)
+    return inverse_diag_from_cholesky(L), dead
+
+
+def inverse_diag_from_cholesky(L: torch.Tensor) -> torch.Tensor:
+    """diag((L L^T)^-1), float64 [K], from the lower Cholesky factor L (`dampened_cholesky`).
+    A caller that holds H only through an accumulator can drop it between the two steps, so H, L
+    and the inverse are never alive together (the streamed conversion's memory budget)."""
     # H^-1 = L^-T L^-1, so [H^-1]_jj = sum_i (L^-1)_ij^2: one triangular solve, no full inverse
     # (torch.cholesky_inverse is several times slower on the CPU).
     Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
-    return Linv.square().sum(dim=0), dead
+    return Linv.square().sum(dim=0)
 
 
 def weight_saliency(W: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor | None = None) -> torch.Tensor:
