@@ -130,12 +130,16 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, turn=(32, 192)):
+def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, turn=(32, 192), reply=None):
     """nsamples windows of seqlen tokens, each a conversation in the tokenizer's chat template
-    (its default system prompt included) whose user and assistant turns are chunks of `turn`
-    tokens of the calibration text at random offsets, cut to seqlen tokens. Distilling on them
-    keeps what an instruct model does right after its chat markers (where the assistant's reply
-    starts, where a turn ends), which plain text never shows."""
+    (its default system prompt included) whose user and assistant turns are chunks of `turn` tokens
+    of the calibration text at random offsets, cut to seqlen tokens. With `reply`, the first
+    assistant turn of every window is what the model itself answers to the first user turn:
+    reply(conversations) -> one answer string per conversation (a list of messages ending with the
+    user's turn), called once for all windows; later turns are text again (generation is the slow
+    part). Distilling on them keeps what an instruct model does right after its chat markers
+    (where the assistant's reply starts, where a turn ends), which plain text never shows; with the
+    model's own answers, also how it answers."""
     import torch
 
     if not has_chat_template(tokenizer):
@@ -146,18 +150,80 @@ def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, tu
     if ids.size < hi:
         raise CalibError(f"the calibration text has {ids.size} tokens, fewer than one chat turn of {hi}")
     rng = np.random.default_rng([int(seed), 1])
+
+    def chunk() -> str:
+        n = int(rng.integers(lo, hi + 1))
+        s = int(rng.integers(0, ids.size - n + 1))
+        return tokenizer.decode(ids[s:s + n].tolist()).strip()
+
+    def tokens(messages) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    if reply is None:
+        out = []
+        for _ in range(nsamples):
+            messages, toks = [], []
+            while len(toks) < seqlen:
+                for role in ("user", "assistant"):
+                    messages.append({"role": role, "content": chunk()})
+                toks = tokens(messages)
+            out.append(toks[:seqlen])
+        return torch.tensor(out, dtype=torch.long)
+    # the first exchange of every window: a user turn of the text, the model's answer to it
+    convs = [[{"role": "user", "content": chunk()}] for _ in range(nsamples)]
+    answers = reply(convs)
+    if len(answers) != nsamples:
+        raise CalibError(f"chat replies: {len(answers)} answers for {nsamples} conversations")
     out = []
-    for _ in range(nsamples):
-        messages, toks = [], []
-        while len(toks) < seqlen:
+    for messages, answer in zip(convs, answers):
+        messages.append({"role": "assistant", "content": str(answer).strip()})
+        toks = tokens(messages)
+        while len(toks) < seqlen:                  # the rest of the window: turns of the text
             for role in ("user", "assistant"):
-                n = int(rng.integers(lo, hi + 1))
-                s = int(rng.integers(0, ids.size - n + 1))
-                messages.append({"role": role, "content": tokenizer.decode(ids[s:s + n].tolist()).strip()})
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-            toks = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+                messages.append({"role": role, "content": chunk()})
+            toks = tokens(messages)
         out.append(toks[:seqlen])
     return torch.tensor(out, dtype=torch.long)
+
+
+def model_replies(model, tokenizer, seed: int, max_new_tokens: int = 128, batch_size: int = 32,
+                  temperature: float = 0.7, top_p: float = 0.9, amp: str = "none", progress: bool = False):
+    """A `reply` for chat_windows: the model answers each conversation (its chat template with
+    the generation prompt), sampled at `temperature` / `top_p`, batches of `batch_size` padded on
+    the left, under `amp` autocast (training.autocast), seeded from (seed, call, batch) so a run
+    repeats itself."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .training import autocast
+
+    calls = [0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def reply(conversations) -> list[str]:
+        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   for c in conversations]
+        out: list[str] = []
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            for b in tqdm(range(0, len(prompts), batch_size), desc="chat replies (float model)",
+                          unit="batch", disable=not progress):
+                enc = tokenizer(prompts[b:b + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(model.device)
+                torch.manual_seed(int(np.random.default_rng([int(seed), 2, calls[0], b]).integers(1 << 62)))
+                with torch.no_grad(), autocast(model.device, amp):
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
+                                         temperature=temperature, top_p=top_p, top_k=0, pad_token_id=pad)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                out += [tokenizer.decode(r, skip_special_tokens=True) for r in new]
+        finally:
+            tokenizer.padding_side = side
+        calls[0] += 1
+        return out
+
+    return reply
 
 
 def eval_windows(token_ids, seqlen: int, max_windows: int | None = None):

@@ -89,6 +89,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--e2e-chat-share", type=float, default=CONVERT_E2E.chat_share,
                    help="share of the E2E-OQP windows that are conversations in the model's chat template "
                         "made of the calibration text (0 for base models; ignored without a chat template)")
+    p.add_argument("--e2e-chat-replies", choices=("text", "model"), default=CONVERT_E2E.chat_replies,
+                   help="who writes the assistant turns of those conversations: chunks of the calibration "
+                        "text, or the float model's own sampled answers (a minute or two of generation)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the one-shot result, and BQPO / E2E-OQP after every block / epoch, are checkpointed")
     p.add_argument("--resume", action="store_true",
@@ -201,7 +204,7 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
         e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows,
-                                chat_share=a.e2e_chat_share, seed=a.seed,
+                                chat_share=a.e2e_chat_share, chat_replies=a.e2e_chat_replies, seed=a.seed,
                                 device=a.device, amp=a.amp),
     )
 

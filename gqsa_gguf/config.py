@@ -57,6 +57,7 @@ DEFAULT_DAMP = 0.01                                 # Hessian dampening, fractio
 METHODS = ("obs", "rtn")                           # one-shot pruning + quantization
 ALLOCATIONS = ("sensitivity", "uniform")            # keep fraction per tensor
 TARGETS = ("layer", "float")
+CHAT_REPLIES = ("text", "model")                   # who writes E2E-OQP's assistant turns
 AMP_VALUES = ("auto", "none", "bf16", "fp16")       # training autocast (training.resolve_amp)                        # what a compensated linear reproduces
 
 _SPEC_RE = re.compile(r"^w(?P<bits>\d+)s(?P<sparsity>\d+)$", re.IGNORECASE)
@@ -311,6 +312,10 @@ class E2EConfig:
     # share of those windows replaced by conversations in the model's chat template made of the
     # same text (calib.chat_windows), so the distillation also covers what follows chat markers
     chat_share: float = 0.0
+    # who writes the assistant turns of those conversations: "text", chunks of the calibration text;
+    # "model", the float model itself (sampled, calib.model_replies), so the distillation also
+    # shows how the model answers
+    chat_replies: str = "text"
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = True
@@ -319,6 +324,8 @@ class E2EConfig:
         if isinstance(self.chat_share, bool) or not isinstance(self.chat_share, (int, float)) \
                 or not 0.0 <= self.chat_share <= 1.0:
             raise ConfigError(f"--e2e-chat-share {self.chat_share!r} must be a number in [0, 1]")
+        if self.chat_replies not in CHAT_REPLIES:
+            raise ConfigError(f"--e2e-chat-replies {self.chat_replies!r}: choose one of {', '.join(CHAT_REPLIES)}")
         if self.loss not in ("ce", "kd"):
             raise ConfigError(f"e2e.loss {self.loss!r}: choose ce or kd")
         _check_amp("e2e", self.amp)

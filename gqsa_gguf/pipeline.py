@@ -87,20 +87,14 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
             notes.append(f"calibration text has {ids.size} tokens < e2e windows x seqlen = "
                          f"{cfg.e2e.windows * seqlen}: E2E-OQP windows overlap")
         log(f"E2E-OQP windows: {cfg.e2e.windows} x {seqlen} tokens from the same text")
-    n_chat = round(cfg.e2e.chat_share * e2e_windows.shape[0]) if cfg.e2e.epochs else 0
-    if n_chat and not calib.has_chat_template(tokenizer):
-        notes.append("the tokenizer has no chat template: E2E-OQP trains on plain text only")
-    elif n_chat:
-        import torch
-        chats = calib.chat_windows(tokenizer, ids, n_chat, seqlen, cfg.calib.seed)
-        e2e_windows = torch.cat([e2e_windows[:e2e_windows.shape[0] - n_chat], chats])
-        log(f"E2E-OQP: {n_chat} of its {e2e_windows.shape[0]} windows are conversations in the model's chat "
-            f"template made of the same text")
     times["prepare"] = time.time() - t
 
     t = time.time()
     model = model_io.load_model(info)
     times["load"] = time.time() - t
+
+    e2e_windows = _with_chat_windows(model, tokenizer, ids, e2e_windows, seqlen, cfg, checkpoint_dir, resume,
+                                     progress, log, notes, times)
 
     float_model = None
     if cfg.bqpo.epochs or cfg.e2e.epochs:                # training needs the float weights and targets
@@ -241,6 +235,47 @@ class TrainResult:
 
         apply_compressed(model, self.linears)
         self.load_norms(model)
+
+
+def _with_chat_windows(model, tokenizer, ids, e2e_windows, seqlen: int, cfg, checkpoint_dir, resume: bool,
+                       progress: bool, log, notes: list, times: dict):
+    """E2E-OQP's windows with their last `chat_share` replaced by conversations in the model's chat
+    template (calib.chat_windows); with chat_replies "model" the float `model` writes the assistant
+    turns, saved to CHECKPOINT_DIR/chat.ckpt so that --resume reuses them."""
+    import torch
+
+    from . import calib
+    from . import checkpoint as ckpt
+
+    n_chat = round(cfg.e2e.chat_share * e2e_windows.shape[0]) if cfg.e2e.epochs else 0
+    if not n_chat:
+        return e2e_windows
+    if not calib.has_chat_template(tokenizer):
+        notes.append("the tokenizer has no chat template: E2E-OQP trains on plain text only")
+        return e2e_windows
+    t = time.time()
+    if cfg.e2e.chat_replies == "text":
+        chats = calib.chat_windows(tokenizer, ids, n_chat, seqlen, cfg.calib.seed)
+        how = "made of the same text"
+    else:
+        path = Path(checkpoint_dir) / "chat.ckpt" if checkpoint_dir else None
+        fp = ckpt.run_fingerprint(model.config.to_dict(), ids, n_chat, seqlen, cfg.calib.seed)
+        chats = None
+        if resume and path is not None and path.exists():
+            _meta, payload = ckpt.load(path, expect={"stage": "chat", "fingerprint": fp})
+            chats = payload["windows"]
+            log(f"E2E-OQP: chat windows read from {path}")
+        if chats is None:
+            reply = calib.model_replies(model, tokenizer, cfg.calib.seed, amp=cfg.e2e.amp, progress=progress)
+            chats = calib.chat_windows(tokenizer, ids, n_chat, seqlen, cfg.calib.seed, reply=reply)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ckpt.save(path, {"stage": "chat", "fingerprint": fp}, {"windows": chats})
+        how = "of user turns from the same text and the float model's own answers"
+    times["chat"] = time.time() - t
+    log(f"E2E-OQP: {n_chat} of its {e2e_windows.shape[0]} windows are conversations in the model's chat "
+        f"template, {how}")
+    return torch.cat([e2e_windows[:e2e_windows.shape[0] - n_chat], chats])
 
 
 def train(float_model, linears: dict, windows, bqpo: BQPOConfig, e2e: E2EConfig, log=print,

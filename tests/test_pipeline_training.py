@@ -90,7 +90,7 @@ def test_gguf_records_the_training_configs_used(tmp_path, monkeypatch):
         assert ran == recorded[stage]
 
 
-def _convert_spying_e2e(tmp_path, monkeypatch, e2e_cfg, nsamples=2, name="m.gguf"):
+def _convert_spying_e2e(tmp_path, monkeypatch, e2e_cfg, nsamples=2, name="m.gguf", seqlen=32, **convert_kw):
     """Converts the tiny LLaMA with `e2e_cfg` (one-shot: round-to-nearest, uniform); returns
     (what run_e2e received: windows, config and step losses; the file's gqsa.config)."""
     from gqsa_gguf import e2e
@@ -113,8 +113,8 @@ def _convert_spying_e2e(tmp_path, monkeypatch, e2e_cfg, nsamples=2, name="m.gguf
     out = tmp_path / name
     cfg = ConvertConfig(model=str(folder), output=str(out),
                         compression=CompressionConfig.from_spec("w4s50", method="rtn", allocation="uniform"),
-                        calib=CalibConfig(source=str(calib), nsamples=nsamples, seqlen=32), e2e=e2e_cfg)
-    convert(cfg, progress=False, log=lambda *a: None)
+                        calib=CalibConfig(source=str(calib), nsamples=nsamples, seqlen=seqlen), e2e=e2e_cfg)
+    convert(cfg, progress=False, log=lambda *a: None, **convert_kw)
     return seen, read_gguf(out).gqsa_config
 
 
@@ -191,3 +191,67 @@ def test_e2e_trains_on_a_share_of_chat_windows(tmp_path, monkeypatch):
     assert recorded["e2e"]["chat_share"] == 0.25
     with pytest.raises(ConfigError, match="chat-share"):
         E2EConfig(chat_share=1.5)
+
+
+def test_chat_windows_take_the_first_answer_from_reply(tmp_path):
+    """chat_windows(reply=...): `reply` answers the first user turn of every window, given the
+    conversation so far (one user turn); the rest of each window is turns of the text."""
+    from transformers import AutoTokenizer
+
+    from gqsa_gguf import calib
+
+    folder = make_checkpoint(tmp_path / "ckpt", "llama")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = calib.tokenize(tok, text() * 20)
+    calls = []
+
+    def reply(conversations):
+        assert all(len(c) == 1 and c[0]["role"] == "user" for c in conversations)
+        calls.append(len(conversations))
+        return [f"answer number {i}" for i in range(len(conversations))]
+
+    w = calib.chat_windows(tok, ids, 3, 96, seed=5, turn=(8, 16), reply=reply)
+    assert tuple(w.shape) == (3, 96) and calls == [3]
+    for i, row in enumerate(w.tolist()):
+        decoded = tok.decode(row)
+        assert f"assistant\nanswer number {i}" in decoded
+        assert decoded.count("assistant\n") >= 2                 # text turns fill the rest of the window
+    with pytest.raises(calib.CalibError, match="answers"):
+        calib.chat_windows(tok, ids, 2, 64, seed=5, turn=(8, 16), reply=lambda conversations: ["only one"])
+
+
+def test_e2e_chat_replies_written_by_the_float_model(tmp_path, monkeypatch):
+    """--e2e-chat-replies model: the float model answers the chat windows' user turns, the answers
+    are in E2E-OQP's windows, kept in the checkpoint folder, and --resume reads them back."""
+    from transformers import AutoTokenizer
+
+    from gqsa_gguf import calib
+
+    answers = []
+    real = calib.model_replies
+
+    def short_replies(model, tokenizer, seed, **kw):
+        inner = real(model, tokenizer, seed, max_new_tokens=6, **kw)
+
+        def reply(conversations):
+            answers.append(inner(conversations))
+            return answers[-1]
+        return reply
+    monkeypatch.setattr(calib, "model_replies", short_replies)
+    ck = tmp_path / "ck"
+    e2e_cfg = E2EConfig(epochs=1, windows=8, loss="kd", chat_share=0.25, chat_replies="model")
+    seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch, e2e_cfg, seqlen=256, checkpoint_dir=str(ck))
+    assert recorded["e2e"]["chat_replies"] == "model" and (ck / "chat.ckpt").is_file()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"))
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert [int(r[0] == start) for r in seen["windows"]] == [0] * 6 + [1] * 2
+    said = [a.strip() for a in answers[0]]                   # round 1: one answer per chat window
+    assert len(said) == 2 and all(said)
+    assert said[0] in tok.decode(seen["windows"][6].tolist()) and said[1] in tok.decode(seen["windows"][7].tolist())
+    windows = seen["windows"]
+    answers.clear()
+    seen, _ = _convert_spying_e2e(tmp_path, monkeypatch, e2e_cfg, name="again.gguf", seqlen=256,
+                                  checkpoint_dir=str(ck), resume=True)
+    assert answers == [] and torch.equal(seen["windows"], windows)
+    with pytest.raises(ConfigError, match="chat-replies"):
+        E2EConfig(chat_replies="teacher")
