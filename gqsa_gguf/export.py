@@ -169,10 +169,10 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: Mapping,
             rows.append(TensorRow(name, fmt.TYPE_NAME, (cl.rows, cl.width), rec.sparsity, bpw,
                                   "rope-permuted rows" if perm is not None else ""))
             continue
-        arr = np_of(state_dict[hf])
         if name == "output.weight" and info.tie_embeddings:
             not_compressed.append((hf, "tied to token_embd.weight; llama.cpp reuses it (no output.weight)"))
             continue
+        arr = np_of(state_dict[hf])              # a lazy state dict reads the tensor here
         if name in ("token_embd.weight", "output.weight"):
             data, raw, tname, bpw = _dense(name, arr, xcfg.dense_type, notes)
             w.add_tensor(name, data, raw_dtype=raw)
