@@ -236,6 +236,7 @@ def _run_convert(a) -> int:
         print(f"note: {n}")
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
           + f", total {sum(report.seconds.values()):.1f} s")
+    print("peak RSS at the end of each stage: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in report.peak_rss.items()))
     return 0
 
 

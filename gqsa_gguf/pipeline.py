@@ -44,6 +44,30 @@ class ConvertReport:
     seconds: dict[str, float]
     summary: object            # export.ExportSummary
     notes: list[str] = field(default_factory=list)
+    # stage -> the process's peak RSS in bytes when the stage ended (a running maximum: the stage
+    # whose value rises set a new peak); BQPO and E2E-OQP both get the value at the end of training
+    peak_rss: dict[str, int] = field(default_factory=dict)
+
+
+def max_rss_bytes() -> int:
+    """The peak resident set size of this process so far (getrusage; Linux counts kB)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+class _StageTimes(dict):
+    """{stage: seconds}; setting a stage's seconds also records the peak RSS so far (peak_rss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak_rss: dict[str, int] = {}
+
+    def __setitem__(self, stage: str, seconds: float) -> None:
+        super().__setitem__(stage, seconds)
+        self.peak_rss[stage] = max_rss_bytes()
 
 
 def check_output_path(output: str) -> Path:
@@ -70,7 +94,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     if resume and not checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir (the folder the interrupted run wrote its checkpoints to)")
     out = check_output_path(cfg.output)
-    times: dict[str, float] = {}
+    times = _StageTimes()
     notes: list[str] = []
 
     t = time.time()
@@ -133,7 +157,8 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
                             dataclasses.replace(cfg.bqpo, checkpoint_dir=ck("bqpo"), resume=resume, progress=progress),
                             dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress),
                             log=log, e2e_windows=e2e_windows)
-            times.update(trained.seconds)
+            for stage, seconds in trained.seconds.items():
+                times[stage] = seconds
             # the export takes the non-linear tensors from float_model (the teacher, no longer
             # needed): the RMSNorm gains E2E-OQP trained go into the file with the other F32 tensors
             model = float_model.cpu()
@@ -145,7 +170,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
         summary = export.export_gguf(out, info, dense, linears, used, progress=False,
                                      rope_factors=model_io.rope_freq_factors(model, info))
         times["export"] = time.time() - t
-    return ConvertReport(output=out, seconds=times, summary=summary, notes=notes)
+    return ConvertReport(output=out, seconds=dict(times), summary=summary, notes=notes, peak_rss=times.peak_rss)
 
 
 ONESHOT_DIR = "oneshot"             # under --checkpoint-dir: the per-block files and pass states

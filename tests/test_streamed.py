@@ -153,8 +153,12 @@ def test_convert_streams_and_writes_the_whole_model_file(kind, tmp_path, monkeyp
         raise AssertionError("the model was loaded whole")
 
     monkeypatch.setattr(model_io, "load_model", no_load)
-    pipeline.convert(cfg, progress=False, log=lambda *a: None)
+    rep = pipeline.convert(cfg, progress=False, log=lambda *a: None)
     assert _tensors(tmp_path / "s.gguf") == _tensors(tmp_path / "w.gguf")
+    # every stage's peak RSS so far is reported, a running maximum
+    assert list(rep.peak_rss) == list(rep.seconds) == ["prepare", "allocate", "compress", "export"]
+    peaks = list(rep.peak_rss.values())
+    assert 0 < peaks[0] and peaks == sorted(peaks) and peaks[-1] <= pipeline.max_rss_bytes()
 
 
 class _Interrupted(Exception):
