@@ -34,7 +34,9 @@ def _add_convert(sub) -> None:
         "convert", help="compress a Hugging Face model with GQSA into a GGUF",
         description=f"Compress a Hugging Face checkpoint ({', '.join(arch.known_hf())}) with GQSA (4-bit "
                     "group quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
-                    "linears use the gqsa4 tensor type.",
+                    "linears use the gqsa4 tensor type. The one-shot pass reads the checkpoint one decoder "
+                    "block at a time (the model is never loaded whole: a 7B model converts in a few GB with "
+                    "--bqpo-epochs 0 --e2e-epochs 0); BQPO and E2E-OQP still load the whole float32 model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help="Hugging Face checkpoint folder (config.json + *.safetensors + tokenizer); "
@@ -78,10 +80,12 @@ def _add_convert(sub) -> None:
                         "('smollm'), Qwen2 ('qwen2') and LLaMA-3 ('llama-bpe') if not given")
     p.add_argument("--bqpo-epochs", type=int, default=CONVERT_BQPO.epochs,
                    help="BQPO block-wise training epochs after one-shot (paper §3.3; 0 = off, leaving "
-                        "the one-shot result; about 10 min an epoch for SmolLM2-135M on 2 cores)")
+                        "the one-shot result; about 10 min an epoch for SmolLM2-135M on 2 cores; loads the "
+                        "whole float32 model)")
     p.add_argument("--e2e-epochs", type=int, default=CONVERT_E2E.epochs,
                    help="E2E-OQP epochs training only scales, zero points and RMSNorm gains, distilled from "
-                        "the float model (paper §3.4; 0 = off)")
+                        "the float model (paper §3.4; 0 = off: the whole conversion is then layer-streamed; "
+                        "on, the whole float32 model is loaded after the one-shot)")
     p.add_argument("--e2e-windows", type=int, default=CONVERT_E2E.windows,
                    help="E2E-OQP training windows of --seqlen tokens drawn from the calibration text (0 = "
                         "the --nsamples windows of the one-shot pass); an epoch's time grows with them "
@@ -93,10 +97,13 @@ def _add_convert(sub) -> None:
                    help="who writes the assistant turns of those conversations: chunks of the calibration "
                         "text, or the float model's own sampled answers (a minute or two of generation)")
     p.add_argument("--checkpoint-dir", default=None,
-                   help="where the one-shot result, and BQPO / E2E-OQP after every block / epoch, are checkpointed")
+                   help="where the one-shot result (a file per finished block, and each pass's progress at "
+                        "most every minute), and BQPO / E2E-OQP after every block / epoch, are checkpointed; "
+                        "without it the finished blocks go to a temporary folder")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from --checkpoint-dir (same settings): the one-shot "
-                        "result, BQPO's finished blocks and E2E-OQP's finished epochs are taken from there")
+                   help="continue an interrupted run from --checkpoint-dir (same settings): the sensitivity "
+                        "and one-shot passes from their last saved block, BQPO's finished blocks and E2E-OQP's "
+                        "finished epochs are taken from there")
     p.add_argument("--device", default="cpu", help="torch device for BQPO / E2E-OQP (cpu, cuda, cuda:N)")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="autocast of BQPO / E2E-OQP's matrix products: auto = bf16 where the device "
@@ -232,6 +239,7 @@ def _run_convert(a) -> int:
         print(f"note: {n}")
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
           + f", total {sum(report.seconds.values()):.1f} s")
+    print("peak RSS at the end of each stage: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in report.peak_rss.items()))
     return 0
 
 

@@ -1,8 +1,11 @@
 """Packing and GGUF writing: a complete llama.cpp model file with gqsa4 decoder linears.
 
 In:  the checkpoint's `ModelInfo`, the model's state dict (for the tensors GQSA does not touch:
-     embeddings, norms, output head, Qwen2 q/k/v biases), the `CompressedLinear`s of
-     `oneshot.compress_model` (HF names and row order), the `ConvertConfig`.
+     embeddings, norms, output head, Qwen2 q/k/v biases; any mapping — `streamed.StreamedModel`'s
+     reads each tensor when asked, so only one dense tensor is in float32 at a time), the
+     `CompressedLinear`s of `oneshot.compress_model` or `PackedLinear`s of a
+     `streamed.BlockStore` (HF names and row order; a mapping read one linear at a time), the
+     `ConvertConfig`.
 Out: `export_gguf(...)` writes the file atomically (gguf_io.GQSAWriter) and returns an
      `ExportSummary` (every tensor with type, shape, sparsity, bits; the bits per weight of the
      linear weights; what was not compressed and why).
@@ -11,7 +14,7 @@ What goes in the file:
   * the architecture's metadata for its llama.cpp graph (`info.layout.write_hparams`);
   * the tokenizer (`vocab.read_vocab`) and the chat template;
   * token_embd / output as --dense-type (f16 or q8_0), norms and biases as f32;
-  * the seven decoder linears of every block as gqsa4 (`codec.pack`), their logical widths,
+  * the seven decoder linears of every block as gqsa4 (`packed_rows`: codec.pack), their logical widths,
     sparsities and the config JSON under `gqsa.*` (docs/FORMAT.md).
 
 Tensor names, write order and the q/k row permutation some graphs need are the layout's
@@ -25,6 +28,7 @@ silently; an unknown tensor name raises; linear widths come from the model, neve
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +36,12 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gquants
 
-from . import __version__, codec
+from . import __version__
 from . import format as fmt
 from .arch import DecoderLayout
 from .gguf_io import GQSAWriter
 from .model_io import ModelInfo
-from .oneshot import CompressedLinear
+from .oneshot import CompressedLinear, PackedLinear
 from .vocab import read_vocab
 from .errors import GQSAError
 
@@ -106,13 +110,14 @@ def _dense(name: str, arr: np.ndarray, dense_type: str, notes: list[str]) -> tup
         if arr.shape[-1] % blck == 0:
             return gquants.quantize(arr, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0, "q8_0", 8.0 * size / blck
         notes.append(f"{name}: row width {arr.shape[-1]} is not a multiple of {blck}; written as f16 instead of q8_0")
-    if np.abs(arr).max(initial=0.0) > fmt.FP16_MAX:
+    if max(float(arr.max(initial=0.0)), -float(arr.min(initial=0.0))) > fmt.FP16_MAX:     # no |arr| copy
         notes.append(f"{name}: values exceed the f16 range; written as f32")
         return arr, None, "f32", 32.0
     return arr.astype(np.float16), None, "f16", 16.0
 
 
-def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, compressed: dict[str, CompressedLinear],
+def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: Mapping,
+                compressed: Mapping[str, CompressedLinear | PackedLinear],
                 config, progress: bool = False, rope_factors: np.ndarray | None = None) -> ExportSummary:
     """Writes the GGUF (see module docstring). `state_dict`: HF name -> tensor (torch or numpy);
     rope_factors: `model_io.rope_freq_factors` (required for 'llama3' RoPE scaling)."""
@@ -156,7 +161,7 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, comp
             perm = layout.rope_permutation(info, name)
             if perm is not None:
                 cl = cl.permute_rows(perm)
-            packed = codec.pack(cl.indices, cl.q, cl.z, cl.d)
+            packed = cl.packed_rows()
             rec = w.add_gqsa_tensor(name, packed, cl.width, cl.sparsity)
             bpw = fmt.bits_per_weight(cl.n_kept, cl.width)
             gqsa_bits += packed.size * 8
@@ -164,10 +169,10 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: dict, comp
             rows.append(TensorRow(name, fmt.TYPE_NAME, (cl.rows, cl.width), rec.sparsity, bpw,
                                   "rope-permuted rows" if perm is not None else ""))
             continue
-        arr = np_of(state_dict[hf])
         if name == "output.weight" and info.tie_embeddings:
             not_compressed.append((hf, "tied to token_embd.weight; llama.cpp reuses it (no output.weight)"))
             continue
+        arr = np_of(state_dict[hf])              # a lazy state dict reads the tensor here
         if name in ("token_embd.weight", "output.weight"):
             data, raw, tname, bpw = _dense(name, arr, xcfg.dense_type, notes)
             w.add_tensor(name, data, raw_dtype=raw)

@@ -11,9 +11,10 @@ Out: `LazyCheckpoint(folder, layout)`: `names()`, `shape(name)`, `dtype(name)`, 
 
 What stays in memory: a call memory-maps the shard (safetensors `safe_open`), copies the bytes of
 the tensor asked for, converts them and unmaps — never a whole shard, never the whole model, and no
-mapped pages left counting in the process's RSS between calls. The streamed conversion (issue 16) reads the embeddings once and each decoder block
-when it reaches it, through this class, instead of `model_io.load_model`'s float32 copy of
-everything.
+mapped pages left counting in the process's RSS between calls. The streamed conversion
+(`streamed.StreamedModel`, issue 16) reads through this class the embeddings once per pass and each
+decoder block when the pass reaches it, and the export each dense tensor, instead of
+`model_io.load_model`'s float32 copy of everything.
 
 Invariants: every name maps to exactly one shard (a name in two files without an index is refused);
 `tensor(name)` equals the float32 tensor `model_io.load_model` holds under that name, bit for bit

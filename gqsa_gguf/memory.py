@@ -9,16 +9,22 @@ Out: `estimate(info, settings, pipeline)` -> `Estimate`: one `Stage` per convers
      does that for a `ConvertConfig` and raises `MemoryCheckError` (the CLI's refusal up front);
      `available_memory()` -> bytes (MemAvailable, lowered by a cgroup limit).
 
-Two pipelines are estimated:
-  * "whole-model": today's `pipeline.convert` — the float32 model (`model_io.load_model`), a second
-    float32 copy when BQPO or E2E-OQP train (their targets and teacher), BQPO's own deep copy,
-    E2E-OQP's dense fake-quant weights kept for the backward pass.
-  * "streamed": the layer-streamed conversion of issue 16 (not built yet; this is its budget): the
-    embeddings (and an untied head) in float32, one decoder block at a time from
-    `lazy_checkpoint.LazyCheckpoint`, the calibration activations, the finished blocks in their
-    compressed form, and for E2E-OQP only scales/zero points with their optimizer state, the frozen
-    codes expanded one layer at a time under activation checkpointing, the teacher's logits
-    recomputed from the float model's final hidden states.
+Three pipelines are estimated:
+  * "whole-model": the converter before issue 16 (kept as the reference the streamed one is
+    measured against) — the float32 model (`model_io.load_model`), a second float32 copy when BQPO
+    or E2E-OQP train (their targets and teacher), BQPO's own deep copy, E2E-OQP's dense fake-quant
+    weights kept for the backward pass.
+  * "streamed": the layer-streamed conversion of issue 16. Its sensitivity, one-shot and export
+    stages are what `pipeline.convert` does without training (one float32 block from
+    `lazy_checkpoint.LazyCheckpoint` at a time, the calibration activations, the OBS working set;
+    the finished blocks on disk; the export holding the file's tensors); its BQPO and E2E-OQP
+    stages are the budget of the streamed training, not built yet: only scales/zero points with
+    their optimizer state, the frozen codes expanded one layer at a time under activation
+    checkpointing, the teacher's logits recomputed from the float model's final hidden states.
+  * "streamed-oneshot": what `pipeline.convert` does with training today: the streamed
+    sensitivity and one-shot stages, then the whole float32 model loaded for BQPO and E2E-OQP
+    (the whole-model pipeline's load, training and export stages).
+`converter_pipeline(settings)` names the one the converter runs, and `check_convert` checks it.
 
 The terms are written out in docs/DESIGN.md ("Memory: what each stage holds"). Calibration
 (`RUNTIME_BYTES`, `LOAD_RESIDUE`, `LOGIT_COPIES`, `OVERHEAD`): peak RSS measured with
@@ -38,10 +44,10 @@ from pathlib import Path
 from .errors import GQSAError
 
 __all__ = ["MemoryCheckError", "MemorySettings", "ModelSizes", "Stage", "Estimate", "Verdict", "model_sizes",
-           "estimate", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
+           "estimate", "converter_pipeline", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
 
 GB = 1e9                               # messages print decimal GB, as /usr/bin/time's kB / 1e6
-PIPELINES = ("whole-model", "streamed")
+PIPELINES = ("whole-model", "streamed", "streamed-oneshot")
 F32 = 4
 
 # --- calibration constants (see the module docstring and docs/DESIGN.md) --------------------------
@@ -62,6 +68,8 @@ COMPRESSED_BYTES_PER_KEPT = 0.5 + 2 / 16 + 1 / 16 + 2 / 16
 # today's CompressedLinear (q uint8, indices int32, z uint8, d fp16) and PackedGQSLinear (q uint8,
 # indices int64, fp32 scale and zero)
 ONESHOT_BYTES_PER_KEPT = 1 + 4 / 16 + 1 / 16 + 2 / 16
+# gqsa4 rows (oneshot.PackedLinear, the GGUF): one 12-byte block per kept group of 16
+GQSA4_BYTES_PER_KEPT = 12 / 16
 PACKED_BYTES_PER_KEPT = 1 + 8 / 16 + 8 / 16
 # The defaults of the training configs (bqpo.BQPOConfig.batch_size, e2e.E2EConfig.micro_batch): the
 # CLI does not change them; a test checks they agree.
@@ -192,10 +200,20 @@ def _saved_for_backward(z: ModelSizes, tokens: int, seqlen: int) -> int:
 
 
 def _obs_working_set(z: ModelSizes) -> int:
-    """The one-shot pass on the largest linear (oneshot.compress_linear_obs): the input group's
-    Hessian, its dampened Cholesky factor and inverse in float64 and U in float32 (K x K each), and
-    W0, W, the codes (N x K float32 each)."""
-    return max((3 * 8 + 4) * k * k + 3 * F32 * n * k for n, k in z.linear_shapes)
+    """The one-shot pass on the widest input (oneshot.compress_linear_obs): while U is made, the
+    input group's Hessian and two more K x K float64 matrices (its dampened copy, Cholesky factor,
+    inverse: each freed as the next exists, 24 K^2 bytes); then H, U and H in float32 (16 K^2)
+    with W0, W, the codes and the error terms (5 N x K float32)."""
+    return max(max(3 * 8 * k * k, 16 * k * k + 5 * F32 * n * k) for n, k in z.linear_shapes)
+
+
+def _probe_working_set(z: ModelSizes) -> int:
+    """The sensitivity probe on one block (oneshot.sensitivity_block): the four input groups'
+    float64 Hessians from its dense pass, and for the widest two more K x K float64 matrices
+    (dampened copy and factor, or factor, identity and inverse; H is dropped once factored)."""
+    widths = {k for _, k in z.linear_shapes}            # q/k/v and gate/up share their input
+    hessians = 8 * (2 * z.hidden ** 2 + z.q_dim ** 2 + z.ffn ** 2) if len(widths) > 1 else 8 * 4 * z.hidden ** 2
+    return hessians + 2 * 8 * max(widths) ** 2
 
 
 def _block_adam(z: ModelSizes, s: MemorySettings) -> int:
@@ -240,19 +258,38 @@ def _whole_model(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stag
     return stages
 
 
+def _streamed_oneshot(z: ModelSizes, s: MemorySettings) -> list[Stage]:
+    """The streamed sensitivity and one-shot passes (pipeline._oneshot_streamed): one float32 block
+    and the activations; the embeddings only while the windows are embedded, the finished blocks
+    on disk."""
+    acts = s.nsamples * s.seqlen * z.hidden * F32
+    base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8}
+    block = z.block * F32
+    kept_block = (1 - s.sparsity) * z.block_linear
+    stages = [Stage("embed", {**base, "embeddings f32": z.embed * F32, "activations": acts})]
+    if s.allocation == "sensitivity":
+        tokens = min(4, s.nsamples) * s.seqlen                            # the probe's batch
+        stages.append(Stage("sensitivity", {
+            **base, "block f32": block, "activations": 3 * acts,         # inputs, dense outputs, probe
+            "block forward": _forward_temps(z, tokens, s.seqlen), "probe working set": _probe_working_set(z)}))
+    tokens = min(s.batch_size, s.nsamples) * s.seqlen
+    stages.append(Stage("one-shot", {
+        **base, "block f32": block, "activations": 2 * acts, "block forward": _forward_temps(z, tokens, s.seqlen),
+        "one-shot working set": _obs_working_set(z),
+        "one block compressed": int(kept_block * (ONESHOT_BYTES_PER_KEPT + GQSA4_BYTES_PER_KEPT))}))
+    return stages
+
+
 def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
     acts = s.nsamples * s.seqlen * z.hidden * F32
-    batch_tokens = min(s.batch_size, s.nsamples) * s.seqlen
     kept = (1 - s.sparsity) * z.linear
     compressed = int(kept * COMPRESSED_BYTES_PER_KEPT)
     block = z.block * F32
     # the float chain (teacher's final hidden states for E2E-OQP's distillation) is carried along
     chains = 2 + (1 if s.e2e_epochs > 0 else 0)
     base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8, "embeddings f32": z.embed * F32}
-    one = {**base, "block f32": block, "activations": chains * acts,
-           "block forward": _forward_temps(z, batch_tokens, s.seqlen), "one-shot working set": _obs_working_set(z),
-           "compressed blocks": compressed}
-    stages = [Stage("one-shot", one)]
+    stages = _streamed_oneshot(z, s)
+    # BQPO and E2E-OQP: the budget of the streamed training (issue 16), not built yet
     if s.bqpo_epochs > 0 and s.train_on_host:
         stages.append(Stage("bqpo", {
             **base, "block f32 (float + trained)": 2 * block, "activations": (chains + 1) * acts,
@@ -273,9 +310,19 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             # linear at a time (an autograd function that saves the codes, not the dense weight)
             "one layer recomputed": _saved_for_backward(z, tokens, s.seqlen) + 2 * widest * F32,
             "logits": LOGIT_COPIES * tokens * z.vocab * F32}))
-    stages.append(Stage("export", {**base, "compressed": compressed, "dense tensor conversion": z.embed * 2,
-                                   "one tensor read": max(z.embed, z.head) * F32}))
+    # the export (pipeline.convert without training): the GGUF writer holds every tensor of the
+    # file until it writes (gqsa4 rows, F16 embeddings and head); the dense tensors are read one
+    # at a time, the blocks one block file at a time
+    stages.append(Stage("export", {
+        "runtime": RUNTIME_BYTES, "gqsa4 rows": int(kept * GQSA4_BYTES_PER_KEPT),
+        "embeddings + head f16": (z.embed + z.head) * 2, "one tensor read f32": max(z.embed, z.head) * F32,
+        "one block file": int((1 - s.sparsity) * z.block_linear * (GQSA4_BYTES_PER_KEPT + ONESHOT_BYTES_PER_KEPT))}))
     return stages
+
+
+def _streamed_then_whole(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
+    """The converter with training: the streamed passes, then the whole model for training."""
+    return _streamed_oneshot(z, s) + [st for st in _whole_model(z, s, ckpt_bytes) if st.name != "one-shot"]
 
 
 def estimate(info, settings: MemorySettings, pipeline: str = "whole-model", checkpoint_bytes: int | None = None
@@ -287,8 +334,14 @@ def estimate(info, settings: MemorySettings, pipeline: str = "whole-model", chec
     z = model_sizes(info)
     if checkpoint_bytes is None:
         checkpoint_bytes = _checkpoint_bytes(getattr(info, "folder", None)) or 2 * z.total
-    build = _whole_model if pipeline == "whole-model" else _streamed
+    build = {"whole-model": _whole_model, "streamed": _streamed, "streamed-oneshot": _streamed_then_whole}[pipeline]
     return Estimate(pipeline, settings, tuple(build(z, settings, checkpoint_bytes)))
+
+
+def converter_pipeline(settings: MemorySettings) -> str:
+    """The pipeline `pipeline.convert` runs with these settings: streamed throughout without
+    training, the whole model loaded after the streamed one-shot with it."""
+    return "streamed-oneshot" if settings.bqpo_epochs > 0 or settings.e2e_epochs > 0 else "streamed"
 
 
 def _checkpoint_bytes(folder) -> int:
@@ -357,7 +410,7 @@ def _candidates(s: MemorySettings, failing: str) -> list[dict]:
     while n >= 8:
         out.append({"nsamples": n})
         n //= 2
-    if failing in ("e2e", "export", "one-shot", "load") and s.e2e_epochs:
+    if s.e2e_epochs and failing != "bqpo":
         out.append({"e2e_epochs": 0})
     if s.bqpo_epochs:
         out.append({"bqpo_epochs": 0})
@@ -370,19 +423,24 @@ def _candidates(s: MemorySettings, failing: str) -> list[dict]:
     return out
 
 
-def check(info, settings: MemorySettings, available: int | None = None, pipeline: str = "whole-model",
+def check(info, settings: MemorySettings, available: int | None = None, pipeline: str | None = None,
           checkpoint_bytes: int | None = None) -> Verdict:
     """Whether the conversion fits in `available` bytes (default: available_memory()), with
-    HEADROOM kept free; if not, a message naming the stage, its estimate and settings that fit."""
+    HEADROOM kept free; if not, a message naming the stage, its estimate and settings that fit.
+    pipeline: None for the one the converter runs with each settings (converter_pipeline)."""
     avail = available_memory() if available is None else int(available)
-    est = estimate(info, settings, pipeline, checkpoint_bytes)
+
+    def est(s: MemorySettings) -> Estimate:
+        return estimate(info, s, pipeline or converter_pipeline(s), checkpoint_bytes)
+
+    e0 = est(settings)
     budget = avail * HEADROOM
-    peak = est.peak
+    peak = e0.peak
     if peak.total <= budget:
-        return Verdict(True, est, avail)
+        return Verdict(True, e0, avail)
     fits = []
     for change in _candidates(settings, peak.name):
-        e = estimate(info, replace(settings, **change), pipeline, checkpoint_bytes)
+        e = est(replace(settings, **change))
         if e.peak.total <= budget:
             fits.append((change, e))
     # the smallest change per flag: one suggestion per flag set, the first found is the mildest
@@ -395,28 +453,29 @@ def check(info, settings: MemorySettings, available: int | None = None, pipeline
     top = sorted(peak.terms.items(), key=lambda kv: -kv[1])[:3]
     msg = (f"this conversion needs about {peak.total / GB:.1f} GB in its {peak.name} stage ("
            + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
-           + f"), but {avail / GB:.1f} GB of memory is available ({pipeline} pipeline, {settings.nsamples} x "
+           + f"), but {avail / GB:.1f} GB of memory is available ({e0.pipeline} pipeline, {settings.nsamples} x "
            f"{settings.seqlen} calibration tokens, --bqpo-epochs {settings.bqpo_epochs}, --e2e-epochs "
            f"{settings.e2e_epochs}). ")
+    if e0.pipeline == "streamed-oneshot" and peak.name in ("load", "bqpo", "e2e", "export"):
+        msg += (f"BQPO and E2E-OQP still train on the whole float32 model ({model_sizes(info).total * F32 / GB:.1f} "
+                f"GB here; their streamed form is not built yet), the one-shot alone is streamed. ")
     if picked:
         msg += "These would fit: " + "; ".join(
             f"{_describe(c)} (~{e.peak.total / GB:.1f} GB)" for c, e in picked[:3]) + ". "
     else:
-        msg += (f"No smaller --nsamples/--seqlen/--batch-size or fewer training epochs fit: the float32 "
-                f"model alone is {model_sizes(info).total * F32 / GB:.1f} GB here. ")
-        if pipeline == "whole-model":
-            streamed = estimate(info, settings, "streamed", checkpoint_bytes)
-            msg += (f"A layer-streamed conversion (issue 16, not yet available) would need about "
-                    f"{streamed.peak.total / GB:.1f} GB. ")
+        msg += "No smaller --nsamples/--seqlen/--batch-size or fewer training epochs fit. "
+        if e0.pipeline == "whole-model":
+            streamed = estimate(info, settings, converter_pipeline(settings), checkpoint_bytes)
+            msg += f"The layer-streamed converter would need about {streamed.peak.total / GB:.1f} GB. "
     msg += "Free memory, or pass --ignore-memory-check to try anyway."
-    return Verdict(False, est, avail, msg, tuple(picked))
+    return Verdict(False, e0, avail, msg, tuple(picked))
 
 
 def check_convert(cfg, device: str | None = None, available: int | None = None, log=None) -> Verdict | None:
-    """The check for a ConvertConfig (today's whole-model pipeline); raises MemoryCheckError when
-    the conversion would not fit; None when the checkpoint itself is refused (the conversion then
-    says why). Reads only config.json (and the default model's, building it once like the
-    conversion would)."""
+    """The check for a ConvertConfig (the pipeline the converter runs: converter_pipeline); raises
+    MemoryCheckError when the conversion would not fit; None when the checkpoint itself is refused
+    (the conversion then says why). Reads only config.json (and the default model's, building it
+    once like the conversion would)."""
     from . import model_io
 
     try:
@@ -427,8 +486,8 @@ def check_convert(cfg, device: str | None = None, available: int | None = None, 
     if not v.fits:
         raise MemoryCheckError(v.message)
     if log is not None:
-        log(f"memory: about {v.estimate.peak.total / GB:.1f} GB at the peak ({v.estimate.peak.name}), "
-            f"{v.available / GB:.1f} GB available")
+        log(f"memory: about {v.estimate.peak.total / GB:.1f} GB at the peak ({v.estimate.peak.name}, "
+            f"{v.estimate.pipeline} pipeline), {v.available / GB:.1f} GB available")
     return v
 
 

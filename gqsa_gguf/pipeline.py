@@ -4,21 +4,31 @@ In:  a `ConvertConfig`.
 Out: the GGUF at config.output (written atomically: on any error no file appears) and a
      `ConvertReport` (timings, the export summary, notes).
 
+The one-shot is streamed (issue 16): the model is never loaded whole. The checkpoint is read a
+decoder block at a time (`streamed.StreamedModel`) by the allocation's sensitivity pass and then
+by the one-shot pass (`oneshot.sensitivity_blocks`, `oneshot.compress_blocks`: the same per-block
+code as for a model in memory); each finished block goes to disk as gqsa4 rows
+(`streamed.BlockStore`: --checkpoint-dir/oneshot, or a temporary folder), and the export reads
+the dense tensors and the blocks back one at a time. With --checkpoint-dir each pass saves its
+state (the next block's inputs) at most every CHAIN_SAVE_SECONDS, and --resume continues it.
+
 The training orchestration lives here and only here: `train` runs BQPO (bqpo.run_bqpo) then
 E2E-OQP (e2e.run_e2e) on a one-shot result, as the configs say (epochs 0 = a stage off); `convert`
-and benchmarks/quality.py both call it. With config.bqpo.epochs / config.e2e.epochs > 0 the float
-model is kept for BQPO's targets and E2E-OQP's teacher. The GGUF's `gqsa.config` records the
-configs used, learning rates included.
+and benchmarks/quality.py both call it. Training is not streamed yet: with config.bqpo.epochs /
+config.e2e.epochs > 0 the whole float model is loaded after the one-shot, for BQPO's targets and
+E2E-OQP's teacher. The GGUF's `gqsa.config` records the configs used, learning rates included.
 
 Everything that can be refused cheaply is refused before any heavy work, in this order: the
 output path, the checkpoint (folder, architecture,
-widths), the calibration text (empty / too short), and only then is the model loaded.
+widths), the calibration text (empty / too short), and only then are weights read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +44,30 @@ class ConvertReport:
     seconds: dict[str, float]
     summary: object            # export.ExportSummary
     notes: list[str] = field(default_factory=list)
+    # stage -> the process's peak RSS in bytes when the stage ended (a running maximum: the stage
+    # whose value rises set a new peak); BQPO and E2E-OQP both get the value at the end of training
+    peak_rss: dict[str, int] = field(default_factory=dict)
+
+
+def max_rss_bytes() -> int:
+    """The peak resident set size of this process so far (getrusage; Linux counts kB)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+class _StageTimes(dict):
+    """{stage: seconds}; setting a stage's seconds also records the peak RSS so far (peak_rss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak_rss: dict[str, int] = {}
+
+    def __setitem__(self, stage: str, seconds: float) -> None:
+        super().__setitem__(stage, seconds)
+        self.peak_rss[stage] = max_rss_bytes()
 
 
 def check_output_path(output: str) -> Path:
@@ -53,14 +87,14 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     """checkpoint_dir / resume: where the one-shot result and the BQPO / E2E-OQP progress are
     checkpointed, and whether to continue an interrupted run from them (the training configs'
     run-only fields, config.RUN_ONLY)."""
-    from . import calib, export, model_io
+    from . import calib, export, model_io, streamed
 
     cfg = resolve_training_precision(cfg, log)
     c = cfg.compression
     if resume and not checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir (the folder the interrupted run wrote its checkpoints to)")
     out = check_output_path(cfg.output)
-    times: dict[str, float] = {}
+    times = _StageTimes()
     notes: list[str] = []
 
     t = time.time()
@@ -89,54 +123,51 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
         log(f"E2E-OQP windows: {cfg.e2e.windows} x {seqlen} tokens from the same text")
     times["prepare"] = time.time() - t
 
-    t = time.time()
-    model = model_io.load_model(info)
-    times["load"] = time.time() - t
-
-    e2e_windows = _with_chat_windows(model, tokenizer, ids, e2e_windows, seqlen, cfg, checkpoint_dir, resume,
-                                     progress, log, notes, times)
-
-    float_model = None
-    if cfg.bqpo.epochs or cfg.e2e.epochs:                # training needs the float weights and targets
-        import copy
-        float_model = copy.deepcopy(model)
     log(f"compressing: GQSA {c.spec} (4-bit, {c.sparsity:.0%} of 16-weight groups pruned per row on average), "
         f"{'error-compensated (OBS)' if c.method == 'obs' else 'round-to-nearest'} one-shot, "
         f"{c.allocation} allocation, {'sequential' if c.sequential else 'parallel'} block-wise calibration, "
-        f"damp {c.damp}")
-    result = _oneshot_resumable(model, info, windows, cfg, checkpoint_dir, resume, progress, log, times)
-    times["compress"] = result.seconds
-    worst = sorted(result.rel_errors.items(), key=lambda kv: -kv[1])[:3]
-    notes.append("largest relative output errors tr(DHD^T)/tr(WHW^T): "
-                 + ", ".join(f"{n.replace('model.layers.', 'L')} {e:.3f}" for n, e in worst))
-
-    linears = result.linears
-    if float_model is not None:
-        # the one-shot model differs from the float one only in the decoder linears, which export
-        # takes from `linears`: drop it before training (one float32 copy of the model less)
-        del model
-        ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
-        trained = train(float_model, linears, windows,
-                        dataclasses.replace(cfg.bqpo, checkpoint_dir=ck("bqpo"), resume=resume, progress=progress),
-                        dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress),
-                        log=log, e2e_windows=e2e_windows)
-        times.update(trained.seconds)
-        linears = trained.linears
-        # the export takes the non-linear tensors from float_model (the teacher, no longer
-        # needed): the RMSNorm gains E2E-OQP trained go into the file with the other F32 tensors
-        model = float_model.cpu()
-        trained.load_norms(model)
-
+        f"damp {c.damp}; the checkpoint is read one decoder block at a time")
     # the config recorded in the file says what was really used (e.g. the clipped seqlen)
     used = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, seqlen=seqlen))
-    t = time.time()
-    summary = export.export_gguf(out, info, model.state_dict(), linears, used, progress=False,
-                                 rope_factors=model_io.rope_freq_factors(model, info))
-    times["export"] = time.time() - t
-    return ConvertReport(output=out, seconds=times, summary=summary, notes=notes)
+    with _oneshot_folder(checkpoint_dir) as work:
+        source = streamed.StreamedModel(info)
+        store, rel_errors = _oneshot_streamed(source, info, windows, cfg, work, checkpoint_dir is not None,
+                                              resume, progress, log, times)
+        worst = sorted(rel_errors.items(), key=lambda kv: -kv[1])[:3]
+        notes.append("largest relative output errors tr(DHD^T)/tr(WHW^T): "
+                     + ", ".join(f"{n.replace('model.layers.', 'L')} {e:.3f}" for n, e in worst))
+
+        if cfg.bqpo.epochs or cfg.e2e.epochs:
+            # BQPO's targets and E2E-OQP's teacher: the whole float model, loaded only now (the
+            # streamed training of issue 16 is not built yet)
+            t = time.time()
+            float_model = model_io.load_model(info)
+            times["load"] = time.time() - t
+            e2e_windows = _with_chat_windows(float_model, tokenizer, ids, e2e_windows, seqlen, cfg, checkpoint_dir,
+                                             resume, progress, log, notes, times)
+            ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
+            trained = train(float_model, {n: store[n].unpack() for n in store}, windows,
+                            dataclasses.replace(cfg.bqpo, checkpoint_dir=ck("bqpo"), resume=resume, progress=progress),
+                            dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress),
+                            log=log, e2e_windows=e2e_windows)
+            for stage, seconds in trained.seconds.items():
+                times[stage] = seconds
+            # the export takes the non-linear tensors from float_model (the teacher, no longer
+            # needed): the RMSNorm gains E2E-OQP trained go into the file with the other F32 tensors
+            model = float_model.cpu()
+            trained.load_norms(model)
+            dense, linears = model.state_dict(), trained.linears
+        else:
+            model, dense, linears = source.model, source.state_dict(), store
+        t = time.time()
+        summary = export.export_gguf(out, info, dense, linears, used, progress=False,
+                                     rope_factors=model_io.rope_freq_factors(model, info))
+        times["export"] = time.time() - t
+    return ConvertReport(output=out, seconds=dict(times), summary=summary, notes=notes, peak_rss=times.peak_rss)
 
 
-ONESHOT_CKPT = "oneshot.ckpt"
+ONESHOT_DIR = "oneshot"             # under --checkpoint-dir: the per-block files and pass states
+CHAIN_SAVE_SECONDS = 60.0           # a pass's chain state is saved at most this often (and at its end)
 
 
 def resolve_training_precision(cfg: ConvertConfig, log=print) -> ConvertConfig:
@@ -153,52 +184,113 @@ def resolve_training_precision(cfg: ConvertConfig, log=print) -> ConvertConfig:
     return dataclasses.replace(cfg, bqpo=bqpo, e2e=e2e)
 
 
-def _oneshot_resumable(model, info, windows, cfg, checkpoint_dir, resume, progress, log, times):
-    """The allocation + one-shot pass; with a checkpoint folder its result is saved there
-    (oneshot.ckpt, atomically), and `resume` takes it from there instead of recomputing."""
-    import torch
+@contextlib.contextmanager
+def _oneshot_folder(checkpoint_dir):
+    """Where the finished blocks go: --checkpoint-dir/oneshot, or a temporary folder (removed at
+    the end) — the blocks are kept on disk, not in memory, whatever the model's depth."""
+    if checkpoint_dir:
+        folder = Path(checkpoint_dir) / ONESHOT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+    else:
+        with tempfile.TemporaryDirectory(prefix="gqsa-oneshot-") as tmp:
+            yield Path(tmp)
 
+
+class _PassState:
+    """The chain state of a block-wise pass (oneshot.ChainState) and what it has gathered so far,
+    saved atomically in one checkpoint file: after a block when CHAIN_SAVE_SECONDS have passed
+    since the last save, and after the last block. Without a file (no --checkpoint-dir) nothing
+    is saved."""
+
+    def __init__(self, path: Path | None, stage: str, fingerprint: str, n_layers: int):
+        self.path, self.stage, self.fingerprint, self.n_layers = path, stage, fingerprint, n_layers
+        self.last = time.time()
+
+    def load(self):
+        """(ChainState, gathered, seconds) of the saved state, or None."""
+        from . import checkpoint as ckpt
+        from .oneshot import ChainState
+
+        if self.path is None or not self.path.exists():
+            return None
+        meta, payload = ckpt.load(self.path, expect={"stage": self.stage, "fingerprint": self.fingerprint})
+        state = ChainState(int(meta["next_block"]), payload["hidden"], payload["fhidden"])
+        return state, payload["gathered"], float(meta["seconds"])
+
+    def save(self, state, gathered, seconds: float) -> None:
+        from . import checkpoint as ckpt
+
+        done = state.block >= self.n_layers
+        if self.path is None or not (done or time.time() - self.last >= CHAIN_SAVE_SECONDS):
+            return
+        ckpt.save(self.path, {"stage": self.stage, "fingerprint": self.fingerprint, "next_block": state.block,
+                              "seconds": seconds},
+                  {"hidden": [] if done else state.hidden, "fhidden": None if done else state.fhidden,
+                   "gathered": gathered})
+        self.last = time.time()
+
+
+def _oneshot_streamed(source, info, windows, cfg, folder: Path, checkpointing: bool, resume: bool, progress,
+                      log, times):
+    """The allocation's sensitivity pass and the one-shot pass over `source` (a block source:
+    streamed.StreamedModel), each block's result written to a streamed.BlockStore in `folder` as
+    it is finished. With `checkpointing` each pass's state is saved there too (_PassState), and
+    `resume` continues each pass from it. Returns (the store, {linear name: relative error})."""
     from . import checkpoint as ckpt
-    from . import oneshot
+    from . import oneshot, streamed
 
     c = cfg.compression
-    path = Path(checkpoint_dir) / ONESHOT_CKPT if checkpoint_dir else None
-    fp = ckpt.run_fingerprint(dataclasses.asdict(c), model.config.to_dict(), windows)
-    if resume and path is not None and path.exists():
-        meta, payload = ckpt.load(path, expect={"stage": "oneshot", "fingerprint": fp})
-        linears = {n: oneshot.CompressedLinear(n, int(v["width"]), v["indices"].numpy(), v["q"].numpy(),
-                                               v["z"].numpy(), v["d"].numpy())
-                   for n, v in payload["linears"].items()}
-        oneshot.apply_compressed(model, linears)
-        log(f"one-shot: resumed from {path}")
-        return oneshot.CompressionResult(linears=linears, rel_errors=dict(payload["rel_errors"]),
-                                         seconds=float(meta["seconds"]), nsamples=windows.shape[0],
-                                         seqlen=windows.shape[1])
+    fp = ckpt.run_fingerprint(dataclasses.asdict(c), info.hf_config, windows, cfg.calib.batch_size)
+    store = streamed.BlockStore(folder, fp, info.n_layers, info.layout.linears)
+    state = _PassState(folder / "oneshot.ckpt" if checkpointing else None, "oneshot", fp, info.n_layers)
+    saved = state.load() if resume else None
+    if saved is not None and not store.complete(saved[0].block):
+        raise ckpt.CheckpointError(f"{folder}: the one-shot state says blocks 0..{saved[0].block - 1} are done, but "
+                                   f"their files are not all there — delete {folder} to start the one-shot over")
+    if saved is not None and saved[0].block >= info.n_layers:
+        log(f"one-shot: resumed from {folder} (all {info.n_layers} blocks done)")
+        times["compress"] = saved[2]
+        return store, saved[1]
     keep = None
     if c.allocation == "sensitivity":
         t = time.time()
-        keep = choose_allocation(model, info, windows, c, progress=progress, log=log)
+        probe = _PassState(folder / "sensitivity.ckpt" if checkpointing else None, "sensitivity", fp, info.n_layers)
+        keep = choose_allocation(source, info, windows, c, progress=progress, log=log, state=probe, resume=resume)
         times["allocate"] = time.time() - t
-    result = oneshot.compress_model(model, info, windows, c, batch_size=cfg.calib.batch_size, progress=progress,
-                                    keep=keep)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.save(path, {"stage": "oneshot", "fingerprint": fp, "seconds": result.seconds},
-                  {"linears": {n: dict(width=cl.width, indices=torch.from_numpy(cl.indices),
-                                       q=torch.from_numpy(cl.q), z=torch.from_numpy(cl.z), d=torch.from_numpy(cl.d))
-                               for n, cl in result.linears.items()},
-                   "rel_errors": result.rel_errors})
-    return result
+    t0 = time.time()
+    resume_from, rel_errors, before = saved if saved is not None else (None, {}, 0.0)
+    if saved is not None:
+        log(f"one-shot: resumed from {folder} at block {resume_from.block}")
+    for res, chain in oneshot.compress_blocks(source, info, windows, c, batch_size=cfg.calib.batch_size,
+                                              progress=progress, keep=keep, resume=resume_from):
+        store.put(res)
+        rel_errors.update(res.rel_errors)
+        state.save(chain, rel_errors, before + time.time() - t0)
+    times["compress"] = before + time.time() - t0
+    return store, rel_errors
 
 
-def choose_allocation(model, info, windows, c, progress: bool = True, log=print) -> dict[str, int]:
-    """{linear name: kept groups per row} from the measured sensitivity (allocation.py)."""
+def choose_allocation(model, info, windows, c, progress: bool = True, log=print, state: _PassState | None = None,
+                      resume: bool = False) -> dict[str, int]:
+    """{linear name: kept groups per row} from the measured sensitivity (allocation.py). model: an
+    HF model or a block source (oneshot.as_blocks); state / resume: the probe's saved progress."""
     from . import allocation, oneshot
 
     if windows.numel() < 16384:
         log(f"note: the sensitivity allocation is measured on only {windows.numel()} calibration tokens; with "
             f"so few it can spread the budget badly — use more (--nsamples/--seqlen) or --allocation uniform")
-    curves = oneshot.sensitivity_curves(model, info, windows, c, progress=progress)
+    saved = state.load() if state is not None and resume else None
+    chain, gathered, before = saved if saved is not None else (None, [], 0.0)
+    t0 = time.time()
+    if chain is None or chain.block < info.n_layers:
+        for block_curves, chain in oneshot.sensitivity_blocks(model, info, windows, c, progress=progress,
+                                                              resume=chain):
+            gathered += [dataclasses.asdict(cv) for cv in block_curves]
+            if state is not None:
+                state.save(chain, gathered, before + time.time() - t0)
+    curves = [allocation.TensorCurve(**{k: tuple(v) if isinstance(v, list) else v for k, v in cv.items()})
+              for cv in gathered]
     keep = allocation.allocate(curves, c.sparsity)
     shapes = {cv.name: (cv.rows, cv.width) for cv in curves}
     uniform = allocation.budget_bits(shapes, c.sparsity) / sum(r * w for r, w in shapes.values())

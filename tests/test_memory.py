@@ -102,10 +102,38 @@ def test_refusal_names_the_stage_and_what_fits():
     assert "--e2e-epochs 0" in v.message and "--ignore-memory-check" in v.message
     for change, e in v.alternatives:
         assert e.peak.total <= 24e9 * memory.HEADROOM
+    # the converter streams the one-shot and loads the whole model for training: the message says so
+    assert "streamed-oneshot pipeline" in v.message and "whole float32 model" in v.message
     assert memory.check(ONE_B, s, available=int(1e12)).fits
-    # nothing fits: the message says so and gives the streamed pipeline's need
+    # a 7B shape: no training fits in 24 GB, the streamed conversion without it does
     v = memory.check(SEVEN_B, s, available=int(24e9))
-    assert not v.fits and "No smaller" in v.message and "layer-streamed" in v.message
+    assert not v.fits and "--bqpo-epochs 0 --e2e-epochs 0 (~" in v.message
+    assert all(c == {"bqpo_epochs": 0, "e2e_epochs": 0} for c, _ in v.alternatives)
+    assert memory.check(SEVEN_B, replace(s, bqpo_epochs=0, e2e_epochs=0), available=int(24e9)).fits
+    # the whole-model pipeline: nothing fits, and the message gives the streamed converter's need
+    v = memory.check(SEVEN_B, s, available=int(24e9), pipeline="whole-model")
+    assert not v.fits and "No smaller" in v.message and "layer-streamed converter would need" in v.message
+
+
+def test_the_converter_pipeline():
+    """Streamed throughout without training; with it, the streamed passes and then the whole-model
+    training stages (their estimate unchanged)."""
+    s = MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1)
+    assert memory.converter_pipeline(s) == "streamed-oneshot"
+    assert memory.converter_pipeline(replace(s, bqpo_epochs=0, e2e_epochs=0)) == "streamed"
+    assert [st.name for st in estimate(ONE_B, s, "streamed-oneshot").stages] == \
+        ["embed", "sensitivity", "one-shot", "load", "bqpo", "e2e", "export"]
+    for stage in ("bqpo", "e2e"):
+        assert peak(ONE_B, s, "streamed-oneshot", stage) == peak(ONE_B, s, "whole-model", stage)
+    names = [st.name for st in estimate(ONE_B, replace(s, allocation="uniform", bqpo_epochs=0, e2e_epochs=0),
+                                        "streamed").stages]
+    assert names == ["embed", "one-shot", "export"]
+    # without training the 7B shape is within issue 16's 6 GB, and near-flat in depth: doubling
+    # the depth adds only the export's gqsa4 rows
+    s0 = replace(s, bqpo_epochs=0, e2e_epochs=0)
+    assert peak(SEVEN_B, s0, "streamed") <= 6e9
+    deep = replace(SEVEN_B, n_layers=64)
+    assert peak(deep, s0, "streamed") - peak(SEVEN_B, s0, "streamed") < 0.5 * model_sizes(SEVEN_B).linear
 
 
 def test_available_memory():
