@@ -31,15 +31,24 @@ import numpy as np
 from . import arch, codec, format as fmt
 
 # llama.cpp type ids and (block size, block bytes) of the stock formats measured here
-STOCK = {"f16": (1, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_k": (12, 256, 144),
-         # what a llama.cpp user picks at about 3 bits per weight (widths divisible by 256 only):
-         # Q3_K (3.44, the bulk of a Q3_K_S file), IQ3_XXS (3.06) and Q2_K (2.63)
-         "q3_k": (11, 256, 110), "iq3_xxs": (18, 256, 98), "q2_k": (10, 256, 84)}
+STOCK = {"f16": (1, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_k": (12, 256, 144)}
 # byte offsets of each stock block's fp16 scales (set finite in the random blocks)
-_SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_k": (0, 2), "q3_k": (108,), "iq3_xxs": (0,), "q2_k": (80, 82)}
+_SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_k": (0, 2)}
+# What a llama.cpp user picks at about 3 bits per weight: llama.cpp file types (llama_ftype), made
+# by llama.cpp's own quantizer (llama_model_quantize) from an F16 model of the shape, so each tensor
+# gets the type llama-quantize would give it. For LLaMA-7B's shape (no GQA): Q3_K_S is Q3_K
+# throughout (3.44 bits/weight); Q2_K is Q2_K with attn_v, attn_output and ffn_down in Q3_K (2.94);
+# IQ3_XXS is IQ3_XXS with attn_q/attn_k in IQ2_S and attn_output in IQ3_S (3.01). IQ3_XXS and IQ2_S
+# require an importance matrix: llama_model_quantize refuses them without one ("Missing importance
+# matrix"), so the bench gives a uniform one (all ones: random weights have no salient columns).
+# The k- and i-quants need widths divisible by 256 (QK_K).
+QUANTIZED = {"q3_k_s": (11, False), "iq3_xxs": (23, True), "q2_k": (10, False)}   # llama_ftype, imatrix
+QK_K = 256
+GGML_TYPE_Q8_0 = 8
 LAYOUT = arch.for_gguf("llama")        # the benchmark models are LLaMA-shaped
 GQSA_SPARSITY = {"w4s0": 0.0, "w4s25": 0.25, "w4s50": 0.5, "w4s75": 0.75}
-DEFAULT_FORMATS = ("f16", "q8_0", "q4_0", "q4_k", "q3_k", "iq3_xxs", "q2_k", "w4s25", "w4s50", "w4s75")
+DEFAULT_FORMATS = ("f16", "q8_0", "q4_0", "q4_k", "q3_k_s", "iq3_xxs", "q2_k", "w4s25", "w4s50", "w4s75")
+FORMATS = tuple(STOCK) + tuple(QUANTIZED) + tuple(GQSA_SPARSITY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +88,7 @@ PRESETS = {
 
 def fits(fmt_name: str, shape: Shape) -> bool:
     """Whether every linear width of the shape is a multiple of the format's block size."""
-    block = STOCK[fmt_name][1] if fmt_name in STOCK else fmt.GROUP_SIZE
+    block = STOCK[fmt_name][1] if fmt_name in STOCK else QK_K if fmt_name in QUANTIZED else fmt.GROUP_SIZE
     return all(width % block == 0 for _, _, width in shape.linear())
 
 
@@ -242,6 +251,47 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
             "n_linear": shape.n_layer * sum(r * c for _, r, c in shape.linear())}
 
 
+def quantize_model(llama_cpp, source: Path, fmt_name: str, path: Path, shape: Shape, threads: int | None = None) -> dict:
+    """Writes `path`: the F16 benchmark model `source` (write_model(shape, "f16", ...)) through
+    llama.cpp's quantizer to the file type `fmt_name` of QUANTIZED. The embeddings stay Q8_0 (the
+    quantizer would otherwise give the tied output head Q6_K/Q5_K), so only the linear weights
+    differ from the other formats' files; an importance matrix of ones where the type needs one.
+
+    Returns write_model's byte counts, read from the file, and "types": the quantizer's mix as
+    {ggml type name: number of linear tensors}."""
+    import gguf
+
+    ftype, needs_imatrix = QUANTIZED[fmt_name]
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.token_embedding_type = GGML_TYPE_Q8_0          # the tied head counts as output: both
+    p.output_tensor_type = GGML_TYPE_Q8_0
+    p.nthread = threads or os.cpu_count() or 1
+    keep = []                                       # what the C side points into, alive for the call
+    if needs_imatrix:
+        entries = [(f"blk.{i}.{name}.weight".encode(), np.ones(width, np.float32))
+                   for i in range(shape.n_layer) for name, _, width in shape.linear()]
+        arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+        for e, (name, ones) in zip(arr, entries):
+            e.name, e.data, e.size = name, ones.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), ones.size
+        arr[len(entries)].name = None               # the list ends at a null name
+        keep += [entries, arr]
+        p.imatrix = arr
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize {source} -> {path} ({fmt_name}, llama_ftype {ftype}) failed ({rc})")
+    linear = {f"blk.{i}.{name}.weight" for i in range(shape.n_layer) for name, _, _ in shape.linear()}
+    linear_bytes = total = 0
+    types: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        total += int(t.n_bytes)
+        if t.name in linear:
+            linear_bytes += int(t.n_bytes)
+            types[t.tensor_type.name.lower()] = types.get(t.tensor_type.name.lower(), 0) + 1
+    return {"linear_bytes": linear_bytes, "bytes_per_token": total,
+            "n_linear": shape.n_layer * sum(r * c for _, r, c in shape.linear()), "types": types}
+
+
 def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Read bandwidth in bytes/s: `threads` threads summing disjoint parts of a 1 GiB buffer.
 
@@ -333,9 +383,23 @@ def run(shape: Shape, formats: list[str], threads: list[int], n_prompt: int, n_d
     formats = [f for f in formats if f not in skipped]
     files, sizes = {}, {}
     for f in formats:
+        if f in QUANTIZED:
+            continue
         files[f] = out_dir / f"{shape.name}-{f}.gguf"
         print(f"writing {files[f].name} ...", flush=True)
         sizes[f] = write_model(shape, f, files[f], weights)
+    quantized = [f for f in formats if f in QUANTIZED]
+    if quantized:
+        source = files.get("f16") or out_dir / f"{shape.name}-f16-source.gguf"
+        if "f16" not in files:
+            print(f"writing {source.name} (the quantizer's input) ...", flush=True)
+            write_model(shape, "f16", source, weights)
+        for f in quantized:
+            files[f] = out_dir / f"{shape.name}-{f}.gguf"
+            print(f"quantizing {files[f].name} with llama.cpp ...", flush=True)
+            sizes[f] = quantize_model(llama_cpp, source, f, files[f], shape)
+        if "f16" not in files:
+            source.unlink()
     weights.cache.clear()
 
     bandwidth = {t: measure_bandwidth(t) for t in threads}
@@ -362,7 +426,7 @@ def run(shape: Shape, formats: list[str], threads: list[int], n_prompt: int, n_d
             rows.append({"format": f, "threads": t, "rounds": rounds, "machine": machine,
                          "bpw": 8.0 * s["linear_bytes"] / s["n_linear"], "pp_tok_s": pp, "decode_tok_s": tg, "bytes_per_token": s["bytes_per_token"],
                          "bandwidth_GBps": bandwidth[t] / 1e9, "decode_bound_tok_s": bound,
-                         "bound_fraction": tg / bound})
+                         "bound_fraction": tg / bound, **({"types": s["types"]} if "types" in s else {})})
     for t in threads:
         ref = next((r for r in rows if r["format"] == "q4_0" and r["threads"] == t), None)
         for r in rows:
@@ -385,6 +449,12 @@ def markdown(rows: list[dict], shape: Shape, n_prompt: int, n_decode: int, comma
                      f"{r.get('pp_vs_q4_0', float('nan')):.2f} | {r['decode_tok_s']:.2f} | "
                      f"{r.get('decode_vs_q4_0', float('nan')):.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
                      f"{r['decode_bound_tok_s']:.1f} | {100 * r['bound_fraction']:.0f} % |")
+    mixes = {r["format"]: r["types"] for r in rows if "types" in r}
+    if mixes:
+        lines += ["", "Made by llama.cpp's quantizer (llama_model_quantize, from an F16 model of the shape; "
+                  "embeddings kept Q8_0; an importance matrix of ones for IQ3_XXS), linear tensors by type: "
+                  + "; ".join(f"{f}: " + ", ".join(f"{n} {t.upper()}" for t, n in sorted(m.items(), key=lambda kv: -kv[1]))
+                              for f, m in mixes.items()) + "."]
     bw = sorted({(r["threads"], r["bandwidth_GBps"]) for r in rows})
     lines += ["", "Measured read bandwidth: " + ", ".join(f"{b:.1f} GB/s with {t} thread(s)" for t, b in bw) + "."]
     if rows and rows[0].get("machine"):
@@ -440,7 +510,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic", choices=sorted(PRESETS), default="smollm2-135m",
                    help="model shape to measure (default: smollm2-135m, the embedded default model)")
     p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
-                   help=f"comma-separated, from {', '.join(list(STOCK) + list(GQSA_SPARSITY))}")
+                   help=f"comma-separated, from {', '.join(FORMATS)} ({', '.join(QUANTIZED)}: llama.cpp "
+                        "file types, made by its quantizer from an F16 model of the shape)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("--decode", type=int, default=128, help="decoded tokens (default 128)")
@@ -458,9 +529,9 @@ def command_line(args: argparse.Namespace) -> str:
 def main_from_args(args: argparse.Namespace) -> int:
     shape = PRESETS[args.synthetic]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in STOCK and f not in GQSA_SPARSITY]
+    unknown = [f for f in formats if f not in FORMATS]
     if unknown:
-        raise SystemExit(f"unknown format(s) {unknown}; choose from {list(STOCK) + list(GQSA_SPARSITY)}")
+        raise SystemExit(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
     threads = [int(t) for t in args.threads.split(",")]
     if args.prompt < 1 or args.decode < 1 or args.rounds < 1 or min(threads) < 1:
         raise SystemExit("--prompt, --decode, --rounds and --threads must be positive")

@@ -1,10 +1,12 @@
 """Runtime loading of the patched llama.cpp libraries.
 
 In:  the shared libraries the native build installs into gqsa_gguf/lib (libllama.so, libggml*.so,
+     libgqsa_native.so; a portable build has libggml-cpu-<variant>.so instead of libggml-cpu.so and
      libgqsa_native.so), or the directory named by GQSA_GGUF_LIB_DIR (a dev build's
      `build/<wheel tag>/bin`); see lib_dir() for the search order.
-Out: the `llama_cpp` module (llama-cpp-python 0.3.36) bound to those libraries, a check that they
-     carry the GQSA type, a ctypes handle on the C test hooks, and load_model() /
+Out: the `llama_cpp` module (llama-cpp-python 0.3.36) bound to those libraries (in a portable
+     build, with the best CPU variant loaded), a check that they carry the GQSA type, a ctypes
+     handle on the C test hooks, and load_model() /
      explain_load_failure(): a refused file gets a message saying why and what to do (the install
      hint when a stock llama.cpp meets gqsa4 tensors).
 
@@ -17,8 +19,11 @@ comes from lib_dir(): a stock libggml loaded earlier would silently win otherwis
 
 from __future__ import annotations
 
+import _ctypes
 import contextlib
 import ctypes
+import dataclasses
+import logging
 import os
 import sys
 from importlib import metadata
@@ -29,10 +34,13 @@ from .format import GGML_TYPE_GQSA4, TYPE_NAME
 from .errors import GQSAError
 
 LIB_DIR_ENV = "GQSA_GGUF_LIB_DIR"
+CPU_VARIANT_ENV = "GQSA_GGUF_CPU_VARIANT"   # portable build: load this CPU variant instead of the best
 DIST_NAME = "gqsa-gguf"
 LLAMA_LIB_NAME = "libllama.so"
 GGML_BASE_LIB_NAME = "libggml-base.so"
 NATIVE_LIB_NAME = "libgqsa_native.so"
+GGML_LIB_NAME = "libggml.so"
+CPU_VARIANT_PREFIX = "libggml-cpu-"      # a portable build's CPU backends: libggml-cpu-<variant>.so
 PATCH_MARKER_SYMBOL = "ggml_gqsa_validate"   # exported by libggml-base only when patched
 
 BUILD_HINT = (
@@ -130,7 +138,131 @@ def import_llama_cpp() -> ModuleType:
         raise RuntimeLibraryError(f"llama_cpp failed to load {d / LLAMA_LIB_NAME}: {e}. "
                                   f"{BUILD_HINT}") from e
     _check_mapped(d)
+    if is_portable(d):
+        _load_cpu_backend(d)
+    elif os.environ.get(CPU_VARIANT_ENV):
+        raise RuntimeLibraryError(f"{CPU_VARIANT_ENV}={os.environ[CPU_VARIANT_ENV]} names a CPU variant, but {d} "
+                                  "holds a native build (one libggml-cpu.so, no variants): unset it, or point "
+                                  f"{LIB_DIR_ENV} at a portable build (scripts/setup.sh --portable)")
     return llama_cpp
+
+
+# --- the portable build: one CPU backend per variant, chosen at run time ---------------------------
+#
+# A portable build (GQSA_PORTABLE, `scripts/setup.sh --portable`) has no libggml-cpu.so but one
+# libggml-cpu-<variant>.so per CPU variant (x64, haswell, icelake, ...: ggml's
+# GGML_CPU_ALL_VARIANTS), each with the GQSA kernels compiled for its features. Nothing loads them
+# by itself: llama-cpp-python never calls ggml_backend_load_all, and ggml's own search looks beside
+# the Python executable. import_llama_cpp() loads the best one from lib_dir() (or the one named by
+# $GQSA_GGUF_CPU_VARIANT) once per process, before any model is created.
+
+_cpu_backend_loaded: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuVariant:
+    name: str          # ggml's tag: "x64", "haswell", "icelake", ...
+    path: Path
+    score: int         # the module's ggml_backend_score(): 0 = this CPU lacks a feature it needs
+
+
+def is_portable(d: Path | None = None) -> bool:
+    """Whether `d` (default lib_dir()) holds a portable build: CPU variants, no libggml-cpu.so."""
+    d = lib_dir() if d is None else d
+    return not (d / "libggml-cpu.so").is_file() and any(d.glob(f"{CPU_VARIANT_PREFIX}*.so"))
+
+
+def cpu_variants(d: Path | None = None) -> list[CpuVariant]:
+    """The CPU variants of a portable build in `d` (default lib_dir()), best first, with the score
+    each gives this CPU (as ggml's loader asks them: dlopen, then ggml_backend_score()); [] for a
+    native build."""
+    d = lib_dir() if d is None else d
+    out = []
+    for path in sorted(d.glob(f"{CPU_VARIANT_PREFIX}*.so")):
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise RuntimeLibraryError(f"cannot load {path}: {e}. {BUILD_HINT}") from e
+        lib.ggml_backend_score.restype = ctypes.c_int
+        out.append(CpuVariant(path.name[len(CPU_VARIANT_PREFIX):-len(".so")], path, int(lib.ggml_backend_score())))
+        _ctypes.dlclose(lib._handle)     # as ggml's loader does; a module in use stays (reference count)
+    return sorted(out, key=lambda v: (-v.score, v.name))
+
+
+def _chosen_variant(d: Path) -> CpuVariant:
+    """The variant $GQSA_GGUF_CPU_VARIANT names (refused if this CPU cannot run it), else the best."""
+    variants = cpu_variants(d)
+    want = os.environ.get(CPU_VARIANT_ENV)
+    if want:
+        match = [v for v in variants if v.name == want]
+        if not match:
+            raise RuntimeLibraryError(f"{CPU_VARIANT_ENV}={want}: {d} has no {CPU_VARIANT_PREFIX}{want}.so "
+                                      f"(it has {', '.join(v.name for v in variants)})")
+        if match[0].score == 0:
+            raise RuntimeLibraryError(f"{CPU_VARIANT_ENV}={want}: this CPU lacks an instruction set that "
+                                      f"variant needs (supported here: "
+                                      f"{', '.join(v.name for v in variants if v.score > 0) or 'none'})")
+        return match[0]
+    if not variants or variants[0].score == 0:
+        raise RuntimeLibraryError(f"no CPU variant in {d} runs on this CPU "
+                                  f"({', '.join(v.name for v in variants) or 'none built'}). {BUILD_HINT}")
+    return variants[0]
+
+
+def _load_cpu_backend(d: Path) -> None:
+    global _cpu_backend_loaded
+    if _cpu_backend_loaded is not None:
+        if _cpu_backend_loaded != d.resolve():
+            raise RuntimeLibraryError(f"the CPU backend was loaded from {_cpu_backend_loaded}, not {d}")
+        return
+    ggml = ctypes.CDLL(str(_require(GGML_LIB_NAME)))        # already mapped by llama_cpp: the same copy
+    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    if not ggml.ggml_backend_reg_by_name(b"CPU"):
+        # the chosen variant by path, as ggml_backend_load_all_from_path would choose it (the best
+        # score), without the other backends' searches, or the one $GQSA_GGUF_CPU_VARIANT names
+        variant = _chosen_variant(d)
+        # ggml logs "load_backend: loaded CPU backend from ..." through llama-cpp-python's logger,
+        # which prints everything until a Llama(verbose=False) quiets it: quiet for the load
+        log = logging.getLogger("llama-cpp-python")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            loaded = ggml.ggml_backend_load(str(variant.path).encode())
+        finally:
+            log.setLevel(level)
+        if not loaded:
+            raise RuntimeLibraryError(f"ggml could not load the CPU backend {variant.path}")
+    _cpu_backend_loaded = d.resolve()
+
+
+def loaded_cpu_variant() -> str | None:
+    """The CPU variant registered as ggml's CPU backend in this process (portable build), else None.
+
+    Found by address: the backend registration ggml returns is a static object of the module that
+    registered it, so the file mapped at that address is the variant (others may be mapped too:
+    cpu_variants() and native_lib(variant) open them)."""
+    if _cpu_backend_loaded is None:
+        return None
+    ggml = ctypes.CDLL(str(_cpu_backend_loaded / GGML_LIB_NAME))
+    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    reg = ggml.ggml_backend_reg_by_name(b"CPU")
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        lo, _, hi = parts[0].partition("-")
+        if len(parts) == 6 and reg and int(lo, 16) <= reg < int(hi, 16):
+            name = os.path.basename(parts[5])
+            if name.startswith(CPU_VARIANT_PREFIX) and name.endswith(".so"):
+                return name[len(CPU_VARIANT_PREFIX):-len(".so")]
+    return None
 
 
 def check_patched() -> bool:
@@ -153,8 +285,21 @@ def check_patched() -> bool:
     return fn(GGML_TYPE_GQSA4) == TYPE_NAME.encode()
 
 
-def native_lib() -> ctypes.CDLL:
-    """ctypes handle on libgqsa_native.so (the C test hooks) from lib_dir()."""
+def native_lib(variant: str | None = None) -> ctypes.CDLL:
+    """ctypes handle on the C test hooks: libgqsa_native.so from lib_dir(), or in a portable build
+    the CPU variant module that holds them, `variant` or else the one import_llama_cpp() loads."""
+    d = lib_dir()
+    if variant is not None or is_portable(d):
+        if variant is None:
+            path = _chosen_variant(d).path
+        else:
+            path = d / f"{CPU_VARIANT_PREFIX}{variant}.so"
+            if not path.is_file():
+                raise RuntimeLibraryError(f"{path} not found: {d} has no CPU variant {variant!r}")
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as e:
+            raise RuntimeLibraryError(f"cannot load {path}: {e}. {BUILD_HINT}") from e
     path = _require(NATIVE_LIB_NAME)
     try:
         return ctypes.CDLL(str(path))

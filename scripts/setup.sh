@@ -11,8 +11,24 @@
 # Idempotent: steps already done are skipped, and re-installing the package only recompiles what
 # changed. Env: PYTHON (interpreter for the venv, default python3), GQSA_VENV (default .venv),
 # CMAKE_ARGS (passed to the native build, e.g. -DGGML_CUDA=ON), and those of native/README.md.
+#
+# --portable: the libraries for any x86-64 (or ARM) CPU instead of this machine's (-march=native):
+# one CPU backend per ggml CPU variant, the best chosen at run time (-DGQSA_PORTABLE=ON; see
+# native/README.md), built in build/<wheel tag>-portable so that it does not overwrite the native
+# build's objects. CMAKE_ARGS=-DGQSA_CPU_VARIANTS="x64;haswell;icelake" builds only those.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BUILD_DIR_ARGS=()
+for arg in "$@"; do
+    case "$arg" in
+        --portable)
+            export CMAKE_ARGS="${CMAKE_ARGS:-} -DGQSA_PORTABLE=ON"
+            BUILD_DIR_ARGS=(--config-settings=build-dir=build/{wheel_tag}-portable) ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "setup.sh: unknown argument '$arg' (known: --portable)" >&2; exit 2 ;;
+    esac
+done
 
 VENV=${GQSA_VENV:-.venv}
 LOG=build/setup-pip.log
@@ -77,7 +93,7 @@ mkdir -p build
 : >"$LOG"     # exists before tail opens it
 set +e
 PATH="$VENV/bin:$PATH" "$PY" -m pip --disable-pip-version-check install -v \
-    --no-build-isolation ".[test,serve]" >"$LOG" 2>&1 &
+    --no-build-isolation "${BUILD_DIR_ARGS[@]}" ".[test,serve]" >"$LOG" 2>&1 &
 pip_pid=$!
 tail -n +1 -f "$LOG" --pid="$pip_pid" 2>/dev/null \
     | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] |gqsa llama.cpp:|ninja: no work|CMake Error|error:|Successfully installed'

@@ -38,9 +38,18 @@ def ggml():
     return lib
 
 
-@pytest.fixture(scope="module")
-def hooks():
-    lib = runtime.native_lib()
+# A portable build (GQSA_PORTABLE) has one CPU backend per variant, each with its own kernels and
+# its own copy of the hooks: every test that runs a kernel runs against each variant this CPU can
+# run. A native build has one (None).
+VARIANTS = [v.name for v in runtime.cpu_variants() if v.score > 0] or [None]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v or "native")
+def hooks(request):
+    lib = runtime.native_lib(request.param)
+    lib.variant = request.param
+    lib.gqsa_test_cpu_kernels.argtypes = []
+    lib.gqsa_test_cpu_kernels.restype = ctypes.c_char_p
     lib.gqsa_test_mul_mat.argtypes = [V, I64, I64, I64, V, I64, C_INT, V]
     lib.gqsa_test_mul_mat.restype = C_INT
     lib.gqsa_test_vec_dot.argtypes = [V, I64, V, I64, C_INT, V]
@@ -167,6 +176,23 @@ def test_mul_mat_matches_reference(hooks, width, sparsity):
             assert nmse(out, ref) <= 5e-4, (ncols, threads)
             # the same arithmetic as the kernel, up to float summation order
             np.testing.assert_allclose(out, kernel_math, rtol=1e-4, atol=1e-4 * np.abs(kernel_math).max())
+
+
+def test_kernels_are_the_ones_the_build_calls_for(hooks):
+    # a portable build's variant runs the kernels its features call for (x64: scalar, haswell: AVX2,
+    # icelake: AVX-512 VNNI, ...); a native (-march=native) x86 build those of this CPU's features
+    import platform
+    from pathlib import Path
+
+    from test_neon_qemu import X86_VARIANTS, expected_kernels
+    kernels = hooks.gqsa_test_cpu_kernels().decode()
+    if hooks.variant is not None:
+        assert kernels == expected_kernels(X86_VARIANTS[hooks.variant])
+    elif platform.machine() in ("x86_64", "AMD64"):
+        flags = tuple(Path("/proc/cpuinfo").read_text().split())
+        assert kernels == expected_kernels(flags)
+    else:
+        assert kernels in ("neon-dotprod", "neon", "scalar")
 
 
 @pytest.mark.parametrize("n_kept", [1, 2, 3, 7, 8, 9, 15, 16, 17, 18, 48, 344])

@@ -47,8 +47,10 @@ def test_missing_libraries_say_how_to_build(monkeypatch, tmp_path):
 def test_built_libraries_are_all_there():
     d = runtime.lib_dir()
     names = {p.name for p in d.glob("lib*.so")}
-    missing = {"libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so",
-               "libgqsa_native.so"} - names
+    # a portable build has a CPU backend per variant (the test hooks inside each) instead of
+    # libggml-cpu.so and libgqsa_native.so
+    cpu = {"libggml-cpu-x64.so"} if runtime.is_portable(d) else {"libggml-cpu.so", "libgqsa_native.so"}
+    missing = ({"libllama.so", "libggml.so", "libggml-base.so"} | cpu) - names
     assert not missing, f"{d} lacks {sorted(missing)}. {runtime.BUILD_HINT}"
 
 
@@ -121,3 +123,17 @@ def test_import_llama_cpp_refuses_foreign_ggml_already_loaded(tmp_path):
         pytest.skip("no /proc/self/maps: the mapped-library check is Linux only")
     assert "refused: this process has llama.cpp libraries loaded from outside" in proc.stdout, \
         proc.stdout + proc.stderr
+
+
+def test_a_cpu_variant_is_refused_where_the_build_has_none():
+    # GQSA_GGUF_CPU_VARIANT picks a CPU variant of a portable build; a native build has none to pick,
+    # and a portable one refuses a name it did not build: loudly, never by running something else
+    proc = run_python("""
+        from gqsa_gguf import runtime
+        try:
+            runtime.import_llama_cpp()
+        except runtime.RuntimeLibraryError as e:
+            print("refused:", e)
+    """, env={runtime.LIB_DIR_ENV: str(runtime.lib_dir()), runtime.CPU_VARIANT_ENV: "nosuch"})
+    want = "has no libggml-cpu-nosuch.so" if runtime.is_portable() else "holds a native build"
+    assert "refused: GQSA_GGUF_CPU_VARIANT=nosuch" in proc.stdout and want in proc.stdout, proc.stdout + proc.stderr

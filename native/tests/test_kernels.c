@@ -630,19 +630,7 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, b
 }
 
 int main(void) {
-    printf("GQSA kernel tests (%s)\n",
-#if defined(GQSA_CPU_X86) && defined(__AVX512F__)
-           "x86-64 AVX-512"
-#elif defined(GQSA_CPU_X86)
-           "x86-64 AVX2"
-#elif defined(GQSA_CPU_ARM) && defined(__ARM_FEATURE_DOTPROD)
-           "aarch64 NEON + dotprod"
-#elif defined(GQSA_CPU_ARM)
-           "aarch64 NEON"
-#else
-           "scalar"
-#endif
-    );
+    printf("GQSA kernel tests (%s)\n", ggml_gqsa_cpu_kernels());
     const int act_widths[] = { 16, 48, 576, 4096 };
     for (size_t i = 0; i < sizeof(act_widths) / sizeof(act_widths[0]); ++i) {
         test_quantize_act(act_widths[i]);

@@ -12,9 +12,15 @@
 
 #define GQSA_TESTLIB_API __attribute__((visibility("default")))
 
-// The scalar reference kernel lives in ggml-cpu (not part of its public API).
+// The scalar reference kernel and the kernels' ISA name live in ggml-cpu (not part of its public API).
 void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * s, size_t bs, const void * vx, size_t bx,
                                         const void * vy, size_t by, int nrc);
+const char * ggml_gqsa_cpu_kernels(void);
+
+// Which GQSA kernels the ggml-cpu these hooks call was compiled with ("avx2", "avx512vnni", ...).
+GQSA_TESTLIB_API const char * gqsa_test_cpu_kernels(void) {
+    return ggml_gqsa_cpu_kernels();
+}
 
 static struct ggml_context * gqsa_test_ctx(size_t data_bytes) {
     struct ggml_init_params params = {

@@ -31,6 +31,22 @@ void quantize_row_gqsa4(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, i
     quantize_row_gqsa4_ref(x, (block_gqsa4 *) y, k);
 }
 
+const char * ggml_gqsa_cpu_kernels(void) {
+#if defined(GQSA_CPU_X86) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return "avx512vnni";
+#elif defined(GQSA_CPU_X86) && defined(__AVXVNNI__)
+    return "avxvnni";
+#elif defined(GQSA_CPU_X86)
+    return "avx2";
+#elif defined(GQSA_CPU_ARM) && defined(__ARM_FEATURE_DOTPROD)
+    return "neon-dotprod";
+#elif defined(GQSA_CPU_ARM)
+    return "neon";
+#else
+    return "scalar";
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dot product of one weight row with one activation row
 // ---------------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@ struct ggml_compute_params;
 // for batches (see ggml-cpu-gqsa.c). A panel holds 24 * GQSA_PANEL bytes per group of 16.
 #define GQSA_PANEL 8
 
+// Which kernels this ggml-cpu was compiled with (ggml-cpu-gqsa-arch.h picks by the compiler's ISA
+// macros): "avx512vnni", "avxvnni", "avx2", "neon-dotprod", "neon" or "scalar". A portable build
+// has one ggml-cpu per CPU variant, each with its own answer; the tests ask every variant.
+const char * ggml_gqsa_cpu_kernels(void);
+
 // from_float of the activation type gqsa_q8 (k % 16 == 0); bit-exact with quantize_row_gqsa_q8_ref
 void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
 // from_float of gqsa4 itself: a dense row, every group kept
