@@ -160,26 +160,19 @@ def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, tu
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
-    if reply is None:
-        out = []
-        for _ in range(nsamples):
-            messages, toks = [], []
-            while len(toks) < seqlen:
-                for role in ("user", "assistant"):
-                    messages.append({"role": role, "content": chunk()})
-                toks = tokens(messages)
-            out.append(toks[:seqlen])
-        return torch.tensor(out, dtype=torch.long)
-    # the first exchange of every window: a user turn of the text, the model's answer to it
-    convs = [[{"role": "user", "content": chunk()}] for _ in range(nsamples)]
-    answers = reply(convs)
-    if len(answers) != nsamples:
-        raise CalibError(f"chat replies: {len(answers)} answers for {nsamples} conversations")
+    convs = [[] for _ in range(nsamples)]
+    if reply is not None:
+        # the first exchange of every window: a user turn of the text, the model's answer to it
+        convs = [[{"role": "user", "content": chunk()}] for _ in range(nsamples)]
+        answers = reply(convs)
+        if len(answers) != nsamples:
+            raise CalibError(f"chat replies: {len(answers)} answers for {nsamples} conversations")
+        for messages, answer in zip(convs, answers):
+            messages.append({"role": "assistant", "content": str(answer).strip()})
     out = []
-    for messages, answer in zip(convs, answers):
-        messages.append({"role": "assistant", "content": str(answer).strip()})
-        toks = tokens(messages)
-        while len(toks) < seqlen:                  # the rest of the window: turns of the text
+    for messages in convs:
+        toks = tokens(messages) if messages else []
+        while len(toks) < seqlen:                  # (the rest of) the window: turns of the text
             for role in ("user", "assistant"):
                 messages.append({"role": role, "content": chunk()})
             toks = tokens(messages)
