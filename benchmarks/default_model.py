@@ -63,6 +63,70 @@ def linear_bpw(path: Path) -> float:
     return bits / weights
 
 
+WANDA_NAME = "2:4 Wanda (F16 file)"
+WANDA_BPW = 9.0       # what a 2:4 format would store: fp16 values of half the weights + 2-bit positions
+
+
+def write_wanda24(f16: Path, dst: Path, nsamples: int, seqlen: int = 512) -> None:
+    """2:4 Wanda (SparseGPT's baseline: per row, in every 4 consecutive inputs the 2 weights of lowest
+    |W_ij| * ||X_j|| are zeroed; kept weights untouched) written into a copy of the stock F16 file,
+    so llama.cpp evaluates it like every other row. ||X_j|| comes from the float model's inputs to
+    each linear on the calibration text (the GQSA rows' text, not the evaluation text). Rows of a
+    q/k weight are permuted in the GGUF for llama.cpp's RoPE; Wanda's mask is per row, so the
+    permutation does not change it."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from gqsa_gguf import calib, model_io
+    from gqsa_gguf.config import DEFAULT_CALIB
+    from gqsa_gguf.gguf_io import read_gguf
+
+    info = model_io.inspect_checkpoint(model_io.default_model_dir())
+    tok = model_io.load_tokenizer(info)
+    windows = calib.calibration_windows(calib.tokenize(tok, calib.load_text(DEFAULT_CALIB)[0]), nsamples, seqlen,
+                                        seed=0)
+    model = model_io.load_model(info)
+    layout = arch.for_gguf("llama")
+    sq: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in layout.linear_names(len(model.model.layers)):
+        def hook(m, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sq[name] = sq.get(name, 0) + (x * x).sum(0)
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    with torch.inference_mode():
+        for i in range(0, windows.shape[0], 4):
+            model(input_ids=torch.as_tensor(windows[i:i + 4], dtype=torch.long), use_cache=False)
+    for h in hooks:
+        h.remove()
+    tmp = dst.with_suffix(".tmp")
+    shutil.copyfile(f16, tmp)
+    f = read_gguf(tmp)
+    data = np.memmap(tmp, dtype=np.uint8, mode="r+")
+    for hf in sq:
+        name = layout.hf_to_gguf(hf + ".weight")
+        t = f.tensors[name]
+        if t.type_name != "F16":
+            raise SystemExit(f"{f16}: {name} is {t.type_name}, not F16")
+        w = data[t.offset:t.offset + t.nbytes].view("<f2").reshape(t.shape)
+        score = (np.abs(w.astype(np.float32)) * sq[hf].sqrt().float().numpy()[None, :]).reshape(w.shape[0], -1, 4)
+        drop = np.argsort(score, axis=-1, kind="stable")[..., :2]
+        mask = np.ones(score.shape, dtype=bool)
+        np.put_along_axis(mask, drop, False, axis=-1)
+        w[~mask.reshape(w.shape)] = 0
+    data.flush()
+    del data, f
+    tmp.replace(dst)
+
+
+def row_bpw(name: str, path: Path) -> float:
+    """The bits per weight a row is plotted and listed at: as stored, but the 2:4 Wanda row at what a
+    2:4 format would store (its file is F16 with zeros)."""
+    return WANDA_BPW if name == WANDA_NAME else linear_bpw(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", type=Path, default=ROOT / "default-model-out")
@@ -76,7 +140,11 @@ def main() -> int:
                     help="an existing W4S50 GGUF made at the converter's defaults (one-shot + BQPO + E2E-OQP, "
                          "e.g. the one benchmarks/quality.py writes) for the trained row; without it the row is "
                          "converted here (about 40 min on 2 cores)")
-    ap.add_argument("--specs", default=",".join(GQSA_SPECS), help="the one-shot GQSA rows to convert")
+    ap.add_argument("--specs", default=",".join(GQSA_SPECS),
+                    help="the one-shot GQSA rows to convert; SPEC:uniform converts with --allocation uniform "
+                         "(the paper's layout), SPEC alone with the converter's default allocation")
+    ap.add_argument("--wanda", action="store_true", help="add the 2:4 Wanda row (an F16 file with half the "
+                    "weights zeroed, calibrated on the same text with --nsamples windows)")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=GGUF",
                     help="another row: an existing GGUF under that name (e.g. the one-shot file the converter's "
                          "defaults make with --bqpo-epochs 0 --e2e-epochs 0, at its 128 calibration windows)")
@@ -101,17 +169,25 @@ def main() -> int:
         files[name] = dst
 
     from gqsa_gguf.cli import main as cli_main
-    for spec in [x for x in a.specs.split(",") if x]:
-        dst = a.out_dir / f"smollm2-{spec}.gguf"
+    for item in [x for x in a.specs.split(",") if x]:
+        spec, _, alloc = item.partition(":")
+        name = f"{spec} {alloc}" if alloc else spec
+        dst = a.out_dir / f"smollm2-{spec}{'-' + alloc if alloc else ''}.gguf"
         if not (a.reuse and dst.exists()):
             t = time.time()
             extra = ["--nsamples", str(a.nsamples)] if a.nsamples else []
+            extra += ["--allocation", alloc] if alloc else []
             rc = cli_main(["convert", "--gqsa", spec, "-o", str(dst), "-q", "--bqpo-epochs", "0",
                            "--e2e-epochs", "0", *extra])
             if rc != 0:
-                raise SystemExit(f"convert {spec} failed ({rc})")
-            convert_seconds[spec] = time.time() - t
-        files[spec] = dst
+                raise SystemExit(f"convert {item} failed ({rc})")
+            convert_seconds[name] = time.time() - t
+        files[name] = dst
+    if a.wanda:
+        dst = a.out_dir / "smollm2-wanda24.gguf"
+        if not (a.reuse and dst.exists()):
+            write_wanda24(files["f16"], dst, a.nsamples or 128)
+        files[WANDA_NAME] = dst
     files.update(extra_files)
     trained_name = "w4s50 trained (defaults)"
     if a.trained:
@@ -154,7 +230,13 @@ def main() -> int:
         "the stock files (llama.cpp's quantizer's choice). The w4sNN rows are one-shot (the converter's "
         f"defaults with `--bqpo-epochs 0 --e2e-epochs 0`; {a.nsamples or 128} calibration windows of 512 tokens"
         + (f"; extra rows: {', '.join(f'`{n}` = `{p.name}`' for n, p in extra_files.items())}" if extra_files else "") + "); "
-        "the last row is W4S50 at the converter's defaults: one-shot, then "
+        "rows marked `uniform` keep the same share of groups in every tensor (`--allocation uniform`, the paper's "
+        "layout), the others spread the bit budget by sensitivity (the default); "
+        + (f"`{WANDA_NAME}`: 2:4 Wanda pruning (per row, the 2 of every 4 consecutive weights with the "
+           "lowest |W| x input norm zeroed, input norms of the float model on the same calibration text) written "
+           "into the F16 file, listed at 9 bits per weight (fp16 values + 2-bit positions, what a 2:4 format "
+           "stores); " if a.wanda else "")
+        + "the last row is W4S50 at the converter's defaults: one-shot, then "
         f"{'BQPO for %d epochs and ' % CONVERT_BQPO.epochs if CONVERT_BQPO.epochs else ''}"
         f"E2E-OQP for {CONVERT_E2E.epochs} epoch(s) (distilled from the float model) on "
         f"{CONVERT_E2E.windows or 128} windows of 512 tokens"
@@ -165,7 +247,8 @@ def main() -> int:
     ]
     for name, path in files.items():
         pp, tg = speed[name]
-        lines.append(f"| {name} | {linear_bpw(path):.2f} | {path.stat().st_size / 1e6:.1f} | {ppl[name]:.2f} | "
+        bpw = f"{row_bpw(name, path):.2f}" + (" (16 as stored)" if name == WANDA_NAME else "")
+        lines.append(f"| {name} | {bpw} | {path.stat().st_size / 1e6:.1f} | {ppl[name]:.2f} | "
                      f"{ppl[name] / ppl['f16']:.2f} | {pp:.0f} | {tg:.1f} | {tg / ref:.2f} |")
     plot(files, ppl, ROOT / "docs" / "default-model.png")
     lines += ["",
@@ -192,29 +275,41 @@ def main() -> int:
 
 
 def plot(files: dict, ppl: dict, path: Path) -> None:
-    """Perplexity against linear bits per weight, stock types and GQSA, log scale."""
+    """Perplexity against linear bits per weight: stock types, 2:4 Wanda, the GQSA one-shot curves
+    (allocated and uniform) and the trained files, log scales."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    gq = [(linear_bpw(p), ppl[n], n) for n, p in files.items() if n.startswith("w4s") and "trained" not in n]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+
+    def kind(n):
+        if "trained" in n:
+            return "trained"
+        if n == WANDA_NAME:
+            return "wanda"
+        if n.startswith("w4s"):
+            return "uniform" if n.endswith(" uniform") else "gqsa"
+        return "stock"
+    style = {"stock": ("s", "tab:gray", 40), "gqsa": ("o", "tab:blue", 40), "uniform": ("o", "tab:cyan", 40),
+             "trained": ("*", "tab:red", 110), "wanda": ("^", "tab:green", 60)}
     for n, p in files.items():
-        x, y = linear_bpw(p), ppl[n]
-        kind = "trained" if "trained" in n else ("gqsa" if n.startswith("w4s") else "stock")
-        ax.scatter([x], [y], marker={"stock": "s", "gqsa": "o", "trained": "*"}[kind], s=90 if kind == "trained" else 40,
-                   color={"stock": "tab:gray", "gqsa": "tab:blue", "trained": "tab:red"}[kind], zorder=3)
-        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if gq:
-        gq.sort()
-        ax.plot([g[0] for g in gq], [g[1] for g in gq], color="tab:blue", alpha=0.5, label="GQSA one-shot")
+        x, y = row_bpw(n, p), ppl[n]
+        m, c, size = style[kind(n)]
+        ax.scatter([x], [y], marker=m, s=size, color=c, zorder=3)
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for k, label in (("gqsa", "GQSA one-shot, bit budget by sensitivity"), ("uniform", "GQSA one-shot, uniform")):
+        pts = sorted((row_bpw(n, p), ppl[n]) for n, p in files.items()
+                     if kind(n) == k and "defaults" not in n)
+        if len(pts) > 1:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], color=style[k][1], alpha=0.6, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("decoder linear bits per weight (all metadata)")
     ax.set_ylabel("perplexity (llama.cpp, held-out text)")
     ax.set_title("SmolLM2-135M-Instruct: perplexity vs size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
