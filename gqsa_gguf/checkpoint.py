@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -40,6 +41,7 @@ __all__ = ["CheckpointError", "MAGIC", "VERSION", "save", "load", "run_fingerpri
 MAGIC = b"GQSACKPT"
 VERSION = 1
 _HEAD = struct.Struct("<8sIQ")
+_CHUNK = 1 << 22
 
 
 class CheckpointError(GQSAError, RuntimeError):
@@ -49,26 +51,38 @@ class CheckpointError(GQSAError, RuntimeError):
 def save(path: str | os.PathLike, meta: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(dict(payload), buf)
-    data = buf.getbuffer()
-    header = json.dumps({"meta": dict(meta), "payload_bytes": len(data),
-                         "payload_sha256": hashlib.sha256(data).hexdigest()}, sort_keys=True).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the payload is serialized to a file of its own, hashed and copied behind the header from there:
+    # never held in memory a second time (E2E-OQP's optimizer state is the largest thing it holds)
+    tmps = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_HEAD.pack(MAGIC, VERSION, len(header)))
-            f.write(header)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, body = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".payload.tmp", dir=path.parent)
+        tmps.append(body)
+        with os.fdopen(fd, "w+b") as pf:
+            torch.save(dict(payload), pf)
+            n = pf.tell()
+            pf.seek(0)
+            h = hashlib.sha256()
+            for chunk in iter(lambda: pf.read(_CHUNK), b""):
+                h.update(chunk)
+            header = json.dumps({"meta": dict(meta), "payload_bytes": n, "payload_sha256": h.hexdigest()},
+                                sort_keys=True).encode()
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmps.append(tmp)
+            pf.seek(0)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_HEAD.pack(MAGIC, VERSION, len(header)))
+                f.write(header)
+                shutil.copyfileobj(pf, f, _CHUNK)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        tmps.remove(tmp)
+    finally:
+        for t in tmps:
+            try:
+                os.unlink(t)
+            except FileNotFoundError:
+                pass
 
 
 def load(path: str | os.PathLike, expect: Mapping[str, Any] | None = None,

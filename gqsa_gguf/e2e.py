@@ -276,6 +276,7 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             bar.update(1)
             bar.set_postfix(loss=f"{float(step_loss):.4f}")
         bar.close()
+        opt.zero_grad(set_to_none=True)                 # the gradients are not needed past the step
         report.epoch_loss.append(sum(epoch_losses) / max(1, len(epoch_losses)))
         report.seconds.append(time.time() - t0)
         if rank == 0:

@@ -318,11 +318,11 @@ class _ExpandedLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = (g2 @ w.to(dt)).reshape(*x.shape[:-1], ctx.width).to(x.dtype)
+        n = w.shape[0]
+        del w                                            # the dense weight and its gradient never coexist
         dscale = dzero = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            n = w.shape[0]
             dw = (g2.t() @ x.reshape(-1, ctx.width).to(dt)).to(torch.float32)
-            del w
             idx = indices.to(torch.int64)[:, :, None].expand(-1, -1, _G)
             dg = torch.gather(dw.reshape(n, ctx.width // _G, _G), 1, idx)      # d loss / d w_hat, kept groups
             del dw

@@ -51,17 +51,23 @@ def float_final_hidden(source, windows: torch.Tensor, batch_size: int, device="c
 
     device = resolve_device(str(device))
     hidden, kwargs = source.layer0_inputs(torch.as_tensor(windows, dtype=torch.long), batch_size)
+    last = source.n_layers - 1
+    final = torch.empty(sum(h.shape[0] for h in hidden), *hidden[0].shape[1:], dtype=dtype)
     for i in tqdm(range(source.n_layers), desc="E2E-OQP teacher (float pass)", unit="block", disable=not progress,
                   leave=False):
         with source.block(i) as layer, torch.no_grad():
             layer.to(device)
+            row = 0
             for b, (h, kw) in enumerate(zip(hidden, kwargs)):
                 with autocast(device, amp):
-                    out = layer_output(layer(h.to(device), **to_device(kw, device)))
-                hidden[b] = out.to("cpu", torch.float32)
-    out = torch.cat(hidden).to(dtype)
-    del hidden
-    return out
+                    out = layer_output(layer(h.to(device), **to_device(kw, device))).to("cpu", torch.float32)
+                if i < last:
+                    hidden[b] = out
+                else:                          # the last block's outputs go straight to `final`
+                    final[row:row + out.shape[0]] = out
+                    row += out.shape[0]
+                    hidden[b] = None
+    return final
 
 
 def checkpoint_layers(model) -> None:
@@ -193,8 +199,10 @@ def run_bqpo_streamed(source, store, windows: torch.Tensor, cfg, out_folder: Pat
     kwargs = to_device(kw[0], device)
     if start == 0:
         xf = torch.cat(hidden)
+        del hidden
         xq = xf.clone()
-    del hidden
+    else:
+        del hidden
     report.resumed_from = start
     for i in range(start, info.n_layers):
         with source.block(i) as layer_f:

@@ -122,3 +122,30 @@ def test_streamed_bqpo_equals_the_whole_model_one(target, tmp_path):
         torch.testing.assert_close(zero, m.zero.detach(), rtol=1e-4, atol=1e-5)
         changed += int((got.q != store[name].unpack().q).sum())
     assert changed > 0, "BQPO changed no code: the comparison would prove nothing"
+
+
+def test_the_e2e_estimate_counts_what_the_student_holds(tmp_path):
+    """memory.py's streamed E2E-OQP terms are the student's tensors: the frozen codes and indices,
+    the scales and zeros, and the float32 embeddings, head, norms and biases — nothing else."""
+    from gqsa_gguf import memory
+
+    info, windows, store = _oneshot("qwen2 (biases)", tmp_path)
+    student = streamed_train.student_model(streamed.StreamedModel(info), store)
+    mods = gqs_modules(student)
+    kept = sum(m.out_features * m.n_kept * 16 for m in mods.values())
+    assert kept == 0.5 * memory.model_sizes(info).linear              # w4s50 keeps half of every row
+    terms = memory.estimate(info, MemorySettings_(), "streamed", checkpoint_bytes=1).stage("e2e").terms
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    assert nbytes([t for m in mods.values() for t in (m.qs, m.indices)]) == terms["frozen codes + indices"]
+    assert nbytes([t for m in mods.values() for t in (m.scale, m.zero)]) == terms["scale/zero"]
+    rest = {id(t): t for n, t in list(student.named_parameters()) + list(student.named_buffers())
+            if (not any(n.startswith(m + ".") for m in mods) or n.endswith(".bias")) and "rotary" not in n}
+    assert sum(n.endswith(".bias") for n, _ in student.named_buffers()) == 3 * info.n_layers     # q/k/v biases
+    assert all(t.dtype == torch.float32 for t in rest.values())
+    assert nbytes(rest.values()) == terms["embeddings f32"] + terms["head + norms + biases f32"]
+
+
+def MemorySettings_():
+    from gqsa_gguf.memory import MemorySettings
+
+    return MemorySettings(nsamples=6, seqlen=32, bqpo_epochs=1, e2e_epochs=1, sparsity=0.5)
