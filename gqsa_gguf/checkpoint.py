@@ -90,36 +90,72 @@ def load(path: str | os.PathLike, expect: Mapping[str, Any] | None = None,
     path = Path(path)
     how = f"delete {path} to start over, or resume with the settings that wrote it"
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        f = open(path, "rb")
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    if len(raw) < _HEAD.size:
-        raise CheckpointError(f"checkpoint {path} is {len(raw)} bytes, shorter than its header — torn; {how}")
-    magic, version, hlen = _HEAD.unpack_from(raw)
-    if magic != MAGIC:
-        raise CheckpointError(f"{path} is not a gqsa-gguf checkpoint (magic {magic!r}); {how}")
-    if version > VERSION:
-        raise CheckpointError(f"checkpoint {path} has version {version}, newer than this tool's {VERSION} — "
-                              f"upgrade gqsa-gguf or delete it")
-    try:
-        header = json.loads(raw[_HEAD.size:_HEAD.size + hlen].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path}: unreadable header ({e}); {how}") from None
-    data = memoryview(raw)[_HEAD.size + hlen:]
-    if len(data) != header.get("payload_bytes"):
-        raise CheckpointError(f"checkpoint {path}: payload is {len(data)} bytes, header says "
-                              f"{header.get('payload_bytes')} — the file is truncated; {how}")
-    if hashlib.sha256(data).hexdigest() != header.get("payload_sha256"):
-        raise CheckpointError(f"checkpoint {path}: SHA-256 of the payload does not match its header — "
-                              f"the file is corrupt; {how}")
-    meta = header.get("meta", {})
-    for key, want in (expect or {}).items():
-        if meta.get(key) != want:
-            raise CheckpointError(f"checkpoint {path}: {key} = {meta.get(key)!r}, but this run has "
-                                  f"{want!r} — it was written by a different run; {how}")
-    payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    # the payload is hashed and unpickled from the file, a chunk at a time: never held as bytes
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(_HEAD.size)
+        if len(head) < _HEAD.size:
+            raise CheckpointError(f"checkpoint {path} is {size} bytes, shorter than its header — torn; {how}")
+        magic, version, hlen = _HEAD.unpack(head)
+        if magic != MAGIC:
+            raise CheckpointError(f"{path} is not a gqsa-gguf checkpoint (magic {magic!r}); {how}")
+        if version > VERSION:
+            raise CheckpointError(f"checkpoint {path} has version {version}, newer than this tool's {VERSION} — "
+                                  f"upgrade gqsa-gguf or delete it")
+        try:
+            header = json.loads(f.read(min(hlen, size)).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"checkpoint {path}: unreadable header ({e}); {how}") from None
+        start = _HEAD.size + hlen
+        n = max(0, size - start)
+        if n != header.get("payload_bytes"):
+            raise CheckpointError(f"checkpoint {path}: payload is {n} bytes, header says "
+                                  f"{header.get('payload_bytes')} — the file is truncated; {how}")
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+        if h.hexdigest() != header.get("payload_sha256"):
+            raise CheckpointError(f"checkpoint {path}: SHA-256 of the payload does not match its header — "
+                                  f"the file is corrupt; {how}")
+        meta = header.get("meta", {})
+        for key, want in (expect or {}).items():
+            if meta.get(key) != want:
+                raise CheckpointError(f"checkpoint {path}: {key} = {meta.get(key)!r}, but this run has "
+                                      f"{want!r} — it was written by a different run; {how}")
+        payload = torch.load(io.BufferedReader(_Window(f, start, n), _CHUNK), map_location=map_location,
+                             weights_only=True)
     return meta, payload
+
+
+class _Window(io.RawIOBase):
+    """bytes [start, start + length) of an open file, as a seekable file of their own."""
+
+    def __init__(self, f, start: int, length: int):
+        super().__init__()
+        self._f, self._start, self._length, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: 0, 1: self._pos, 2: self._length}[whence] + offset
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._length - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(b)[:n])
+        self._pos += got
+        return got
 
 
 def run_fingerprint(*parts: Any) -> str:

@@ -57,6 +57,8 @@ LOAD_RESIDUE = 1.0            # float32 model copies' worth of heap the load lea
 TRAIN_RESIDUE = 0.5           # ... and what the freed one-shot model and BQPO's swapped-out linears leave
 LOGIT_COPIES = 7              # [micro, seqlen, vocab] float32 tensors alive in a KD step (student and
                               # teacher logits, log-softmaxes, their product, the gradient)
+BQPO_RESIDUE = 1.5            # float32 blocks' worth of heap the streamed BQPO's steps leave resident
+                              # (measured: RSS grows 0.24 GB over a 1B-wide block's first 8 steps)
 OVERHEAD = 1.10               # allocator slack on top of the live tensors
 HEADROOM = 0.92               # use at most this share of the available memory
 # per token and decoder layer, the float32 activations autograd keeps for the backward pass, in
@@ -297,6 +299,7 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
     block = z.block * F32
     base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8}
     stages = _streamed_oneshot(z, s)
+    widest = max(n * k for n, k in z.linear_shapes)
     if s.bqpo_epochs > 0 and s.train_on_host:
         # streamed_train.run_bqpo_streamed: the float block read and its copy being trained (its
         # linears become GQSLinear: the kept weights with their AdamW state, _block_adam), the float
@@ -306,6 +309,13 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             **base, "block f32 (float + trained copy)": 2 * block, "chains (float, compressed)": 2 * acts,
             "block training": _block_adam(z, s) + _saved_for_backward(z, tokens, s.seqlen)
             + _forward_temps(z, max(tokens, min(s.bqpo_batch, s.nsamples) * s.seqlen), s.seqlen),
+            # GQSLinear's autograd graph: each linear's dense weight and two kept-group-sized
+            # intermediates saved for the backward; in the backward, on the widest linear, the
+            # dense weight's gradient (bf16 and float32), the kept groups' and the chain-rule
+            # products (~14 bytes a weight); AdamW's foreach temporary (one more kept weights' copy)
+            "fake-quant graph": int(z.block_linear * F32 * (1 + 2 * (1 - s.sparsity)) + 14 * widest),
+            "AdamW temporaries": int(kept_block * F32),
+            "heap residue": int(BQPO_RESIDUE * block),
             "one block compressed": int(kept_block * (2 * ONESHOT_BYTES_PER_KEPT + 2 * GQSA4_BYTES_PER_KEPT))}))
     if s.e2e_epochs > 0 and s.train_on_host:
         e2e_acts = s.e2e_tokens * z.hidden
@@ -318,7 +328,6 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             "block forward": _forward_temps(z, batch_tokens, s.seqlen)}))
         tokens = s.e2e_micro_batch * s.seqlen
         qparams = int(kept / 16 * 2 * F32)                 # one fp32 scale and zero per kept group
-        widest = max(n * k for n, k in z.linear_shapes)
         stages.append(Stage("e2e", {
             **base, "embeddings f32": z.embed * F32,
             "head + norms + biases f32": (z.head + z.n_layers * (z.block - z.block_linear) + z.hidden) * F32,
