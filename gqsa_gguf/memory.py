@@ -340,7 +340,10 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             # one layer's forward recomputed for its backward; a linear's dense weight expanded, its
             # gradient and the kept groups' (fakequant.PackedGQSLinear: never saved, one at a time)
             "one layer recomputed": _saved_for_backward(z, tokens, s.seqlen) + 3 * widest * F32,
-            "logits": LOGIT_COPIES * tokens * z.vocab * F32}))
+            "logits": LOGIT_COPIES * tokens * z.vocab * F32,
+            # under bf16 autocast (--amp auto on a CPU with AMX) the head's weight is cast for the
+            # student (saved for its backward) and for the teacher's logits
+            "head cast (autocast)": 2 * 2 * z.vocab * z.hidden}))
     # the export (pipeline.convert without training): the GGUF writer holds every tensor of the
     # file until it writes (gqsa4 rows, F16 embeddings and head); the dense tensors are read one
     # at a time, the blocks one block file at a time

@@ -98,18 +98,21 @@ ONE_B_2 = shape(2048, 2, 5632, 32, 4, 49152, False, context=2048)   # make_rando
 
 
 def test_reproduces_the_measured_streamed_training_peaks():
-    """The streamed training's peak RSS measured with /usr/bin/time -v (docs/DESIGN.md): the 1B
-    shape with 2 layers, 8 x 256, --e2e-windows 0, uniform allocation, bf16 autocast; BQPO and
-    E2E-OQP each alone (resumed from the same one-shot) and both after the one-shot."""
+    """The streamed training's peak RSS measured with /usr/bin/time -v (docs/DESIGN.md), all with
+    --e2e-windows 0, uniform allocation, bf16 autocast: the 1B shape with 2 layers at 8 x 256, BQPO
+    and E2E-OQP each alone (resumed from the same one-shot) and both after the one-shot; SmolLM2."""
     s = MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1, allocation="uniform")
     measured = [
-        (replace(s, e2e_epochs=0), "bqpo", 2.43e9),
-        (replace(s, bqpo_epochs=0), "e2e", 2.10e9),
-        (s, None, 2.61e9),
+        (ONE_B_2, replace(s, e2e_epochs=0), "bqpo", 2.43e9),
+        (ONE_B_2, replace(s, bqpo_epochs=0), "e2e", 2.10e9),
+        (ONE_B_2, s, None, 2.61e9),
+        # SmolLM2-135M: BQPO + E2E-OQP at 8 x 128, E2E-OQP alone at 32 x 256
+        (SMOL, replace(s, seqlen=128), None, 1.12e9),
+        (SMOL, replace(s, nsamples=32, bqpo_epochs=0), "e2e", 1.30e9),
     ]
-    for settings, stage, m in measured:
-        est = peak(ONE_B_2, settings, "streamed", stage)
-        assert 0.95 * m <= est <= 1.3 * m, (stage, est / GB, m / GB)
+    for info, settings, stage, m in measured:
+        est = peak(info, settings, "streamed", stage)
+        assert 0.95 * m <= est <= 1.3 * m, (info.hidden_size, stage, est / GB, m / GB)
 
 
 def test_refusal_names_the_stage_and_what_fits():
