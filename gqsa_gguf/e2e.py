@@ -116,10 +116,15 @@ def norm_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
 
 
-def _qparam_state(model) -> dict:
-    state = {f"{n}.{k}": getattr(m, k).detach().cpu().clone()
-             for n, m in gqs_modules(model).items() for k in ("scale", "zero")}
-    state.update({n: p.detach().cpu().clone() for n, p in norm_parameters(model)})
+def _qparam_state(model, copy: bool = True) -> dict:
+    """{name: tensor} of every scale, zero and norm gain, on the CPU; copy=False: the parameters
+    themselves where they are on the CPU (for a checkpoint written at once: no second copy)."""
+    def cpu(t):
+        t = t.detach().cpu()
+        return t.clone() if copy else t
+
+    state = {f"{n}.{k}": cpu(getattr(m, k)) for n, m in gqs_modules(model).items() for k in ("scale", "zero")}
+    state.update({n: cpu(p) for n, p in norm_parameters(model)})
     return state
 
 
@@ -211,7 +216,7 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     if cfg.resume and ck_path is not None and ck_path.exists():
         meta, payload = ckpt.load(ck_path, expect={"stage": "e2e", "fingerprint": fp})
         start = int(meta["next_epoch"])
-        missing = set(_qparam_state(model)) - set(payload["qparams"])
+        missing = set(_qparam_state(model, copy=False)) - set(payload["qparams"])
         if missing:
             raise ckpt.CheckpointError(f"{ck_path}: no saved values for {sorted(missing)[:3]}")
         with torch.no_grad():
@@ -276,14 +281,13 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             bar.update(1)
             bar.set_postfix(loss=f"{float(step_loss):.4f}")
         bar.close()
-        opt.zero_grad(set_to_none=True)                 # the gradients are not needed past the step
         report.epoch_loss.append(sum(epoch_losses) / max(1, len(epoch_losses)))
         report.seconds.append(time.time() - t0)
         if rank == 0:
             log(f"E2E-OQP epoch {epoch}: mean loss {report.epoch_loss[-1]:.4f} in {report.seconds[-1]:.1f} s")
             if ck_path is not None:
                 ckpt.save(ck_path, {"stage": "e2e", "fingerprint": fp, "next_epoch": epoch + 1},
-                          {"qparams": _qparam_state(model), "optimizer": opt.state_dict(),
+                          {"qparams": _qparam_state(model, copy=False), "optimizer": opt.state_dict(),
                            "step_loss": report.step_loss, "epoch_loss": report.epoch_loss,
                            "seconds": report.seconds})
         if dist is not None:

@@ -332,8 +332,8 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             **base, "embeddings f32": z.embed * F32,
             "head + norms + biases f32": (z.head + z.n_layers * (z.block - z.block_linear) + z.hidden) * F32,
             "frozen codes + indices": int(kept * FROZEN_BYTES_PER_KEPT), "scale/zero": qparams,
-            # gradient and two AdamW moments while it steps; at an epoch's end the gradient is
-            # freed and e2e.ckpt is written from a copy (checkpoint.save streams it to disk)
+            # gradient and two AdamW moments (e2e.ckpt is written from the parameters themselves,
+            # and checkpoint.save streams it to disk: no copy)
             "scale/zero grad + AdamW": 3 * qparams,
             "teacher final hidden f16": e2e_acts * 2,
             "checkpointed layer inputs": z.n_layers * tokens * z.hidden * F32,
