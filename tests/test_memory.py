@@ -106,6 +106,7 @@ def test_reproduces_the_measured_streamed_training_peaks():
         (ONE_B_2, replace(s, e2e_epochs=0), "bqpo", 2.43e9),
         (ONE_B_2, replace(s, bqpo_epochs=0), "e2e", 2.10e9),
         (ONE_B_2, s, None, 2.61e9),
+        (replace(ONE_B_2, n_layers=6), s, None, 2.93e9),              # the same with 6 layers
         # SmolLM2-135M: BQPO + E2E-OQP at 8 x 128, E2E-OQP alone at 32 x 256
         (SMOL, replace(s, seqlen=128), None, 1.12e9),
         (SMOL, replace(s, nsamples=32, bqpo_epochs=0), "e2e", 1.30e9),
