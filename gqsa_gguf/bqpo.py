@@ -154,14 +154,80 @@ def _install_frozen(model, compressed, i: int, state: dict, device) -> None:
         raise ckpt.CheckpointError(f"checkpoint block {i}: unexpected keys {unexpected[:3]}")
 
 
+def train_block(i: int, n_layers: int, layer_f, layer_q, compressed: dict, xf: torch.Tensor, xq: torch.Tensor,
+                kwargs, cfg: BQPOConfig, device, log=print) -> tuple[float, float, float]:
+    """Trains decoder block i (see the module docstring): `layer_f` the float block, `layer_q` the
+    block to train (its seven linears are replaced by GQSLinear from `compressed` {linear: one-shot
+    CompressedLinear}, and frozen at the end), xf / xq the float and compressed chains (xf ends
+    holding the block's targets, xq the next block's inputs). cfg.amp must be resolved
+    (training.resolve_amp). The one loop of the whole-model and the streamed BQPO.
+    -> (MSE before, MSE after, seconds)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    bs = cfg.batch_size
+    n = len(xf)
+    steps_per_epoch = (n + bs - 1) // bs
+    gen = seeded(cfg.seed, "bqpo", i)
+    if cfg.target == "float-block":
+        xf.copy_(xq)                                              # float block on Xq_i
+    _float_pass(layer_f, xf, kwargs, bs, device)                 # xf now holds the targets Y_i
+
+    params_w, params_s, params_z = [], [], []
+    for lin in LINEARS:
+        fl = layer_f.get_submodule(lin)
+        g = GQSLinear.from_oneshot(compressed[lin], None if fl.bias is None else fl.bias.detach().cpu()).to(device)
+        swap_linear(layer_q, lin, g)
+        params_w.append(g.weight)
+        params_s.append(g.scale)
+        params_z.append(g.zero)
+    named = [(n_, p) for n_, p in layer_q.named_parameters() if p.requires_grad]
+    groups = [{"params": params_w, "lr": cfg.lr_weight}, {"params": params_s, "lr": cfg.lr_scale},
+              {"params": params_z, "lr": cfg.lr_zero}]
+    opt = torch.optim.AdamW([g_ for g_ in groups if g_["lr"] > 0], weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+    before = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, cfg.report_windows)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"BQPO block {i}/{n_layers}", unit="step",
+               disable=not cfg.progress, leave=False)
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for step in range(steps_per_epoch):
+            idx = perm[step * bs:(step + 1) * bs]
+            x, y = xq[idx].to(device), xf[idx].to(device)
+            with autocast(device, cfg.amp):
+                out = layer_output(layer_q(x, **kwargs)).float()
+            loss = F.mse_loss(out, y)
+            where = f"BQPO block {i} epoch {epoch} step {step}"
+            check_finite(where, loss)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            check_finite(where, None, named)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+    bar.close()
+
+    freeze_model(layer_q)                                         # freeze q: same forward, bit-exact
+    after = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, cfg.report_windows,
+                      write_back=True)                              # xq <- Xq_{i+1}
+    seconds = time.time() - t0
+    log(f"BQPO block {i}: mse {before:.4g} -> {after:.4g} ({after / before if before else 0:.3f}x) "
+        f"in {seconds:.1f} s")
+    return before, after, seconds
+
+
 def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConfig,
              on_block_end: Callable[[int], None] | None = None, log: Callable[[str], None] = print):
     """Trains every decoder block of a copy of `float_model` (see module docstring).
 
     `float_model` is not modified. `compressed` must hold all seven linears of every block.
     `on_block_end(i)` is called after block i's checkpoint is written (tests use it to interrupt)."""
-    from tqdm.auto import tqdm
-
     device = resolve_device(cfg.device)
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device))
     check_amp(cfg.amp, device)
@@ -213,66 +279,13 @@ def run_bqpo(float_model, compressed: dict, windows: torch.Tensor, cfg: BQPOConf
     report.resumed_from = start
     block_states = [payload["blocks"][i] for i in range(start)] if start else []
 
-    n = len(xf)
-    steps_per_epoch = (n + bs - 1) // bs
     for i in range(start, n_layers):
-        t0 = time.time()
-        gen = seeded(cfg.seed, "bqpo", i)
-        layer_f, layer_q = layers_f[i], layers_q[i]
-        if cfg.target == "float-block":
-            xf.copy_(xq)                                              # float block on Xq_i
-        _float_pass(layer_f, xf, kwargs, bs, device)                 # xf now holds the targets Y_i
-
-        params_w, params_s, params_z = [], [], []
-        for lin in LINEARS:
-            name = f"model.layers.{i}.{lin}"
-            fl = layer_f.get_submodule(lin)
-            g = GQSLinear.from_oneshot(compressed[name],
-                                       None if fl.bias is None else fl.bias.detach().cpu()).to(device)
-            swap_linear(layer_q, lin, g)
-            params_w.append(g.weight)
-            params_s.append(g.scale)
-            params_z.append(g.zero)
-        named = [(n_, p) for n_, p in layer_q.named_parameters() if p.requires_grad]
-        groups = [{"params": params_w, "lr": cfg.lr_weight}, {"params": params_s, "lr": cfg.lr_scale},
-                  {"params": params_z, "lr": cfg.lr_zero}]
-        opt = torch.optim.AdamW([g_ for g_ in groups if g_["lr"] > 0], weight_decay=cfg.weight_decay)
-        scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-
-        before = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, cfg.report_windows)
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"BQPO block {i}/{n_layers}", unit="step",
-                   disable=not cfg.progress, leave=False)
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen)
-            for step in range(steps_per_epoch):
-                idx = perm[step * bs:(step + 1) * bs]
-                x, y = xq[idx].to(device), xf[idx].to(device)
-                with autocast(device, cfg.amp):
-                    out = layer_output(layer_q(x, **kwargs)).float()
-                loss = F.mse_loss(out, y)
-                where = f"BQPO block {i} epoch {epoch} step {step}"
-                check_finite(where, loss)
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                check_finite(where, None, named)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4g}")
-        bar.close()
-
-        freeze_model(layer_q)                                         # freeze q: same forward, bit-exact
-        after = _mse_pass(layer_q, xq, xf, kwargs, bs, device, cfg.amp, cfg.report_windows,
-                          write_back=True)                              # xq <- Xq_{i+1}
+        compressed_i = {lin: compressed[f"model.layers.{i}.{lin}"] for lin in LINEARS}
+        before, after, seconds = train_block(i, n_layers, layers_f[i], layers_q[i], compressed_i, xf, xq, kwargs,
+                                             cfg, device, log)
         report.loss_before.append(before)
         report.loss_after.append(after)
-        report.seconds.append(time.time() - t0)
-        log(f"BQPO block {i}: mse {before:.4g} -> {after:.4g} ({after / before if before else 0:.3f}x) "
-            f"in {report.seconds[-1]:.1f} s")
+        report.seconds.append(seconds)
 
         block_states.append(_block_state(quant_model, i))
         if ck_path is not None:

@@ -1,7 +1,8 @@
 """E2E-OQP — End-to-End Optimized Quantization-Pruning (paper §3.4): train only scales and zeros.
 
 In:  a model whose decoder linears are `fakequant.FrozenGQSLinear` (from `bqpo.run_bqpo`, or
-     `frozen_from_oneshot` for E2E-OQP straight after one-shot), training windows LongTensor
+     `frozen_from_oneshot` for E2E-OQP straight after one-shot) or `fakequant.PackedGQSLinear` (the
+     streamed E2E-OQP, streamed_train.py), training windows LongTensor
      [nsamples, seqlen], an `E2EConfig` (config.py; re-exported here).
 Out: `run_e2e(model, windows, cfg)` -> `E2EReport` (per-step loss, per-epoch mean, seconds); the
      model's scales and zero points are trained in place, and with lr_norm > 0 its RMSNorm gains
@@ -40,11 +41,11 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import E2EConfig
-from .fakequant import FrozenGQSLinear, gqs_modules, swap_linear
+from .fakequant import FrozenGQSLinear, PackedGQSLinear, gqs_modules, swap_linear
 from .training import TrainingError, autocast, check_amp, check_finite, resolve_amp, resolve_device, seeded
 
 __all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "frozen_from_oneshot",
-           "trainable_parameters", "distillation_loss"]
+           "trainable_parameters", "distillation_loss", "HiddenStateTeacher"]
 
 CKPT_NAME = "e2e.ckpt"
 
@@ -100,7 +101,7 @@ def trainable_parameters(model) -> tuple[list, list, list]:
         p.requires_grad_(False)
     scales, zeros, named = [], [], []
     for name, m in mods.items():
-        if not isinstance(m, FrozenGQSLinear):
+        if not isinstance(m, (FrozenGQSLinear, PackedGQSLinear)):
             raise TrainingError(f"E2E-OQP: {name} is a {type(m).__name__}; freeze it first (bqpo.freeze_model)")
         m.scale.requires_grad_(True)
         m.zero.requires_grad_(True)
@@ -115,10 +116,15 @@ def norm_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
 
 
-def _qparam_state(model) -> dict:
-    state = {f"{n}.{k}": getattr(m, k).detach().cpu().clone()
-             for n, m in gqs_modules(model).items() for k in ("scale", "zero")}
-    state.update({n: p.detach().cpu().clone() for n, p in norm_parameters(model)})
+def _qparam_state(model, copy: bool = True) -> dict:
+    """{name: tensor} of every scale, zero and norm gain, on the CPU; copy=False: the parameters
+    themselves where they are on the CPU (for a checkpoint written at once: no second copy)."""
+    def cpu(t):
+        t = t.detach().cpu()
+        return t.clone() if copy else t
+
+    state = {f"{n}.{k}": cpu(getattr(m, k)) for n, m in gqs_modules(model).items() for k in ("scale", "zero")}
+    state.update({n: cpu(p) for n, p in norm_parameters(model)})
     return state
 
 
@@ -126,14 +132,38 @@ def _fingerprint(cfg, model, windows, world) -> str:
     mods = gqs_modules(model)
     parts = [cfg.fingerprint_dict(), model.config.to_dict(), windows, world]
     for n in sorted(mods):
-        parts += [n, mods[n].q, mods[n].indices]
+        parts += [n, *mods[n].frozen_tensors()]
     return ckpt.run_fingerprint(*parts)
 
 
-def distillation_loss(logits: torch.Tensor, teacher, ids: torch.Tensor, device, amp: str) -> torch.Tensor:
-    """Mean over positions of KL(teacher || student) of the next-token distributions."""
+class HiddenStateTeacher(torch.nn.Module):
+    """The teacher of the streamed E2E-OQP: the float model's final hidden states on every training
+    window (kept, [windows, seqlen, hidden], fp16 or float32, on the CPU), turned into logits when
+    asked through the float final norm and the head — the last two steps of the float model's
+    forward, so no float model is held (streamed_train.py)."""
+
+    def __init__(self, norm: torch.nn.Module, head: torch.nn.Module, hidden: torch.Tensor):
+        super().__init__()
+        self.norm, self.head = norm, head
+        self.hidden = hidden                              # not a buffer: stays where it is
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [len(rows), seqlen, vocab] of the windows numbered `rows`."""
+        h = self.hidden[rows].to(self.norm.weight.device, torch.float32)
+        return self.head(self.norm(h))
+
+
+def distillation_loss(logits: torch.Tensor, teacher, ids: torch.Tensor, device, amp: str,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions. teacher: the
+    float model, or a HiddenStateTeacher (then `rows`: the windows' numbers among its hidden states)."""
     with torch.no_grad(), autocast(device, amp):
-        t = teacher(input_ids=ids, use_cache=False).logits
+        if isinstance(teacher, HiddenStateTeacher):
+            if rows is None:
+                raise TrainingError("E2E-OQP: a HiddenStateTeacher needs the windows' numbers (rows)")
+            t = teacher(rows)
+        else:
+            t = teacher(input_ids=ids, use_cache=False).logits
     v = logits.shape[-1]
     log_p_s = F.log_softmax(logits.float().reshape(-1, v), dim=-1)
     log_p_t = F.log_softmax(t.float().reshape(-1, v), dim=-1)
@@ -144,8 +174,9 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             on_epoch_end: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
             max_steps: int | None = None, teacher=None) -> E2EReport:
     """Trains scales and zero points end to end (see module docstring). `max_steps` (tests,
-    smoke runs) stops each epoch after that many optimizer steps. `teacher`: the float model,
-    needed by cfg.loss == "kd" (run without gradients, on the same device)."""
+    smoke runs) stops each epoch after that many optimizer steps. `teacher`: the float model, or a
+    HiddenStateTeacher of its final hidden states on `windows` (the streamed E2E-OQP), needed by
+    cfg.loss == "kd" (run without gradients, on the same device)."""
     from tqdm.auto import tqdm
 
     if cfg.loss == "kd" and teacher is None:
@@ -185,7 +216,7 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     if cfg.resume and ck_path is not None and ck_path.exists():
         meta, payload = ckpt.load(ck_path, expect={"stage": "e2e", "fingerprint": fp})
         start = int(meta["next_epoch"])
-        missing = set(_qparam_state(model)) - set(payload["qparams"])
+        missing = set(_qparam_state(model, copy=False)) - set(payload["qparams"])
         if missing:
             raise ckpt.CheckpointError(f"{ck_path}: no saved values for {sorted(missing)[:3]}")
         with torch.no_grad():
@@ -220,11 +251,12 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             opt.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), dtype=torch.float64)
             for m in range(n_micro):
-                ids = windows[lidx[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]].to(device)
+                rows = lidx[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]
+                ids = windows[rows].to(device)
                 with autocast(device, cfg.amp):
                     logits = model(input_ids=ids, use_cache=False).logits
                 if cfg.loss == "kd":
-                    loss = distillation_loss(logits, teacher, ids, device, cfg.amp)
+                    loss = distillation_loss(logits, teacher, ids, device, cfg.amp, rows=rows)
                 else:
                     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                            ids[:, 1:].reshape(-1))
@@ -255,7 +287,7 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             log(f"E2E-OQP epoch {epoch}: mean loss {report.epoch_loss[-1]:.4f} in {report.seconds[-1]:.1f} s")
             if ck_path is not None:
                 ckpt.save(ck_path, {"stage": "e2e", "fingerprint": fp, "next_epoch": epoch + 1},
-                          {"qparams": _qparam_state(model), "optimizer": opt.state_dict(),
+                          {"qparams": _qparam_state(model, copy=False), "optimizer": opt.state_dict(),
                            "step_loss": report.step_loss, "epoch_loss": report.epoch_loss,
                            "seconds": report.seconds})
         if dist is not None:

@@ -36,6 +36,14 @@ Design decisions:
   * rounding of w / d: STE (gradient 1); clamping to 0..15: zero gradient outside (LSQ/EfficientQAT).
   * biases (Qwen2 q/k/v) stay float and frozen: they are exported as float tensors.
 
+`PackedGQSLinear` is `FrozenGQSLinear` in the memory of the streamed E2E-OQP (issue 16): the same
+parameters and the same forward, bit for bit, but the frozen codes are kept two to a byte with
+int16 group indices (10 bytes a kept group against FrozenGQSLinear's 24), and the dense weight is
+built inside a custom autograd function on every call and never saved: its backward builds it
+again from the codes and the current scale and zero. The gradients are the chain rule through the
+forward above with the same straight-through rules (fp16 and round: identity; clamp: zero
+outside), so they equal FrozenGQSLinear's to float summation order (tests/test_fakequant.py).
+
 Invariants: every conversion keeps the indices and shapes; an all-zero group (d = 0 in the
 one-shot result) becomes d = 2^-24 with q = z = 0 — the same zero weights; non-finite inputs raise.
 """
@@ -49,7 +57,7 @@ import torch.nn.functional as F
 from . import format as fmt
 
 __all__ = ["SCALE_MIN", "SCALE_MAX", "round_ste", "fp16_ste", "stored_scale", "integer_zero",
-           "GQSLinear", "FrozenGQSLinear", "swap_linear", "gqs_modules"]
+           "GQSLinear", "FrozenGQSLinear", "PackedGQSLinear", "swap_linear", "gqs_modules"]
 
 SCALE_MIN = fmt.FP16_MIN_SUBNORMAL   # smallest positive fp16 (subnormal): the scale never reaches 0
 SCALE_MAX = fmt.FP16_MAX             # largest finite fp16
@@ -258,6 +266,142 @@ class FrozenGQSLinear(_GQSBase):
         d = stored_scale(self.scale)[..., None]
         zi = integer_zero(self.zero)[..., None]
         return (self.q.to(d.dtype) - zi) * d
+
+    @torch.no_grad()
+    def codes(self):
+        return self.q, integer_zero(self.zero), stored_scale(self.scale)
+
+    def frozen_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What fixes the frozen part of the layer (a run's fingerprint): q and the indices."""
+        return self.q, self.indices
+
+
+def _unpack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, n_kept, 8], two 4-bit codes a byte as in a gqsa4 block's qs (docs/FORMAT.md:
+    low nibbles weights 0..7, high nibbles 8..15) -> uint8 [N, n_kept, 16]."""
+    return torch.cat([codes & 0x0F, codes >> 4], dim=-1)
+
+
+def _expand(codes, indices, d, zi, width: int) -> torch.Tensor:
+    """The dense float32 weight [N, width]: (q - zi) * d in the kept groups, zeros elsewhere."""
+    n = codes.shape[0]
+    groups = (_unpack_codes(codes).to(torch.float32) - zi[..., None]) * d[..., None]
+    out = groups.new_zeros(n, width // _G, _G)
+    out.scatter_(1, indices.to(torch.int64)[:, :, None].expand(-1, -1, _G), groups)
+    return out.reshape(n, width)
+
+
+class _ExpandedLinear(torch.autograd.Function):
+    """y = x @ W(scale, zero).T + b with W expanded from the codes in the forward and again in the
+    backward; saves the input, scale and zero (and refers to the module's codes and indices)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, codes, indices, bias, width: int):
+        with torch.no_grad():
+            d, zi = _stored_scale_value(scale), _integer_zero_value(zero)
+            w = _expand(codes, indices, d, zi, width)
+        # under autocast F.linear casts as it does in FrozenGQSLinear.forward; the backward then
+        # multiplies in that dtype too (what autograd does for FrozenGQSLinear's bf16 matmul)
+        dev = x.device.type
+        ctx.amp_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        ctx.width = width
+        ctx.save_for_backward(x, scale, zero, codes, indices)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero, codes, indices = ctx.saved_tensors
+        d, zi = _stored_scale_value(scale), _integer_zero_value(zero)
+        w = _expand(codes, indices, d, zi, ctx.width)
+        dt = ctx.amp_dtype or torch.float32
+        g2 = grad.reshape(-1, grad.shape[-1]).to(dt)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (g2 @ w.to(dt)).reshape(*x.shape[:-1], ctx.width).to(x.dtype)
+        n = w.shape[0]
+        del w                                            # the dense weight and its gradient never coexist
+        dscale = dzero = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dw = (g2.t() @ x.reshape(-1, ctx.width).to(dt)).to(torch.float32)
+            idx = indices.to(torch.int64)[:, :, None].expand(-1, -1, _G)
+            dg = torch.gather(dw.reshape(n, ctx.width // _G, _G), 1, idx)      # d loss / d w_hat, kept groups
+            del dw
+            if ctx.needs_input_grad[1]:                  # w_hat = (q - zi) * d; fp16 STE; clamp
+                dd = (dg * (_unpack_codes(codes).to(torch.float32) - zi[..., None])).sum(-1)
+                dscale = dd * ((scale >= SCALE_MIN) & (scale <= SCALE_MAX))
+            if ctx.needs_input_grad[2]:                  # round STE; clamp of round(zero) to 0..15
+                r = torch.round(zero)
+                dzero = -(dg * d[..., None]).sum(-1) * ((r >= 0) & (r <= fmt.QMAX))
+        return dx, dscale, dzero, None, None, None, None
+
+
+def _stored_scale_value(scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(scale, SCALE_MIN, SCALE_MAX).to(torch.float16).to(scale.dtype)
+
+
+def _integer_zero_value(zero: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(zero), 0, fmt.QMAX)
+
+
+class PackedGQSLinear(_GQSBase):
+    """E2E-OQP form of the streamed training: FrozenGQSLinear's parameters and forward, with the
+    frozen codes packed two to a byte (`qs` uint8 [N, n_kept, 8], as in a gqsa4 block) and int16
+    group indices, the dense weight expanded per call and never kept (see the module docstring)."""
+
+    def __init__(self, name: str, width: int, indices: torch.Tensor, codes: torch.Tensor,
+                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(name, width, indices, scale, zero, bias)
+        self.indices = self.indices.to(torch.int16)          # < 4096 groups a row (docs/FORMAT.md)
+        if codes.shape != (self.out_features, self.n_kept, _G // 2) or codes.dtype != torch.uint8:
+            raise ValueError(f"{name}: codes must be uint8 {(self.out_features, self.n_kept, _G // 2)}, got "
+                             f"{codes.dtype} {tuple(codes.shape)}")
+        self.register_buffer("qs", codes.contiguous().clone())
+
+    @classmethod
+    def from_packed(cls, p, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                    zero: torch.Tensor | None = None) -> "PackedGQSLinear":
+        """From a oneshot.PackedLinear (gqsa4 rows): codes and indices from the rows, scale = d and
+        zero = z unless given (the float values a training stage left, e.g. BQPO's)."""
+        from . import codec
+
+        idx, _q, z, d = codec.unpack(p.data)
+        del _q
+        n, k = idx.shape
+        codes = torch.from_numpy(np.ascontiguousarray(p.data.reshape(n, k, fmt.BLOCK_BYTES)[:, :, 4:]))
+        scale = torch.from_numpy(d.astype(np.float32)) if scale is None else scale
+        zero = torch.from_numpy(z.astype(np.float32)) if zero is None else zero
+        return cls(p.name, p.width, torch.from_numpy(idx.astype(np.int64)), codes, scale, zero, bias)
+
+    @classmethod
+    def from_compressed(cls, cl, bias: torch.Tensor | None = None) -> "PackedGQSLinear":
+        """From a oneshot.CompressedLinear: the same layer as FrozenGQSLinear.from_compressed."""
+        q = np.asarray(cl.q, dtype=np.uint8)
+        codes = torch.from_numpy(q[..., :_G // 2] | (q[..., _G // 2:] << 4))
+        d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
+        return cls(cl.name, cl.width, torch.from_numpy(np.asarray(cl.indices, dtype=np.int64)), codes, d,
+                   torch.from_numpy(np.asarray(cl.z, dtype=np.float32)), bias)
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The frozen codes uint8 [N, n_kept, 16] (unpacked on each call)."""
+        return _unpack_codes(self.qs)
+
+    def frozen_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What fixes the frozen part of the layer (a run's fingerprint): codes and indices."""
+        return self.qs, self.indices
+
+    def group_weights(self) -> torch.Tensor:
+        d = stored_scale(self.scale)[..., None]
+        zi = integer_zero(self.zero)[..., None]
+        return (self.q.to(d.dtype) - zi) * d
+
+    def _scatter(self, groups: torch.Tensor) -> torch.Tensor:
+        n = self.out_features
+        idx = self.indices.to(torch.int64)[:, :, None].expand(-1, -1, _G)
+        return groups.new_zeros(n, self.in_features // _G, _G).scatter(1, idx, groups).reshape(n, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ExpandedLinear.apply(x, self.scale, self.zero, self.qs, self.indices, self.bias, self.in_features)
 
     @torch.no_grad()
     def codes(self):

@@ -14,16 +14,17 @@ Three pipelines are estimated:
     measured against) — the float32 model (`model_io.load_model`), a second float32 copy when BQPO
     or E2E-OQP train (their targets and teacher), BQPO's own deep copy, E2E-OQP's dense fake-quant
     weights kept for the backward pass.
-  * "streamed": the layer-streamed conversion of issue 16. Its sensitivity, one-shot and export
-    stages are what `pipeline.convert` does without training (one float32 block from
-    `lazy_checkpoint.LazyCheckpoint` at a time, the calibration activations, the OBS working set;
-    the finished blocks on disk; the export holding the file's tensors); its BQPO and E2E-OQP
-    stages are the budget of the streamed training, not built yet: only scales/zero points with
-    their optimizer state, the frozen codes expanded one layer at a time under activation
-    checkpointing, the teacher's logits recomputed from the float model's final hidden states.
-  * "streamed-oneshot": what `pipeline.convert` does with training today: the streamed
-    sensitivity and one-shot stages, then the whole float32 model loaded for BQPO and E2E-OQP
-    (the whole-model pipeline's load, training and export stages).
+  * "streamed": the layer-streamed conversion of issue 16, what `pipeline.convert` runs: one
+    float32 block from `lazy_checkpoint.LazyCheckpoint` at a time, the calibration activations and
+    the OBS working set in the one-shot passes, the finished blocks on disk; BQPO a float block and
+    its trained copy with the two chains; E2E-OQP (streamed_train.py) the float model's final
+    hidden states from a streamed float pass ("teacher"), then only scales/zero points with their
+    optimizer state, the frozen codes two to a byte expanded one linear at a time under
+    activation checkpointing, the embeddings, head and norms; the export holding the file's tensors.
+  * "streamed-oneshot": what `pipeline.convert` does when the float model writes E2E-OQP's chat
+    replies (--e2e-chat-replies model): the streamed sensitivity and one-shot stages, then the
+    whole float32 model loaded for the replies, BQPO and E2E-OQP (the whole-model pipeline's load,
+    training and export stages).
 `converter_pipeline(settings)` names the one the converter runs, and `check_convert` checks it.
 
 The terms are written out in docs/DESIGN.md ("Memory: what each stage holds"). Calibration
@@ -56,20 +57,22 @@ LOAD_RESIDUE = 1.0            # float32 model copies' worth of heap the load lea
 TRAIN_RESIDUE = 0.5           # ... and what the freed one-shot model and BQPO's swapped-out linears leave
 LOGIT_COPIES = 7              # [micro, seqlen, vocab] float32 tensors alive in a KD step (student and
                               # teacher logits, log-softmaxes, their product, the gradient)
+BQPO_RESIDUE = 1.5            # float32 blocks' worth of heap the streamed BQPO's steps leave resident
+                              # (measured: RSS grows 0.24 GB over a 1B-wide block's first 8 steps)
 OVERHEAD = 1.10               # allocator slack on top of the live tensors
 HEADROOM = 0.92               # use at most this share of the available memory
 # per token and decoder layer, the float32 activations autograd keeps for the backward pass, in
 # units of (hidden, ffn, heads x seqlen): norm in/out, q/k/v, rotated q/k, attention out, residuals;
 # gate, up, silu(gate), their product; the attention probabilities (CPU: math path)
 SAVED_PER_TOKEN = (10, 4, 1)
-# streamed E2E-OQP / stored result: bytes per kept weight of the compressed form — 4-bit codes two
-# to a byte, int16 group index / 16, uint8 zero / 16, fp16 scale / 16
-COMPRESSED_BYTES_PER_KEPT = 0.5 + 2 / 16 + 1 / 16 + 2 / 16
-# today's CompressedLinear (q uint8, indices int32, z uint8, d fp16) and PackedGQSLinear (q uint8,
-# indices int64, fp32 scale and zero)
+# the streamed E2E-OQP's frozen part (fakequant.PackedGQSLinear): 4-bit codes two to a byte and an
+# int16 group index / 16 (its scale and zero are the fp32 trainable parameters)
+FROZEN_BYTES_PER_KEPT = 0.5 + 2 / 16
+# CompressedLinear (q uint8, indices int32, z uint8, d fp16)
 ONESHOT_BYTES_PER_KEPT = 1 + 4 / 16 + 1 / 16 + 2 / 16
 # gqsa4 rows (oneshot.PackedLinear, the GGUF): one 12-byte block per kept group of 16
 GQSA4_BYTES_PER_KEPT = 12 / 16
+# the whole-model E2E-OQP's fakequant.FrozenGQSLinear (q uint8, indices int64, fp32 scale and zero)
 PACKED_BYTES_PER_KEPT = 1 + 8 / 16 + 8 / 16
 # The defaults of the training configs (bqpo.BQPOConfig.batch_size, e2e.E2EConfig.micro_batch): the
 # CLI does not change them; a test checks they agree.
@@ -96,6 +99,8 @@ class MemorySettings:
     bqpo_batch: int = BQPO_BATCH
     e2e_micro_batch: int = E2E_MICRO_BATCH
     train_on_host: bool = True         # False: BQPO / E2E-OQP run on a GPU (--device cuda), not counted here
+    e2e_windows: int = 0               # E2E-OQP's training windows (--e2e-windows); 0: the nsamples windows
+    float_model: bool = False          # the float model writes E2E-OQP's chat replies: whole-model training
 
     @classmethod
     def from_config(cls, cfg, info=None, device: str | None = None) -> "MemorySettings":
@@ -104,7 +109,13 @@ class MemorySettings:
         device = cfg.e2e.device if device is None else device
         return cls(nsamples=cfg.calib.nsamples, seqlen=seqlen, batch_size=cfg.calib.batch_size,
                    bqpo_epochs=cfg.bqpo.epochs, e2e_epochs=cfg.e2e.epochs, sparsity=c.sparsity,
-                   allocation=c.allocation, train_on_host=str(device) == "cpu")
+                   allocation=c.allocation, train_on_host=str(device) == "cpu", e2e_windows=cfg.e2e.windows,
+                   float_model=bool(cfg.e2e.epochs and cfg.e2e.chat_share and cfg.e2e.chat_replies == "model"))
+
+    @property
+    def e2e_tokens(self) -> int:
+        """Tokens of E2E-OQP's training windows."""
+        return (self.e2e_windows or self.nsamples) * self.seqlen
 
 
 @dataclass(frozen=True)
@@ -281,35 +292,58 @@ def _streamed_oneshot(z: ModelSizes, s: MemorySettings) -> list[Stage]:
 
 
 def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
+    """The streamed pipeline: the one-shot passes, BQPO and E2E-OQP of streamed_train.py, the export."""
     acts = s.nsamples * s.seqlen * z.hidden * F32
     kept = (1 - s.sparsity) * z.linear
-    compressed = int(kept * COMPRESSED_BYTES_PER_KEPT)
+    kept_block = (1 - s.sparsity) * z.block_linear
     block = z.block * F32
-    # the float chain (teacher's final hidden states for E2E-OQP's distillation) is carried along
-    chains = 2 + (1 if s.e2e_epochs > 0 else 0)
-    base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8, "embeddings f32": z.embed * F32}
+    base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8}
     stages = _streamed_oneshot(z, s)
-    # BQPO and E2E-OQP: the budget of the streamed training (issue 16), not built yet
+    widest = max(n * k for n, k in z.linear_shapes)
     if s.bqpo_epochs > 0 and s.train_on_host:
+        # streamed_train.run_bqpo_streamed: the float block read and its copy being trained (its
+        # linears become GQSLinear: the kept weights with their AdamW state, _block_adam), the float
+        # and compressed chains, one block's one-shot and trained rows
+        tokens = s.bqpo_batch * s.seqlen
         stages.append(Stage("bqpo", {
-            **base, "block f32 (float + trained)": 2 * block, "activations": (chains + 1) * acts,
-            "block training": _block_adam(z, s) + _saved_for_backward(z, s.bqpo_batch * s.seqlen, s.seqlen)
-            + _forward_temps(z, s.bqpo_batch * s.seqlen, s.seqlen),
-            "compressed blocks": compressed}))
+            **base, "block f32 (float + trained copy)": 2 * block, "chains (float, compressed)": 2 * acts,
+            "block training": _block_adam(z, s) + _saved_for_backward(z, tokens, s.seqlen)
+            + _forward_temps(z, max(tokens, min(s.bqpo_batch, s.nsamples) * s.seqlen), s.seqlen),
+            # GQSLinear's autograd graph: each linear's dense weight and two kept-group-sized
+            # intermediates saved for the backward; in the backward, on the widest linear, the
+            # dense weight's gradient (bf16 and float32), the kept groups' and the chain-rule
+            # products (~14 bytes a weight); AdamW's foreach temporary (one more kept weights' copy)
+            "fake-quant graph": int(z.block_linear * F32 * (1 + 2 * (1 - s.sparsity)) + 14 * widest),
+            "AdamW temporaries": int(kept_block * F32),
+            "heap residue": int(BQPO_RESIDUE * block),
+            "one block compressed": int(kept_block * (2 * ONESHOT_BYTES_PER_KEPT + 2 * GQSA4_BYTES_PER_KEPT))}))
     if s.e2e_epochs > 0 and s.train_on_host:
+        e2e_acts = s.e2e_tokens * z.hidden
+        batch_tokens = min(s.batch_size, s.e2e_windows or s.nsamples) * s.seqlen
+        # streamed_train.float_final_hidden: the float chain over E2E-OQP's windows, one block read
+        # at a time, and the final hidden states it keeps (fp16)
+        stages.append(Stage("teacher", {
+            **base, "embeddings f32": z.embed * F32, "float chain f32": e2e_acts * F32,
+            "final hidden f16": e2e_acts * 2, "block f32": block,
+            "block forward": _forward_temps(z, batch_tokens, s.seqlen)}))
         tokens = s.e2e_micro_batch * s.seqlen
         qparams = int(kept / 16 * 2 * F32)                 # one fp32 scale and zero per kept group
-        frozen = int(kept * (COMPRESSED_BYTES_PER_KEPT - 3 / 16))  # codes + indices; z, d are qparams
-        widest = max(n * k for n, k in z.linear_shapes)
         stages.append(Stage("e2e", {
-            **base, "head + norms f32": (z.head + z.n_layers * (z.block - z.block_linear) + z.hidden) * F32,
-            "frozen codes": frozen, "scale/zero": qparams, "scale/zero grad + AdamW": 3 * qparams,
-            "teacher final hidden": acts,
+            **base, "embeddings f32": z.embed * F32,
+            "head + norms + biases f32": (z.head + z.n_layers * (z.block - z.block_linear) + z.hidden) * F32,
+            "frozen codes + indices": int(kept * FROZEN_BYTES_PER_KEPT), "scale/zero": qparams,
+            # gradient and two AdamW moments (e2e.ckpt is written from the parameters themselves,
+            # and checkpoint.save streams it to disk: no copy)
+            "scale/zero grad + AdamW": 3 * qparams,
+            "teacher final hidden f16": e2e_acts * 2,
             "checkpointed layer inputs": z.n_layers * tokens * z.hidden * F32,
-            # one layer's forward recomputed for its backward; the fake-quant weights expanded one
-            # linear at a time (an autograd function that saves the codes, not the dense weight)
-            "one layer recomputed": _saved_for_backward(z, tokens, s.seqlen) + 2 * widest * F32,
-            "logits": LOGIT_COPIES * tokens * z.vocab * F32}))
+            # one layer's forward recomputed for its backward; a linear's dense weight expanded, its
+            # gradient and the kept groups' (fakequant.PackedGQSLinear: never saved, one at a time)
+            "one layer recomputed": _saved_for_backward(z, tokens, s.seqlen) + 3 * widest * F32,
+            "logits": LOGIT_COPIES * tokens * z.vocab * F32,
+            # under bf16 autocast (--amp auto on a CPU with AMX) the head's weight is cast for the
+            # student (saved for its backward) and for the teacher's logits
+            "head cast (autocast)": 2 * 2 * z.vocab * z.hidden}))
     # the export (pipeline.convert without training): the GGUF writer holds every tensor of the
     # file until it writes (gqsa4 rows, F16 embeddings and head); the dense tensors are read one
     # at a time, the blocks one block file at a time
@@ -339,9 +373,11 @@ def estimate(info, settings: MemorySettings, pipeline: str = "whole-model", chec
 
 
 def converter_pipeline(settings: MemorySettings) -> str:
-    """The pipeline `pipeline.convert` runs with these settings: streamed throughout without
-    training, the whole model loaded after the streamed one-shot with it."""
-    return "streamed-oneshot" if settings.bqpo_epochs > 0 or settings.e2e_epochs > 0 else "streamed"
+    """The pipeline `pipeline.convert` runs with these settings: streamed throughout, training
+    included, but when the float model writes E2E-OQP's chat replies (--e2e-chat-replies model):
+    then the whole model is loaded after the streamed one-shot (pipeline.needs_float_model)."""
+    trains = settings.bqpo_epochs > 0 or settings.e2e_epochs > 0
+    return "streamed-oneshot" if trains and settings.float_model else "streamed"
 
 
 def _checkpoint_bytes(folder) -> int:
@@ -457,8 +493,9 @@ def check(info, settings: MemorySettings, available: int | None = None, pipeline
            f"{settings.seqlen} calibration tokens, --bqpo-epochs {settings.bqpo_epochs}, --e2e-epochs "
            f"{settings.e2e_epochs}). ")
     if e0.pipeline == "streamed-oneshot" and peak.name in ("load", "bqpo", "e2e", "export"):
-        msg += (f"BQPO and E2E-OQP still train on the whole float32 model ({model_sizes(info).total * F32 / GB:.1f} "
-                f"GB here; their streamed form is not built yet), the one-shot alone is streamed. ")
+        msg += (f"With --e2e-chat-replies model BQPO and E2E-OQP train on the whole float32 model "
+                f"({model_sizes(info).total * F32 / GB:.1f} GB here), which writes the replies; --e2e-chat-replies "
+                f"text trains streamed. ")
     if picked:
         msg += "These would fit: " + "; ".join(
             f"{_describe(c)} (~{e.peak.total / GB:.1f} GB)" for c, e in picked[:3]) + ". "

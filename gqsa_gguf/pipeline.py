@@ -12,11 +12,15 @@ code as for a model in memory); each finished block goes to disk as gqsa4 rows
 the dense tensors and the blocks back one at a time. With --checkpoint-dir each pass saves its
 state (the next block's inputs) at most every CHAIN_SAVE_SECONDS, and --resume continues it.
 
-The training orchestration lives here and only here: `train` runs BQPO (bqpo.run_bqpo) then
-E2E-OQP (e2e.run_e2e) on a one-shot result, as the configs say (epochs 0 = a stage off); `convert`
-and benchmarks/quality.py both call it. Training is not streamed yet: with config.bqpo.epochs /
-config.e2e.epochs > 0 the whole float model is loaded after the one-shot, for BQPO's targets and
-E2E-OQP's teacher. The GGUF's `gqsa.config` records the configs used, learning rates included.
+Training is streamed too (streamed_train.py): BQPO reads each float block again for its targets
+and writes the trained blocks to --checkpoint-dir/bqpo (or a temporary folder); E2E-OQP keeps the
+float model's final hidden states from one more streamed pass (its teacher) and trains a student
+whose linears are the compressed rows expanded per call (fakequant.PackedGQSLinear), its layers
+under activation checkpointing, and writes its blocks to --checkpoint-dir/e2e/blocks. The whole
+float model is loaded only when it must write E2E-OQP's chat replies (--e2e-chat-replies model,
+`needs_float_model`): then `train` runs BQPO (bqpo.run_bqpo) and E2E-OQP (e2e.run_e2e) on it, as
+benchmarks/quality.py does. The GGUF's `gqsa.config` records the configs used, learning rates
+included.
 
 Everything that can be refused cheaply is refused before any heavy work, in this order: the
 output path, the checkpoint (folder, architecture,
@@ -30,6 +34,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +134,8 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
         f"damp {c.damp}; the checkpoint is read one decoder block at a time")
     # the config recorded in the file says what was really used (e.g. the clipped seqlen)
     used = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, seqlen=seqlen))
-    with _oneshot_folder(checkpoint_dir) as work:
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(_oneshot_folder(checkpoint_dir))
         source = streamed.StreamedModel(info)
         store, rel_errors = _oneshot_streamed(source, info, windows, cfg, work, checkpoint_dir is not None,
                                               resume, progress, log, times)
@@ -137,9 +143,11 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
         notes.append("largest relative output errors tr(DHD^T)/tr(WHW^T): "
                      + ", ".join(f"{n.replace('model.layers.', 'L')} {e:.3f}" for n, e in worst))
 
-        if cfg.bqpo.epochs or cfg.e2e.epochs:
-            # BQPO's targets and E2E-OQP's teacher: the whole float model, loaded only now (the
-            # streamed training of issue 16 is not built yet)
+        if (cfg.bqpo.epochs or cfg.e2e.epochs) and needs_float_model(cfg):
+            # the float model writes E2E-OQP's chat replies: the whole-model training (the streamed
+            # one cannot generate text: it holds no float model)
+            notes.append("--e2e-chat-replies model: the whole float32 model is loaded to write the replies, and "
+                         "BQPO / E2E-OQP train on it (the streamed training has no float model to generate with)")
             t = time.time()
             float_model = model_io.load_model(info)
             times["load"] = time.time() - t
@@ -157,11 +165,19 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
             model = float_model.cpu()
             trained.load_norms(model)
             dense, linears = model.state_dict(), trained.linears
+            rope = model_io.rope_freq_factors(model, info)
+        elif cfg.bqpo.epochs or cfg.e2e.epochs:
+            rope = model_io.rope_freq_factors(source.model, info)
+            e2e_windows = _with_chat_windows(source.model, tokenizer, ids, e2e_windows, seqlen, cfg, checkpoint_dir,
+                                             resume, progress, log, notes, times)
+            linears, norms = stack.enter_context(_train_streamed(source, store, windows, e2e_windows, cfg, checkpoint_dir,
+                                                                 resume, progress, log, times))
+            dense = _Overlay(source.state_dict(), norms)
         else:
-            model, dense, linears = source.model, source.state_dict(), store
+            dense, linears = source.state_dict(), store
+            rope = model_io.rope_freq_factors(source.model, info)
         t = time.time()
-        summary = export.export_gguf(out, info, dense, linears, used, progress=False,
-                                     rope_factors=model_io.rope_freq_factors(model, info))
+        summary = export.export_gguf(out, info, dense, linears, used, progress=False, rope_factors=rope)
         times["export"] = time.time() - t
     return ConvertReport(output=out, seconds=dict(times), summary=summary, notes=notes, peak_rss=times.peak_rss)
 
@@ -185,15 +201,15 @@ def resolve_training_precision(cfg: ConvertConfig, log=print) -> ConvertConfig:
 
 
 @contextlib.contextmanager
-def _oneshot_folder(checkpoint_dir):
-    """Where the finished blocks go: --checkpoint-dir/oneshot, or a temporary folder (removed at
+def _oneshot_folder(checkpoint_dir, sub: str = "oneshot"):
+    """Where a stage's finished blocks go: --checkpoint-dir/<sub>, or a temporary folder (removed at
     the end) — the blocks are kept on disk, not in memory, whatever the model's depth."""
     if checkpoint_dir:
-        folder = Path(checkpoint_dir) / ONESHOT_DIR
+        folder = Path(checkpoint_dir) / sub
         folder.mkdir(parents=True, exist_ok=True)
         yield folder
     else:
-        with tempfile.TemporaryDirectory(prefix="gqsa-oneshot-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"gqsa-{sub}-") as tmp:
             yield Path(tmp)
 
 
@@ -269,6 +285,68 @@ def _oneshot_streamed(source, info, windows, cfg, folder: Path, checkpointing: b
         state.save(chain, rel_errors, before + time.time() - t0)
     times["compress"] = before + time.time() - t0
     return store, rel_errors
+
+
+def needs_float_model(cfg: ConvertConfig) -> bool:
+    """Whether the training needs the whole float model in memory: only when the float model writes
+    E2E-OQP's chat replies (--e2e-chat-replies model); everything else trains streamed."""
+    return bool(cfg.e2e.epochs and cfg.e2e.chat_share and cfg.e2e.chat_replies == "model")
+
+
+class _Overlay(Mapping):
+    """A state-dict mapping with some of its tensors replaced (the trained norm gains)."""
+
+    def __init__(self, base: Mapping, over: dict):
+        self._base, self._over = base, over
+
+    def __getitem__(self, name):
+        return self._over[name] if name in self._over else self._base[name]
+
+    def __iter__(self):
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+
+@contextlib.contextmanager
+def _train_streamed(source, store, windows, e2e_windows, cfg, checkpoint_dir, resume: bool, progress: bool, log,
+                    times):
+    """BQPO then E2E-OQP streamed (streamed_train.py) on the one-shot `store`; yields ({HF linear
+    name: PackedLinear}, the trained norm gains {HF name: tensor}) — a BlockStore of the last stage
+    that ran, in --checkpoint-dir/bqpo and /e2e (or temporary folders, removed when the with-block
+    ends). With --checkpoint-dir, BQPO saves its chains after every block and E2E-OQP its state
+    after every epoch; --resume continues them."""
+    from . import checkpoint as ckpt
+    from . import streamed, streamed_train
+    from .e2e import norm_parameters
+
+    ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
+    with contextlib.ExitStack() as stack:
+        linears, norms = store, {}
+        if cfg.bqpo.epochs:
+            t = time.time()
+            folder = stack.enter_context(_oneshot_folder(checkpoint_dir, "bqpo"))
+            bq = dataclasses.replace(cfg.bqpo, checkpoint_dir=ck("bqpo"), resume=resume, progress=progress)
+            linears, _ = streamed_train.run_bqpo_streamed(source, linears, windows, bq, folder, store.fingerprint,
+                                                          checkpointing=checkpoint_dir is not None, log=log)
+            times["bqpo"] = time.time() - t
+        if cfg.e2e.epochs:
+            t = time.time()
+            folder = stack.enter_context(_oneshot_folder(checkpoint_dir, "e2e"))
+            e2 = dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress)
+            student, _ = streamed_train.run_e2e_streamed(source, linears, e2e_windows, e2, batch_size=cfg.calib.batch_size,
+                                                         log=log)
+            out = streamed.BlockStore(Path(folder) / "blocks", ckpt.run_fingerprint("e2e-blocks", linears.fingerprint),
+                                      source.n_layers, source.info.layout.linears)
+            out.folder.mkdir(parents=True, exist_ok=True)
+            streamed_train.put_blocks(student, out)
+            norms = {n: p.detach().clone() for n, p in norm_parameters(student)}
+            student.to("meta")                     # frees the student: the export reads the checkpoint again
+            del student
+            linears = out
+            times["e2e"] = time.time() - t
+        yield linears, norms
 
 
 def choose_allocation(model, info, windows, c, progress: bool = True, log=print, state: _PassState | None = None,

@@ -132,7 +132,8 @@ _LINEAR_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 class BlockStore(Mapping):
     """The one-shot pass's finished blocks, a checkpoint file per block in `folder`
-    (block-00003.ckpt: the block's linears as gqsa4 rows and their relative output errors; written
+    (block-00003.ckpt: the block's linears as gqsa4 rows and their relative output errors, and after
+    training their float scales and zeros; written
     atomically, checked on read by checkpoint.load), read back as a mapping {HF linear name:
     oneshot.PackedLinear}. `fingerprint` ties the files to one run: a file of another run is
     refused when read. The last block read is kept, so reading a block's linears in order reads
@@ -148,8 +149,9 @@ class BlockStore(Mapping):
     def path(self, i: int) -> Path:
         return self.folder / f"block-{i:05d}.ckpt"
 
-    def put(self, res) -> None:
-        """Writes one oneshot.BlockResult."""
+    def put(self, res, qparams: dict | None = None) -> None:
+        """Writes one oneshot.BlockResult; `qparams` {linear name: (scale, zero)}: the float32 scales
+        and zero points a training stage left (the rows hold them rounded to fp16 and integers)."""
         import torch
 
         from .oneshot import PackedLinear
@@ -157,7 +159,7 @@ class BlockStore(Mapping):
         packed = {n: PackedLinear.of(cl) for n, cl in res.linears.items()}
         ckpt.save(self.path(res.index), {"stage": "oneshot-block", "fingerprint": self.fingerprint, "block": res.index},
                   {"linears": {n: {"width": p.width, "data": torch.from_numpy(p.data)} for n, p in packed.items()},
-                   "rel_errors": dict(res.rel_errors)})
+                   "rel_errors": dict(res.rel_errors), "qparams": dict(qparams or {})})
 
     def _load(self, i: int) -> dict:
         from .oneshot import PackedLinear
@@ -167,8 +169,17 @@ class BlockStore(Mapping):
             _, payload = ckpt.load(self.path(i), expect={"stage": "oneshot-block", "fingerprint": self.fingerprint,
                                                          "block": i})
             linears = {n: PackedLinear(n, int(v["width"]), v["data"].numpy()) for n, v in payload["linears"].items()}
-            self._cache = (i, {"linears": linears, "rel_errors": payload["rel_errors"]})
+            self._cache = (i, {"linears": linears, "rel_errors": payload["rel_errors"],
+                               "qparams": payload.get("qparams", {})})
         return self._cache[1]
+
+    def qparams(self, name: str):
+        """(scale, zero) float32 of a linear as a training stage left them, or (None, None) when the
+        block's file holds only the rows (the one-shot's)."""
+        i = self._block_of(name)
+        if i is None:
+            raise KeyError(name)
+        return self._load(i)["qparams"].get(name, (None, None))
 
     def complete(self, upto: int) -> bool:
         """Whether the files of blocks 0..upto-1 are all there (their content is checked when read)."""

@@ -38,3 +38,20 @@ def test_fingerprint_sensitivity():
     assert a == ckpt.run_fingerprint({"lr": 1e-5}, torch.arange(4))
     assert a != ckpt.run_fingerprint({"lr": 1e-4}, torch.arange(4))
     assert a != ckpt.run_fingerprint({"lr": 1e-5}, torch.arange(4).float())
+
+
+def test_payload_larger_than_a_chunk_and_a_failed_save(tmp_path):
+    """The payload is streamed through a file in chunks (save) and hashed and read back in chunks
+    (load): a payload of several chunks comes back exactly; a save that fails leaves nothing."""
+    p = tmp_path / "big.ckpt"
+    big = torch.randn(3 * ckpt._CHUNK // 4 + 17, generator=torch.Generator().manual_seed(0))   # ~3 chunks
+    ckpt.save(p, {"stage": "x"}, {"big": big, "n": 7})
+    meta, payload = ckpt.load(p, expect={"stage": "x"})
+    assert torch.equal(payload["big"], big) and payload["n"] == 7
+    with pytest.raises(Exception):
+        ckpt.save(tmp_path / "bad.ckpt", {"stage": "x"}, {"f": lambda: 0})        # cannot be pickled
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["big.ckpt"]
+    raw = p.read_bytes()
+    p.write_bytes(raw[:len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 1]) + raw[len(raw) // 2 + 1:])
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
+        ckpt.load(p)

@@ -56,10 +56,11 @@ def test_gguf_records_the_training_configs_used(tmp_path, monkeypatch):
 
     def spy(stage, fn):
         def run(*args, **kw):
-            used[stage] = args[3] if stage == "bqpo" else args[2]          # the config argument
+            used[stage] = args[8] if stage == "bqpo" else args[2]          # the config argument
             return fn(*args, **kw)
         return run
-    monkeypatch.setattr(bqpo, "run_bqpo", spy("bqpo", bqpo.run_bqpo))
+    # the streamed BQPO runs bqpo.train_block per block (the loop run_bqpo runs on a loaded model)
+    monkeypatch.setattr(bqpo, "train_block", spy("bqpo", bqpo.train_block))
     monkeypatch.setattr(e2e, "run_e2e", spy("e2e", e2e.run_e2e))
 
     folder = make_checkpoint(tmp_path / "ckpt", "llama")

@@ -12,6 +12,7 @@ import torch
 
 import tiny_models
 from gqsa_gguf import checkpoint as ckpt
+from gqsa_gguf import codec
 from gqsa_gguf import oneshot, pipeline, streamed
 from gqsa_gguf.config import CONVERT_E2E, CalibConfig, CompressionConfig, ConvertConfig
 from gqsa_gguf.export import export_gguf
@@ -200,3 +201,44 @@ def test_interrupted_streamed_oneshot_resumes_from_its_last_block(stop_in, tmp_p
     pipeline.convert(_cfg(folder, tmp_path / "m2.gguf"), progress=False, log=lambda *a: None,
                      checkpoint_dir=str(ck), resume=True)
     assert _tensors(tmp_path / "m2.gguf") == _tensors(tmp_path / "ref.gguf")
+
+
+def test_convert_with_training_streams_and_matches_the_whole_model_training(tmp_path, monkeypatch):
+    """convert with BQPO and E2E-OQP (distilled) never loads the model whole, and its file holds
+    what the whole-model training (kept for --e2e-chat-replies model) writes, to float tolerance:
+    the same integer codes but for a rounding-boundary few, scales and norm gains within fp16's
+    precision (the streamed teacher's hidden states are fp16)."""
+    from gqsa_gguf import model_io
+    from gqsa_gguf.config import BQPOConfig, E2EConfig
+
+    folder, info, _, _ = _setup("qwen2 (biases)")
+    cfg = dataclasses.replace(_cfg(folder, tmp_path / "w.gguf", allocation="uniform"),
+                              bqpo=BQPOConfig(epochs=1), e2e=E2EConfig(epochs=1, loss="kd", batch_size=2))
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "needs_float_model", lambda cfg: True)       # the whole-model training
+        pipeline.convert(cfg, progress=False, log=lambda *a: None)
+    untrained = tmp_path / "u.gguf"
+    pipeline.convert(dataclasses.replace(cfg, output=str(untrained), bqpo=BQPOConfig(epochs=0),
+                                         e2e=E2EConfig(epochs=0)), progress=False, log=lambda *a: None)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded whole")
+
+    monkeypatch.setattr(model_io, "load_model", no_load)
+    rep = pipeline.convert(dataclasses.replace(cfg, output=str(tmp_path / "s.gguf")), progress=False,
+                           log=lambda *a: None, checkpoint_dir=str(tmp_path / "ck"))
+    assert {"bqpo", "e2e"} <= set(rep.seconds)
+    assert (tmp_path / "ck" / "bqpo" / "bqpo.ckpt").is_file() and (tmp_path / "ck" / "e2e" / "e2e.ckpt").is_file()
+    s, w, u = read_gguf(tmp_path / "s.gguf"), read_gguf(tmp_path / "w.gguf"), read_gguf(untrained)
+    assert list(s.tensors) == list(w.tensors)
+    trained = 0
+    for name in w.tensors:
+        if name in w.gqsa:
+            (si, sq, sz, sd), (wi, wq, wz, wd) = (codec.unpack(f.gqsa_tensor(name)) for f in (s, w))
+            np.testing.assert_array_equal(si, wi)
+            assert np.mean(sq == wq) > 0.99 and np.mean(sz == wz) > 0.99, name
+            np.testing.assert_allclose(sd.astype(np.float32), wd.astype(np.float32), rtol=5e-3)
+            trained += int((codec.unpack(u.gqsa_tensor(name))[1] != wq).sum())
+        else:
+            np.testing.assert_allclose(s.tensor_array(name), w.tensor_array(name), rtol=1e-3, atol=1e-6)
+    assert trained > 0, "training changed no code: the comparison would prove nothing"
