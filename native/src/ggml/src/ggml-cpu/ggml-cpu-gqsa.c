@@ -290,6 +290,10 @@ void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0
 #endif
 
 #if !defined(GQSA_CPU_X86)
+const char * ggml_gqsa_sb_kernel(void) {
+    return "none";
+}
+
 void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1) {
     ggml_gqsa_sb_quantize_act_generic(x, y, G, g0, g1);
 }

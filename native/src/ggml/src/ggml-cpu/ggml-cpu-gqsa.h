@@ -73,6 +73,9 @@ typedef struct {
 
 // Whether this build repacks gqsa4 weights (AVX2 kernels) and whether rows of n_kept blocks can be
 bool ggml_gqsa_sb_available(void);
+// The decode step this build runs on superblocks: "avx512" (two per step, 512-bit registers),
+// "avx2" (one per step, 256-bit), "none" (no repacking)
+const char * ggml_gqsa_sb_kernel(void);
 bool ggml_gqsa_sb_supported(int n_kept);
 // gqsa4 rows (n_kept % 8 == 0) <-> superblocks; src and dst must not overlap
 void ggml_gqsa_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
