@@ -631,6 +631,7 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, b
 
 int main(void) {
     printf("GQSA kernel tests (%s)\n", ggml_gqsa_cpu_kernels());
+    printf("superblock decode step: %s\n", ggml_gqsa_sb_kernel());
     const int act_widths[] = { 16, 48, 576, 4096 };
     for (size_t i = 0; i < sizeof(act_widths) / sizeof(act_widths[0]); ++i) {
         test_quantize_act(act_widths[i]);

@@ -7,7 +7,9 @@
 // Measured on Zen 4 and kept out (benchmarks, not tests, hold the numbers): 512-bit versions of the
 // decode step (16 blocks, vpermt2d / vpermb assembly) ran 10-15 % slower than the 256-bit one (Zen 4
 // splits 512-bit ops; the step is bound by shuffles and the per-block gathers, not by instruction
-// count), so AVX-512 builds use the AVX2 code with 256-bit VNNI; gathers (vpgatherdd) of the group
+// count), so AVX-512 builds use the AVX2 code with 256-bit VNNI. On Intel Emerald Rapids the
+// superblock version (GQSA_SB_512, below) measured the same as the 256-bit step: it is behind a
+// compile-time switch, off by default. Gathers (vpgatherdd) of the group
 // scales and vector-computed group addresses spilled to the stack were slower than scalar loads;
 // 32-byte activation blocks and a [8 headers][8 qs] chunked row layout gained under 8 %.
 #include "ggml-cpu-gqsa-arch.h"
@@ -367,11 +369,13 @@ static inline __m256 gqsa_sb_step_avx2(const gqsa_sb8 * GGML_RESTRICT t, const u
 #define GQSA_PREFETCH_HINT _MM_HINT_T0
 #endif
 
-// GQSA_SB_512: the decode step over two superblocks in 512-bit registers where the build has
-// AVX-512 BW + VNNI (default on there; -DGQSA_SB_512=0 keeps the 256-bit step, for A/B builds)
+// GQSA_SB_512=1 (-DGQSA_SB_512=1 in CFLAGS): the decode step over two superblocks in 512-bit
+// registers, where the build has AVX-512 BW + VNNI. Off by default: measured no faster than the
+// 256-bit step on Intel Emerald Rapids (docs/DESIGN.md, "Repacked weights at load"), slower on Zen 4.
+// Kept compiled and tested (native/tests: test_kernels-sb512) for the next kind of machine.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #ifndef GQSA_SB_512
-#define GQSA_SB_512 1
+#define GQSA_SB_512 0
 #endif
 #else
 #undef  GQSA_SB_512
