@@ -47,7 +47,7 @@ KERNEL = """
     n_kept = fmt.kept_groups(width, sparsity)
     best = fn(fmt.GGML_TYPE_GQSA4, w.ctypes.data, n_kept * fmt.GROUP_SIZE, rows, width, 1, threads, reps)
     sb_ns = None                      # the repacked (superblock) decode kernel alone, 1 thread, median CPU time
-    if hasattr(lib, "gqsa_test_time_sb_rows") and n_kept % 8 == 0:
+    if hasattr(lib, "gqsa_test_time_sb_rows") and n_kept >= 8:
         sb = lib.gqsa_test_time_sb_rows
         sb.restype = ctypes.c_double
         sb.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]

@@ -223,10 +223,11 @@ def _repacked_mul_mat(hooks, packed, n_kept, width, x, threads):
 
 
 # Rows of 8 (one superblock: the 512-bit step's one-superblock tail only), 48 (6), 128 (16), 192
-# (24) and 344 (43: pairs and a tail) blocks, through the CPU_GQSA buffer type as llama.cpp loads
-# weights: repacked at set_tensor, run by the superblock kernels (decode step for 1 column, panels
-# for 9).
-REPACKED_SHAPES = [(256, 0.5), (1536, 0.5), (4096, 0.5), (4096, 0.25), (11008, 0.5)]
+# (24) and 344 (43: pairs and a tail) blocks, and rows with a tail of blocks after their
+# superblocks: 18 (SmolLM2's 576 at 50 %: 2 + 2) and 516 (LLaMA-7B's ffn_down at 25 %: 64 + 4),
+# through the CPU_GQSA buffer type as llama.cpp loads weights: repacked at set_tensor, run by the
+# superblock kernels (decode step for 1 column, panels for 9).
+REPACKED_SHAPES = [(256, 0.5), (576, 0.5), (1536, 0.5), (4096, 0.5), (4096, 0.25), (11008, 0.5), (11008, 0.25)]
 
 
 @pytest.mark.parametrize("width,sparsity", REPACKED_SHAPES)

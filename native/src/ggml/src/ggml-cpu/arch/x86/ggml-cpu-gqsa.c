@@ -439,12 +439,39 @@ static inline __m512 gqsa_sb_step16_avx512(const gqsa_sb8 * GGML_RESTRICT t, con
 }
 #endif
 
-static void gqsa_sb_rows_avx2(const gqsa_sb8 * GGML_RESTRICT x, int nsb, int64_t nrows, const void * GGML_RESTRICT vy,
+// The 1..7 blocks of a repacked row's tail (stored as in the file) against the superblock decode
+// activations, one block at a time: a 128-bit dot product and a horizontal sum each
+static inline float gqsa_sb_tail_avx2(const block_gqsa4 * GGML_RESTRICT b, int n, const uint8_t * GGML_RESTRICT yq,
+                                      const uint8_t * GGML_RESTRICT yd) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    float sumf = 0.0f;
+    for (int k = 0; k < n; ++k) {
+        const size_t  o = (size_t) gqsa_block_index(b + k) * GQSA_GROUP_SIZE;
+        const __m128i v = _mm_loadl_epi64((const __m128i *) b[k].qs);
+        const __m128i w = _mm_unpacklo_epi64(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+        const __m128i a = _mm_loadu_si128((const __m128i *) (yq + o));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        __m128i p = _mm_dpbusd_epi32(_mm_setzero_si128(), w, a);
+#elif defined(__AVXVNNI__)
+        __m128i p = _mm_dpbusd_avx_epi32(_mm_setzero_si128(), w, a);
+#else
+        __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(w, a), _mm_set1_epi16(1));
+#endif
+        p = _mm_add_epi32(p, _mm_unpackhi_epi64(p, p));
+        p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 1));
+        const float * ds = (const float *) (yd + o);
+        sumf += GGML_CPU_FP16_TO_FP32(b[k].d) * (ds[0] * (float) _mm_cvtsi128_si32(p) - (float) gqsa_block_zero(b + k) * ds[1]);
+    }
+    return sumf;
+}
+
+static void gqsa_sb_rows_avx2(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT vy,
                               int64_t G, float * GGML_RESTRICT out) {
     const uint8_t * yq = (const uint8_t *) vy;
     const uint8_t * yd = yq + GQSA_GROUP_SIZE * G;
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
     for (int64_t r = 0; r < nrows; ++r) {
-        const gqsa_sb8 * t = x + r * nsb;
+        const gqsa_sb8 * t = (const gqsa_sb8 *) ((const uint8_t *) x + (size_t) r * n_kept * sizeof(block_gqsa4));
         __m256 acc = _mm256_setzero_ps();
         int s = 0;
 #if GQSA_SB_512
@@ -464,7 +491,7 @@ static void gqsa_sb_rows_avx2(const gqsa_sb8 * GGML_RESTRICT x, int nsb, int64_t
             _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, GQSA_PREFETCH_HINT);
             acc = _mm256_add_ps(acc, gqsa_sb_step_avx2(t + s, yq, yd));
         }
-        out[r] = gqsa_hsum_ps(acc);
+        out[r] = gqsa_hsum_ps(acc) + (tail ? gqsa_sb_tail_avx2((const block_gqsa4 *) (t + nsb), tail, yq, yd) : 0.0f);
     }
 }
 
@@ -506,7 +533,7 @@ const char * ggml_gqsa_sb_kernel(void) {
 
 void ggml_gqsa_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                        const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
-    gqsa_sb_rows_avx2((const gqsa_sb8 *) vx, n_kept / GQSA_SB_BLOCKS, nrows, vy, G, out);
+    gqsa_sb_rows_avx2(vx, n_kept, nrows, vy, G, out);
 }
 
 // a superblock goes by the group of its first block (lane 0)
