@@ -4,15 +4,22 @@ The portable build (scripts/setup.sh --portable) against the native one, a build
 change against one without, or one CPU variant of a portable build against another: each build is
 a library directory (a build's bin/, or an installed gqsa_gguf/lib), optionally with a CPU variant
 (`DIR@VARIANT`, through $GQSA_GGUF_CPU_VARIANT). A process binds to one library directory for
-good, so every measurement is a fresh process; the builds take turns in each round, and the table
-gives the best, the median and every round's tokens/s, so a busy moment of the machine shows as a
-spread instead of as a difference between builds. The model is written once (a synthetic
-`gqsa-gguf bench` shape, random weights), and the bound is the measured read bandwidth over the
-weight bytes read per token, as in `gqsa-gguf bench`.
+good, so every measurement is a fresh process; the builds take turns in each round. The table gives
+each build's median CPU time per decoded token (user + sys of the process: what a kernel change
+changes, and less disturbed than the wall clock when other programs share the cores; with more than
+one thread it includes ggml's workers waiting at barriers), every round's, and the median and best
+tokens/s, so a busy moment of the machine shows as a spread instead of as a difference between
+builds. The models are written once (a synthetic `gqsa-gguf bench` shape, random weights; --layers
+shortens it; several formats separated by commas), and the bound is the measured read bandwidth over
+the weight bytes read per token, as in `gqsa-gguf bench`.
 
-    python benchmarks/builds_ab.py --synthetic llama-7b --format w4s50 --threads 2 --rounds 4 \\
-        native=build/cp311-cp311-linux_x86_64/bin portable=build/cp311-cp311-linux_x86_64-portable/bin
+    python benchmarks/builds_ab.py --synthetic llama-7b --layers 8 --format w4s50,w4s25 --threads 1 \\
+        --decode 32 --rounds 8 native=build/cp311-cp311-linux_x86_64/bin portable=build/cp311-cp311-linux_x86_64-portable/bin
     python benchmarks/builds_ab.py --kernel 32768 --rounds 6 native=... portable=... portable-x64=DIR@x64
+
+For one kernel change, native/tests's `bench_sb_step` (both builds of the x86 kernel file in one
+process, alternating call by call) resolves differences of a few per cent that runs in separate
+processes do not.
 """
 
 from __future__ import annotations
