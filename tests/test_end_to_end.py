@@ -63,6 +63,52 @@ np.save(out, np.concatenate(got))
 """
 
 
+_TAIL_CHILD = """
+import json, sys
+import numpy as np
+from gqsa_gguf import runtime
+ll = runtime.import_llama_cpp()
+llm = ll.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=True, logits_all=True)
+llm.eval([1000 + i for i in range(12)])           # a 12-token prompt (one panel + 4 columns), then decode
+for i in range(4):
+    llm.eval([500 + i])
+print(json.dumps(np.array(llm.scores[:16], np.float64).tolist()))
+"""
+
+
+@pytest.mark.parametrize("fmt_name", ["w4s25", "w4s50"])
+def test_repacked_rows_with_tails_match_file_layout(tmp_path, fmt_name):
+    # SmolLM2's widths: rows of 576 keep 27 (w4s25) / 18 (w4s50) blocks, not multiples of 8, so
+    # each repacked row ends in a tail of blocks after its superblocks (1536-wide rows keep 72 / 48:
+    # no tail). Random weights; repacked and file-layout runs agree as in the test below.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gqsa_gguf import bench
+
+    path = tmp_path / f"tails-{fmt_name}.gguf"
+    bench.write_model(bench.Shape("tails", 576, 1536, 2, 9, 3, n_vocab=2048), fmt_name, path, bench._RandomWeights(seed=1))
+    out, logs = {}, {}
+    for mode, env_extra in (("repacked", {}), ("file", {"GGML_GQSA_REPACK": "0"})):
+        env = {k: v for k, v in os.environ.items() if k != "GGML_GQSA_REPACK"} | env_extra
+        proc = subprocess.run([sys.executable, "-c", _TAIL_CHILD, str(path)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[mode], logs[mode] = np.array(json.loads(proc.stdout.strip().splitlines()[-1])), proc.stderr
+    assert "CPU_GQSA model buffer" not in logs["file"]
+    if "CPU_GQSA model buffer" not in logs["repacked"]:
+        import ctypes
+        cpu = ctypes.CDLL(str(runtime.lib_dir() / "libggml-cpu.so"))
+        cpu.ggml_gqsa_sb_available.restype = ctypes.c_bool
+        assert not cpu.ggml_gqsa_sb_available(), "a build with superblock kernels did not repack:\n" + logs["repacked"][-2000:]
+        pytest.skip("this build has no superblock kernels (no AVX2)")
+    a, b = out["repacked"], out["file"]
+    assert np.abs(b).max() > 1.0
+    assert float(((a - b) ** 2).sum() / (b ** 2).sum()) <= 1e-4
+
+
 def test_repacked_weights_match_file_layout(tmp_path):
     # Widths 256 / 512 at w4s50 keep 8 / 16 blocks per row: the CPU backend repacks every decoder
     # linear into superblocks (buffer type CPU_GQSA) on AVX2 builds. The same file with repacking

@@ -58,6 +58,10 @@ def hooks(request):
     lib.gqsa_test_quantize_act.restype = None
     lib.gqsa_test_validate.argtypes = [V, I64, I64, I64, ctypes.c_char_p, ctypes.c_size_t]
     lib.gqsa_test_validate.restype = C_INT
+    lib.gqsa_test_sb_kernel.argtypes = []
+    lib.gqsa_test_sb_kernel.restype = ctypes.c_char_p
+    lib.gqsa_test_mul_mat_repacked.argtypes = [V, I64, I64, I64, V, I64, C_INT, V]
+    lib.gqsa_test_mul_mat_repacked.restype = C_INT
     return lib
 
 
@@ -193,6 +197,73 @@ def test_kernels_are_the_ones_the_build_calls_for(hooks):
         assert kernels == expected_kernels(flags)
     else:
         assert kernels in ("neon-dotprod", "neon", "scalar")
+
+
+def test_repacking_is_offered_where_the_build_has_superblock_kernels(hooks):
+    # superblocks (the CPU_GQSA buffer type) come with the x86 AVX2 kernels; the 512-bit step only
+    # with AVX-512 VNNI (and only where GQSA_SB_512 turns it on)
+    kernels, sb = hooks.gqsa_test_cpu_kernels().decode(), hooks.gqsa_test_sb_kernel().decode()
+    if kernels in ("avx2", "avxvnni"):
+        assert sb == "avx2"
+    elif kernels == "avx512vnni":
+        assert sb in ("avx2", "avx512")
+    else:
+        assert sb == "none"
+
+
+def _repacked_mul_mat(hooks, packed, n_kept, width, x, threads):
+    out = np.zeros((x.shape[0], packed.shape[0]), np.float32)
+    rc = hooks.gqsa_test_mul_mat_repacked(_ptr(packed), n_kept, packed.shape[0], width, _ptr(x), x.shape[0],
+                                          threads, _ptr(out))
+    if hooks.gqsa_test_sb_kernel().decode() == "none":
+        assert rc == 3                  # no CPU_GQSA buffer type in this build
+        pytest.skip(f"this build ({hooks.gqsa_test_cpu_kernels().decode()}) does not repack")
+    assert rc == 0
+    return out
+
+
+# Rows of 8 (one superblock: the 512-bit step's one-superblock tail only), 48 (6), 128 (16), 192
+# (24) and 344 (43: pairs and a tail) blocks, and rows with a tail of blocks after their
+# superblocks: 18 (SmolLM2's 576 at 50 %: 2 + 2) and 516 (LLaMA-7B's ffn_down at 25 %: 64 + 4),
+# through the CPU_GQSA buffer type as llama.cpp loads weights: repacked at set_tensor, run by the
+# superblock kernels (decode step for 1 column, panels for 9).
+REPACKED_SHAPES = [(256, 0.5), (576, 0.5), (1536, 0.5), (4096, 0.5), (4096, 0.25), (11008, 0.5), (11008, 0.25)]
+
+
+@pytest.mark.parametrize("width,sparsity", REPACKED_SHAPES)
+def test_repacked_mul_mat_is_exact_on_integer_data(hooks, width, sparsity):
+    # scales 1 and activation groups whose max |x| is 127: every product and partial sum is an exact
+    # integer in float, so the kernel must equal the integer sum exactly — any block paired with the
+    # wrong activation group, zero point or s_x shows
+    rng = np.random.default_rng(width + int(sparsity * 100))
+    n_rows, n_kept = 40, fmt.kept_groups(width, sparsity)
+    kept = random_kept(rng, n_rows, width, sparsity)
+    q = rng.integers(0, 16, (n_rows, n_kept, fmt.GROUP_SIZE))
+    z = rng.integers(0, 16, (n_rows, n_kept))
+    packed = codec.pack(kept, q, z, np.ones((n_rows, n_kept), np.float32))
+    x = rng.integers(-127, 128, (1, width)).astype(np.float32)
+    x[0, ::fmt.GROUP_SIZE] = rng.choice([-127.0, 127.0], width // fmt.GROUP_SIZE)   # d_x = 1 exactly
+    out = _repacked_mul_mat(hooks, packed, n_kept, width, x, 1)
+    xg = x[0].reshape(-1, fmt.GROUP_SIZE).astype(np.int64)
+    want = ((q * xg[kept]).sum(-1) - z * xg[kept].sum(-1)).sum(-1)
+    assert np.abs(want).max() < 2 ** 24
+    np.testing.assert_array_equal(out[0], want.astype(np.float32))
+
+
+@pytest.mark.parametrize("width,sparsity", REPACKED_SHAPES)
+def test_repacked_mul_mat_matches_reference(hooks, width, sparsity):
+    rng = np.random.default_rng(width + int(sparsity * 100) + 1)
+    n_rows = 40
+    kept = random_kept(rng, n_rows, width, sparsity)
+    packed = codec.quantize(random_weights(rng, n_rows, width), kept)
+    for ncols in (1, 9):
+        x = rng.standard_normal((ncols, width)).astype(np.float32)
+        kernel_math = codec.matmul_q8_ref(packed, width, x)
+        for threads in (1, 2):
+            out = _repacked_mul_mat(hooks, packed, kept.shape[1], width, x, threads)
+            assert nmse(out, codec.matmul_ref(packed, width, x)) <= 5e-4, (ncols, threads)
+            # per-block scales in the right lanes: the kernel's arithmetic up to float summation order
+            np.testing.assert_allclose(out, kernel_math, rtol=1e-4, atol=1e-5 * np.abs(kernel_math).max())
 
 
 @pytest.mark.parametrize("n_kept", [1, 2, 3, 7, 8, 9, 15, 16, 17, 18, 48, 344])

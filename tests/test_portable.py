@@ -73,6 +73,35 @@ def test_the_best_variant_is_loaded_and_decodes_gqsa(gqsa_model):
     assert np.isfinite(out["logits"]).all()
 
 
+LOAD_LOG = """
+    from gqsa_gguf import runtime
+    ll = runtime.import_llama_cpp()
+    print("variant", runtime.loaded_cpu_variant(), flush=True)
+    llm = ll.Llama(model_path={path!r}, n_ctx=64, n_threads=1, verbose=True)
+    llm.eval([1000, 1001])
+"""
+
+
+@pytest.mark.parametrize("variant", [None, "x64"], ids=["best", "x64"])
+def test_gqsa_weights_are_repacked_by_the_loaded_variant(gqsa_model, variant):
+    # the CPU_GQSA buffer type (superblocks, ggml-cpu-gqsa-repack.cpp) lives in each variant module:
+    # llama.cpp must find it through the dynamically loaded backend and put the GQSA weights there
+    # where the variant has the superblock kernels (AVX2 and up), and not in the scalar x64 one
+    v = runtime.cpu_variants()[0] if variant is None else next(x for x in runtime.cpu_variants() if x.name == variant)
+    proc = run_python(LOAD_LOG.format(path=str(gqsa_model)), variant=variant)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"variant {v.name}" in proc.stdout
+    log = proc.stderr
+    assert "CPU_Mapped model buffer size" in log or "CPU model buffer size" in log, log[-3000:]
+    import ctypes
+    lib = runtime.native_lib(v.name)
+    lib.gqsa_test_sb_kernel.restype = ctypes.c_char_p
+    if lib.gqsa_test_sb_kernel().decode() == "none":
+        assert "CPU_GQSA" not in log
+    else:
+        assert "CPU_GQSA model buffer size" in log, log[-3000:]
+
+
 def test_every_variant_this_cpu_runs_gives_the_same_logits(gqsa_model):
     # the same integer dot products in every variant's kernels; only the float sums' order differs
     results = {}

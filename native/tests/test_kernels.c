@@ -478,9 +478,16 @@ static void test_sb_roundtrip(int n_kept, int nrows) {
     for (size_t i = 0; i < n; ++i) {
         sum_x += (int64_t) gqsa_block_index(&x[i]) * 16 + gqsa_block_zero(&x[i]) + x[i].d;
     }
-    for (size_t s = 0; s < n / GQSA_SB_BLOCKS; ++s) {
-        for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
-            sum_t += t[s].gz[l] + t[s].d[l];
+    for (int r = 0; r < nrows; ++r) {                       // a row: its superblocks, then its tail blocks
+        const gqsa_sb8 * u = (const gqsa_sb8 *) ((const uint8_t *) t + (size_t) r * n_kept * sizeof(block_gqsa4));
+        for (int s = 0; s < n_kept / GQSA_SB_BLOCKS; ++s) {
+            for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+                sum_t += u[s].gz[l] + u[s].d[l];
+            }
+        }
+        const block_gqsa4 * b = (const block_gqsa4 *) (u + n_kept / GQSA_SB_BLOCKS);
+        for (int k = 0; k < n_kept % GQSA_SB_BLOCKS; ++k) {
+            sum_t += (int64_t) gqsa_block_index(&b[k]) * 16 + gqsa_block_zero(&b[k]) + b[k].d;
         }
     }
     ok = ok && sum_x == sum_t;
@@ -631,6 +638,7 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, b
 
 int main(void) {
     printf("GQSA kernel tests (%s)\n", ggml_gqsa_cpu_kernels());
+    printf("superblock decode step: %s\n", ggml_gqsa_sb_kernel());
     const int act_widths[] = { 16, 48, 576, 4096 };
     for (size_t i = 0; i < sizeof(act_widths) / sizeof(act_widths[0]); ++i) {
         test_quantize_act(act_widths[i]);
@@ -672,7 +680,7 @@ int main(void) {
 
     // repacked superblocks: layout and rows everywhere (scalar reference included), the driver
     // where this build repacks (AVX2)
-    const int sb_kepts[] = { 8, 16, 24, 48, 128, 344 };
+    const int sb_kepts[] = { 8, 9, 15, 16, 18, 24, 48, 128, 344, 516 };     // with tails: 9, 15, 18, 516
     for (size_t i = 0; i < sizeof(sb_kepts) / sizeof(sb_kepts[0]); ++i) {
         test_sb_roundtrip(sb_kepts[i], 3);
         test_sb_rows(sb_kepts[i], 1);
@@ -680,8 +688,8 @@ int main(void) {
     }
     test_sb_quantize_act(48);
     test_sb_quantize_act(4096);
-    report(ggml_gqsa_sb_supported(16) == ggml_gqsa_sb_available() && !ggml_gqsa_sb_supported(18) && !ggml_gqsa_sb_supported(0),
-           "sb_supported_needs_multiples_of_8");
+    report(ggml_gqsa_sb_supported(16) == ggml_gqsa_sb_available() && ggml_gqsa_sb_supported(18) == ggml_gqsa_sb_available() &&
+           !ggml_gqsa_sb_supported(7) && !ggml_gqsa_sb_supported(0), "sb_supported_needs_8_blocks");
     if (ggml_gqsa_sb_available()) {
         for (size_t i = 0; i < sizeof(mm_cols) / sizeof(mm_cols[0]); ++i) {
             test_mul_mat(1536, 48, 37, mm_cols[i], 1, true);
@@ -689,6 +697,10 @@ int main(void) {
         }
         test_mul_mat(11008, 344, 6, 9, 2, true);
         test_mul_mat(256, 8, 70, 40, 2, true);
+        for (size_t i = 0; i < sizeof(mm_cols) / sizeof(mm_cols[0]); ++i) {    // rows with tails
+            test_mul_mat(576, 18, 37, mm_cols[i], 1, true);
+            test_mul_mat(11008, 516, 10, mm_cols[i], 2, true);
+        }
     }
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed == 0 ? 0 : 1;

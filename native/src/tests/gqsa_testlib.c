@@ -2,6 +2,8 @@
 // Every function runs the real library code paths: ggml_mul_mat through the CPU backend's
 // multi-threaded graph compute, the registered type traits, and the load-time validator.
 #include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "gqsa.h"
 
@@ -16,10 +18,20 @@
 void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * s, size_t bs, const void * vx, size_t bx,
                                         const void * vy, size_t by, int nrc);
 const char * ggml_gqsa_cpu_kernels(void);
+const char * ggml_gqsa_sb_kernel(void);
+void ggml_gqsa_sb_repack(const void * src, void * dst, int n_kept, int64_t nrows);
+void ggml_gqsa_sb_quantize_act(const float * x, void * y, int64_t G, int64_t g0, int64_t g1);
+void ggml_gqsa_sb_rows(const void * x, int n_kept, int64_t nrows, const void * y, int64_t G, float * out);
 
 // Which GQSA kernels the ggml-cpu these hooks call was compiled with ("avx2", "avx512vnni", ...).
 GQSA_TESTLIB_API const char * gqsa_test_cpu_kernels(void) {
     return ggml_gqsa_cpu_kernels();
+}
+
+// The decode step the repacked (superblock) weights run: "avx512" (two superblocks per step in
+// 512-bit registers), "avx2" (one per step, 256-bit), or "none" (this build does not repack).
+GQSA_TESTLIB_API const char * gqsa_test_sb_kernel(void) {
+    return ggml_gqsa_sb_kernel();
 }
 
 static struct ggml_context * gqsa_test_ctx(size_t data_bytes) {
@@ -209,4 +221,113 @@ GQSA_TESTLIB_API double gqsa_read_bandwidth(int threads, size_t bytes, int repea
     }
     free(buf);
     return check == 0 ? -1.0 : best;          // the sums are never 0 (memset 1): keeps the reads
+}
+
+// The CPU backend's CPU_GQSA buffer type (repacked weights), found as llama.cpp finds it: among the
+// extra buffer types the CPU device offers. NULL where the build does not repack.
+static ggml_backend_buffer_type_t gqsa_test_repack_buft(ggml_backend_t be) {
+    ggml_backend_dev_t dev = ggml_backend_get_device(be);
+    typedef ggml_backend_buffer_type_t * (*get_extra_fn)(ggml_backend_dev_t);
+    void * proc = ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+    get_extra_fn get_extra = NULL;
+    memcpy(&get_extra, &proc, sizeof(get_extra));          // ISO C has no cast from object to function pointer
+    for (ggml_backend_buffer_type_t * b = get_extra ? get_extra(dev) : NULL; b && *b; ++b) {
+        if (strcmp(ggml_backend_buft_name(*b), "CPU_GQSA") == 0) {
+            return *b;
+        }
+    }
+    return NULL;
+}
+
+// gqsa_test_mul_mat with the weight in the CPU_GQSA buffer type, as llama.cpp places a model's
+// weights: ggml_backend_tensor_set repacks it into superblocks, and the CPU backend's graph compute
+// runs the superblock kernels (ggml_gqsa_mul_mat_sb). Returns 0 on success, 3 if this build offers no
+// CPU_GQSA buffer type, 4 if it refuses the weight (rows of fewer than 8 blocks), else nonzero.
+GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked(const void * w, int64_t n_kept, int64_t nrows, int64_t width,
+                                                const float * x, int64_t ncols, int n_threads, float * out) {
+    ggml_backend_t be = ggml_backend_cpu_init();
+    if (!be) {
+        return 1;
+    }
+    ggml_backend_buffer_type_t buft = gqsa_test_repack_buft(be);
+    if (!buft) {
+        ggml_backend_free(be);
+        return 3;
+    }
+    struct ggml_init_params params = { 8 * ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
+    struct ggml_context * wctx = ggml_init(params);
+    struct ggml_context * ctx  = ggml_init(params);
+    struct ggml_tensor * tw = ggml_new_tensor_2d(wctx, GGML_TYPE_GQSA4, n_kept * 16, nrows);
+    struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, ncols);
+    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
+    int rc = 0;
+    ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft);   // init_tensor may refuse
+    ggml_backend_buffer_t abuf = wbuf ? ggml_backend_alloc_ctx_tensors(ctx, be) : NULL;
+    if (!wbuf || !abuf) {
+        rc = wbuf ? 1 : 4;
+    } else {
+        ggml_backend_tensor_set(tw, w, 0, ggml_nbytes(tw));
+        ggml_backend_tensor_set(tx, x, 0, ggml_nbytes(tx));
+        struct ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, ty);
+        ggml_backend_cpu_set_n_threads(be, n_threads);
+        if (!ggml_backend_supports_op(be, ty)) {
+            rc = 5;
+        } else if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) {
+            rc = 2;
+        } else {
+            ggml_backend_tensor_get(ty, out, 0, ggml_nbytes(ty));
+        }
+    }
+    ggml_backend_buffer_free(abuf);
+    ggml_backend_buffer_free(wbuf);
+    ggml_free(ctx);
+    ggml_free(wctx);
+    ggml_backend_free(be);
+    return rc;
+}
+
+// Per-block time of the decode kernel on repacked weights, 1 thread: `w` (nrows gqsa4 rows of
+// n_kept >= 8 blocks, logical width `width`) is repacked once, then ggml_gqsa_sb_rows
+// runs `reps` times over all rows against one quantized activation row. Returns the median thread
+// CPU time per block in nanoseconds (weights larger than the caches: the streaming cost; small ones:
+// the in-cache cost), negative on failure.
+static int gqsa_cmp_double(const void * a, const void * b) {
+    const double x = *(const double *) a, y = *(const double *) b;
+    return (x > y) - (x < y);
+}
+
+GQSA_TESTLIB_API double gqsa_test_time_sb_rows(const void * w, int64_t n_kept, int64_t nrows, int64_t width, int reps) {
+    if (n_kept < 8 || reps < 1 || reps > 1000) {
+        return -1.0;
+    }
+    const int64_t G = width / 16;
+    const size_t wbytes = (size_t) (n_kept * nrows) * ggml_type_size(GGML_TYPE_GQSA4);
+    void * t = aligned_alloc(64, (wbytes + 63) / 64 * 64);
+    void * y = aligned_alloc(64, (size_t) G * 32);
+    float * x = (float *) malloc(sizeof(float) * (size_t) width);
+    float * out = (float *) malloc(sizeof(float) * (size_t) nrows);
+    double * dt = (double *) malloc(sizeof(double) * (size_t) reps);
+    if (!t || !y || !x || !out || !dt) {
+        free(t); free(y); free(x); free(out); free(dt);
+        return -1.0;
+    }
+    ggml_cpu_init();
+    for (int64_t i = 0; i < width; ++i) {
+        x[i] = (float) ((i * 7919) % 2001 - 1000) * 1e-3f;
+    }
+    ggml_gqsa_sb_repack(w, t, (int) n_kept, nrows);
+    ggml_gqsa_sb_quantize_act(x, y, G, 0, G);
+    ggml_gqsa_sb_rows(t, (int) n_kept, nrows, y, G, out);           // warm-up
+    for (int r = 0; r < reps; ++r) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+        ggml_gqsa_sb_rows(t, (int) n_kept, nrows, y, G, out);
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+        dt[r] = (double) (b.tv_sec - a.tv_sec) * 1e9 + (double) (b.tv_nsec - a.tv_nsec);
+    }
+    qsort(dt, (size_t) reps, sizeof(double), gqsa_cmp_double);
+    const double med = dt[reps / 2] / (double) (n_kept * nrows);
+    free(t); free(y); free(x); free(out); free(dt);
+    return med;
 }

@@ -1,8 +1,9 @@
 // CPU_GQSA: the CPU backend's buffer type for repacked gqsa4 weights (gqsa-gguf).
 //
 // llama.cpp offers the CPU backend's extra buffer types to every weight; this one accepts the
-// gqsa4 weights of a mul_mat whose rows keep a multiple of 8 blocks, on builds with the AVX2
-// kernels. Loading such a weight repacks it into superblocks (ggml_gqsa_sb_repack: same bytes,
+// gqsa4 weights of a mul_mat whose rows keep at least 8 blocks, on builds with the AVX2 kernels.
+// Loading such a weight repacks each row into superblocks and a tail of n_kept % 8 blocks as
+// stored (ggml_gqsa_sb_repack: same bytes,
 // arranged for the kernels; see "Repacked weights" in ggml-cpu-gqsa.c), and its mul_mats run
 // ggml_gqsa_mul_mat_sb. Other weights stay in the plain CPU buffer and run ggml_gqsa_mul_mat on
 // the file layout. GGML_GQSA_REPACK=0 in the environment turns repacking off (for comparisons).

@@ -16,7 +16,7 @@
 //    block is dotted with GQSA_PANEL columns by four broadcast-multiply-adds, without reductions.
 //    Same quantized values (bit-exact with quantize_row_gqsa_q8_ref), same 24 bytes per group and
 //    column, so the panels fit the work buffer ggml sizes for gqsa_q8;
-//  - weights repacked at load into superblocks (AVX2, rows keeping a multiple of 8 blocks; the
+//  - weights repacked at load into superblocks (AVX2, rows keeping at least 8 blocks; the
 //    CPU_GQSA buffer type): see "Repacked weights" below, and docs/DESIGN.md.
 #include "ggml-cpu-gqsa-arch.h"
 #include "ggml-cpu-impl.h"
@@ -163,8 +163,9 @@ void ggml_gqsa_panel_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int
 // Repacked weights: superblocks of 8 blocks (the CPU_GQSA buffer type, ggml-cpu-gqsa-repack.cpp)
 // ---------------------------------------------------------------------------------------------
 //
-// At load, a gqsa4 weight whose rows keep a multiple of 8 blocks can be repacked (AVX2 builds) into
-// superblocks of 8 consecutive blocks of a row, 96 bytes like the 8 blocks they hold:
+// At load, a gqsa4 weight whose rows keep at least 8 blocks can be repacked (AVX2 builds): each row
+// into n_kept / 8 superblocks of 8 consecutive blocks, 96 bytes like the 8 blocks they hold, then
+// its last n_kept % 8 blocks as stored (the row's tail: LLaMA-7B's ffn_down at 25 % keeps 516):
 //     uint16 gz[8]   group index << 4 | zero point   } in lane order: lane l holds block
 //     fp16   d[8]    scale                           } gqsa_sb_lane[l] of the 8
 //     uint8  qs[64]  half h = 0, 1 (32 bytes) holds blocks 4h..4h+3: byte k < 16 weight k of block
@@ -183,48 +184,59 @@ static inline int gqsa_weight(const block_gqsa4 * b, int j) {
     return j < GQSA_HALF ? (b->qs[j] & 0x0F) : (b->qs[j - GQSA_HALF] >> 4);
 }
 
+// row r of a repacked weight: its superblocks, then its tail blocks
+static inline const gqsa_sb8 * gqsa_sb_row(const void * x, int n_kept, int64_t r) {
+    return (const gqsa_sb8 *) ((const uint8_t *) x + (size_t) r * n_kept * sizeof(block_gqsa4));
+}
+
 void ggml_gqsa_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows) {
-    assert(n_kept % GQSA_SB_BLOCKS == 0);
-    const block_gqsa4 * x = (const block_gqsa4 *) src;
-    gqsa_sb8 * t = (gqsa_sb8 *) dst;
-    const int64_t nsb = (int64_t) (n_kept / GQSA_SB_BLOCKS) * nrows;   // never straddle a row
-    for (int64_t s = 0; s < nsb; ++s) {
-        const block_gqsa4 * b = x + GQSA_SB_BLOCKS * s;
-        for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
-            const block_gqsa4 * c = b + gqsa_sb_lane[l];
-            t[s].gz[l] = (uint16_t) (gqsa_block_index(c) << 4 | gqsa_block_zero(c));
-            t[s].d[l]  = c->d;
-        }
-        for (int h = 0; h < 2; ++h) {
-            for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
-                t[s].qs[32 * h + k]      = (uint8_t) (gqsa_weight(b + 4 * h,     k) | gqsa_weight(b + 4 * h + 2, k) << 4);
-                t[s].qs[32 * h + 16 + k] = (uint8_t) (gqsa_weight(b + 4 * h + 1, k) | gqsa_weight(b + 4 * h + 3, k) << 4);
+    assert(n_kept >= GQSA_SB_BLOCKS);
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;   // never straddle a row
+    for (int64_t r = 0; r < nrows; ++r) {
+        const block_gqsa4 * x = (const block_gqsa4 *) src + r * n_kept;
+        gqsa_sb8 * t = (gqsa_sb8 *) ((uint8_t *) dst + (size_t) r * n_kept * sizeof(block_gqsa4));
+        for (int s = 0; s < nsb; ++s) {
+            const block_gqsa4 * b = x + GQSA_SB_BLOCKS * s;
+            for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+                const block_gqsa4 * c = b + gqsa_sb_lane[l];
+                t[s].gz[l] = (uint16_t) (gqsa_block_index(c) << 4 | gqsa_block_zero(c));
+                t[s].d[l]  = c->d;
+            }
+            for (int h = 0; h < 2; ++h) {
+                for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
+                    t[s].qs[32 * h + k]      = (uint8_t) (gqsa_weight(b + 4 * h,     k) | gqsa_weight(b + 4 * h + 2, k) << 4);
+                    t[s].qs[32 * h + 16 + k] = (uint8_t) (gqsa_weight(b + 4 * h + 1, k) | gqsa_weight(b + 4 * h + 3, k) << 4);
+                }
             }
         }
+        memcpy(t + nsb, x + GQSA_SB_BLOCKS * nsb, (size_t) tail * sizeof(block_gqsa4));
     }
 }
 
 void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows) {
-    assert(n_kept % GQSA_SB_BLOCKS == 0);
-    const gqsa_sb8 * t = (const gqsa_sb8 *) src;
-    block_gqsa4 * x = (block_gqsa4 *) dst;
-    const int64_t nsb = (int64_t) (n_kept / GQSA_SB_BLOCKS) * nrows;
-    for (int64_t s = 0; s < nsb; ++s) {
-        block_gqsa4 * b = x + GQSA_SB_BLOCKS * s;
-        for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
-            block_gqsa4 * c = b + gqsa_sb_lane[l];
-            c->d  = t[s].d[l];
-            c->iz = (uint16_t) ((t[s].gz[l] >> 4) | (t[s].gz[l] & 0x0F) << GQSA_INDEX_BITS);
-        }
-        for (int h = 0; h < 2; ++h) {
-            for (int j = 0; j < GQSA_HALF; ++j) {
-                for (int m = 0; m < 4; ++m) {       // block 4h+m: byte half (m & 1), nibble (m >> 1)
-                    const uint8_t * q = t[s].qs + 32 * h + 16 * (m & 1);
-                    const int sh = 4 * (m >> 1);
-                    b[4 * h + m].qs[j] = (uint8_t) (((q[j] >> sh) & 0x0F) | ((q[j + GQSA_HALF] >> sh) & 0x0F) << 4);
+    assert(n_kept >= GQSA_SB_BLOCKS);
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const gqsa_sb8 * t = gqsa_sb_row(src, n_kept, r);
+        block_gqsa4 * x = (block_gqsa4 *) dst + r * n_kept;
+        for (int s = 0; s < nsb; ++s) {
+            block_gqsa4 * b = x + GQSA_SB_BLOCKS * s;
+            for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+                block_gqsa4 * c = b + gqsa_sb_lane[l];
+                c->d  = t[s].d[l];
+                c->iz = (uint16_t) ((t[s].gz[l] >> 4) | (t[s].gz[l] & 0x0F) << GQSA_INDEX_BITS);
+            }
+            for (int h = 0; h < 2; ++h) {
+                for (int j = 0; j < GQSA_HALF; ++j) {
+                    for (int m = 0; m < 4; ++m) {       // block 4h+m: byte half (m & 1), nibble (m >> 1)
+                        const uint8_t * q = t[s].qs + 32 * h + 16 * (m & 1);
+                        const int sh = 4 * (m >> 1);
+                        b[4 * h + m].qs[j] = (uint8_t) (((q[j] >> sh) & 0x0F) | ((q[j + GQSA_HALF] >> sh) & 0x0F) << 4);
+                    }
                 }
             }
         }
+        memcpy(x + GQSA_SB_BLOCKS * nsb, t + nsb, (size_t) tail * sizeof(block_gqsa4));
     }
 }
 
@@ -244,14 +256,14 @@ void ggml_gqsa_sb_quantize_act_generic(const float * GGML_RESTRICT x, void * GGM
 
 void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                                const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
-    const gqsa_sb8 * t = (const gqsa_sb8 *) vx;
     const int8_t * qs = (const int8_t *) vy;
     const float  * ds = (const float *) (qs + GQSA_GROUP_SIZE * G);
-    const int nsb = n_kept / GQSA_SB_BLOCKS;
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
     for (int64_t r = 0; r < nrows; ++r) {
+        const gqsa_sb8 * t = gqsa_sb_row(vx, n_kept, r);
         float sumf = 0.0f;
         for (int s = 0; s < nsb; ++s) {
-            const gqsa_sb8 * u = t + r * nsb + s;
+            const gqsa_sb8 * u = t + s;
             for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
                 const int b = gqsa_sb_lane[l];               // block b of the 8: half b / 4, byte half b & 1, nibble (b >> 1) & 1
                 const uint8_t * q = u->qs + 32 * (b / 4) + 16 * (b & 1);
@@ -263,6 +275,15 @@ void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_
                 }
                 sumf += GGML_CPU_FP16_TO_FP32(u->d[l]) * (ds[4 * g] * (float) sumi - (float) (u->gz[l] & 0x0F) * ds[4 * g + 1]);
             }
+        }
+        const block_gqsa4 * b = (const block_gqsa4 *) (t + nsb);
+        for (int k = 0; k < tail; ++k) {                     // the tail: blocks as stored
+            const int g = gqsa_block_index(b + k);
+            int sumi = 0;
+            for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+                sumi += gqsa_weight(b + k, j) * qs[GQSA_GROUP_SIZE * g + j];
+            }
+            sumf += GGML_CPU_FP16_TO_FP32(b[k].d) * (ds[4 * g] * (float) sumi - (float) gqsa_block_zero(b + k) * ds[4 * g + 1]);
         }
         out[r] = sumf;
     }
@@ -290,6 +311,10 @@ void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0
 #endif
 
 #if !defined(GQSA_CPU_X86)
+const char * ggml_gqsa_sb_kernel(void) {
+    return "none";
+}
+
 void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1) {
     ggml_gqsa_sb_quantize_act_generic(x, y, G, g0, g1);
 }
@@ -340,7 +365,7 @@ bool ggml_gqsa_sb_available(void) {
 }
 
 bool ggml_gqsa_sb_supported(int n_kept) {
-    return ggml_gqsa_sb_available() && n_kept > 0 && n_kept % GQSA_SB_BLOCKS == 0;
+    return ggml_gqsa_sb_available() && n_kept >= GQSA_SB_BLOCKS;
 }
 
 // what both drivers handle: a 2-D contiguous weight, contiguous f32 activations and result
@@ -429,6 +454,7 @@ typedef struct {
     const uint8_t * x;          // weight rows, row_bytes apart
     size_t   row_bytes;
     int      nb, nunit;         // blocks, units per row
+    int      tail;              // repacked rows: blocks after the superblocks (file layout)
     int64_t  K, G, nrows;
     int64_t  np, rem;           // full panels, then decode columns
     uint8_t * panels;           // work buffer: np panels, panel_bytes apart, then
@@ -457,6 +483,7 @@ static bool gqsa_mm_init(gqsa_mm * m, const struct ggml_compute_params * params,
         return false;
     }
     m->nunit       = (int) (m->nb * sizeof(block_gqsa4) / L->unit_bytes);
+    m->tail        = m->nb - (int) (m->nunit * L->unit_bytes / sizeof(block_gqsa4));
     m->row_bytes   = (size_t) m->nb * sizeof(block_gqsa4);         // as many bytes in either layout
     m->rem         = ncols - m->np * GQSA_PANEL;
     m->panel_bytes = (size_t) (GQSA_PANEL * m->G) * GQSA_ACT_BLOCK_BYTES;
@@ -498,12 +525,19 @@ static void gqsa_mm_panels(const gqsa_mm * m, int64_t r0, int64_t r1) {
                 panels[p] = m->panels + (p0 + p) * m->panel_bytes;
             }
             float acc[GQSA_ROWS_PER_PASS][4][GQSA_PANEL];
-            int   cur[GQSA_ROWS_PER_PASS];
+            int   cur[GQSA_ROWS_PER_PASS], cur_tail[GQSA_ROWS_PER_PASS];
             memset(acc, 0, sizeof(acc));
             memset(cur, 0, sizeof(cur));
+            memset(cur_tail, 0, sizeof(cur_tail));
+            const uint8_t * x = m->x + rb * m->row_bytes;
             for (int64_t gw = 0; gw < m->G; gw += win) {
-                m->L->panel_pass(m->x + rb * m->row_bytes, m->row_bytes, m->nunit, nr, cur, (uint32_t) (gw + win),
-                                 panels, npg, acc);
+                m->L->panel_pass(x, m->row_bytes, m->nunit, nr, cur, (uint32_t) (gw + win), panels, npg, acc);
+#if GQSA_CPU_PANELS
+                if (m->tail > 0) {              // a repacked row's tail: blocks, after its superblocks
+                    ggml_gqsa_panel_pass(x + m->nunit * m->L->unit_bytes, m->row_bytes, m->tail, nr, cur_tail,
+                                         (uint32_t) (gw + win), panels, npg, acc);
+                }
+#endif
             }
             for (int i = 0; i < nr; ++i) {
                 for (int p = 0; p < npg; ++p) {

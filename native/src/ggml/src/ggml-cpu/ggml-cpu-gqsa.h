@@ -73,8 +73,12 @@ typedef struct {
 
 // Whether this build repacks gqsa4 weights (AVX2 kernels) and whether rows of n_kept blocks can be
 bool ggml_gqsa_sb_available(void);
+// The decode step this build runs on superblocks: "avx512" (two per step, 512-bit registers),
+// "avx2" (one per step, 256-bit), "none" (no repacking)
+const char * ggml_gqsa_sb_kernel(void);
 bool ggml_gqsa_sb_supported(int n_kept);
-// gqsa4 rows (n_kept % 8 == 0) <-> superblocks; src and dst must not overlap
+// gqsa4 rows (n_kept >= 8) <-> repacked rows: n_kept / 8 superblocks, then the row's last
+// n_kept % 8 blocks as stored (its tail); same bytes per row. src and dst must not overlap
 void ggml_gqsa_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
 void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
 // Decode activations for superblocks: groups [g0, g1) of one float row of G groups into y
@@ -82,7 +86,7 @@ void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT ds
 #define ggml_gqsa_sb_act_bytes(G) ((size_t) (G) * 32)
 void ggml_gqsa_sb_quantize_act        (const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1);
 void ggml_gqsa_sb_quantize_act_generic(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1);
-// out[r] = superblock row r . y (decode activations of G groups), for nrows consecutive rows
+// out[r] = repacked row r . y (decode activations of G groups), for nrows consecutive rows
 void ggml_gqsa_sb_rows        (const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
                                int64_t G, float * GGML_RESTRICT out);
 void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,

@@ -7,7 +7,9 @@
 // Measured on Zen 4 and kept out (benchmarks, not tests, hold the numbers): 512-bit versions of the
 // decode step (16 blocks, vpermt2d / vpermb assembly) ran 10-15 % slower than the 256-bit one (Zen 4
 // splits 512-bit ops; the step is bound by shuffles and the per-block gathers, not by instruction
-// count), so AVX-512 builds use the AVX2 code with 256-bit VNNI; gathers (vpgatherdd) of the group
+// count), so AVX-512 builds use the AVX2 code with 256-bit VNNI. On Intel Emerald Rapids the
+// superblock version (GQSA_SB_512, below) measured the same as the 256-bit step: it is behind a
+// compile-time switch, off by default. Gathers (vpgatherdd) of the group
 // scales and vector-computed group addresses spilled to the stack were slower than scalar loads;
 // 32-byte activation blocks and a [8 headers][8 qs] chunked row layout gained under 8 %.
 #include "ggml-cpu-gqsa-arch.h"
@@ -363,22 +365,133 @@ static inline __m256 gqsa_sb_step_avx2(const gqsa_sb8 * GGML_RESTRICT t, const u
 #ifndef GQSA_PREFETCH_BYTES      // how far ahead the decode kernel prefetches (overridable, for measurements)
 #define GQSA_PREFETCH_BYTES 2048
 #endif
+#ifndef GQSA_PREFETCH_HINT       // into which cache level (overridable, for measurements)
+#define GQSA_PREFETCH_HINT _MM_HINT_T0
+#endif
 
-static void gqsa_sb_rows_avx2(const gqsa_sb8 * GGML_RESTRICT x, int nsb, int64_t nrows, const void * GGML_RESTRICT vy,
+// GQSA_SB_512=1 (-DGQSA_SB_512=1 in CFLAGS): the decode step over two superblocks in 512-bit
+// registers, where the build has AVX-512 BW + VNNI. Off by default: measured no faster than the
+// 256-bit step on Intel Emerald Rapids (docs/DESIGN.md, "Repacked weights at load"), slower on Zen 4.
+// Kept compiled and tested (native/tests: test_kernels-sb512) for the next kind of machine.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#ifndef GQSA_SB_512
+#define GQSA_SB_512 0
+#endif
+#else
+#undef  GQSA_SB_512
+#define GQSA_SB_512 0
+#endif
+
+#if GQSA_SB_512
+// Two superblocks (16 blocks) per step in 512-bit registers (AVX-512 BW + VNNI), in lane order
+//     [t0 b0 b2, t1 b0 b2 | t0 b1 b3, t1 b1 b3 | t0 b4 b6, t1 b4 b6 | t0 b5 b7, t1 b5 b7]
+// (t0 = t[0], t1 = t[1]; bk = block k of its superblock): the order in which the 16-bit packing
+// reduction leaves the block sums when each 64-byte weight load holds one superblock's nibbles, as
+// loaded. The headers are brought into that order by one vpermw each (with zero-extension for the
+// group words), the activation (d, s) pairs by two 64-bit gathers and two vpermt2ps. Compared with
+// two 256-bit steps: half the nibble unpacking, dot products, packs, float math and scale
+// conversions; 12 128-bit inserts instead of 8 to assemble the activation groups.
+static const uint16_t gqsa_sb16_gz_idx[32] = {        // word of [t0 gz d | t1 gz d] -> group word of lane p
+    0, 0, 1, 0, 16, 0, 17, 0, 4, 0, 5, 0, 20, 0, 21, 0, 2, 0, 3, 0, 18, 0, 19, 0, 6, 0, 7, 0, 22, 0, 23, 0 };
+static const uint16_t gqsa_sb16_d_idx[32] = {         // ... -> scale of lane p (words 0..15)
+    8, 9, 24, 25, 12, 13, 28, 29, 10, 11, 26, 27, 14, 15, 30, 31, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 };
+
+static inline __m512i gqsa_loadu4(const void * a, const void * b, const void * c, const void * d) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(gqsa_loadu2(a, b)), gqsa_loadu2(c, d), 1);
+}
+
+static inline __m512 gqsa_sb_step16_avx512(const gqsa_sb8 * GGML_RESTRICT t, const uint8_t * GGML_RESTRICT yq,
+                                           const uint8_t * GGML_RESTRICT yd, __m512 acc) {
+    const uint16_t * g0 = t[0].gz, * g1 = t[1].gz;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i w0 = _mm512_loadu_si512((const void *) t[0].qs);    // [(b0,b2) (b1,b3) (b4,b6) (b5,b7)] of t0
+    const __m512i w1 = _mm512_loadu_si512((const void *) t[1].qs);
+    // activation groups of the blocks in the lanes of each weight vector: lanes l0 l4 l2 l6 (blocks
+    // 0 1 4 5) for the low nibbles, l1 l5 l3 l7 (blocks 2 3 6 7) for the high ones
+#define GQSA_A4(g, a, b, c, d) gqsa_loadu4(yq + (g[a] & 0xFFF0), yq + (g[b] & 0xFFF0), yq + (g[c] & 0xFFF0), yq + (g[d] & 0xFFF0))
+    const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w0, m4),                        GQSA_A4(g0, 0, 4, 2, 6));
+    const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4), GQSA_A4(g0, 1, 5, 3, 7));
+    const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w1, m4),                        GQSA_A4(g1, 0, 4, 2, 6));
+    const __m512i p3 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4), GQSA_A4(g1, 1, 5, 3, 7));
+#undef GQSA_A4
+    // as in the 256-bit step: exact 16-bit packing; 128-bit lane k ends as [p0_k p1_k p2_k p3_k]
+    const __m512i one  = _mm512_set1_epi16(1);
+    const __m512i s01  = _mm512_madd_epi16(_mm512_packs_epi32(p0, p1), one);
+    const __m512i s23  = _mm512_madd_epi16(_mm512_packs_epi32(p2, p3), one);
+    const __m512i sumi = _mm512_madd_epi16(_mm512_packs_epi32(s01, s23), one);
+
+    // headers [t0 gz d | t1 gz d] (32 bytes each) -> lane order
+    const __m512i h  = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) t[0].gz)),
+                                          _mm256_loadu_si256((const __m256i *) t[1].gz), 1);
+    const __m512i gz = _mm512_maskz_permutexvar_epi16(0x55555555u, _mm512_loadu_si512((const void *) gqsa_sb16_gz_idx), h);
+    const __m512  dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(_mm512_loadu_si512((const void *) gqsa_sb16_d_idx), h)));
+    const __m512  zf = _mm512_cvtepi32_ps(_mm512_and_si512(gz, _mm512_set1_epi32(0x0F)));
+
+    // activation (d, s) of each lane's group: 64-bit gathers at the group offsets, then d and s apart
+    const __m512i off = _mm512_and_si512(gz, _mm512_set1_epi32(0xFFF0));
+    const __m512  q0  = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_castsi512_si256(off), (const void *) yd, 1));
+    const __m512  q1  = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_extracti64x4_epi64(off, 1), (const void *) yd, 1));
+    const __m512i ev  = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512  dx  = _mm512_permutex2var_ps(q0, ev, q1);
+    const __m512  sx  = _mm512_permutex2var_ps(q0, _mm512_add_epi32(ev, _mm512_set1_epi32(1)), q1);
+
+    return _mm512_fmadd_ps(dw, _mm512_fnmadd_ps(zf, sx, _mm512_mul_ps(dx, _mm512_cvtepi32_ps(sumi))), acc);
+}
+#endif
+
+// The 1..7 blocks of a repacked row's tail (stored as in the file) against the superblock decode
+// activations, one block at a time: a 128-bit dot product and a horizontal sum each
+static inline float gqsa_sb_tail_avx2(const block_gqsa4 * GGML_RESTRICT b, int n, const uint8_t * GGML_RESTRICT yq,
+                                      const uint8_t * GGML_RESTRICT yd) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    float sumf = 0.0f;
+    for (int k = 0; k < n; ++k) {
+        const size_t  o = (size_t) gqsa_block_index(b + k) * GQSA_GROUP_SIZE;
+        const __m128i v = _mm_loadl_epi64((const __m128i *) b[k].qs);
+        const __m128i w = _mm_unpacklo_epi64(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+        const __m128i a = _mm_loadu_si128((const __m128i *) (yq + o));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        __m128i p = _mm_dpbusd_epi32(_mm_setzero_si128(), w, a);
+#elif defined(__AVXVNNI__)
+        __m128i p = _mm_dpbusd_avx_epi32(_mm_setzero_si128(), w, a);
+#else
+        __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(w, a), _mm_set1_epi16(1));
+#endif
+        p = _mm_add_epi32(p, _mm_unpackhi_epi64(p, p));
+        p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 1));
+        const float * ds = (const float *) (yd + o);
+        sumf += GGML_CPU_FP16_TO_FP32(b[k].d) * (ds[0] * (float) _mm_cvtsi128_si32(p) - (float) gqsa_block_zero(b + k) * ds[1]);
+    }
+    return sumf;
+}
+
+static void gqsa_sb_rows_avx2(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT vy,
                               int64_t G, float * GGML_RESTRICT out) {
     const uint8_t * yq = (const uint8_t *) vy;
     const uint8_t * yd = yq + GQSA_GROUP_SIZE * G;
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
     for (int64_t r = 0; r < nrows; ++r) {
-        const gqsa_sb8 * t = x + r * nsb;
+        const gqsa_sb8 * t = (const gqsa_sb8 *) ((const uint8_t *) x + (size_t) r * n_kept * sizeof(block_gqsa4));
         __m256 acc = _mm256_setzero_ps();
-        for (int s = 0; s < nsb; ++s) {
+        int s = 0;
+#if GQSA_SB_512
+        __m512 acc16 = _mm512_setzero_ps();
+        for (; s + 2 <= nsb; s += 2) {
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES, GQSA_PREFETCH_HINT);
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, GQSA_PREFETCH_HINT);
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 128, GQSA_PREFETCH_HINT);
+            acc16 = gqsa_sb_step16_avx512(t + s, yq, yd, acc16);
+        }
+        acc = _mm256_add_ps(_mm512_castps512_ps256(acc16), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc16), 1)));
+#endif
+        for (; s < nsb; ++s) {
             // the hardware prefetchers alone leave the stream latency-bound (measured 10-15 % slower
             // decode on 7B shapes); prefetching runs past rows and chunks, harmlessly
-            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES, _MM_HINT_T0);
-            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES, GQSA_PREFETCH_HINT);
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, GQSA_PREFETCH_HINT);
             acc = _mm256_add_ps(acc, gqsa_sb_step_avx2(t + s, yq, yd));
         }
-        out[r] = gqsa_hsum_ps(acc);
+        out[r] = gqsa_hsum_ps(acc) + (tail ? gqsa_sb_tail_avx2((const block_gqsa4 *) (t + nsb), tail, yq, yd) : 0.0f);
     }
 }
 
@@ -414,9 +527,13 @@ static inline void gqsa_sb_panel_row_avx2(const void * GGML_RESTRICT x, int nsb,
     gqsa_panel_acc_store(acc_io, np, acc, accz);
 }
 
+const char * ggml_gqsa_sb_kernel(void) {
+    return GQSA_SB_512 ? "avx512" : "avx2";
+}
+
 void ggml_gqsa_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                        const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
-    gqsa_sb_rows_avx2((const gqsa_sb8 *) vx, n_kept / GQSA_SB_BLOCKS, nrows, vy, G, out);
+    gqsa_sb_rows_avx2(vx, n_kept, nrows, vy, G, out);
 }
 
 // a superblock goes by the group of its first block (lane 0)
