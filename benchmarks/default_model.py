@@ -257,7 +257,8 @@ def main() -> int:
               "few points of perplexity here, less than a real float checkpoint's would. What GQSA's sparse "
               "rows lose beyond that is the cost of pruning half (w4s50) or a quarter (w4s25) of the "
               "groups; k-quants and i-quants need widths divisible by 256, so for this 576-wide model "
-              "llama.cpp has no 3-bit type to compare with.",
+              "llama.cpp has no 3-bit type to compare with. At w4s75 the budget (25 % of the groups kept) is the "
+              "allocation's floor for every tensor, so its allocated and uniform files are the same layout.",
               "",
               "![default-model](docs/default-model.png)",
               ""]
