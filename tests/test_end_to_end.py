@@ -76,6 +76,19 @@ print(json.dumps(np.array(llm.scores[:16], np.float64).tolist()))
 """
 
 
+def _expect_repacked(logs: dict) -> None:
+    """The "file" run (GGML_GQSA_REPACK=0) kept the file layout and the "repacked" run repacked;
+    skips when the build has no superblock kernels (only builds without AVX2 keep the file layout)."""
+    import ctypes
+
+    assert "CPU_GQSA model buffer" not in logs["file"]
+    if "CPU_GQSA model buffer" not in logs["repacked"]:
+        cpu = ctypes.CDLL(str(runtime.lib_dir() / "libggml-cpu.so"))
+        cpu.ggml_gqsa_sb_available.restype = ctypes.c_bool
+        assert not cpu.ggml_gqsa_sb_available(), "a build with superblock kernels did not repack:\n" + logs["repacked"][-2000:]
+        pytest.skip("this build has no superblock kernels (no AVX2)")
+
+
 @pytest.mark.parametrize("fmt_name", ["w4s25", "w4s50"])
 def test_repacked_rows_with_tails_match_file_layout(tmp_path, fmt_name):
     # SmolLM2's widths: rows of 576 keep 27 (w4s25) / 18 (w4s50) blocks, not multiples of 8, so
@@ -97,13 +110,7 @@ def test_repacked_rows_with_tails_match_file_layout(tmp_path, fmt_name):
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[mode], logs[mode] = np.array(json.loads(proc.stdout.strip().splitlines()[-1])), proc.stderr
-    assert "CPU_GQSA model buffer" not in logs["file"]
-    if "CPU_GQSA model buffer" not in logs["repacked"]:
-        import ctypes
-        cpu = ctypes.CDLL(str(runtime.lib_dir() / "libggml-cpu.so"))
-        cpu.ggml_gqsa_sb_available.restype = ctypes.c_bool
-        assert not cpu.ggml_gqsa_sb_available(), "a build with superblock kernels did not repack:\n" + logs["repacked"][-2000:]
-        pytest.skip("this build has no superblock kernels (no AVX2)")
+    _expect_repacked(logs)
     a, b = out["repacked"], out["file"]
     assert np.abs(b).max() > 1.0
     assert float(((a - b) ** 2).sum() / (b ** 2).sum()) <= 1e-4
@@ -133,14 +140,7 @@ def test_repacked_weights_match_file_layout(tmp_path):
                                str(tmp_path / "windows.npy")], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[mode], logs[mode] = np.load(npy), proc.stderr
-    assert "CPU_GQSA model buffer" not in logs["file"]
-    if "CPU_GQSA model buffer" not in logs["repacked"]:
-        # only builds without the AVX2 kernels keep the file layout
-        import ctypes
-        cpu = ctypes.CDLL(str(runtime.lib_dir() / "libggml-cpu.so"))
-        cpu.ggml_gqsa_sb_available.restype = ctypes.c_bool
-        assert not cpu.ggml_gqsa_sb_available(), "a build with superblock kernels did not repack:\n" + logs["repacked"][-2000:]
-        pytest.skip("this build has no superblock kernels (no AVX2)")
+    _expect_repacked(logs)
     a, b = results["repacked"], results["file"]
     nmse = float(((a - b) ** 2).sum() / (b ** 2).sum())
     # the kernels agree to float rounding (native/tests checks that per op); between layers, a last-bit
