@@ -112,6 +112,14 @@ def _check_init(name: str, what: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: non-finite {what} at {bad} — the weights or the one-shot result are corrupt")
 
 
+def _scatter_groups(groups: torch.Tensor, indices: torch.Tensor, width: int) -> torch.Tensor:
+    """Kept groups [N, n_kept, 16] at their group indices [N, n_kept] (any integer dtype) -> the
+    dense weight [N, width] with zeros in the pruned groups (differentiable in `groups`)."""
+    n = groups.shape[0]
+    idx = indices.to(torch.int64)[:, :, None].expand(-1, -1, _G)
+    return groups.new_zeros(n, width // _G, _G).scatter(1, idx, groups).reshape(n, width)
+
+
 class _GQSBase(torch.nn.Module):
     """What both forms share: shapes, kept indices, scale/zero parameters, bias, scatter."""
 
@@ -139,10 +147,7 @@ class _GQSBase(torch.nn.Module):
 
     def _scatter(self, groups: torch.Tensor) -> torch.Tensor:
         """Kept groups [N, n_kept, 16] -> dense weight [N, K] with zeros in the pruned groups."""
-        n = self.out_features
-        out = groups.new_zeros(n, self.in_features // _G, _G)
-        idx = self.indices[:, :, None].expand(-1, -1, _G)
-        return out.scatter(1, idx, groups).reshape(n, self.in_features)
+        return _scatter_groups(groups, self.indices, self.in_features)
 
     def group_weights(self) -> torch.Tensor:           # [N, n_kept, 16], differentiable
         raise NotImplementedError
@@ -284,11 +289,8 @@ def _unpack_codes(codes: torch.Tensor) -> torch.Tensor:
 
 def _expand(codes, indices, d, zi, width: int) -> torch.Tensor:
     """The dense float32 weight [N, width]: (q - zi) * d in the kept groups, zeros elsewhere."""
-    n = codes.shape[0]
     groups = (_unpack_codes(codes).to(torch.float32) - zi[..., None]) * d[..., None]
-    out = groups.new_zeros(n, width // _G, _G)
-    out.scatter_(1, indices.to(torch.int64)[:, :, None].expand(-1, -1, _G), groups)
-    return out.reshape(n, width)
+    return _scatter_groups(groups, indices, width)
 
 
 class _ExpandedLinear(torch.autograd.Function):
@@ -394,11 +396,6 @@ class PackedGQSLinear(_GQSBase):
         d = stored_scale(self.scale)[..., None]
         zi = integer_zero(self.zero)[..., None]
         return (self.q.to(d.dtype) - zi) * d
-
-    def _scatter(self, groups: torch.Tensor) -> torch.Tensor:
-        n = self.out_features
-        idx = self.indices.to(torch.int64)[:, :, None].expand(-1, -1, _G)
-        return groups.new_zeros(n, self.in_features // _G, _G).scatter(1, idx, groups).reshape(n, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ExpandedLinear.apply(x, self.scale, self.zero, self.qs, self.indices, self.bias, self.in_features)
