@@ -89,29 +89,19 @@ def write_wanda24(f16: Path, dst: Path, nsamples: int, seqlen: int = 512) -> Non
                                         seed=0)
     model = model_io.load_model(info)
     layout = arch.for_gguf("llama")
-    sq: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in layout.linear_names(len(model.model.layers)):
-        def hook(m, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sq[name] = sq.get(name, 0) + (x * x).sum(0)
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    with torch.inference_mode():
-        for i in range(0, windows.shape[0], 4):
-            model(input_ids=torch.as_tensor(windows[i:i + 4], dtype=torch.long), use_cache=False)
-    for h in hooks:
-        h.remove()
+    from quality import input_norms          # benchmarks/quality.py: ||X_j|| per decoder linear's input column
+    norms = input_norms(model, torch.as_tensor(windows, dtype=torch.long))
     tmp = dst.with_suffix(".tmp")
     shutil.copyfile(f16, tmp)
     f = read_gguf(tmp)
     data = np.memmap(tmp, dtype=np.uint8, mode="r+")
-    for hf in sq:
+    for hf in norms:
         name = layout.hf_to_gguf(hf + ".weight")
         t = f.tensors[name]
         if t.type_name != "F16":
             raise SystemExit(f"{f16}: {name} is {t.type_name}, not F16")
         w = data[t.offset:t.offset + t.nbytes].view("<f2").reshape(t.shape)
-        score = (np.abs(w.astype(np.float32)) * sq[hf].sqrt().float().numpy()[None, :]).reshape(w.shape[0], -1, 4)
+        score = (np.abs(w.astype(np.float32)) * norms[hf].numpy()[None, :]).reshape(w.shape[0], -1, 4)
         drop = np.argsort(score, axis=-1, kind="stable")[..., :2]
         mask = np.ones(score.shape, dtype=bool)
         np.put_along_axis(mask, drop, False, axis=-1)
