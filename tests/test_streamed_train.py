@@ -149,3 +149,43 @@ def MemorySettings_():
     from gqsa_gguf.memory import MemorySettings
 
     return MemorySettings(nsamples=6, seqlen=32, bqpo_epochs=1, e2e_epochs=1, sparsity=0.5)
+
+
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_the_e2e_estimate_counts_the_optimizer_and_the_gradients(moments, tmp_path, monkeypatch):
+    """With one backward a step (micro-batch = batch, what the converter runs where memory.py says it
+    holds less) AdamW is stepped from the gradient hooks: the moments the optimizer keeps (read back
+    from e2e.ckpt, written from the optimizer's own state) are the estimate's "AdamW moments", and
+    the gradients alive at any step are at most its "scale/zero grad" (one linear's)."""
+    from gqsa_gguf import e2e, memory
+    from gqsa_gguf import checkpoint as ckpt
+
+    info, windows, store = _oneshot("qwen2 (biases)", tmp_path / "oneshot")
+    seen = []
+    step = e2e.ParamStepper.step
+
+    def spy(self, p):
+        seen.append(sum(q.grad.numel() * q.grad.element_size() for q in self.subs
+                        if q.grad is not None and q.dim() == 2))         # scales and zeros [rows, kept]
+        step(self, p)
+
+    monkeypatch.setattr(e2e.ParamStepper, "step", spy)
+    cfg = _e2e_cfg(micro_batch=2, moments=moments, checkpoint_dir=str(tmp_path / "ck"))
+    student, rep = streamed_train.run_e2e_streamed(streamed.StreamedModel(info), store, windows, cfg, log=_quiet)
+    assert rep.stepped_in_backward and seen
+    s = dataclasses.replace(MemorySettings_(), e2e_micro_batch=2, e2e_moments=moments)
+    assert memory.e2e_micro_batch(info, s) == 2
+    terms = memory.estimate(info, s, "streamed", checkpoint_bytes=1).stage("e2e").terms
+    mods = gqs_modules(student)
+    _, payload = ckpt.load(tmp_path / "ck" / "e2e.ckpt")
+    n_q = 2 * len(mods)                                  # param groups: scales, zeros, then the norm gains
+    state = payload["optimizer"]["state"]
+    assert len(state) == n_q + len(e2e.norm_parameters(student))
+    moment_bytes = sum(t.numel() * t.element_size() for i, st in state.items() if i < n_q
+                       for t in (st["exp_avg"], st["exp_avg_sq"]))
+    assert moment_bytes == terms["AdamW moments"]
+    assert 0 < max(seen) <= terms["scale/zero grad"] < terms["scale/zero"] / info.n_layers
+    # the step after the backward (or accumulated micro-batches) holds every gradient: the whole term
+    held = memory.estimate(info, dataclasses.replace(s, e2e_step_in_backward=False), "streamed",
+                           checkpoint_bytes=1).stage("e2e").terms
+    assert held["scale/zero grad"] == terms["scale/zero"]
