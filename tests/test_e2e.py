@@ -229,3 +229,20 @@ def test_bf16_moments_are_kept_in_bf16_and_train_close_to_fp32(setup, tmp_path):
         moved = max(float((a[k] - start[k]).abs().max()) for k in keys)
         worst = max(float((a[k] - b[k]).abs().max()) for k in keys)
         assert 0 < worst <= 0.1 * moved, (worst, moved)
+
+
+def test_bf16_moments_resume_equals_uninterrupted(setup, tmp_path):
+    """The bf16 moments go through e2e.ckpt (load_state_dict casts them to the parameters' fp32;
+    ParamStepper rounds them back, losslessly): a resumed run equals an uninterrupted one."""
+    windows, comp = setup
+    cfg = dict(micro_batch=4, moments="bf16")
+    full = _frozen(comp)
+    run_e2e(full, windows, _cfg(**cfg), log=lambda s: None)
+    d = str(tmp_path / "ck")
+    with pytest.raises(_Interrupt):
+        run_e2e(_frozen(comp), windows, _cfg(**cfg, checkpoint_dir=d), on_epoch_end=_stop, log=lambda s: None)
+    resumed = _frozen(comp)
+    assert run_e2e(resumed, windows, _cfg(**cfg, checkpoint_dir=d, resume=True), log=lambda s: None).resumed_from == 1
+    a, b = full.state_dict(), resumed.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
