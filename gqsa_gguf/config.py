@@ -58,6 +58,7 @@ METHODS = ("obs", "rtn")                           # one-shot pruning + quantiza
 ALLOCATIONS = ("sensitivity", "uniform")            # keep fraction per tensor
 TARGETS = ("layer", "float")
 CHAT_REPLIES = ("text", "model")                   # who writes E2E-OQP's assistant turns
+MOMENTS = ("fp32", "bf16")                          # E2E-OQP's AdamW moments between steps
 AMP_VALUES = ("auto", "none", "bf16", "fp16")       # training autocast (training.resolve_amp)                        # what a compensated linear reproduces
 
 _SPEC_RE = re.compile(r"^w(?P<bits>\d+)s(?P<sparsity>\d+)$", re.IGNORECASE)
@@ -299,6 +300,15 @@ class E2EConfig:
     weight_decay: float = 0.0
     batch_size: int = 2              # global windows per optimizer step (all ranks together)
     micro_batch: int = 1             # windows per forward/backward on one rank (memory only)
+    # AdamW steps each parameter from its post-accumulate-grad hook as soon as its gradient is
+    # complete (on the last micro-batch of a step) and frees the gradient at once, so no gradient
+    # for the whole model is held: the same update as one step after the backward (bit-identical
+    # on the CPU, tested; memory only). Off, and always under torchrun or fp16's GradScaler: one
+    # optimizer step after the backward.
+    step_in_backward: bool = True
+    # AdamW's two moments between steps: "fp32" (torch's AdamW), or "bf16" (half their memory; each
+    # step computes in fp32 and rounds the moments when it stores them)
+    moments: str = "fp32"
     seed: int = 0
     device: str = "cpu"
     amp: str = "none"
@@ -328,6 +338,10 @@ class E2EConfig:
             raise ConfigError(f"--e2e-chat-replies {self.chat_replies!r}: choose one of {', '.join(CHAT_REPLIES)}")
         if self.loss not in ("ce", "kd"):
             raise ConfigError(f"e2e.loss {self.loss!r}: choose ce or kd")
+        if self.moments not in MOMENTS:
+            raise ConfigError(f"e2e.moments {self.moments!r}: choose one of {', '.join(MOMENTS)}")
+        if not isinstance(self.step_in_backward, bool):
+            raise ConfigError(f"e2e.step_in_backward {self.step_in_backward!r} must be True or False")
         _check_amp("e2e", self.amp)
         _check_int("--e2e-epochs", self.epochs, 0)
         _check_int("--e2e-windows", self.windows, 0, 1_000_000)
@@ -341,7 +355,7 @@ class E2EConfig:
 
     def fingerprint_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("checkpoint_dir", "resume", "progress", "micro_batch"):
+        for k in ("checkpoint_dir", "resume", "progress", "micro_batch", "step_in_backward"):
             d.pop(k)
         return d
 

@@ -19,7 +19,18 @@ CPU, NCCL on CUDA). Every rank builds the same windows and the same shuffled ord
 (seed, epoch)); rank r takes its equal slice of each global batch, each micro-batch contributes
 loss * micro / global_batch, and gradients are summed with all_reduce — so a step is the same update
 as one process on the whole global batch (up to float summation order; tested with 2 gloo
-processes). Rank 0 writes the checkpoints; all ranks read them on resume.
+processes). The optimizer step then follows the all_reduce. Rank 0 writes the checkpoints; all
+ranks read them on resume.
+
+Optimizer step (`ParamStepper`): in one process AdamW steps each parameter from its
+post-accumulate-grad hook as soon as its gradient is complete (cfg.step_in_backward, the default)
+and frees the gradient, so no gradient for the whole model is held; with several micro-batches a
+step the hooks step only on the last one (the earlier ones accumulate as before, so the gradients
+are held until then: memory.py has the converter's streamed E2E-OQP take the step's windows in one
+backward where that holds less). Each step is torch's AdamW on that one parameter with the shared
+state: bit-identical on the CPU to one step after the backward (tested). Off, under torchrun and
+with fp16's GradScaler: one step after the backward. cfg.moments="bf16" keeps the two moments in
+bf16 between steps (computed in fp32).
 
 Checkpoints (`checkpoint_dir`): after every epoch, atomically, `e2e.ckpt` with all scales/zeros (and norm gains),
 the optimizer state and the loss log; `resume=True` continues with the next epoch and gives the
@@ -56,6 +67,67 @@ class E2EReport:
     epoch_loss: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     resumed_from: int = 0
+    stepped_in_backward: bool = False                  # AdamW stepped from the gradient hooks
+
+
+class ParamStepper:
+    """AdamW one parameter at a time: for each parameter of `opt` (a torch AdamW), a one-parameter
+    AdamW with its group's hyperparameters that shares `opt.state` — so each step is torch's own
+    update of that parameter, and `opt.state_dict()` / `load_state_dict` (the checkpoints) see
+    every moment. `moments="bf16"` keeps the two moments in bf16 between steps (upcast for the step,
+    rounded when stored). `hook()` steps each parameter from its post-accumulate-grad hook while
+    `armed` and frees its gradient at once: no gradient for the whole model is ever held. Create it
+    after `opt.load_state_dict` (which replaces opt.state)."""
+
+    MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, opt: torch.optim.Optimizer, moments: str = "fp32"):
+        self.opt = opt
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16}[moments]
+        self.subs: dict = {}
+        for g in opt.param_groups:
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            for p in g["params"]:
+                sub = torch.optim.AdamW([{**hyper, "params": [p]}])
+                sub.state = opt.state
+                self.subs[p] = sub
+                self._store(p)                         # moments loaded from a checkpoint: back to bf16
+        self.armed = False
+        self._handles: list = []
+
+    def _store(self, p) -> None:
+        st = self.opt.state.get(p)
+        if self.dtype is not None and st:
+            for k in self.MOMENT_KEYS:
+                st[k] = st[k].to(self.dtype)
+
+    def step(self, p) -> None:
+        """One AdamW step of parameter p with its current .grad (then freed)."""
+        st = self.opt.state.get(p)
+        if self.dtype is not None and st:
+            for k in self.MOMENT_KEYS:
+                st[k] = st[k].float()
+        self.subs[p].step()
+        self._store(p)
+        p.grad = None
+
+    def step_all(self) -> None:
+        """Steps every parameter that has a gradient (after a backward without the hooks)."""
+        for p in self.subs:
+            if p.grad is not None:
+                self.step(p)
+
+    def hook(self) -> None:
+        def fn(p):
+            if self.armed:
+                self.step(p)
+
+        self._handles = [p.register_post_accumulate_grad_hook(fn) for p in self.subs]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
@@ -177,8 +249,6 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     smoke runs) stops each epoch after that many optimizer steps. `teacher`: the float model, or a
     HiddenStateTeacher of its final hidden states on `windows` (the streamed E2E-OQP), needed by
     cfg.loss == "kd" (run without gradients, on the same device)."""
-    from tqdm.auto import tqdm
-
     if cfg.loss == "kd" and teacher is None:
         raise TrainingError("E2E-OQP: loss 'kd' needs the float model as teacher")
     device = resolve_device(cfg.device)
@@ -231,6 +301,31 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
         if rank == 0:
             log(f"E2E-OQP: resumed from {ck_path} after epoch {start - 1}")
     report.resumed_from = start
+    # AdamW from the gradient hooks (cfg.step_in_backward): one process, no GradScaler (both need
+    # every gradient before the step: all_reduce, the inf check)
+    in_backward = cfg.step_in_backward and dist is None and scaler is None
+    if cfg.moments != "fp32" and scaler is not None:
+        raise TrainingError(f"E2E-OQP: moments {cfg.moments!r} cannot be stepped through fp16's GradScaler; "
+                            f"use amp bf16 or none, or moments fp32")
+    stepper = ParamStepper(opt, cfg.moments) if in_backward or cfg.moments != "fp32" else None
+    if in_backward:
+        stepper.hook()
+    report.stepped_in_backward = in_backward
+    try:
+        _epochs(model, windows, cfg, opt, scaler, stepper, in_backward, teacher, scales + zeros + norms, named,
+                report, start, n, device, dist, rank, world, max_steps, fp, ck_path, on_epoch_end, log)
+    finally:
+        if stepper is not None:
+            stepper.remove()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return report
+
+
+def _epochs(model, windows, cfg, opt, scaler, stepper, in_backward, teacher, params, named, report, start, n,
+            device, dist, rank, world, max_steps, fp, ck_path, on_epoch_end, log) -> None:
+    """run_e2e's epochs (from `start`): the steps, the per-epoch log, checkpoint and callback."""
+    from tqdm.auto import tqdm
 
     steps = n // cfg.batch_size                         # the tail that does not fill a batch is dropped
     if max_steps is not None:
@@ -251,6 +346,8 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             opt.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), dtype=torch.float64)
             for m in range(n_micro):
+                if in_backward:                        # accumulate, then step on the last micro-batch
+                    stepper.armed = m == n_micro - 1
                 rows = lidx[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]
                 ids = windows[rows].to(device)
                 with autocast(device, cfg.amp):
@@ -265,7 +362,7 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
                 (scaler.scale(part) if scaler is not None else part).backward()
                 step_loss += part.detach().double().cpu()
             if dist is not None:
-                for p in scales + zeros + norms:
+                for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
@@ -273,8 +370,11 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
-            else:
+            elif stepper is None:
                 opt.step()
+            elif not in_backward:
+                stepper.step_all()                     # bf16 moments: one parameter at a time
+            # in_backward: the hooks have stepped every parameter and freed its gradient
             check_finite(where, None, named)
             report.step_loss.append(float(step_loss))
             epoch_losses.append(float(step_loss))
@@ -294,6 +394,3 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
             dist.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return report

@@ -45,7 +45,7 @@ from pathlib import Path
 from .errors import GQSAError
 
 __all__ = ["MemoryCheckError", "MemorySettings", "ModelSizes", "Stage", "Estimate", "Verdict", "model_sizes",
-           "estimate", "converter_pipeline", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
+           "estimate", "e2e_micro_batch", "converter_pipeline", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
 
 GB = 1e9                               # messages print decimal GB, as /usr/bin/time's kB / 1e6
 PIPELINES = ("whole-model", "streamed", "streamed-oneshot")
@@ -78,6 +78,7 @@ PACKED_BYTES_PER_KEPT = 1 + 8 / 16 + 8 / 16
 # CLI does not change them; a test checks they agree.
 BQPO_BATCH = 1
 E2E_MICRO_BATCH = 1
+E2E_BATCH = 2
 
 
 class MemoryCheckError(GQSAError, RuntimeError):
@@ -98,6 +99,9 @@ class MemorySettings:
     allocation: str = "sensitivity"
     bqpo_batch: int = BQPO_BATCH
     e2e_micro_batch: int = E2E_MICRO_BATCH
+    e2e_batch: int = E2E_BATCH         # windows per optimizer step
+    e2e_step_in_backward: bool = True  # AdamW stepped from the gradient hooks (E2EConfig.step_in_backward)
+    e2e_moments: str = "fp32"          # AdamW's moments between steps (E2EConfig.moments)
     train_on_host: bool = True         # False: BQPO / E2E-OQP run on a GPU (--device cuda), not counted here
     e2e_windows: int = 0               # E2E-OQP's training windows (--e2e-windows); 0: the nsamples windows
     float_model: bool = False          # the float model writes E2E-OQP's chat replies: whole-model training
@@ -110,6 +114,8 @@ class MemorySettings:
         return cls(nsamples=cfg.calib.nsamples, seqlen=seqlen, batch_size=cfg.calib.batch_size,
                    bqpo_epochs=cfg.bqpo.epochs, e2e_epochs=cfg.e2e.epochs, sparsity=c.sparsity,
                    allocation=c.allocation, train_on_host=str(device) == "cpu", e2e_windows=cfg.e2e.windows,
+                   e2e_micro_batch=cfg.e2e.micro_batch, e2e_batch=cfg.e2e.batch_size,
+                   e2e_step_in_backward=cfg.e2e.step_in_backward, e2e_moments=cfg.e2e.moments,
                    float_model=bool(cfg.e2e.epochs and cfg.e2e.chat_share and cfg.e2e.chat_replies == "model"))
 
     @property
@@ -326,24 +332,7 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             **base, "embeddings f32": z.embed * F32, "float chain f32": e2e_acts * F32,
             "final hidden f16": e2e_acts * 2, "block f32": block,
             "block forward": _forward_temps(z, batch_tokens, s.seqlen)}))
-        tokens = s.e2e_micro_batch * s.seqlen
-        qparams = int(kept / 16 * 2 * F32)                 # one fp32 scale and zero per kept group
-        stages.append(Stage("e2e", {
-            **base, "embeddings f32": z.embed * F32,
-            "head + norms + biases f32": (z.head + z.n_layers * (z.block - z.block_linear) + z.hidden) * F32,
-            "frozen codes + indices": int(kept * FROZEN_BYTES_PER_KEPT), "scale/zero": qparams,
-            # gradient and two AdamW moments (e2e.ckpt is written from the parameters themselves,
-            # and checkpoint.save streams it to disk: no copy)
-            "scale/zero grad + AdamW": 3 * qparams,
-            "teacher final hidden f16": e2e_acts * 2,
-            "checkpointed layer inputs": z.n_layers * tokens * z.hidden * F32,
-            # one layer's forward recomputed for its backward; a linear's dense weight expanded, its
-            # gradient and the kept groups' (fakequant.PackedGQSLinear: never saved, one at a time)
-            "one layer recomputed": _saved_for_backward(z, tokens, s.seqlen) + 3 * widest * F32,
-            "logits": LOGIT_COPIES * tokens * z.vocab * F32,
-            # under bf16 autocast (--amp auto on a CPU with AMX) the head's weight is cast for the
-            # student (saved for its backward) and for the teacher's logits
-            "head cast (autocast)": 2 * 2 * z.vocab * z.hidden}))
+        stages.append(_streamed_e2e(z, s, e2e_micro_batch(z, s)))
     # the export (pipeline.convert without training): the GGUF writer holds every tensor of the
     # file until it writes (gqsa4 rows, F16 embeddings and head); the dense tensors are read one
     # at a time, the blocks one block file at a time
@@ -352,6 +341,55 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
         "embeddings + head f16": (z.embed + z.head) * 2, "one tensor read f32": max(z.embed, z.head) * F32,
         "one block file": int((1 - s.sparsity) * z.block_linear * (GQSA4_BYTES_PER_KEPT + ONESHOT_BYTES_PER_KEPT))}))
     return stages
+
+
+def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int) -> Stage:
+    """The streamed E2E-OQP (streamed_train.run_e2e_streamed) with `micro` windows per backward."""
+    base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8}
+    kept = (1 - s.sparsity) * z.linear
+    widest = max(n * k for n, k in z.linear_shapes)
+    e2e_acts = s.e2e_tokens * z.hidden
+    tokens = micro * s.seqlen
+    qparams = int(kept / 16 * 2 * F32)                 # one fp32 scale and zero per kept group
+    # e2e.ParamStepper: AdamW's two moments per scale and zero (fp32, or bf16 between steps); the
+    # gradients: all of them when one step follows the backward (or micro-batches accumulate into
+    # them), else only the linear whose backward just ran, stepped and freed by its hooks (its
+    # scale's and zero's, and under bf16 moments their two moments upcast for the step)
+    moments = 2 * qparams // (2 if s.e2e_moments == "bf16" else 1)
+    hooked = s.e2e_step_in_backward and micro >= s.e2e_batch
+    widest_qparams = int((1 - s.sparsity) * widest / 16 * 2 * F32)
+    terms = {
+        **base, "embeddings f32": z.embed * F32,
+        "head + norms + biases f32": (z.head + z.n_layers * (z.block - z.block_linear) + z.hidden) * F32,
+        "frozen codes + indices": int(kept * FROZEN_BYTES_PER_KEPT), "scale/zero": qparams,
+        # e2e.ckpt is written from the parameters themselves, and checkpoint.save streams it to
+        # disk: no copy
+        "AdamW moments": moments,
+        "scale/zero grad": widest_qparams * (2 if s.e2e_moments == "bf16" else 1) if hooked else qparams,
+        "teacher final hidden f16": e2e_acts * 2,
+        "checkpointed layer inputs": z.n_layers * tokens * z.hidden * F32,
+        # one layer's forward recomputed for its backward; a linear's dense weight expanded, its
+        # gradient and the kept groups' (fakequant.PackedGQSLinear: never saved, one at a time)
+        "one layer recomputed": _saved_for_backward(z, tokens, s.seqlen) + 3 * widest * F32,
+        "logits": LOGIT_COPIES * tokens * z.vocab * F32,
+        # under bf16 autocast (--amp auto on a CPU with AMX) the head's weight is cast for the
+        # student (saved for its backward) and for the teacher's logits
+        "head cast (autocast)": 2 * 2 * z.vocab * z.hidden}
+    return Stage("e2e", terms)
+
+
+def e2e_micro_batch(info_or_sizes, s: MemorySettings) -> int:
+    """The windows per backward the streamed E2E-OQP runs (pipeline._train_streamed): with AdamW
+    stepped from the gradient hooks, the whole step's windows in one backward when that holds less
+    than the micro-batches of `s` (which accumulate a gradient for every scale and zero: a 7B
+    model's 1.6 GB against 0.4 GB more logits), else `s.e2e_micro_batch` (SmolLM2: its logits
+    dominate). The result is the same up to float summation order (micro_batch is memory only)."""
+    z = info_or_sizes if isinstance(info_or_sizes, ModelSizes) else model_sizes(info_or_sizes)
+    micro = s.e2e_micro_batch
+    if not s.e2e_step_in_backward or micro >= s.e2e_batch:
+        return micro
+    whole = _streamed_e2e(z, s, s.e2e_batch).total
+    return s.e2e_batch if whole < _streamed_e2e(z, s, micro).total else micro
 
 
 def _streamed_then_whole(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:

@@ -318,7 +318,7 @@ def _train_streamed(source, store, windows, e2e_windows, cfg, checkpoint_dir, re
     ends). With --checkpoint-dir, BQPO saves its chains after every block and E2E-OQP its state
     after every epoch; --resume continues them."""
     from . import checkpoint as ckpt
-    from . import streamed, streamed_train
+    from . import memory, streamed, streamed_train
     from .e2e import norm_parameters
 
     ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
@@ -334,7 +334,13 @@ def _train_streamed(source, store, windows, e2e_windows, cfg, checkpoint_dir, re
         if cfg.e2e.epochs:
             t = time.time()
             folder = stack.enter_context(_oneshot_folder(checkpoint_dir, "e2e"))
-            e2 = dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress)
+            # AdamW stepped from the gradient hooks holds no gradient only when a step is one
+            # backward: the whole step's windows in one micro-batch where that holds less (memory.py)
+            micro = memory.e2e_micro_batch(source.info, memory.MemorySettings.from_config(cfg, source.info))
+            if micro != cfg.e2e.micro_batch:
+                log(f"E2E-OQP: {micro} windows per backward (AdamW stepped in the backward, no gradient kept)")
+            e2 = dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress,
+                                     micro_batch=micro)
             student, _ = streamed_train.run_e2e_streamed(source, linears, e2e_windows, e2, batch_size=cfg.calib.batch_size,
                                                          log=log)
             out = streamed.BlockStore(Path(folder) / "blocks", ckpt.run_fingerprint("e2e-blocks", linears.fingerprint),

@@ -105,6 +105,9 @@ def test_cli_builds_config_with_defaults():
     assert cfg.compression.sequential is False and cfg.export.dense_type == "q8_0"
     assert (cfg.bqpo.epochs, cfg.e2e.epochs) == (2, 0)
     assert cfg.calib.seed == cfg.bqpo.seed == cfg.e2e.seed == 5 and cfg.bqpo.device == cfg.e2e.device == "cuda"
+    assert cfg.e2e.moments == "fp32"
+    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-moments", "bf16"])
+    assert convert_config_from_args(a).e2e.moments == "bf16"
 
 
 # --- refusals through main(): non-zero exit, one clear line, no output file -----------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gqsa_gguf.e2e import E2EConfig, frozen_from_oneshot, run_e2e
+from gqsa_gguf.e2e import E2EConfig, frozen_from_oneshot, norm_parameters, run_e2e
 from gqsa_gguf.fakequant import gqs_modules
 from gqsa_gguf.training import TrainingError
 
@@ -161,3 +161,88 @@ def test_e2e_distillation_moves_towards_the_float_model(setup):
     assert kl() < before, (before, kl(), rep.step_loss)
     with pytest.raises(TrainingError, match="teacher"):
         run_e2e(_frozen(comp), windows, _cfg(loss="kd"), log=lambda s: None)
+
+
+@pytest.mark.parametrize("micro_batch", [4, 2], ids=["one backward a step", "two micro-batches accumulated"])
+def test_step_in_backward_equals_one_step_after_the_backward(setup, micro_batch):
+    """AdamW stepped per parameter from the gradient hooks (the default) gives the scales, zeros, norm
+    gains and losses of one optimizer step after the backward, bit for bit on the CPU — with the
+    micro-batches accumulated before the hooks step (on the last one only)."""
+    windows, comp = setup
+    runs = {}
+    for hooked in (False, True):
+        model = _frozen(comp)
+        rep = run_e2e(model, windows, _cfg(lr_norm=1e-2, micro_batch=micro_batch, step_in_backward=hooked),
+                      log=lambda s: None)
+        assert rep.stepped_in_backward == hooked
+        runs[hooked] = (model.state_dict(), rep.step_loss)
+    (a, loss_a), (b, loss_b) = runs[False], runs[True]
+    assert loss_a == loss_b
+    moved = [k for k in a if k.endswith((".scale", ".zero", "norm.weight"))
+             and not torch.equal(a[k], _frozen(comp).state_dict()[k])]
+    assert moved, "training moved nothing: the comparison would prove nothing"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_step_in_backward_holds_one_linears_gradients_at_a_time(setup, monkeypatch):
+    """Each parameter is stepped as soon as its gradient is complete and the gradient freed: at no
+    point of a step (one backward) do more than one linear's scale and zero have a gradient (the
+    step after the backward holds all of them), and none is left after training."""
+    from gqsa_gguf import e2e
+
+    windows, comp = setup
+    seen = []
+    step = e2e.ParamStepper.step
+
+    def spy(self, p):
+        seen.append(sum(q.grad is not None for q in self.subs))
+        step(self, p)
+        assert p.grad is None
+
+    monkeypatch.setattr(e2e.ParamStepper, "step", spy)
+    model = _frozen(comp)
+    run_e2e(model, windows, _cfg(micro_batch=4, epochs=1), log=lambda s: None)
+    n_params = 2 * len(gqs_modules(model)) + len(norm_parameters(model))     # scales, zeros, norm gains
+    assert len(seen) == 2 * n_params                          # each stepped in both steps
+    assert 1 <= max(seen) <= 2, max(seen)
+    assert all(m.scale.grad is None and m.zero.grad is None for m in gqs_modules(model).values())
+
+
+def test_bf16_moments_are_kept_in_bf16_and_train_close_to_fp32(setup, tmp_path):
+    """moments="bf16": the optimizer state (and the checkpoint's) holds the two moments in bf16;
+    the result stays within a tenth of how far training moved the fp32 one, but is not identical."""
+    windows, comp = setup
+    ref, start = _frozen(comp), _frozen(comp).state_dict()
+    run_e2e(ref, windows, _cfg(micro_batch=4), log=lambda s: None)
+    for hooked in (True, False):
+        d = tmp_path / f"ck{hooked}"
+        model = _frozen(comp)
+        run_e2e(model, windows, _cfg(micro_batch=4, moments="bf16", step_in_backward=hooked, checkpoint_dir=str(d)),
+                log=lambda s: None)
+        from gqsa_gguf import checkpoint as ckpt
+        _, payload = ckpt.load(d / "e2e.ckpt")
+        st = payload["optimizer"]["state"]
+        assert st and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 for s in st.values())
+        a, b = ref.state_dict(), model.state_dict()
+        keys = [k for k in a if k.endswith((".scale", ".zero"))]
+        moved = max(float((a[k] - start[k]).abs().max()) for k in keys)
+        worst = max(float((a[k] - b[k]).abs().max()) for k in keys)
+        assert 0 < worst <= 0.1 * moved, (worst, moved)
+
+
+def test_bf16_moments_resume_equals_uninterrupted(setup, tmp_path):
+    """The bf16 moments go through e2e.ckpt (load_state_dict casts them to the parameters' fp32;
+    ParamStepper rounds them back, losslessly): a resumed run equals an uninterrupted one."""
+    windows, comp = setup
+    cfg = dict(micro_batch=4, moments="bf16")
+    full = _frozen(comp)
+    run_e2e(full, windows, _cfg(**cfg), log=lambda s: None)
+    d = str(tmp_path / "ck")
+    with pytest.raises(_Interrupt):
+        run_e2e(_frozen(comp), windows, _cfg(**cfg, checkpoint_dir=d), on_epoch_end=_stop, log=lambda s: None)
+    resumed = _frozen(comp)
+    assert run_e2e(resumed, windows, _cfg(**cfg, checkpoint_dir=d, resume=True), log=lambda s: None).resumed_from == 1
+    a, b = full.state_dict(), resumed.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

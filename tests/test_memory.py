@@ -101,7 +101,9 @@ def test_reproduces_the_measured_streamed_training_peaks():
     """The streamed training's peak RSS measured with /usr/bin/time -v (docs/DESIGN.md), all with
     --e2e-windows 0, uniform allocation, bf16 autocast: the 1B shape with 2 layers at 8 x 256, BQPO
     and E2E-OQP each alone (resumed from the same one-shot) and both after the one-shot; SmolLM2."""
-    s = MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1, allocation="uniform")
+    # measured before AdamW was stepped from the gradient hooks: every gradient held
+    s = MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1, allocation="uniform",
+                       e2e_step_in_backward=False)
     measured = [
         (ONE_B_2, replace(s, e2e_epochs=0), "bqpo", 2.43e9),
         (ONE_B_2, replace(s, bqpo_epochs=0), "e2e", 2.10e9),
@@ -111,9 +113,21 @@ def test_reproduces_the_measured_streamed_training_peaks():
         (SMOL, replace(s, seqlen=128), None, 1.12e9),
         (SMOL, replace(s, nsamples=32, bqpo_epochs=0), "e2e", 1.30e9),
     ]
+    # the 7B width with 2 and 4 layers, E2E-OQP alone: before (every gradient held), and one backward
+    # a step (2 windows) with AdamW stepped in the backward, or after it
+    e2e = replace(s, bqpo_epochs=0)
+    now = replace(e2e, e2e_step_in_backward=True, e2e_micro_batch=2)
+    measured += [
+        (replace(SEVEN_B, n_layers=2), e2e, "e2e", 3.91e9),
+        (replace(SEVEN_B, n_layers=4), e2e, "e2e", 4.51e9),
+        (replace(SEVEN_B, n_layers=2), now, "e2e", 4.08e9),
+        (replace(SEVEN_B, n_layers=4), now, "e2e", 4.70e9),
+        (replace(SEVEN_B, n_layers=4), replace(now, e2e_step_in_backward=False), "e2e", 4.66e9),
+        (replace(SEVEN_B, n_layers=4), replace(now, e2e_moments="bf16"), "e2e", 4.34e9),
+    ]
     for info, settings, stage, m in measured:
         est = peak(info, settings, "streamed", stage)
-        assert 0.95 * m <= est <= 1.3 * m, (info.hidden_size, stage, est / GB, m / GB)
+        assert 0.95 * m <= est <= 1.3 * m, (info.hidden_size, info.n_layers, stage, est / GB, m / GB)
 
 
 def test_refusal_names_the_stage_and_what_fits():
@@ -184,6 +198,9 @@ def test_training_defaults_agree():
 
     assert BQPOConfig().batch_size == memory.BQPO_BATCH
     assert E2EConfig().micro_batch == memory.E2E_MICRO_BATCH
+    assert E2EConfig().batch_size == memory.E2E_BATCH
+    assert E2EConfig().step_in_backward == MemorySettings().e2e_step_in_backward
+    assert E2EConfig().moments == MemorySettings().e2e_moments
 
 
 def test_settings_from_config_clip_seqlen():
@@ -200,6 +217,10 @@ def test_settings_from_config_clip_seqlen():
     s = MemorySettings.from_config(cfg, info, device="cuda")
     assert (s.nsamples, s.seqlen, s.batch_size, s.bqpo_epochs, s.e2e_epochs, s.sparsity, s.train_on_host) == \
         (16, info.context_length, 4, 2, 0, 0.75, False)
+    cfg = dataclasses.replace(cfg, e2e=dataclasses.replace(CONVERT_E2E, batch_size=4, micro_batch=2, moments="bf16",
+                                                             step_in_backward=False))
+    s = MemorySettings.from_config(cfg, info)
+    assert (s.e2e_batch, s.e2e_micro_batch, s.e2e_moments, s.e2e_step_in_backward) == (4, 2, "bf16", False)
 
 
 def test_cli_refuses_up_front_and_the_override_converts(tmp_path, monkeypatch, capsys):
@@ -229,3 +250,36 @@ def test_cli_refuses_up_front_and_the_override_converts(tmp_path, monkeypatch, c
     assert cli.main(argv) == 1 and len(called) == 2
     # a missing checkpoint is left to the conversion's own refusal
     assert cli.main(["convert", str(tmp_path / "nope"), "-o", str(out)]) == 1 and len(called) == 3
+
+
+def test_the_e2e_optimizer_terms():
+    """The streamed E2E-OQP's AdamW terms: two fp32 moments per scale and zero (bf16: half); every
+    gradient when one step follows the backward or micro-batches accumulate, one linear's when AdamW
+    is stepped from the hooks on a one-backward step; the converter takes the step's windows in one
+    backward where that holds less (the 7B shape: 1.6 GB of gradients against 0.35 GB more logits)
+    and keeps one window a backward where the logits dominate (SmolLM2 at the defaults)."""
+    s = MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1, allocation="uniform")
+    z = model_sizes(SEVEN_B)
+    qparams = int(0.5 * z.linear / 16 * 2 * 4)
+
+    def terms(**kw):
+        return estimate(SEVEN_B, replace(s, **kw), "streamed", checkpoint_bytes=1).stage("e2e").terms
+
+    old = terms(e2e_step_in_backward=False)
+    assert old["AdamW moments"] == 2 * qparams and old["scale/zero grad"] == qparams == old["scale/zero"]
+    assert terms(e2e_micro_batch=1, e2e_batch=4)["scale/zero grad"] == qparams          # accumulated
+    assert memory.e2e_micro_batch(SEVEN_B, s) == 2 and memory.e2e_micro_batch(SEVEN_B, replace(
+        s, e2e_step_in_backward=False)) == 1
+    new = terms()
+    widest = max(n * k for n, k in z.linear_shapes)
+    assert new["scale/zero grad"] == int(0.5 * widest / 16 * 2 * 4) < qparams / 100
+    assert new["logits"] == 2 * old["logits"]                                          # two windows a backward
+    assert terms(e2e_moments="bf16")["AdamW moments"] == qparams
+    e_old = peak(SEVEN_B, replace(s, e2e_step_in_backward=False), "streamed", "e2e")
+    e_new = peak(SEVEN_B, s, "streamed", "e2e")
+    e_bf16 = peak(SEVEN_B, replace(s, e2e_moments="bf16"), "streamed", "e2e")
+    assert 13.5e9 < e_old < 14e9 and 12.4e9 < e_new < 12.9e9 and 10.6e9 < e_bf16 < 11.1e9
+    # SmolLM2 at the defaults: its gradients are 17 MB, a second window's logits 0.7 GB
+    assert memory.e2e_micro_batch(SMOL, MemorySettings()) == 1
+    assert estimate(SMOL, MemorySettings(), "streamed").stage("e2e").terms["scale/zero grad"] == \
+        int(0.5 * model_sizes(SMOL).linear / 16 * 2 * 4)

@@ -149,3 +149,64 @@ def MemorySettings_():
     from gqsa_gguf.memory import MemorySettings
 
     return MemorySettings(nsamples=6, seqlen=32, bqpo_epochs=1, e2e_epochs=1, sparsity=0.5)
+
+
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_the_e2e_estimate_counts_the_optimizer_and_the_gradients(moments, tmp_path, monkeypatch):
+    """With one backward a step (micro-batch = batch, what the converter runs where memory.py says it
+    holds less) AdamW is stepped from the gradient hooks: the moments the optimizer keeps (read back
+    from e2e.ckpt, written from the optimizer's own state) are the estimate's "AdamW moments", and
+    the gradients alive at any step are at most its "scale/zero grad" (one linear's)."""
+    from gqsa_gguf import e2e, memory
+    from gqsa_gguf import checkpoint as ckpt
+
+    info, windows, store = _oneshot("qwen2 (biases)", tmp_path / "oneshot")
+    seen = []
+    step = e2e.ParamStepper.step
+
+    def spy(self, p):
+        seen.append(sum(q.grad.numel() * q.grad.element_size() for q in self.subs
+                        if q.grad is not None and q.dim() == 2))         # scales and zeros [rows, kept]
+        step(self, p)
+
+    monkeypatch.setattr(e2e.ParamStepper, "step", spy)
+    cfg = _e2e_cfg(micro_batch=2, moments=moments, checkpoint_dir=str(tmp_path / "ck"))
+    student, rep = streamed_train.run_e2e_streamed(streamed.StreamedModel(info), store, windows, cfg, log=_quiet)
+    assert rep.stepped_in_backward and seen
+    s = dataclasses.replace(MemorySettings_(), e2e_micro_batch=2, e2e_moments=moments)
+    assert memory.e2e_micro_batch(info, s) == 2
+    terms = memory.estimate(info, s, "streamed", checkpoint_bytes=1).stage("e2e").terms
+    mods = gqs_modules(student)
+    _, payload = ckpt.load(tmp_path / "ck" / "e2e.ckpt")
+    n_q = 2 * len(mods)                                  # param groups: scales, zeros, then the norm gains
+    state = payload["optimizer"]["state"]
+    assert len(state) == n_q + len(e2e.norm_parameters(student))
+    moment_bytes = sum(t.numel() * t.element_size() for i, st in state.items() if i < n_q
+                       for t in (st["exp_avg"], st["exp_avg_sq"]))
+    assert moment_bytes == terms["AdamW moments"]
+    assert 0 < max(seen) <= terms["scale/zero grad"] < terms["scale/zero"] / info.n_layers
+    # the step after the backward (or accumulated micro-batches) holds every gradient: the whole term
+    held = memory.estimate(info, dataclasses.replace(s, e2e_step_in_backward=False), "streamed",
+                           checkpoint_bytes=1).stage("e2e").terms
+    assert held["scale/zero grad"] == terms["scale/zero"]
+
+
+@pytest.mark.parametrize("micro_batch", [2, 1], ids=["one backward a step", "two micro-batches"])
+def test_streamed_e2e_steps_in_the_backward_as_after_it(micro_batch, tmp_path):
+    """The streamed student (PackedGQSLinear, every layer recomputed under activation checkpointing):
+    AdamW stepped from the gradient hooks — while later layers' recomputations and backwards are
+    still to come — gives the scales, zeros, norm gains and losses of one step after the backward,
+    bit for bit."""
+    info, windows, store = _oneshot("llama untied", tmp_path)
+    got = {}
+    for hooked in (False, True):
+        cfg = _e2e_cfg(micro_batch=micro_batch, step_in_backward=hooked)
+        student, rep = streamed_train.run_e2e_streamed(streamed.StreamedModel(info), store, windows, cfg, log=_quiet)
+        assert rep.stepped_in_backward == hooked
+        got[hooked] = (_qparam_state(student), rep.step_loss)
+    (a, la), (b, lb) = got[False], got[True]
+    assert la == lb
+    start = _qparam_state(streamed_train.student_model(streamed.StreamedModel(info), store))
+    assert any(not torch.equal(a[k], start[k]) for k in a), "training moved nothing: the comparison proves nothing"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
