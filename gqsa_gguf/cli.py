@@ -35,8 +35,9 @@ def _add_convert(sub) -> None:
         description=f"Compress a Hugging Face checkpoint ({', '.join(arch.known_hf())}) with GQSA (4-bit "
                     "group quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
                     "linears use the gqsa4 tensor type. The one-shot pass reads the checkpoint one decoder "
-                    "block at a time (the model is never loaded whole: a 7B model converts in a few GB with "
-                    "--bqpo-epochs 0 --e2e-epochs 0); BQPO and E2E-OQP still load the whole float32 model.",
+                    "block at a time, and BQPO and E2E-OQP train streamed (the model is never loaded whole: a 7B model "
+                    "converts in about 6 GB with --bqpo-epochs 0 --e2e-epochs 0); only --e2e-chat-replies "
+                    "model loads the whole float32 model, to write the replies.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help="Hugging Face checkpoint folder (config.json + *.safetensors + tokenizer); "
@@ -80,12 +81,13 @@ def _add_convert(sub) -> None:
                         "('smollm'), Qwen2 ('qwen2') and LLaMA-3 ('llama-bpe') if not given")
     p.add_argument("--bqpo-epochs", type=int, default=CONVERT_BQPO.epochs,
                    help="BQPO block-wise training epochs after one-shot (paper §3.3; 0 = off, leaving "
-                        "the one-shot result; about 10 min an epoch for SmolLM2-135M on 2 cores; loads the "
-                        "whole float32 model)")
+                        "the one-shot result; about 10 min an epoch for SmolLM2-135M on 2 cores; one float32 "
+                        "block at a time)")
     p.add_argument("--e2e-epochs", type=int, default=CONVERT_E2E.epochs,
                    help="E2E-OQP epochs training only scales, zero points and RMSNorm gains, distilled from "
-                        "the float model (paper §3.4; 0 = off: the whole conversion is then layer-streamed; "
-                        "on, the whole float32 model is loaded after the one-shot)")
+                        "the float model (paper §3.4; 0 = off; streamed: the frozen codes stay packed and "
+                        "each layer is expanded in the forward, the teacher is the float model's final "
+                        "hidden states from one block-by-block pass)")
     p.add_argument("--e2e-windows", type=int, default=CONVERT_E2E.windows,
                    help="E2E-OQP training windows of --seqlen tokens drawn from the calibration text (0 = "
                         "the --nsamples windows of the one-shot pass); an epoch's time grows with them "
