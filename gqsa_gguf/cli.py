@@ -101,6 +101,11 @@ def _add_convert(sub) -> None:
     p.add_argument("--e2e-moments", choices=("fp32", "bf16"), default=CONVERT_E2E.moments,
                    help="E2E-OQP's AdamW moments between steps: bf16 halves their memory (a 7B model: "
                         "1.6 GB less; each step still computes in fp32)")
+    p.add_argument("--e2e-checkpointing", choices=("auto", "on", "off"), default=CONVERT_E2E.checkpointing,
+                   help="activation checkpointing of E2E-OQP's decoder layers: 'on' keeps only each "
+                        "layer's input and recomputes the layer in the backward, 'off' keeps every layer's "
+                        "activations (about a fifth faster a step, more memory), 'auto' is off when that "
+                        "costs at most 1 GB more (small models); the trained values are the same")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the one-shot result (a file per finished block, and each pass's progress at "
                         "most every minute), and BQPO / E2E-OQP after every block / epoch, are checkpointed; "
@@ -217,7 +222,8 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
         e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows,
                                 chat_share=a.e2e_chat_share, chat_replies=a.e2e_chat_replies, seed=a.seed,
-                                device=a.device, amp=a.amp, moments=a.e2e_moments),
+                                device=a.device, amp=a.amp, moments=a.e2e_moments,
+                                checkpointing=a.e2e_checkpointing),
     )
 
 

@@ -59,6 +59,7 @@ ALLOCATIONS = ("sensitivity", "uniform")            # keep fraction per tensor
 TARGETS = ("layer", "float")
 CHAT_REPLIES = ("text", "model")                   # who writes E2E-OQP's assistant turns
 MOMENTS = ("fp32", "bf16")                          # E2E-OQP's AdamW moments between steps
+CHECKPOINTING = ("auto", "on", "off")                # the streamed E2E-OQP's layer checkpointing
 AMP_VALUES = ("auto", "none", "bf16", "fp16")       # training autocast (training.resolve_amp)                        # what a compensated linear reproduces
 
 _SPEC_RE = re.compile(r"^w(?P<bits>\d+)s(?P<sparsity>\d+)$", re.IGNORECASE)
@@ -309,6 +310,10 @@ class E2EConfig:
     # AdamW's two moments between steps: "fp32" (torch's AdamW), or "bf16" (half their memory; each
     # step computes in fp32 and rounds the moments when it stores them)
     moments: str = "fp32"
+    # the streamed E2E-OQP's decoder layers under activation checkpointing: "on", "off", or "auto"
+    # (off when keeping every layer's activations costs at most 1 GB more: memory.e2e_checkpointing);
+    # the trained values are the same, only memory and time differ
+    checkpointing: str = "auto"
     seed: int = 0
     device: str = "cpu"
     amp: str = "none"
@@ -340,6 +345,8 @@ class E2EConfig:
             raise ConfigError(f"e2e.loss {self.loss!r}: choose ce or kd")
         if self.moments not in MOMENTS:
             raise ConfigError(f"e2e.moments {self.moments!r}: choose one of {', '.join(MOMENTS)}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ConfigError(f"--e2e-checkpointing {self.checkpointing!r}: choose one of {', '.join(CHECKPOINTING)}")
         if not isinstance(self.step_in_backward, bool):
             raise ConfigError(f"e2e.step_in_backward {self.step_in_backward!r} must be True or False")
         _check_amp("e2e", self.amp)

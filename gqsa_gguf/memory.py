@@ -45,7 +45,7 @@ from pathlib import Path
 from .errors import GQSAError
 
 __all__ = ["MemoryCheckError", "MemorySettings", "ModelSizes", "Stage", "Estimate", "Verdict", "model_sizes",
-           "estimate", "e2e_micro_batch", "converter_pipeline", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
+           "estimate", "e2e_micro_batch", "e2e_checkpointing", "converter_pipeline", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
 
 GB = 1e9                               # messages print decimal GB, as /usr/bin/time's kB / 1e6
 PIPELINES = ("whole-model", "streamed", "streamed-oneshot")
@@ -65,6 +65,9 @@ HEADROOM = 0.92               # use at most this share of the available memory
 # units of (hidden, ffn, heads x seqlen): norm in/out, q/k/v, rotated q/k, attention out, residuals;
 # gate, up, silu(gate), their product; the attention probabilities (CPU: math path)
 SAVED_PER_TOKEN = (10, 4, 1)
+# the streamed E2E-OQP keeps every layer's activations (no checkpointing) when that costs at most
+# this much more memory (e2e_checkpointing)
+E2E_ACTIVATION_ALLOWANCE = 1 << 30
 # the streamed E2E-OQP's frozen part (fakequant.PackedGQSLinear): 4-bit codes two to a byte and an
 # int16 group index / 16 (its scale and zero are the fp32 trainable parameters)
 FROZEN_BYTES_PER_KEPT = 0.5 + 2 / 16
@@ -102,6 +105,7 @@ class MemorySettings:
     e2e_batch: int = E2E_BATCH         # windows per optimizer step
     e2e_step_in_backward: bool = True  # AdamW stepped from the gradient hooks (E2EConfig.step_in_backward)
     e2e_moments: str = "fp32"          # AdamW's moments between steps (E2EConfig.moments)
+    e2e_checkpointing: str = "auto"    # the streamed E2E-OQP's layer checkpointing (E2EConfig.checkpointing)
     train_on_host: bool = True         # False: BQPO / E2E-OQP run on a GPU (--device cuda), not counted here
     e2e_windows: int = 0               # E2E-OQP's training windows (--e2e-windows); 0: the nsamples windows
     float_model: bool = False          # the float model writes E2E-OQP's chat replies: whole-model training
@@ -116,6 +120,7 @@ class MemorySettings:
                    allocation=c.allocation, train_on_host=str(device) == "cpu", e2e_windows=cfg.e2e.windows,
                    e2e_micro_batch=cfg.e2e.micro_batch, e2e_batch=cfg.e2e.batch_size,
                    e2e_step_in_backward=cfg.e2e.step_in_backward, e2e_moments=cfg.e2e.moments,
+                   e2e_checkpointing=cfg.e2e.checkpointing,
                    float_model=bool(cfg.e2e.epochs and cfg.e2e.chat_share and cfg.e2e.chat_replies == "model"))
 
     @property
@@ -332,7 +337,7 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             **base, "embeddings f32": z.embed * F32, "float chain f32": e2e_acts * F32,
             "final hidden f16": e2e_acts * 2, "block f32": block,
             "block forward": _forward_temps(z, batch_tokens, s.seqlen)}))
-        stages.append(_streamed_e2e(z, s, e2e_micro_batch(z, s)))
+        stages.append(_streamed_e2e(z, s, e2e_micro_batch(z, s), e2e_checkpointing(z, s)))
     # the export (pipeline.convert without training): the GGUF writer holds every tensor of the
     # file until it writes (gqsa4 rows, F16 embeddings and head); the dense tensors are read one
     # at a time, the blocks one block file at a time
@@ -343,8 +348,10 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
     return stages
 
 
-def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int) -> Stage:
-    """The streamed E2E-OQP (streamed_train.run_e2e_streamed) with `micro` windows per backward."""
+def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bool = True) -> Stage:
+    """The streamed E2E-OQP (streamed_train.run_e2e_streamed) with `micro` windows per backward,
+    its decoder layers under activation checkpointing or (`checkpointed` False) keeping every
+    layer's activations for the backward."""
     base = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8}
     kept = (1 - s.sparsity) * z.linear
     widest = max(n * k for n, k in z.linear_shapes)
@@ -367,15 +374,35 @@ def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int) -> Stage:
         "AdamW moments": moments,
         "scale/zero grad": widest_qparams * (2 if s.e2e_moments == "bf16" else 1) if hooked else qparams,
         "teacher final hidden f16": e2e_acts * 2,
-        "checkpointed layer inputs": z.n_layers * tokens * z.hidden * F32,
-        # one layer's forward recomputed for its backward; a linear's dense weight expanded, its
-        # gradient and the kept groups' (fakequant.PackedGQSLinear: never saved, one at a time)
-        "one layer recomputed": _saved_for_backward(z, tokens, s.seqlen) + 3 * widest * F32,
+        # a linear's dense weight expanded, its gradient and the kept groups' (fakequant.
+        # PackedGQSLinear: never saved, one at a time)
+        "dense weight + gradient": 3 * widest * F32,
         "logits": LOGIT_COPIES * tokens * z.vocab * F32,
         # under bf16 autocast (--amp auto on a CPU with AMX) the head's weight is cast for the
         # student (saved for its backward) and for the teacher's logits
         "head cast (autocast)": 2 * 2 * z.vocab * z.hidden}
+    if checkpointed:
+        # each layer's input, and one layer's forward recomputed for its backward
+        terms["checkpointed layer inputs"] = z.n_layers * tokens * z.hidden * F32
+        terms["one layer recomputed"] = _saved_for_backward(z, tokens, s.seqlen)
+    else:
+        terms["every layer's activations"] = z.n_layers * _saved_for_backward(z, tokens, s.seqlen)
     return Stage("e2e", terms)
+
+
+def e2e_checkpointing(info_or_sizes, s: MemorySettings) -> bool:
+    """Whether the streamed E2E-OQP runs its decoder layers under activation checkpointing
+    (pipeline._train_streamed): `s.e2e_checkpointing` "on" / "off", or "auto": off when keeping
+    every layer's activations costs at most E2E_ACTIVATION_ALLOWANCE more than checkpointing
+    (SmolLM2-135M at the defaults: 0.9 GB; a 1B or 7B shape: several GB, checkpointed). Without
+    it the backward recomputes no forward: a step is about a fifth shorter (docs/DESIGN.md). The
+    trained values are the same either way (the same operations, not repeated)."""
+    if s.e2e_checkpointing != "auto":
+        return s.e2e_checkpointing == "on"
+    z = info_or_sizes if isinstance(info_or_sizes, ModelSizes) else model_sizes(info_or_sizes)
+    micro = e2e_micro_batch(z, s)
+    extra = _streamed_e2e(z, s, micro, checkpointed=False).total - _streamed_e2e(z, s, micro).total
+    return extra > E2E_ACTIVATION_ALLOWANCE
 
 
 def e2e_micro_batch(info_or_sizes, s: MemorySettings) -> int:

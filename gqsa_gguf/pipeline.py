@@ -336,13 +336,18 @@ def _train_streamed(source, store, windows, e2e_windows, cfg, checkpoint_dir, re
             folder = stack.enter_context(_oneshot_folder(checkpoint_dir, "e2e"))
             # AdamW stepped from the gradient hooks holds no gradient only when a step is one
             # backward: the whole step's windows in one micro-batch where that holds less (memory.py)
-            micro = memory.e2e_micro_batch(source.info, memory.MemorySettings.from_config(cfg, source.info))
+            settings = memory.MemorySettings.from_config(cfg, source.info)
+            micro = memory.e2e_micro_batch(source.info, settings)
             if micro != cfg.e2e.micro_batch:
                 log(f"E2E-OQP: {micro} windows per backward (AdamW stepped in the backward, no gradient kept)")
+            checkpointed = memory.e2e_checkpointing(source.info, settings)
+            log("E2E-OQP: " + ("each decoder layer under activation checkpointing (its forward recomputed "
+                               "in the backward)" if checkpointed else
+                               "every decoder layer's activations kept for the backward (no checkpointing)"))
             e2 = dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress,
                                      micro_batch=micro)
             student, _ = streamed_train.run_e2e_streamed(source, linears, e2e_windows, e2, batch_size=cfg.calib.batch_size,
-                                                         log=log)
+                                                         log=log, checkpointed=checkpointed)
             out = streamed.BlockStore(Path(folder) / "blocks", ckpt.run_fingerprint("e2e-blocks", linears.fingerprint),
                                       source.n_layers, source.info.layout.linears)
             out.folder.mkdir(parents=True, exist_ok=True)

@@ -92,11 +92,11 @@ def _set_tensor(model, name: str, t: torch.Tensor) -> None:
     setattr(parent, attr, torch.nn.Parameter(t.to(torch.float32), requires_grad=False))
 
 
-def student_model(source, store):
+def student_model(source, store, checkpointed: bool = True):
     """The E2E-OQP student over `source` (streamed.StreamedModel; its meta model becomes the student):
     embeddings, head, final norm and every block's norms in float32 from the checkpoint, every
     decoder linear a PackedGQSLinear from `store` (its float scales and zeros where the store has
-    them: after BQPO), each layer checkpointed (`checkpoint_layers`)."""
+    them: after BQPO), each layer checkpointed (`checkpoint_layers`) if `checkpointed`."""
     from .fakequant import PackedGQSLinear, swap_linear
 
     info, model, ck = source.info, source.model, source.ckpt
@@ -123,14 +123,17 @@ def student_model(source, store):
                             f"architecture has tensors the layout does not name")
     model.requires_grad_(False)
     model.eval()
-    checkpoint_layers(model)
+    if checkpointed:
+        checkpoint_layers(model)
     return model
 
 
 def run_e2e_streamed(source, store, windows: torch.Tensor, cfg, batch_size: int = 8, log=print,
-                     hidden_dtype: torch.dtype = torch.float16, max_steps: int | None = None):
+                     hidden_dtype: torch.dtype = torch.float16, max_steps: int | None = None,
+                     checkpointed: bool = True):
     """E2E-OQP over a checkpoint read block by block (module docstring): -> (student, E2EReport).
-    `batch_size`: windows per forward of the teacher's float pass."""
+    `batch_size`: windows per forward of the teacher's float pass; `checkpointed`: the decoder
+    layers under activation checkpointing (memory.e2e_checkpointing decides for the converter)."""
     from .e2e import HiddenStateTeacher, run_e2e
 
     teacher = None
@@ -140,7 +143,7 @@ def run_e2e_streamed(source, store, windows: torch.Tensor, cfg, batch_size: int 
         hidden = float_final_hidden(source, windows, batch_size, cfg.device, amp, hidden_dtype, cfg.progress)
         log(f"E2E-OQP: the float model's final hidden states on {hidden.shape[0]} windows "
             f"({hidden.numel() * hidden.element_size() / 1e9:.2f} GB, {hidden.dtype}) in {time.time() - t:.1f} s")
-    student = student_model(source, store)
+    student = student_model(source, store, checkpointed)
     if cfg.loss == "kd":
         teacher = HiddenStateTeacher(copy.deepcopy(student.model.norm), student.lm_head, hidden)
     report = run_e2e(student, windows, cfg, log=log, teacher=teacher, max_steps=max_steps)

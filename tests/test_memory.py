@@ -103,7 +103,7 @@ def test_reproduces_the_measured_streamed_training_peaks():
     and E2E-OQP each alone (resumed from the same one-shot) and both after the one-shot; SmolLM2."""
     # measured before AdamW was stepped from the gradient hooks: every gradient held
     s = MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1, allocation="uniform",
-                       e2e_step_in_backward=False)
+                       e2e_step_in_backward=False, e2e_checkpointing="on")
     measured = [
         (ONE_B_2, replace(s, e2e_epochs=0), "bqpo", 2.43e9),
         (ONE_B_2, replace(s, bqpo_epochs=0), "e2e", 2.10e9),
@@ -218,9 +218,18 @@ def test_settings_from_config_clip_seqlen():
     assert (s.nsamples, s.seqlen, s.batch_size, s.bqpo_epochs, s.e2e_epochs, s.sparsity, s.train_on_host) == \
         (16, info.context_length, 4, 2, 0, 0.75, False)
     cfg = dataclasses.replace(cfg, e2e=dataclasses.replace(CONVERT_E2E, batch_size=4, micro_batch=2, moments="bf16",
-                                                             step_in_backward=False))
+                                                             step_in_backward=False, checkpointing="off"))
     s = MemorySettings.from_config(cfg, info)
-    assert (s.e2e_batch, s.e2e_micro_batch, s.e2e_moments, s.e2e_step_in_backward) == (4, 2, "bf16", False)
+    assert (s.e2e_batch, s.e2e_micro_batch, s.e2e_moments, s.e2e_step_in_backward, s.e2e_checkpointing) == \
+        (4, 2, "bf16", False, "off")
+    # the converter's option reaches the config, and a wrong value is refused
+    from gqsa_gguf import cli
+    from gqsa_gguf.config import ConfigError
+
+    a = cli.build_parser().parse_args(["convert", "-o", "x.gguf", "--e2e-checkpointing", "on"])
+    assert cli.convert_config_from_args(a).e2e.checkpointing == "on"
+    with pytest.raises(ConfigError, match="e2e-checkpointing"):
+        dataclasses.replace(CONVERT_E2E, checkpointing="sometimes")
 
 
 def test_cli_refuses_up_front_and_the_override_converts(tmp_path, monkeypatch, capsys):
@@ -283,3 +292,23 @@ def test_the_e2e_optimizer_terms():
     assert memory.e2e_micro_batch(SMOL, MemorySettings()) == 1
     assert estimate(SMOL, MemorySettings(), "streamed").stage("e2e").terms["scale/zero grad"] == \
         int(0.5 * model_sizes(SMOL).linear / 16 * 2 * 4)
+
+
+def test_e2e_layer_checkpointing_where_it_saves_more_than_a_gigabyte():
+    """'auto' keeps every layer's activations (no recomputed forward) only where that costs at most
+    E2E_ACTIVATION_ALLOWANCE more than checkpointing: SmolLM2-135M at the defaults, not the 1B or
+    7B shapes; 'on' and 'off' are what they say, and the stage counts what each holds."""
+    s = MemorySettings(e2e_epochs=1)
+    assert memory.e2e_checkpointing(SMOL, s) is False
+    assert memory.e2e_checkpointing(SEVEN_B, replace(s, nsamples=8, seqlen=256)) is True
+    assert memory.e2e_checkpointing(ONE_B, s) is True
+    assert memory.e2e_checkpointing(SMOL, replace(s, e2e_checkpointing="on")) is True
+    assert memory.e2e_checkpointing(SEVEN_B, replace(s, e2e_checkpointing="off")) is False
+    on = peak(SMOL, replace(s, e2e_checkpointing="on"), "streamed", "e2e")
+    off = peak(SMOL, replace(s, e2e_checkpointing="off"), "streamed", "e2e")
+    assert off == peak(SMOL, s, "streamed", "e2e")
+    assert 0 < off - on <= memory.E2E_ACTIVATION_ALLOWANCE
+    terms = memory.estimate(SMOL, s, "streamed", checkpoint_bytes=1).stage("e2e").terms
+    assert "checkpointed layer inputs" not in terms
+    assert terms["every layer's activations"] == SMOL.n_layers * memory._saved_for_backward(
+        memory.model_sizes(SMOL), s.seqlen, s.seqlen)

@@ -210,3 +210,21 @@ def test_streamed_e2e_steps_in_the_backward_as_after_it(micro_batch, tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a), "training moved nothing: the comparison proves nothing"
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_streamed_e2e_without_layer_checkpointing_trains_the_same(tmp_path):
+    """The streamed student with every layer's activations kept (checkpointed=False, what
+    memory.e2e_checkpointing picks for small models) trains the scales, zeros and norm gains of the
+    checkpointed one bit for bit, with the same losses: only the recomputation is left out."""
+    info, windows, store = _oneshot("qwen2 (biases)", tmp_path)
+    got = {}
+    for checkpointed in (True, False):
+        student, rep = streamed_train.run_e2e_streamed(streamed.StreamedModel(info), store, windows, _e2e_cfg(),
+                                                       log=_quiet, checkpointed=checkpointed)
+        got[checkpointed] = (_qparam_state(student), rep.step_loss)
+    (a, la), (b, lb) = got[True], got[False]
+    assert la == lb
+    start = _qparam_state(streamed_train.student_model(streamed.StreamedModel(info), store))
+    assert any(not torch.equal(a[k], start[k]) for k in a), "training moved nothing: the comparison proves nothing"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
