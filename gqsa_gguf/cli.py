@@ -98,9 +98,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--e2e-chat-replies", choices=("text", "model"), default=CONVERT_E2E.chat_replies,
                    help="who writes the assistant turns of those conversations: chunks of the calibration "
                         "text, or the float model's own sampled answers (a minute or two of generation)")
-    p.add_argument("--e2e-moments", choices=("fp32", "bf16"), default=CONVERT_E2E.moments,
+    p.add_argument("--e2e-moments", choices=("auto", "fp32", "bf16"), default=CONVERT_E2E.moments,
                    help="E2E-OQP's AdamW moments between steps: bf16 halves their memory (a 7B model: "
-                        "1.6 GB less; each step still computes in fp32)")
+                        "1.6 GB less; each step still computes in fp32); auto is bf16 where that saves "
+                        "more than 1 GB (models of several billion parameters), else fp32")
     p.add_argument("--e2e-checkpointing", choices=("auto", "on", "off"), default=CONVERT_E2E.checkpointing,
                    help="activation checkpointing of E2E-OQP's decoder layers: 'on' keeps only each "
                         "layer's input and recomputes the layer in the backward, 'off' keeps every layer's "

@@ -58,7 +58,7 @@ METHODS = ("obs", "rtn")                           # one-shot pruning + quantiza
 ALLOCATIONS = ("sensitivity", "uniform")            # keep fraction per tensor
 TARGETS = ("layer", "float")
 CHAT_REPLIES = ("text", "model")                   # who writes E2E-OQP's assistant turns
-MOMENTS = ("fp32", "bf16")                          # E2E-OQP's AdamW moments between steps
+MOMENTS = ("auto", "fp32", "bf16")                  # E2E-OQP's AdamW moments between steps
 CHECKPOINTING = ("auto", "on", "off")                # the streamed E2E-OQP's layer checkpointing
 AMP_VALUES = ("auto", "none", "bf16", "fp16")       # training autocast (training.resolve_amp)                        # what a compensated linear reproduces
 
@@ -308,7 +308,8 @@ class E2EConfig:
     # optimizer step after the backward.
     step_in_backward: bool = True
     # AdamW's two moments between steps: "fp32" (torch's AdamW), or "bf16" (half their memory; each
-    # step computes in fp32 and rounds the moments when it stores them)
+    # step computes in fp32 and rounds the moments when it stores them); the converter's "auto" is
+    # resolved from the model's size before training (memory.e2e_moments: bf16 where it saves > 1 GB)
     moments: str = "fp32"
     # the streamed E2E-OQP's decoder layers under activation checkpointing: "on", "off", or "auto"
     # (off when keeping every layer's activations costs at most 1 GB more: memory.e2e_checkpointing);
@@ -362,7 +363,7 @@ class E2EConfig:
 
     def fingerprint_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("checkpoint_dir", "resume", "progress", "micro_batch", "step_in_backward"):
+        for k in ("checkpoint_dir", "resume", "progress", "micro_batch", "step_in_backward", "checkpointing"):
             d.pop(k)
         return d
 
@@ -377,7 +378,7 @@ CONVERT_BQPO = BQPOConfig(epochs=0, amp="auto")
 # faster on an AMX CPU), resolved by pipeline.convert before anything is recorded
 # chat_share: a quarter of the windows are conversations in the model's chat template; without
 # them the distilled SmolLM2 answered every chat turn with an empty reply (docs/DESIGN.md)
-CONVERT_E2E = E2EConfig(epochs=1, windows=384, loss="kd", amp="auto", chat_share=0.25)
+CONVERT_E2E = E2EConfig(epochs=1, windows=384, loss="kd", amp="auto", chat_share=0.25, moments="auto")
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,9 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     smoke runs) stops each epoch after that many optimizer steps. `teacher`: the float model, or a
     HiddenStateTeacher of its final hidden states on `windows` (the streamed E2E-OQP), needed by
     cfg.loss == "kd" (run without gradients, on the same device)."""
+    if cfg.moments not in ("fp32", "bf16"):
+        raise TrainingError(f"E2E-OQP: moments {cfg.moments!r} must be resolved to fp32 or bf16 before training "
+                            f"(the converter does: pipeline.resolve_memory_choices)")
     if cfg.loss == "kd" and teacher is None:
         raise TrainingError("E2E-OQP: loss 'kd' needs the float model as teacher")
     device = resolve_device(cfg.device)

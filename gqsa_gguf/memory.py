@@ -45,7 +45,7 @@ from pathlib import Path
 from .errors import GQSAError
 
 __all__ = ["MemoryCheckError", "MemorySettings", "ModelSizes", "Stage", "Estimate", "Verdict", "model_sizes",
-           "estimate", "e2e_micro_batch", "e2e_checkpointing", "converter_pipeline", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
+           "estimate", "e2e_micro_batch", "e2e_checkpointing", "e2e_moments", "converter_pipeline", "check", "check_convert", "available_memory", "PIPELINES", "GB"]
 
 GB = 1e9                               # messages print decimal GB, as /usr/bin/time's kB / 1e6
 PIPELINES = ("whole-model", "streamed", "streamed-oneshot")
@@ -65,9 +65,10 @@ HEADROOM = 0.92               # use at most this share of the available memory
 # units of (hidden, ffn, heads x seqlen): norm in/out, q/k/v, rotated q/k, attention out, residuals;
 # gate, up, silu(gate), their product; the attention probabilities (CPU: math path)
 SAVED_PER_TOKEN = (10, 4, 1)
-# the streamed E2E-OQP keeps every layer's activations (no checkpointing) when that costs at most
-# this much more memory (e2e_checkpointing)
-E2E_ACTIVATION_ALLOWANCE = 1 << 30
+# E2E-OQP's memory-for-time choices under "auto": every layer's activations kept (no
+# checkpointing) when that costs at most this much more, AdamW's moments in bf16 when that saves
+# more than this (e2e_checkpointing, e2e_moments)
+E2E_MEMORY_ALLOWANCE = 1 << 30
 # the streamed E2E-OQP's frozen part (fakequant.PackedGQSLinear): 4-bit codes two to a byte and an
 # int16 group index / 16 (its scale and zero are the fp32 trainable parameters)
 FROZEN_BYTES_PER_KEPT = 0.5 + 2 / 16
@@ -104,7 +105,7 @@ class MemorySettings:
     e2e_micro_batch: int = E2E_MICRO_BATCH
     e2e_batch: int = E2E_BATCH         # windows per optimizer step
     e2e_step_in_backward: bool = True  # AdamW stepped from the gradient hooks (E2EConfig.step_in_backward)
-    e2e_moments: str = "fp32"          # AdamW's moments between steps (E2EConfig.moments)
+    e2e_moments: str = "fp32"          # AdamW's moments between steps (E2EConfig.moments; "auto": e2e_moments)
     e2e_checkpointing: str = "auto"    # the streamed E2E-OQP's layer checkpointing (E2EConfig.checkpointing)
     train_on_host: bool = True         # False: BQPO / E2E-OQP run on a GPU (--device cuda), not counted here
     e2e_windows: int = 0               # E2E-OQP's training windows (--e2e-windows); 0: the nsamples windows
@@ -362,7 +363,8 @@ def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bo
     # gradients: all of them when one step follows the backward (or micro-batches accumulate into
     # them), else only the linear whose backward just ran, stepped and freed by its hooks (its
     # scale's and zero's, and under bf16 moments their two moments upcast for the step)
-    moments = 2 * qparams // (2 if s.e2e_moments == "bf16" else 1)
+    bf16 = e2e_moments(z, s) == "bf16"
+    moments = 2 * qparams // (2 if bf16 else 1)
     hooked = s.e2e_step_in_backward and micro >= s.e2e_batch
     widest_qparams = int((1 - s.sparsity) * widest / 16 * 2 * F32)
     terms = {
@@ -372,7 +374,7 @@ def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bo
         # e2e.ckpt is written from the parameters themselves, and checkpoint.save streams it to
         # disk: no copy
         "AdamW moments": moments,
-        "scale/zero grad": widest_qparams * (2 if s.e2e_moments == "bf16" else 1) if hooked else qparams,
+        "scale/zero grad": widest_qparams * (2 if bf16 else 1) if hooked else qparams,
         "teacher final hidden f16": e2e_acts * 2,
         # a linear's dense weight expanded, its gradient and the kept groups' (fakequant.
         # PackedGQSLinear: never saved, one at a time)
@@ -390,10 +392,23 @@ def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bo
     return Stage("e2e", terms)
 
 
+def e2e_moments(info_or_sizes, s: MemorySettings) -> str:
+    """E2E-OQP's AdamW moments between steps: `s.e2e_moments` "fp32" / "bf16", or "auto": bf16
+    where that saves more than E2E_MEMORY_ALLOWANCE (the fp32 moments take twice the scales and
+    zeros: a 7B shape at W4S50 3.2 GB, bf16 saves 1.6 GB), else fp32 (SmolLM2-135M: 34 MB saved).
+    On SmolLM2 bf16 moments changed the perplexity by 0.4 % (docs/DESIGN.md), within run-to-run
+    differences."""
+    if s.e2e_moments != "auto":
+        return s.e2e_moments
+    z = info_or_sizes if isinstance(info_or_sizes, ModelSizes) else model_sizes(info_or_sizes)
+    qparams = int((1 - s.sparsity) * z.linear / 16 * 2 * F32)
+    return "bf16" if qparams > E2E_MEMORY_ALLOWANCE else "fp32"
+
+
 def e2e_checkpointing(info_or_sizes, s: MemorySettings) -> bool:
     """Whether the streamed E2E-OQP runs its decoder layers under activation checkpointing
     (pipeline._train_streamed): `s.e2e_checkpointing` "on" / "off", or "auto": off when keeping
-    every layer's activations costs at most E2E_ACTIVATION_ALLOWANCE more than checkpointing
+    every layer's activations costs at most E2E_MEMORY_ALLOWANCE more than checkpointing
     (SmolLM2-135M at the defaults: 0.9 GB; a 1B or 7B shape: several GB, checkpointed). Without
     it the backward recomputes no forward: a step is about a fifth shorter (docs/DESIGN.md). The
     trained values are the same either way (the same operations, not repeated)."""
@@ -402,7 +417,7 @@ def e2e_checkpointing(info_or_sizes, s: MemorySettings) -> bool:
     z = info_or_sizes if isinstance(info_or_sizes, ModelSizes) else model_sizes(info_or_sizes)
     micro = e2e_micro_batch(z, s)
     extra = _streamed_e2e(z, s, micro, checkpointed=False).total - _streamed_e2e(z, s, micro).total
-    return extra > E2E_ACTIVATION_ALLOWANCE
+    return extra > E2E_MEMORY_ALLOWANCE
 
 
 def e2e_micro_batch(info_or_sizes, s: MemorySettings) -> int:

@@ -106,6 +106,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     folder = model_io.resolve_model(cfg.model)
     info = model_io.inspect_checkpoint(folder)
     log(f"model: {folder}\n  {model_io.describe(info)}")
+    cfg = resolve_memory_choices(cfg, info, log)
     tokenizer = model_io.load_tokenizer(info)
     text, desc = calib.load_text(cfg.calib.source)
     seqlen = cfg.calib.seqlen
@@ -198,6 +199,26 @@ def resolve_training_precision(cfg: ConvertConfig, log=print) -> ConvertConfig:
         log(f"training precision: {'bf16 autocast (the device multiplies bf16 in hardware)' if used == 'bf16' else 'fp32'}"
             f" (--amp auto)")
     return dataclasses.replace(cfg, bqpo=bqpo, e2e=e2e)
+
+
+def resolve_memory_choices(cfg: ConvertConfig, info, log=print) -> ConvertConfig:
+    """cfg with E2E-OQP's "auto" memory-for-time choices replaced by what this model gets
+    (memory.e2e_moments, memory.e2e_checkpointing), so the file's gqsa.config records what ran."""
+    from . import memory
+
+    if not cfg.e2e.epochs or "auto" not in (cfg.e2e.moments, cfg.e2e.checkpointing):
+        return cfg
+    settings = memory.MemorySettings.from_config(cfg, info)
+    moments = memory.e2e_moments(info, settings)
+    checkpointing = "on" if memory.e2e_checkpointing(info, settings) else "off"
+    if needs_float_model(cfg):
+        checkpointing = cfg.e2e.checkpointing        # the whole-model training checkpoints nothing
+    log(f"E2E-OQP: AdamW moments {moments}" + (" (--e2e-moments auto)" if cfg.e2e.moments == "auto" else "")
+        + "; " + ("each decoder layer under activation checkpointing" if checkpointing == "on" else
+                  "every decoder layer's activations kept for the backward" if checkpointing == "off" else
+                  "the whole-model training")
+        + (" (--e2e-checkpointing auto)" if cfg.e2e.checkpointing == "auto" else ""))
+    return dataclasses.replace(cfg, e2e=dataclasses.replace(cfg.e2e, moments=moments, checkpointing=checkpointing))
 
 
 @contextlib.contextmanager
@@ -341,9 +362,6 @@ def _train_streamed(source, store, windows, e2e_windows, cfg, checkpoint_dir, re
             if micro != cfg.e2e.micro_batch:
                 log(f"E2E-OQP: {micro} windows per backward (AdamW stepped in the backward, no gradient kept)")
             checkpointed = memory.e2e_checkpointing(source.info, settings)
-            log("E2E-OQP: " + ("each decoder layer under activation checkpointing (its forward recomputed "
-                               "in the backward)" if checkpointed else
-                               "every decoder layer's activations kept for the backward (no checkpointing)"))
             e2 = dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress,
                                      micro_batch=micro)
             student, _ = streamed_train.run_e2e_streamed(source, linears, e2e_windows, e2, batch_size=cfg.calib.batch_size,

@@ -96,7 +96,7 @@ def test_cli_builds_config_with_defaults():
     assert (cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.source) == (128, 512, "debian:calib-mix")
     assert cfg.export.dense_type == "f16" and cfg.export.tokenizer_pre is None
     assert cfg.bqpo == BQPOConfig(epochs=0, amp="auto") and cfg.e2e == E2EConfig(epochs=1, windows=384, loss="kd", amp="auto",
-                                                                              chat_share=0.25)
+                                                                              chat_share=0.25, moments="auto")
     a = build_parser().parse_args(["convert", "-o", "x.gguf", "--gqsa", "w4s75", "--nsamples", "4",
                                    "--seqlen", "32", "--dense-type", "q8_0", "--no-sequential",
                                    "--bqpo-epochs", "2", "--e2e-epochs", "0", "--seed", "5", "--device", "cuda"])
@@ -105,7 +105,7 @@ def test_cli_builds_config_with_defaults():
     assert cfg.compression.sequential is False and cfg.export.dense_type == "q8_0"
     assert (cfg.bqpo.epochs, cfg.e2e.epochs) == (2, 0)
     assert cfg.calib.seed == cfg.bqpo.seed == cfg.e2e.seed == 5 and cfg.bqpo.device == cfg.e2e.device == "cuda"
-    assert cfg.e2e.moments == "fp32"
+    assert cfg.e2e.moments == "auto" and cfg.e2e.checkpointing == "auto"
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-moments", "bf16"])
     assert convert_config_from_args(a).e2e.moments == "bf16"
 

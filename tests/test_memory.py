@@ -296,7 +296,7 @@ def test_the_e2e_optimizer_terms():
 
 def test_e2e_layer_checkpointing_where_it_saves_more_than_a_gigabyte():
     """'auto' keeps every layer's activations (no recomputed forward) only where that costs at most
-    E2E_ACTIVATION_ALLOWANCE more than checkpointing: SmolLM2-135M at the defaults, not the 1B or
+    E2E_MEMORY_ALLOWANCE more than checkpointing: SmolLM2-135M at the defaults, not the 1B or
     7B shapes; 'on' and 'off' are what they say, and the stage counts what each holds."""
     s = MemorySettings(e2e_epochs=1)
     assert memory.e2e_checkpointing(SMOL, s) is False
@@ -307,8 +307,34 @@ def test_e2e_layer_checkpointing_where_it_saves_more_than_a_gigabyte():
     on = peak(SMOL, replace(s, e2e_checkpointing="on"), "streamed", "e2e")
     off = peak(SMOL, replace(s, e2e_checkpointing="off"), "streamed", "e2e")
     assert off == peak(SMOL, s, "streamed", "e2e")
-    assert 0 < off - on <= memory.E2E_ACTIVATION_ALLOWANCE
+    assert 0 < off - on <= memory.E2E_MEMORY_ALLOWANCE
     terms = memory.estimate(SMOL, s, "streamed", checkpoint_bytes=1).stage("e2e").terms
     assert "checkpointed layer inputs" not in terms
     assert terms["every layer's activations"] == SMOL.n_layers * memory._saved_for_backward(
         memory.model_sizes(SMOL), s.seqlen, s.seqlen)
+
+
+def test_e2e_moments_in_bf16_where_they_save_more_than_a_gigabyte():
+    """The converter's --e2e-moments auto: bf16 moments for the 7B shape (fp32 would hold 3.2 GB of
+    moments), fp32 for SmolLM2-135M and the 1B shape; resolved before training, so the file's
+    config records what ran, and run_e2e refuses an unresolved "auto"."""
+    import dataclasses
+
+    from gqsa_gguf import pipeline
+    from gqsa_gguf.config import CONVERT_E2E, ConvertConfig
+    from gqsa_gguf.e2e import TrainingError, run_e2e
+
+    s = MemorySettings(e2e_moments="auto", nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1)
+    assert CONVERT_E2E.moments == "auto"
+    assert memory.e2e_moments(SEVEN_B, s) == "bf16"
+    assert memory.e2e_moments(ONE_B, s) == memory.e2e_moments(SMOL, s) == "fp32"
+    assert memory.e2e_moments(SEVEN_B, replace(s, e2e_moments="fp32")) == "fp32"
+    auto = memory.estimate(SEVEN_B, s, "streamed", checkpoint_bytes=1).stage("e2e").terms
+    bf16 = memory.estimate(SEVEN_B, replace(s, e2e_moments="bf16"), "streamed", checkpoint_bytes=1).stage("e2e").terms
+    assert auto == bf16
+    info = model_io.inspect_checkpoint(tiny_models.checkpoint("llama"))
+    cfg = ConvertConfig(model=str(info.folder), output="x.gguf", e2e=CONVERT_E2E)
+    got = pipeline.resolve_memory_choices(cfg, info, log=lambda *a: None)
+    assert (got.e2e.moments, got.e2e.checkpointing) == ("fp32", "off")
+    with pytest.raises(TrainingError, match="resolved"):
+        run_e2e(None, None, dataclasses.replace(CONVERT_E2E, amp="none"), log=lambda *a: None)
