@@ -358,7 +358,7 @@ def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bo
     widest = max(n * k for n, k in z.linear_shapes)
     e2e_acts = s.e2e_tokens * z.hidden
     tokens = micro * s.seqlen
-    qparams = int(kept / 16 * 2 * F32)                 # one fp32 scale and zero per kept group
+    qparams = _qparam_bytes(z, s)
     # e2e.ParamStepper: AdamW's two moments per scale and zero (fp32, or bf16 between steps); the
     # gradients: all of them when one step follows the backward (or micro-batches accumulate into
     # them), else only the linear whose backward just ran, stepped and freed by its hooks (its
@@ -392,6 +392,15 @@ def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bo
     return Stage("e2e", terms)
 
 
+def _sizes(info_or_sizes) -> ModelSizes:
+    return info_or_sizes if isinstance(info_or_sizes, ModelSizes) else model_sizes(info_or_sizes)
+
+
+def _qparam_bytes(z: ModelSizes, s: MemorySettings) -> int:
+    """E2E-OQP's trainable quantization parameters: one fp32 scale and zero per kept group."""
+    return int((1 - s.sparsity) * z.linear / 16 * 2 * F32)
+
+
 def e2e_moments(info_or_sizes, s: MemorySettings) -> str:
     """E2E-OQP's AdamW moments between steps: `s.e2e_moments` "fp32" / "bf16", or "auto": bf16
     where that saves more than E2E_MEMORY_ALLOWANCE (the fp32 moments take twice the scales and
@@ -400,9 +409,8 @@ def e2e_moments(info_or_sizes, s: MemorySettings) -> str:
     differences."""
     if s.e2e_moments != "auto":
         return s.e2e_moments
-    z = info_or_sizes if isinstance(info_or_sizes, ModelSizes) else model_sizes(info_or_sizes)
-    qparams = int((1 - s.sparsity) * z.linear / 16 * 2 * F32)
-    return "bf16" if qparams > E2E_MEMORY_ALLOWANCE else "fp32"
+    z = _sizes(info_or_sizes)
+    return "bf16" if _qparam_bytes(z, s) > E2E_MEMORY_ALLOWANCE else "fp32"
 
 
 def e2e_checkpointing(info_or_sizes, s: MemorySettings) -> bool:
@@ -414,7 +422,7 @@ def e2e_checkpointing(info_or_sizes, s: MemorySettings) -> bool:
     trained values are the same either way (the same operations, not repeated)."""
     if s.e2e_checkpointing != "auto":
         return s.e2e_checkpointing == "on"
-    z = info_or_sizes if isinstance(info_or_sizes, ModelSizes) else model_sizes(info_or_sizes)
+    z = _sizes(info_or_sizes)
     micro = e2e_micro_batch(z, s)
     extra = _streamed_e2e(z, s, micro, checkpointed=False).total - _streamed_e2e(z, s, micro).total
     return extra > E2E_MEMORY_ALLOWANCE
@@ -426,7 +434,7 @@ def e2e_micro_batch(info_or_sizes, s: MemorySettings) -> int:
     than the micro-batches of `s` (which accumulate a gradient for every scale and zero: a 7B
     model's 1.6 GB against 0.4 GB more logits), else `s.e2e_micro_batch` (SmolLM2: its logits
     dominate). The result is the same up to float summation order (micro_batch is memory only)."""
-    z = info_or_sizes if isinstance(info_or_sizes, ModelSizes) else model_sizes(info_or_sizes)
+    z = _sizes(info_or_sizes)
     micro = s.e2e_micro_batch
     if not s.e2e_step_in_backward or micro >= s.e2e_batch:
         return micro
