@@ -130,16 +130,19 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, turn=(32, 192), reply=None):
+def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, turn=(32, 192), reply=None,
+                 ask=None):
     """nsamples windows of seqlen tokens, each a conversation in the tokenizer's chat template
     (its default system prompt included) whose user and assistant turns are chunks of `turn` tokens
     of the calibration text at random offsets, cut to seqlen tokens. With `reply`, the first
     assistant turn of every window is what the model itself answers to the first user turn:
     reply(conversations) -> one answer string per conversation (a list of messages ending with the
     user's turn), called once for all windows; later turns are text again (generation is the slow
-    part). Distilling on them keeps what an instruct model does right after its chat markers
-    (where the assistant's reply starts, where a turn ends), which plain text never shows; with the
-    model's own answers, also how it answers."""
+    part). With `ask` too, the first user turn is not text either: ask(n) -> n user messages (the
+    model's own questions, calib.model_questions). Distilling on them keeps what an instruct model
+    does right after its chat markers (where the assistant's reply starts, where a turn ends),
+    which plain text never shows; with the model's own answers, also how it answers; with its own
+    questions, to what it is asked."""
     import torch
 
     if not has_chat_template(tokenizer):
@@ -163,7 +166,13 @@ def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, tu
     convs = [[] for _ in range(nsamples)]
     if reply is not None:
         # the first exchange of every window: a user turn of the text, the model's answer to it
-        convs = [[{"role": "user", "content": chunk()}] for _ in range(nsamples)]
+        if ask is not None:
+            asked = ask(nsamples)
+            if len(asked) != nsamples:
+                raise CalibError(f"chat questions: {len(asked)} questions for {nsamples} conversations")
+            convs = [[{"role": "user", "content": str(q).strip()}] for q in asked]
+        else:
+            convs = [[{"role": "user", "content": chunk()}] for _ in range(nsamples)]
         answers = reply(convs)
         if len(answers) != nsamples:
             raise CalibError(f"chat replies: {len(answers)} answers for {nsamples} conversations")
@@ -180,12 +189,10 @@ def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, tu
     return torch.tensor(out, dtype=torch.long)
 
 
-def model_replies(model, tokenizer, seed: int, max_new_tokens: int = 128, batch_size: int = 32,
-                  temperature: float = 0.7, top_p: float = 0.9, amp: str = "none", progress: bool = False):
-    """A `reply` for chat_windows: the model answers each conversation (its chat template with
-    the generation prompt), sampled at `temperature` / `top_p`, batches of `batch_size` padded on
-    the left, under `amp` autocast (training.autocast), seeded from (seed, call, batch) so a run
-    repeats itself."""
+def _sampler(model, tokenizer, seed: int, what: str, amp: str, progress: bool, batch_size: int = 32):
+    """generate(prompts, max_new_tokens, temperature, top_p, stop) -> the sampled continuations of
+    the prompt strings (batches of `batch_size` padded on the left, under `amp` autocast, seeded
+    from (seed, call, batch) so that a run repeats itself), decoded without special tokens."""
     import torch
     from tqdm.auto import tqdm
 
@@ -194,21 +201,21 @@ def model_replies(model, tokenizer, seed: int, max_new_tokens: int = 128, batch_
     calls = [0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def reply(conversations) -> list[str]:
-        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                   for c in conversations]
+    def generate(prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                 stop: list[int] | None = None) -> list[str]:
         out: list[str] = []
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:
-            for b in tqdm(range(0, len(prompts), batch_size), desc="chat replies (float model)",
-                          unit="batch", disable=not progress):
+            for b in tqdm(range(0, len(prompts), batch_size), desc=f"{what} (float model)", unit="batch",
+                          disable=not progress):
                 enc = tokenizer(prompts[b:b + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(model.device)
                 torch.manual_seed(int(np.random.default_rng([int(seed), 2, calls[0], b]).integers(1 << 62)))
+                kw = {"eos_token_id": stop} if stop else {}
                 with torch.no_grad(), autocast(model.device, amp):
                     gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
-                                         temperature=temperature, top_p=top_p, top_k=0, pad_token_id=pad)
+                                         temperature=temperature, top_p=top_p, top_k=0, pad_token_id=pad, **kw)
                 new = gen[:, enc["input_ids"].shape[1]:]
                 out += [tokenizer.decode(r, skip_special_tokens=True) for r in new]
         finally:
@@ -216,7 +223,57 @@ def model_replies(model, tokenizer, seed: int, max_new_tokens: int = 128, batch_
         calls[0] += 1
         return out
 
+    return generate
+
+
+def model_replies(model, tokenizer, seed: int, max_new_tokens: int = 128, batch_size: int = 32,
+                  temperature: float = 0.7, top_p: float = 0.9, amp: str = "none", progress: bool = False):
+    """A `reply` for chat_windows: the model answers each conversation (its chat template with
+    the generation prompt), sampled at `temperature` / `top_p`, batches of `batch_size` padded on
+    the left, under `amp` autocast (training.autocast), seeded from (seed, call, batch) so a run
+    repeats itself."""
+    generate = _sampler(model, tokenizer, seed, "chat replies", amp, progress, batch_size)
+
+    def reply(conversations) -> list[str]:
+        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   for c in conversations]
+        return generate(prompts, max_new_tokens, temperature, top_p)
+
     return reply
+
+
+_SENTINEL = "\u2063\u2063"          # invisible separators: text no template adds or changes
+
+
+def user_turn_prefix(tokenizer) -> tuple[str, str]:
+    """(what the chat template writes before a first user message — its default system prompt
+    included —, what it writes right after one): the prompt under which the model writes a user
+    turn, and the text that ends it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False)
+    if text.count(_SENTINEL) != 1:
+        raise CalibError("the chat template does not show a user message as it was given: the model "
+                         "cannot write user turns with it (use --e2e-chat-replies text or model)")
+    before, after = text.split(_SENTINEL)
+    return before, after
+
+
+def model_questions(model, tokenizer, seed: int, max_new_tokens: int = 64, batch_size: int = 32,
+                    temperature: float = 0.9, top_p: float = 0.95, amp: str = "none", progress: bool = False):
+    """An `ask` for chat_windows: the model writes the first user turn of each conversation
+    itself, sampled from its chat template up to the start of a user message (the text that ends a
+    user turn stops it, or `max_new_tokens`). An instruct model has seen many user turns; what it
+    writes there are the requests it was tuned on (questions, instructions, tasks with their text),
+    with no text of ours in them — data-free distillation data, as in LLM-QAT."""
+    generate = _sampler(model, tokenizer, seed + 1, "chat questions", amp, progress, batch_size)
+    before, after = user_turn_prefix(tokenizer)
+    end = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    stop = sorted({*end, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+
+    def ask(n: int) -> list[str]:
+        asked = generate([before] * n, max_new_tokens, temperature, top_p, stop=stop)
+        return [q.strip() or "Hello!" for q in asked]
+
+    return ask
 
 
 def eval_windows(token_ids, seqlen: int, max_windows: int | None = None):

@@ -18,7 +18,7 @@ import sys
 
 from . import __version__, arch
 from . import format as fmt
-from .config import (CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL,
+from .config import (CHAT_REPLIES, CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL,
                      DEFAULT_NSAMPLES, DEFAULT_SEQLEN, DENSE_TYPES, CalibConfig, CompressionConfig, ConfigError,
                      ConvertConfig, ExportConfig)
 from .errors import GQSAError
@@ -36,8 +36,9 @@ def _add_convert(sub) -> None:
                     "group quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
                     "linears use the gqsa4 tensor type. The one-shot pass reads the checkpoint one decoder "
                     "block at a time, and BQPO and E2E-OQP train streamed (the model is never loaded whole: a 7B model "
-                    "converts in about 6 GB with --bqpo-epochs 0 --e2e-epochs 0); only --e2e-chat-replies "
-                    "model loads the whole float32 model, to write the replies.",
+                    "converts in about 6 GB with --bqpo-epochs 0 --e2e-epochs 0); the whole float32 model is "
+                    "loaded only where it writes E2E-OQP's chat windows (--e2e-chat-replies self or model; "
+                    "auto: where that costs no peak memory), and freed before the training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help="Hugging Face checkpoint folder (config.json + *.safetensors + tokenizer); "
@@ -94,10 +95,13 @@ def _add_convert(sub) -> None:
                         "(SmolLM2-135M on 2 cores: about 10 s per 2 windows)")
     p.add_argument("--e2e-chat-share", type=float, default=CONVERT_E2E.chat_share,
                    help="share of the E2E-OQP windows that are conversations in the model's chat template "
-                        "made of the calibration text (0 for base models; ignored without a chat template)")
-    p.add_argument("--e2e-chat-replies", choices=("text", "model"), default=CONVERT_E2E.chat_replies,
-                   help="who writes the assistant turns of those conversations: chunks of the calibration "
-                        "text, or the float model's own sampled answers (a minute or two of generation)")
+                        "(0 for base models; ignored without a chat template)")
+    p.add_argument("--e2e-chat-replies", choices=CHAT_REPLIES, default=CONVERT_E2E.chat_replies,
+                   help="who writes the turns of those conversations: 'text', chunks of the calibration "
+                        "text; 'model', the float model answers text turns; 'self', the float model writes "
+                        "the questions too (what it was tuned to be asked; SmolLM2-135M: about 4 minutes of "
+                        "generation on 2 cores); 'auto', self where loading the float model for it costs no "
+                        "peak memory, else text")
     p.add_argument("--e2e-moments", choices=("auto", "fp32", "bf16"), default=CONVERT_E2E.moments,
                    help="E2E-OQP's AdamW moments between steps: bf16 halves their memory (a 7B model: "
                         "1.6 GB less; each step still computes in fp32); auto is bf16 where that saves "

@@ -57,7 +57,7 @@ DEFAULT_DAMP = 0.01                                 # Hessian dampening, fractio
 METHODS = ("obs", "rtn")                           # one-shot pruning + quantization
 ALLOCATIONS = ("sensitivity", "uniform")            # keep fraction per tensor
 TARGETS = ("layer", "float")
-CHAT_REPLIES = ("text", "model")                   # who writes E2E-OQP's assistant turns
+CHAT_REPLIES = ("auto", "text", "model", "self")   # who writes the turns of E2E-OQP's chat windows
 MOMENTS = ("auto", "fp32", "bf16")                  # E2E-OQP's AdamW moments between steps
 CHECKPOINTING = ("auto", "on", "off")                # the streamed E2E-OQP's layer checkpointing
 AMP_VALUES = ("auto", "none", "bf16", "fp16")       # training autocast (training.resolve_amp)                        # what a compensated linear reproduces
@@ -328,9 +328,12 @@ class E2EConfig:
     # share of those windows replaced by conversations in the model's chat template made of the
     # same text (calib.chat_windows), so the distillation also covers what follows chat markers
     chat_share: float = 0.0
-    # who writes the assistant turns of those conversations: "text", chunks of the calibration text;
-    # "model", the float model itself (sampled, calib.model_replies), so the distillation also
-    # shows how the model answers
+    # who writes the turns of those conversations: "text", chunks of the calibration text;
+    # "model", the float model answers (sampled, calib.model_replies) user turns of the text, so the
+    # distillation also shows how the model answers; "self", the float model writes the user turns
+    # too (calib.model_questions): what it was tuned to be asked, and its answers; "auto" (the
+    # converter's), "self" where loading the float model for it does not raise the conversion's
+    # peak memory, else "text" (memory.chat_replies), resolved before anything is recorded
     chat_replies: str = "text"
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -376,11 +379,13 @@ CONVERT_BQPO = BQPOConfig(epochs=0, amp="auto")
 # windows, and better (82.4 vs 93.3 through llama.cpp on SmolLM2-135M, docs/DESIGN.md)
 # amp "auto": bf16 autocast where the CPU/GPU multiplies bf16 natively (the same perplexity, 1.5x
 # faster on an AMX CPU), resolved by pipeline.convert before anything is recorded
-# chat_share: a quarter of the windows are conversations in the model's chat template; without
-# them the distilled SmolLM2 answered every chat turn with an empty reply (docs/DESIGN.md)
+# chat_share: half of the windows are conversations in the model's chat template; without them
+# the distilled SmolLM2 answered every chat turn with an empty reply; written by the float model
+# itself (chat_replies "auto" -> "self" where it costs no peak memory), half of them distilled the
+# chat behaviour better than a quarter of text turns at the same plain-text perplexity (docs/DESIGN.md)
 # one window a step: 96 steps of 1 window beat 48 of 2 over the same windows (docs/DESIGN.md)
-CONVERT_E2E = E2EConfig(epochs=1, windows=384, loss="kd", amp="auto", chat_share=0.25, moments="auto",
-                        batch_size=1)
+CONVERT_E2E = E2EConfig(epochs=1, windows=384, loss="kd", amp="auto", chat_share=0.5, chat_replies="auto",
+                        moments="auto", batch_size=1)
 
 
 @dataclass(frozen=True)

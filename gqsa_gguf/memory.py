@@ -21,10 +21,12 @@ Three pipelines are estimated:
     hidden states from a streamed float pass ("teacher"), then only scales/zero points with their
     optimizer state, the frozen codes two to a byte expanded one linear at a time under
     activation checkpointing, the embeddings, head and norms; the export holding the file's tensors.
-  * "streamed-oneshot": what `pipeline.convert` does when the float model writes E2E-OQP's chat
-    replies (--e2e-chat-replies model): the streamed sensitivity and one-shot stages, then the
-    whole float32 model loaded for the replies, BQPO and E2E-OQP (the whole-model pipeline's load,
-    training and export stages).
+    When the float model writes turns of E2E-OQP's chat windows (--e2e-chat-replies model or
+    self) it is loaded whole for that, before the teacher pass, and freed ("chat").
+  * "streamed-oneshot": the streamed sensitivity and one-shot stages, then the whole float32 model
+    loaded for BQPO and E2E-OQP (the whole-model pipeline's load, training and export stages):
+    `pipeline.train` on a model in memory after a streamed one-shot (what the converter did
+    for --e2e-chat-replies model until the generation stage above; kept for comparison).
 `converter_pipeline(settings)` names the one the converter runs, and `check_convert` checks it.
 
 The terms are written out in docs/DESIGN.md ("Memory: what each stage holds"). Calibration
@@ -109,7 +111,8 @@ class MemorySettings:
     e2e_checkpointing: str = "auto"    # the streamed E2E-OQP's layer checkpointing (E2EConfig.checkpointing)
     train_on_host: bool = True         # False: BQPO / E2E-OQP run on a GPU (--device cuda), not counted here
     e2e_windows: int = 0               # E2E-OQP's training windows (--e2e-windows); 0: the nsamples windows
-    float_model: bool = False          # the float model writes E2E-OQP's chat replies: whole-model training
+    chat_share: float = 0.0            # share of E2E-OQP's windows that are chat windows (--e2e-chat-share)
+    chat_replies: str = "text"         # who writes their turns (--e2e-chat-replies; "auto": chat_replies)
 
     @classmethod
     def from_config(cls, cfg, info=None, device: str | None = None) -> "MemorySettings":
@@ -122,7 +125,12 @@ class MemorySettings:
                    e2e_micro_batch=cfg.e2e.micro_batch, e2e_batch=cfg.e2e.batch_size,
                    e2e_step_in_backward=cfg.e2e.step_in_backward, e2e_moments=cfg.e2e.moments,
                    e2e_checkpointing=cfg.e2e.checkpointing,
-                   float_model=bool(cfg.e2e.epochs and cfg.e2e.chat_share and cfg.e2e.chat_replies == "model"))
+                   chat_share=float(cfg.e2e.chat_share), chat_replies=cfg.e2e.chat_replies)
+
+    @property
+    def writes_chat(self) -> bool:
+        """The float model writes turns of E2E-OQP's chat windows ("auto" resolved: chat_replies)."""
+        return bool(self.e2e_epochs and self.chat_share and self.chat_replies in ("model", "self"))
 
     @property
     def e2e_tokens(self) -> int:
@@ -329,6 +337,8 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             "AdamW temporaries": int(kept_block * F32),
             "heap residue": int(BQPO_RESIDUE * block),
             "one block compressed": int(kept_block * (2 * ONESHOT_BYTES_PER_KEPT + 2 * GQSA4_BYTES_PER_KEPT))}))
+    if s.e2e_epochs > 0 and s.writes_chat:
+        stages.append(_chat_stage(z, s))
     if s.e2e_epochs > 0 and s.train_on_host:
         e2e_acts = s.e2e_tokens * z.hidden
         batch_tokens = min(s.batch_size, s.e2e_windows or s.nsamples) * s.seqlen
@@ -347,6 +357,38 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
         "embeddings + head f16": (z.embed + z.head) * 2, "one tensor read f32": max(z.embed, z.head) * F32,
         "one block file": int((1 - s.sparsity) * z.block_linear * (GQSA4_BYTES_PER_KEPT + ONESHOT_BYTES_PER_KEPT))}))
     return stages
+
+
+CHAT_BATCH = 32                        # conversations generated at a time (calib.model_replies)
+CHAT_TOKENS = 64 + 128 + 64            # their longest generation: template, question, answer
+
+
+def _chat_stage(z: ModelSizes, s: MemorySettings) -> Stage:
+    """pipeline._with_chat_windows with the float model writing turns: the whole float32 model
+    (load_model, with the heap its load leaves), a batch's key/value cache and logits; on a GPU
+    only the load passes through the host."""
+    model = z.total * F32
+    tokens = CHAT_BATCH * CHAT_TOKENS
+    terms = {"runtime": RUNTIME_BYTES, "windows": s.nsamples * s.seqlen * 8, "model f32": model,
+             "load residue": int(LOAD_RESIDUE * model)}
+    if s.train_on_host:
+        terms["generation (kv cache, logits)"] = 2 * z.n_layers * tokens * z.kv_dim * F32 + 4 * CHAT_BATCH * z.vocab * F32
+    return Stage("chat", terms)
+
+
+def chat_replies(info_or_sizes, s: MemorySettings) -> str:
+    """Who writes the turns of E2E-OQP's chat windows: `s.chat_replies`, or for "auto" "self" (the
+    float model writes the questions and the answers, calib.model_questions / model_replies) where
+    loading the float model for it does not raise the conversion's peak above its other stages
+    (SmolLM2-135M at the defaults: 2.1 GB against 3.0 GB; measured 1.47 GB), else "text" (a 1B or
+    7B shape: the float model alone is several GB more than the streamed conversion holds).
+    Measured on SmolLM2, self-written chat windows cut the divergence from the float model's
+    answers to held-out questions by 13 % for 0.7 % more plain-text perplexity (docs/DESIGN.md)."""
+    if s.chat_replies != "auto":
+        return s.chat_replies
+    z = _sizes(info_or_sizes)
+    others = max(st.total for st in _streamed(z, replace(s, chat_replies="text"), 0))
+    return "self" if _chat_stage(z, replace(s, chat_replies="self")).total <= others else "text"
 
 
 def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bool = True) -> Stage:
@@ -461,11 +503,9 @@ def estimate(info, settings: MemorySettings, pipeline: str = "whole-model", chec
 
 
 def converter_pipeline(settings: MemorySettings) -> str:
-    """The pipeline `pipeline.convert` runs with these settings: streamed throughout, training
-    included, but when the float model writes E2E-OQP's chat replies (--e2e-chat-replies model):
-    then the whole model is loaded after the streamed one-shot (pipeline.needs_float_model)."""
-    trains = settings.bqpo_epochs > 0 or settings.e2e_epochs > 0
-    return "streamed-oneshot" if trains and settings.float_model else "streamed"
+    """The pipeline `pipeline.convert` runs: streamed throughout, training included (the float
+    model, where it writes chat turns, is a stage of it)."""
+    return "streamed"
 
 
 def _checkpoint_bytes(folder) -> int:
@@ -580,10 +620,10 @@ def check(info, settings: MemorySettings, available: int | None = None, pipeline
            + f"), but {avail / GB:.1f} GB of memory is available ({e0.pipeline} pipeline, {settings.nsamples} x "
            f"{settings.seqlen} calibration tokens, --bqpo-epochs {settings.bqpo_epochs}, --e2e-epochs "
            f"{settings.e2e_epochs}). ")
-    if e0.pipeline == "streamed-oneshot" and peak.name in ("load", "bqpo", "e2e", "export"):
-        msg += (f"With --e2e-chat-replies model BQPO and E2E-OQP train on the whole float32 model "
-                f"({model_sizes(info).total * F32 / GB:.1f} GB here), which writes the replies; --e2e-chat-replies "
-                f"text trains streamed. ")
+    if peak.name == "chat":
+        msg += (f"With --e2e-chat-replies {settings.chat_replies} the whole float32 model "
+                f"({model_sizes(info).total * F32 / GB:.1f} GB here) is loaded to write the chat windows' turns; "
+                f"--e2e-chat-replies text needs no float model. ")
     if picked:
         msg += "These would fit: " + "; ".join(
             f"{_describe(c)} (~{e.peak.total / GB:.1f} GB)" for c, e in picked[:3]) + ". "

@@ -17,9 +17,10 @@ and writes the trained blocks to --checkpoint-dir/bqpo (or a temporary folder); 
 float model's final hidden states from one more streamed pass (its teacher) and trains a student
 whose linears are the compressed rows expanded per call (fakequant.PackedGQSLinear), its layers
 under activation checkpointing, and writes its blocks to --checkpoint-dir/e2e/blocks. The whole
-float model is loaded only when it must write E2E-OQP's chat replies (--e2e-chat-replies model,
-`needs_float_model`): then `train` runs BQPO (bqpo.run_bqpo) and E2E-OQP (e2e.run_e2e) on it, as
-benchmarks/quality.py does. The GGUF's `gqsa.config` records the configs used, learning rates
+float model is loaded only to write turns of E2E-OQP's chat windows (--e2e-chat-replies model or
+self, `_with_chat_windows`), and freed before the training. `train` is the whole-model training
+(BQPO, bqpo.run_bqpo, and E2E-OQP, e2e.run_e2e, on a float model in memory) that
+benchmarks/quality.py uses. The GGUF's `gqsa.config` records the configs used, learning rates
 included.
 
 Everything that can be refused cheaply is refused before any heavy work, in this order: the
@@ -144,32 +145,9 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
         notes.append("largest relative output errors tr(DHD^T)/tr(WHW^T): "
                      + ", ".join(f"{n.replace('model.layers.', 'L')} {e:.3f}" for n, e in worst))
 
-        if (cfg.bqpo.epochs or cfg.e2e.epochs) and needs_float_model(cfg):
-            # the float model writes E2E-OQP's chat replies: the whole-model training (the streamed
-            # one cannot generate text: it holds no float model)
-            notes.append("--e2e-chat-replies model: the whole float32 model is loaded to write the replies, and "
-                         "BQPO / E2E-OQP train on it (the streamed training has no float model to generate with)")
-            t = time.time()
-            float_model = model_io.load_model(info)
-            times["load"] = time.time() - t
-            e2e_windows = _with_chat_windows(float_model, tokenizer, ids, e2e_windows, seqlen, cfg, checkpoint_dir,
-                                             resume, progress, log, notes, times)
-            ck = (lambda sub: str(Path(checkpoint_dir) / sub)) if checkpoint_dir else (lambda sub: None)
-            trained = train(float_model, {n: store[n].unpack() for n in store}, windows,
-                            dataclasses.replace(cfg.bqpo, checkpoint_dir=ck("bqpo"), resume=resume, progress=progress),
-                            dataclasses.replace(cfg.e2e, checkpoint_dir=ck("e2e"), resume=resume, progress=progress),
-                            log=log, e2e_windows=e2e_windows)
-            for stage, seconds in trained.seconds.items():
-                times[stage] = seconds
-            # the export takes the non-linear tensors from float_model (the teacher, no longer
-            # needed): the RMSNorm gains E2E-OQP trained go into the file with the other F32 tensors
-            model = float_model.cpu()
-            trained.load_norms(model)
-            dense, linears = model.state_dict(), trained.linears
-            rope = model_io.rope_freq_factors(model, info)
-        elif cfg.bqpo.epochs or cfg.e2e.epochs:
+        if cfg.bqpo.epochs or cfg.e2e.epochs:
             rope = model_io.rope_freq_factors(source.model, info)
-            e2e_windows = _with_chat_windows(source.model, tokenizer, ids, e2e_windows, seqlen, cfg, checkpoint_dir,
+            e2e_windows = _with_chat_windows(info, tokenizer, ids, e2e_windows, seqlen, cfg, checkpoint_dir,
                                              resume, progress, log, notes, times)
             linears, norms = stack.enter_context(_train_streamed(source, store, windows, e2e_windows, cfg, checkpoint_dir,
                                                                  resume, progress, log, times))
@@ -202,23 +180,28 @@ def resolve_training_precision(cfg: ConvertConfig, log=print) -> ConvertConfig:
 
 
 def resolve_memory_choices(cfg: ConvertConfig, info, log=print) -> ConvertConfig:
-    """cfg with E2E-OQP's "auto" memory-for-time choices replaced by what this model gets
-    (memory.e2e_moments, memory.e2e_checkpointing), so the file's gqsa.config records what ran."""
+    """cfg with E2E-OQP's "auto" memory-for-time and memory-for-quality choices replaced by what this
+    model gets (memory.e2e_moments, memory.e2e_checkpointing, memory.chat_replies), so the file's
+    gqsa.config records what ran."""
     from . import memory
 
-    if not cfg.e2e.epochs or "auto" not in (cfg.e2e.moments, cfg.e2e.checkpointing):
+    if not cfg.e2e.epochs or "auto" not in (cfg.e2e.moments, cfg.e2e.checkpointing, cfg.e2e.chat_replies):
         return cfg
     settings = memory.MemorySettings.from_config(cfg, info)
     moments = memory.e2e_moments(info, settings)
     checkpointing = "on" if memory.e2e_checkpointing(info, settings) else "off"
-    if needs_float_model(cfg):
-        checkpointing = cfg.e2e.checkpointing        # the whole-model training checkpoints nothing
+    replies = memory.chat_replies(info, settings)
     log(f"E2E-OQP: AdamW moments {moments}" + (" (--e2e-moments auto)" if cfg.e2e.moments == "auto" else "")
         + "; " + ("each decoder layer under activation checkpointing" if checkpointing == "on" else
-                  "every decoder layer's activations kept for the backward" if checkpointing == "off" else
-                  "the whole-model training")
-        + (" (--e2e-checkpointing auto)" if cfg.e2e.checkpointing == "auto" else ""))
-    return dataclasses.replace(cfg, e2e=dataclasses.replace(cfg.e2e, moments=moments, checkpointing=checkpointing))
+                  "every decoder layer's activations kept for the backward")
+        + (" (--e2e-checkpointing auto)" if cfg.e2e.checkpointing == "auto" else "")
+        + ("" if not cfg.e2e.chat_share else
+           "; chat windows " + {"self": "of the float model's own questions and answers",
+                                "model": "of text questions and the float model's answers",
+                                "text": "made of the calibration text"}[replies]
+           + (" (--e2e-chat-replies auto)" if cfg.e2e.chat_replies == "auto" else "")))
+    return dataclasses.replace(cfg, e2e=dataclasses.replace(cfg.e2e, moments=moments, checkpointing=checkpointing,
+                                                            chat_replies=replies))
 
 
 @contextlib.contextmanager
@@ -306,12 +289,6 @@ def _oneshot_streamed(source, info, windows, cfg, folder: Path, checkpointing: b
         state.save(chain, rel_errors, before + time.time() - t0)
     times["compress"] = before + time.time() - t0
     return store, rel_errors
-
-
-def needs_float_model(cfg: ConvertConfig) -> bool:
-    """Whether the training needs the whole float model in memory: only when the float model writes
-    E2E-OQP's chat replies (--e2e-chat-replies model); everything else trains streamed."""
-    return bool(cfg.e2e.epochs and cfg.e2e.chat_share and cfg.e2e.chat_replies == "model")
 
 
 class _Overlay(Mapping):
@@ -436,14 +413,18 @@ class TrainResult:
         self.load_norms(model)
 
 
-def _with_chat_windows(model, tokenizer, ids, e2e_windows, seqlen: int, cfg, checkpoint_dir, resume: bool,
+def _with_chat_windows(info, tokenizer, ids, e2e_windows, seqlen: int, cfg, checkpoint_dir, resume: bool,
                        progress: bool, log, notes: list, times: dict):
     """E2E-OQP's windows with their last `chat_share` replaced by conversations in the model's chat
-    template (calib.chat_windows); with chat_replies "model" the float `model` writes the assistant
-    turns, saved to CHECKPOINT_DIR/chat.ckpt so that --resume reuses them."""
+    template (calib.chat_windows): turns of the calibration text ("text"), or with the float model
+    writing the assistant turns ("model") or the user and assistant turns ("self"). For those the
+    float model is loaded whole, on the training device, and freed before the training; the windows
+    are saved to CHECKPOINT_DIR/chat.ckpt so that --resume reuses them without loading it."""
+    import gc
+
     import torch
 
-    from . import calib
+    from . import calib, model_io
     from . import checkpoint as ckpt
 
     n_chat = round(cfg.e2e.chat_share * e2e_windows.shape[0]) if cfg.e2e.epochs else 0
@@ -453,24 +434,35 @@ def _with_chat_windows(model, tokenizer, ids, e2e_windows, seqlen: int, cfg, che
         notes.append("the tokenizer has no chat template: E2E-OQP trains on plain text only")
         return e2e_windows
     t = time.time()
-    if cfg.e2e.chat_replies == "text":
+    mode = cfg.e2e.chat_replies
+    if mode not in ("text", "model", "self"):
+        raise ConfigError(f"--e2e-chat-replies {mode!r} is not resolved (resolve_memory_choices)")
+    if mode == "text":
         chats = calib.chat_windows(tokenizer, ids, n_chat, seqlen, cfg.calib.seed)
         how = "made of the same text"
     else:
         path = Path(checkpoint_dir) / "chat.ckpt" if checkpoint_dir else None
-        fp = ckpt.run_fingerprint(model.config.to_dict(), ids, n_chat, seqlen, cfg.calib.seed)
+        fp = ckpt.run_fingerprint(info.hf_config, ids, n_chat, seqlen, cfg.calib.seed, mode)
         chats = None
         if resume and path is not None and path.exists():
             _meta, payload = ckpt.load(path, expect={"stage": "chat", "fingerprint": fp})
             chats = payload["windows"]
             log(f"E2E-OQP: chat windows read from {path}")
         if chats is None:
-            reply = calib.model_replies(model, tokenizer, cfg.calib.seed, amp=cfg.e2e.amp, progress=progress)
-            chats = calib.chat_windows(tokenizer, ids, n_chat, seqlen, cfg.calib.seed, reply=reply)
+            model = model_io.load_model(info).to(cfg.e2e.device)
+            try:
+                reply = calib.model_replies(model, tokenizer, cfg.calib.seed, amp=cfg.e2e.amp, progress=progress)
+                ask = (calib.model_questions(model, tokenizer, cfg.calib.seed, amp=cfg.e2e.amp, progress=progress)
+                       if mode == "self" else None)
+                chats = calib.chat_windows(tokenizer, ids, n_chat, seqlen, cfg.calib.seed, reply=reply, ask=ask)
+            finally:
+                del model
+                gc.collect()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 ckpt.save(path, {"stage": "chat", "fingerprint": fp}, {"windows": chats})
-        how = "of user turns from the same text and the float model's own answers"
+        how = ("of the float model's own questions and answers" if mode == "self" else
+               "of user turns from the same text and the float model's own answers")
     times["chat"] = time.time() - t
     log(f"E2E-OQP: {n_chat} of its {e2e_windows.shape[0]} windows are conversations in the model's chat "
         f"template, {how}")

@@ -96,8 +96,8 @@ def test_cli_builds_config_with_defaults():
     assert (cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.source) == (128, 512, "debian:calib-mix")
     assert cfg.export.dense_type == "f16" and cfg.export.tokenizer_pre is None
     assert cfg.bqpo == BQPOConfig(epochs=0, amp="auto") and cfg.e2e == E2EConfig(epochs=1, windows=384, loss="kd", amp="auto",
-                                                                              chat_share=0.25, moments="auto",
-                                                                              batch_size=1)
+                                                                              chat_share=0.5, chat_replies="auto",
+                                                                              moments="auto", batch_size=1)
     a = build_parser().parse_args(["convert", "-o", "x.gguf", "--gqsa", "w4s75", "--nsamples", "4",
                                    "--seqlen", "32", "--dense-type", "q8_0", "--no-sequential",
                                    "--bqpo-epochs", "2", "--e2e-epochs", "0", "--seed", "5", "--device", "cuda"])

@@ -141,9 +141,10 @@ def test_refusal_names_the_stage_and_what_fits():
     assert "(streamed pipeline" in v.message
     for change, e in v.alternatives:
         assert e.peak.total <= 4e9 * memory.HEADROOM
-    # the float model writing the chat replies: the whole model is loaded, and the message says so
-    v = memory.check(ONE_B, replace(s, float_model=True), available=int(24e9), checkpoint_bytes=int(2.6e9))
-    assert not v.fits and "streamed-oneshot pipeline" in v.message and "whole float32 model" in v.message
+    # the float model writing the chat windows' turns: it is loaded whole for that, and the message says so
+    v = memory.check(ONE_B, replace(s, chat_share=0.5, chat_replies="self"), available=int(12e9),
+                     checkpoint_bytes=int(2.6e9))
+    assert not v.fits and "chat stage" in v.message and "whole float32 model" in v.message
     assert "--e2e-chat-replies text" in v.message
     assert memory.check(ONE_B, s, available=int(1e12)).fits
     # a 7B shape: training fits in 24 GB streamed; in 12 GB only without E2E-OQP
@@ -157,14 +158,23 @@ def test_refusal_names_the_stage_and_what_fits():
 
 
 def test_the_converter_pipeline():
-    """Streamed throughout, training included; the whole-model training stages only when the
-    float model writes E2E-OQP's chat replies (their estimate unchanged)."""
+    """Streamed throughout, training included; where the float model writes E2E-OQP's chat turns
+    it is a stage of its own, before the teacher pass (the rest of the estimate unchanged)."""
     s = MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1)
     assert memory.converter_pipeline(s) == "streamed"
-    assert memory.converter_pipeline(replace(s, float_model=True)) == "streamed-oneshot"
-    assert memory.converter_pipeline(replace(s, bqpo_epochs=0, e2e_epochs=0, float_model=True)) == "streamed"
     assert [st.name for st in estimate(ONE_B, s, "streamed").stages] == \
         ["embed", "sensitivity", "one-shot", "bqpo", "teacher", "e2e", "export"]
+    writes = replace(s, chat_share=0.5, chat_replies="self")
+    assert memory.converter_pipeline(writes) == "streamed"
+    assert [st.name for st in estimate(ONE_B, writes, "streamed").stages] == \
+        ["embed", "sensitivity", "one-shot", "bqpo", "chat", "teacher", "e2e", "export"]
+    for stage in ("bqpo", "teacher", "e2e", "export"):
+        assert peak(ONE_B, writes, "streamed", stage) == peak(ONE_B, s, "streamed", stage)
+    chat = {st.name: st for st in estimate(ONE_B, writes, "streamed").stages}["chat"]
+    assert chat.terms["model f32"] == 4 * model_sizes(ONE_B).total
+    for quiet in (replace(writes, chat_replies="text"), replace(writes, chat_share=0.0),
+                  replace(writes, e2e_epochs=0, bqpo_epochs=0)):
+        assert "chat" not in [st.name for st in estimate(ONE_B, quiet, "streamed").stages]
     assert [st.name for st in estimate(ONE_B, s, "streamed-oneshot").stages] == \
         ["embed", "sensitivity", "one-shot", "load", "bqpo", "e2e", "export"]
     for stage in ("bqpo", "e2e"):
@@ -338,3 +348,20 @@ def test_e2e_moments_in_bf16_where_they_save_more_than_a_gigabyte():
     assert (got.e2e.moments, got.e2e.checkpointing) == ("fp32", "off")
     with pytest.raises(TrainingError, match="resolved"):
         run_e2e(None, None, dataclasses.replace(CONVERT_E2E, amp="none"), log=lambda *a: None)
+
+
+def test_chat_turns_written_by_the_float_model_where_that_costs_no_peak_memory():
+    """--e2e-chat-replies auto: "self" where loading the float model to write the chat windows does
+    not raise the conversion's peak (SmolLM2-135M at the defaults), "text" where it would (the 1B
+    and 7B shapes, whose float model alone is several GB more than the streamed conversion holds);
+    a given choice is kept."""
+    s = MemorySettings(nsamples=128, seqlen=512, e2e_epochs=1, e2e_windows=384, e2e_batch=1,
+                       chat_share=0.5, chat_replies="auto")
+    assert memory.chat_replies(SMOL, s) == "self"
+    for big in (ONE_B, SEVEN_B):
+        assert memory.chat_replies(big, s) == "text"
+    for given in ("text", "model", "self"):
+        assert memory.chat_replies(SEVEN_B, replace(s, chat_replies=given)) == given
+    chosen = estimate(SMOL, replace(s, chat_replies="self"), "streamed")
+    assert chosen.peak.name != "chat"
+    assert chosen.peak.total == estimate(SMOL, replace(s, chat_replies="text"), "streamed").peak.total

@@ -224,6 +224,79 @@ def test_chat_windows_take_the_first_answer_from_reply(tmp_path):
         calib.chat_windows(tok, ids, 2, 64, seed=5, turn=(8, 16), reply=lambda conversations: ["only one"])
 
 
+def test_chat_windows_take_the_first_question_from_ask(tmp_path):
+    """chat_windows(reply=..., ask=...): `ask` writes the first user turn of every window and
+    `reply` answers it; the template's text around a user message is what the model writes a
+    question under (calib.user_turn_prefix)."""
+    from transformers import AutoTokenizer
+
+    from gqsa_gguf import calib
+
+    folder = make_checkpoint(tmp_path / "ckpt", "llama")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    before, after = calib.user_turn_prefix(tok)
+    assert before.startswith("<|im_start|>") and before.endswith("<|im_start|>user\n")
+    assert after.startswith("<|im_end|>")
+    ids = calib.tokenize(tok, text() * 20)
+    asked = []
+
+    def ask(n):
+        asked.append(n)
+        return [f"question number {i}?" for i in range(n)]
+
+    def reply(conversations):
+        return [f"answer to {c[0]['content']}" for c in conversations]
+
+    w = calib.chat_windows(tok, ids, 3, 96, seed=5, turn=(8, 16), reply=reply, ask=ask)
+    assert asked == [3]
+    for i, row in enumerate(w.tolist()):
+        decoded = tok.decode(row)
+        assert f"user\nquestion number {i}?<|im_end|>" in decoded
+        assert f"assistant\nanswer to question number {i}?" in decoded
+    with pytest.raises(calib.CalibError, match="questions"):
+        calib.chat_windows(tok, ids, 2, 64, seed=5, reply=reply, ask=lambda n: ["only one"])
+
+
+def test_e2e_chat_windows_written_by_the_float_model_itself(tmp_path, monkeypatch):
+    """The converter's --e2e-chat-replies auto on a small model: "self" (recorded so), the float
+    model writes the questions (sampled from its chat template up to a user message, stopped at
+    the end of the turn) and answers them; the windows are kept for --resume, which writes nothing
+    again."""
+    from transformers import AutoTokenizer
+
+    from gqsa_gguf import calib
+
+    said = {"q": [], "a": []}
+    real_q, real_a = calib.model_questions, calib.model_replies
+
+    def short(real, key, n):
+        def make(model, tokenizer, seed, **kw):
+            inner = real(model, tokenizer, seed, max_new_tokens=n, **kw)
+
+            def call(arg):
+                said[key].append(inner(arg))
+                return said[key][-1]
+            return call
+        return make
+    monkeypatch.setattr(calib, "model_questions", short(real_q, "q", 8))
+    monkeypatch.setattr(calib, "model_replies", short(real_a, "a", 6))
+    ck = tmp_path / "ck"
+    e2e_cfg = E2EConfig(epochs=1, windows=8, loss="kd", chat_share=0.25, chat_replies="auto")
+    seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch, e2e_cfg, seqlen=256, checkpoint_dir=str(ck))
+    assert recorded["e2e"]["chat_replies"] == "self" and (ck / "chat.ckpt").is_file()
+    assert len(said["q"]) == 1 and len(said["q"][0]) == 2 and len(said["a"]) == 1
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"))
+    for q, a, row in zip(said["q"][0], said["a"][0], seen["windows"][6:]):
+        decoded = tok.decode(row.tolist())
+        assert decoded.index(q.strip()) < decoded.index("assistant\n" + a.strip())
+    windows = seen["windows"]
+    said["q"].clear()
+    said["a"].clear()
+    seen, _ = _convert_spying_e2e(tmp_path, monkeypatch, e2e_cfg, name="again.gguf", seqlen=256,
+                                  checkpoint_dir=str(ck), resume=True)
+    assert said == {"q": [], "a": []} and torch.equal(seen["windows"], windows)
+
+
 def test_e2e_chat_replies_written_by_the_float_model(tmp_path, monkeypatch):
     """--e2e-chat-replies model: the float model answers the chat windows' user turns, the answers
     are in E2E-OQP's windows, kept in the checkpoint folder, and --resume reads them back."""

@@ -205,17 +205,27 @@ def test_interrupted_streamed_oneshot_resumes_from_its_last_block(stop_in, tmp_p
 
 def test_convert_with_training_streams_and_matches_the_whole_model_training(tmp_path, monkeypatch):
     """convert with BQPO and E2E-OQP (distilled) never loads the model whole, and its file holds
-    what the whole-model training (kept for --e2e-chat-replies model) writes, to float tolerance:
-    the same integer codes but for a rounding-boundary few, scales and norm gains within fp16's
-    precision (the streamed teacher's hidden states are fp16)."""
+    what the whole-model training (pipeline.train on the float model in memory, put in the
+    streamed training's place) writes, to float tolerance: the same integer codes but for a
+    rounding-boundary few, scales and norm gains within fp16's precision (the streamed teacher's
+    hidden states are fp16)."""
+    import contextlib
     from gqsa_gguf import model_io
     from gqsa_gguf.config import BQPOConfig, E2EConfig
 
     folder, info, _, _ = _setup("qwen2 (biases)")
     cfg = dataclasses.replace(_cfg(folder, tmp_path / "w.gguf", allocation="uniform"),
                               bqpo=BQPOConfig(epochs=1), e2e=E2EConfig(epochs=1, loss="kd", batch_size=2))
+    @contextlib.contextmanager
+    def whole_model_training(source, store, windows, e2e_windows, cfg, *a, **k):
+        trained = pipeline.train(load_model(source.info), {n: store[n].unpack() for n in store}, windows,
+                                 dataclasses.replace(cfg.bqpo, progress=False),
+                                 dataclasses.replace(cfg.e2e, progress=False), log=lambda *a: None,
+                                 e2e_windows=e2e_windows)
+        yield trained.linears, trained.norms
+
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "needs_float_model", lambda cfg: True)       # the whole-model training
+        m.setattr(pipeline, "_train_streamed", whole_model_training)
         pipeline.convert(cfg, progress=False, log=lambda *a: None)
     untrained = tmp_path / "u.gguf"
     pipeline.convert(dataclasses.replace(cfg, output=str(untrained), bqpo=BQPOConfig(epochs=0),
