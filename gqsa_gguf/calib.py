@@ -145,6 +145,8 @@ def chat_windows(tokenizer, token_ids, nsamples: int, seqlen: int, seed: int, tu
     questions, to what it is asked."""
     import torch
 
+    if ask is not None and reply is None:
+        raise CalibError("chat windows: the model's own questions (ask) need its answers (reply) too")
     if not has_chat_template(tokenizer):
         raise CalibError("the tokenizer has no chat template: chat-formatted calibration windows need one "
                          "(use --e2e-chat-share 0 for a base model)")

@@ -255,6 +255,8 @@ def test_chat_windows_take_the_first_question_from_ask(tmp_path):
         assert f"assistant\nanswer to question number {i}?" in decoded
     with pytest.raises(calib.CalibError, match="questions"):
         calib.chat_windows(tok, ids, 2, 64, seed=5, reply=reply, ask=lambda n: ["only one"])
+    with pytest.raises(calib.CalibError, match="need its answers"):
+        calib.chat_windows(tok, ids, 2, 64, seed=5, ask=ask)
 
 
 def test_e2e_chat_windows_written_by_the_float_model_itself(tmp_path, monkeypatch):
