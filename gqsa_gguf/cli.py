@@ -99,8 +99,8 @@ def _add_convert(sub) -> None:
     p.add_argument("--e2e-chat-replies", choices=CHAT_REPLIES, default=CONVERT_E2E.chat_replies,
                    help="who writes the turns of those conversations: 'text', chunks of the calibration "
                         "text; 'model', the float model answers text turns; 'self', the float model writes "
-                        "the questions too (what it was tuned to be asked; SmolLM2-135M: about 4 minutes of "
-                        "generation on 2 cores); 'auto', self where loading the float model for it costs no "
+                        "the questions too (what it was tuned to be asked; SmolLM2-135M at the defaults: about "
+                        "7 minutes of generation on 2 cores in fp32); 'auto', self where loading the float model for it costs no "
                         "peak memory, else text")
     p.add_argument("--e2e-moments", choices=("auto", "fp32", "bf16"), default=CONVERT_E2E.moments,
                    help="E2E-OQP's AdamW moments between steps: bf16 halves their memory (a 7B model: "

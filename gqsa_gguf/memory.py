@@ -337,7 +337,7 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             "AdamW temporaries": int(kept_block * F32),
             "heap residue": int(BQPO_RESIDUE * block),
             "one block compressed": int(kept_block * (2 * ONESHOT_BYTES_PER_KEPT + 2 * GQSA4_BYTES_PER_KEPT))}))
-    if s.e2e_epochs > 0 and s.writes_chat:
+    if s.writes_chat:
         stages.append(_chat_stage(z, s))
     if s.e2e_epochs > 0 and s.train_on_host:
         e2e_acts = s.e2e_tokens * z.hidden

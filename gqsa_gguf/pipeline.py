@@ -179,6 +179,12 @@ def resolve_training_precision(cfg: ConvertConfig, log=print) -> ConvertConfig:
     return dataclasses.replace(cfg, bqpo=bqpo, e2e=e2e)
 
 
+# what E2E-OQP's chat windows are made of, per --e2e-chat-replies (for the log)
+_CHAT_MADE_OF = {"text": "made of the calibration text",
+                 "model": "of user turns from the calibration text and the float model's own answers",
+                 "self": "of the float model's own questions and answers"}
+
+
 def resolve_memory_choices(cfg: ConvertConfig, info, log=print) -> ConvertConfig:
     """cfg with E2E-OQP's "auto" memory-for-time and memory-for-quality choices replaced by what this
     model gets (memory.e2e_moments, memory.e2e_checkpointing, memory.chat_replies), so the file's
@@ -196,10 +202,7 @@ def resolve_memory_choices(cfg: ConvertConfig, info, log=print) -> ConvertConfig
                   "every decoder layer's activations kept for the backward")
         + (" (--e2e-checkpointing auto)" if cfg.e2e.checkpointing == "auto" else "")
         + ("" if not cfg.e2e.chat_share else
-           "; chat windows " + {"self": "of the float model's own questions and answers",
-                                "model": "of text questions and the float model's answers",
-                                "text": "made of the calibration text"}[replies]
-           + (" (--e2e-chat-replies auto)" if cfg.e2e.chat_replies == "auto" else "")))
+           f"; chat windows {_CHAT_MADE_OF[replies]}" + (" (--e2e-chat-replies auto)" if cfg.e2e.chat_replies == "auto" else "")))
     return dataclasses.replace(cfg, e2e=dataclasses.replace(cfg.e2e, moments=moments, checkpointing=checkpointing,
                                                             chat_replies=replies))
 
@@ -435,11 +438,10 @@ def _with_chat_windows(info, tokenizer, ids, e2e_windows, seqlen: int, cfg, chec
         return e2e_windows
     t = time.time()
     mode = cfg.e2e.chat_replies
-    if mode not in ("text", "model", "self"):
+    if mode not in _CHAT_MADE_OF:
         raise ConfigError(f"--e2e-chat-replies {mode!r} is not resolved (resolve_memory_choices)")
     if mode == "text":
         chats = calib.chat_windows(tokenizer, ids, n_chat, seqlen, cfg.calib.seed)
-        how = "made of the same text"
     else:
         path = Path(checkpoint_dir) / "chat.ckpt" if checkpoint_dir else None
         fp = ckpt.run_fingerprint(info.hf_config, ids, n_chat, seqlen, cfg.calib.seed, mode)
@@ -461,11 +463,9 @@ def _with_chat_windows(info, tokenizer, ids, e2e_windows, seqlen: int, cfg, chec
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 ckpt.save(path, {"stage": "chat", "fingerprint": fp}, {"windows": chats})
-        how = ("of the float model's own questions and answers" if mode == "self" else
-               "of user turns from the same text and the float model's own answers")
     times["chat"] = time.time() - t
     log(f"E2E-OQP: {n_chat} of its {e2e_windows.shape[0]} windows are conversations in the model's chat "
-        f"template, {how}")
+        f"template, {_CHAT_MADE_OF[mode]}")
     return torch.cat([e2e_windows[:e2e_windows.shape[0] - n_chat], chats])
 
 
