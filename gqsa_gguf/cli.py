@@ -90,9 +90,13 @@ def _add_convert(sub) -> None:
                         "each layer is expanded in the forward, the teacher is the float model's final "
                         "hidden states from one block-by-block pass)")
     p.add_argument("--e2e-windows", type=int, default=CONVERT_E2E.windows,
-                   help="E2E-OQP training windows of --seqlen tokens drawn from the calibration text (0 = "
-                        "the --nsamples windows of the one-shot pass); an epoch's time grows with them "
-                        "(SmolLM2-135M on 2 cores: about 10 s per 2 windows)")
+                   help="E2E-OQP training windows of --e2e-seqlen tokens drawn from the calibration text (0 = "
+                        "--nsamples windows, the one-shot pass's own when their lengths agree); an epoch's "
+                        "time grows with their tokens (SmolLM2-135M on 2 cores: about 5 s per 512)")
+    p.add_argument("--e2e-seqlen", type=int, default=CONVERT_E2E.seqlen,
+                   help="tokens per E2E-OQP training window (0 = --seqlen); shorter windows give more steps "
+                        "for the same tokens and time, and need less memory (SmolLM2-135M at the defaults' "
+                        "tokens: 768 x 256 scored 11 %% worse than 384 x 512, docs/DESIGN.md)")
     p.add_argument("--e2e-chat-share", type=float, default=CONVERT_E2E.chat_share,
                    help="share of the E2E-OQP windows that are conversations in the model's chat template "
                         "(0 for base models; ignored without a chat template)")
@@ -225,7 +229,7 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
                           batch_size=a.batch_size),
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
-        e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows,
+        e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seqlen=a.e2e_seqlen,
                                 chat_share=a.e2e_chat_share, chat_replies=a.e2e_chat_replies, seed=a.seed,
                                 device=a.device, amp=a.amp, moments=a.e2e_moments,
                                 checkpointing=a.e2e_checkpointing),

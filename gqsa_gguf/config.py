@@ -325,6 +325,10 @@ class E2EConfig:
     # training windows: 0 = the one-shot pass's calibration windows; N = N windows drawn from the
     # same text (one epoch over more distinct windows beat repeated epochs, docs/DESIGN.md)
     windows: int = 0
+    # tokens per training window: 0 = the calibration windows' (--seqlen); shorter windows give
+    # more steps for the same tokens (on SmolLM2 better in a 192-step run, worse at the
+    # converter's 384 x 512 tokens, docs/DESIGN.md)
+    seqlen: int = 0
     # share of those windows replaced by conversations in the model's chat template made of the
     # same text (calib.chat_windows), so the distillation also covers what follows chat markers
     chat_share: float = 0.0
@@ -356,6 +360,9 @@ class E2EConfig:
         _check_amp("e2e", self.amp)
         _check_int("--e2e-epochs", self.epochs, 0)
         _check_int("--e2e-windows", self.windows, 0, 1_000_000)
+        _check_int("--e2e-seqlen", self.seqlen, 0, 1 << 20)
+        if 0 < self.seqlen < 8:
+            raise ConfigError(f"--e2e-seqlen {self.seqlen}: windows shorter than 8 tokens train nothing (0 = --seqlen)")
         _check_int("e2e.seed", self.seed, 0)
         _check_int("e2e.batch_size", self.batch_size, 1)
         _check_int("e2e.micro_batch", self.micro_batch, 1)
@@ -366,7 +373,9 @@ class E2EConfig:
 
     def fingerprint_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("checkpoint_dir", "resume", "progress", "micro_batch", "step_in_backward", "checkpointing"):
+        # seqlen: the windows themselves are in the fingerprint (e2e._fingerprint), and leaving it
+        # out keeps checkpoints written before the setting existed resumable
+        for k in ("checkpoint_dir", "resume", "progress", "micro_batch", "step_in_backward", "checkpointing", "seqlen"):
             d.pop(k)
         return d
 
@@ -383,7 +392,9 @@ CONVERT_BQPO = BQPOConfig(epochs=0, amp="auto")
 # the distilled SmolLM2 answered every chat turn with an empty reply; written by the float model
 # itself (chat_replies "auto" -> "self" where it costs no peak memory), half of them distilled the
 # chat behaviour better than a quarter of text turns at the same plain-text perplexity (docs/DESIGN.md)
-# one window a step: 96 steps of 1 window beat 48 of 2 over the same windows (docs/DESIGN.md)
+# one window a step: 96 steps of 1 window beat 48 of 2 over the same windows (docs/DESIGN.md);
+# windows of 512 tokens: 768 of 256 (the same tokens in twice the steps) won a short run but lost
+# end to end, 88.6 against 79.5 (docs/DESIGN.md)
 CONVERT_E2E = E2EConfig(epochs=1, windows=384, loss="kd", amp="auto", chat_share=0.5, chat_replies="auto",
                         moments="auto", batch_size=1)
 

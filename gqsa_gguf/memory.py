@@ -111,17 +111,20 @@ class MemorySettings:
     e2e_checkpointing: str = "auto"    # the streamed E2E-OQP's layer checkpointing (E2EConfig.checkpointing)
     train_on_host: bool = True         # False: BQPO / E2E-OQP run on a GPU (--device cuda), not counted here
     e2e_windows: int = 0               # E2E-OQP's training windows (--e2e-windows); 0: the nsamples windows
+    e2e_seqlen: int = 0                # their tokens each (--e2e-seqlen, clipped); 0: seqlen
     chat_share: float = 0.0            # share of E2E-OQP's windows that are chat windows (--e2e-chat-share)
     chat_replies: str = "text"         # who writes their turns (--e2e-chat-replies; "auto": chat_replies)
 
     @classmethod
     def from_config(cls, cfg, info=None, device: str | None = None) -> "MemorySettings":
         seqlen = cfg.calib.seqlen if info is None else min(cfg.calib.seqlen, info.context_length)
+        e2e_seqlen = cfg.e2e.seqlen if info is None else min(cfg.e2e.seqlen, info.context_length)
         c = cfg.compression
         device = cfg.e2e.device if device is None else device
         return cls(nsamples=cfg.calib.nsamples, seqlen=seqlen, batch_size=cfg.calib.batch_size,
                    bqpo_epochs=cfg.bqpo.epochs, e2e_epochs=cfg.e2e.epochs, sparsity=c.sparsity,
                    allocation=c.allocation, train_on_host=str(device) == "cpu", e2e_windows=cfg.e2e.windows,
+                   e2e_seqlen=e2e_seqlen,
                    e2e_micro_batch=cfg.e2e.micro_batch, e2e_batch=cfg.e2e.batch_size,
                    e2e_step_in_backward=cfg.e2e.step_in_backward, e2e_moments=cfg.e2e.moments,
                    e2e_checkpointing=cfg.e2e.checkpointing,
@@ -133,9 +136,14 @@ class MemorySettings:
         return bool(self.e2e_epochs and self.chat_share and self.chat_replies in ("model", "self"))
 
     @property
+    def e2e_len(self) -> int:
+        """Tokens of one E2E-OQP training window."""
+        return self.e2e_seqlen or self.seqlen
+
+    @property
     def e2e_tokens(self) -> int:
         """Tokens of E2E-OQP's training windows."""
-        return (self.e2e_windows or self.nsamples) * self.seqlen
+        return (self.e2e_windows or self.nsamples) * self.e2e_len
 
 
 @dataclass(frozen=True)
@@ -276,13 +284,13 @@ def _whole_model(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stag
             + _forward_temps(z, s.bqpo_batch * s.seqlen, s.seqlen),
             "one-shot result": int(kept * ONESHOT_BYTES_PER_KEPT)}))
     if s.e2e_epochs > 0 and s.train_on_host:
-        tokens = s.e2e_micro_batch * s.seqlen
+        tokens = s.e2e_micro_batch * s.e2e_len
         stages.append(Stage("e2e", {
             **resident, "freed copies' heap": int(TRAIN_RESIDUE * model), "student (dense parts)": (z.total - z.linear) * F32,
             "student packed linears": int(kept * PACKED_BYTES_PER_KEPT),
             "scale/zero grad + AdamW": int(kept / 16 * 2 * F32 * 3),
             "dense fake-quant weights": z.linear * F32,
-            "activations for backward": z.n_layers * _saved_for_backward(z, tokens, s.seqlen),
+            "activations for backward": z.n_layers * _saved_for_backward(z, tokens, s.e2e_len),
             "logits": LOGIT_COPIES * tokens * z.vocab * F32}))
     stages.append(Stage("export", {**resident, "compressed": int(kept * ONESHOT_BYTES_PER_KEPT),
                                    "dense tensor conversion": z.embed * (F32 + 2)}))
@@ -341,13 +349,13 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
         stages.append(_chat_stage(z, s))
     if s.e2e_epochs > 0 and s.train_on_host:
         e2e_acts = s.e2e_tokens * z.hidden
-        batch_tokens = min(s.batch_size, s.e2e_windows or s.nsamples) * s.seqlen
+        batch_tokens = min(s.batch_size, s.e2e_windows or s.nsamples) * s.e2e_len
         # streamed_train.float_final_hidden: the float chain over E2E-OQP's windows, one block read
         # at a time, and the final hidden states it keeps (fp16)
         stages.append(Stage("teacher", {
             **base, "embeddings f32": z.embed * F32, "float chain f32": e2e_acts * F32,
             "final hidden f16": e2e_acts * 2, "block f32": block,
-            "block forward": _forward_temps(z, batch_tokens, s.seqlen)}))
+            "block forward": _forward_temps(z, batch_tokens, s.e2e_len)}))
         stages.append(_streamed_e2e(z, s, e2e_micro_batch(z, s), e2e_checkpointing(z, s)))
     # the export (pipeline.convert without training): the GGUF writer holds every tensor of the
     # file until it writes (gqsa4 rows, F16 embeddings and head); the dense tensors are read one
@@ -399,7 +407,7 @@ def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bo
     kept = (1 - s.sparsity) * z.linear
     widest = max(n * k for n, k in z.linear_shapes)
     e2e_acts = s.e2e_tokens * z.hidden
-    tokens = micro * s.seqlen
+    tokens = micro * s.e2e_len
     qparams = _qparam_bytes(z, s)
     # e2e.ParamStepper: AdamW's two moments per scale and zero (fp32, or bf16 between steps); the
     # gradients: all of them when one step follows the backward (or micro-batches accumulate into
@@ -428,9 +436,9 @@ def _streamed_e2e(z: ModelSizes, s: MemorySettings, micro: int, checkpointed: bo
     if checkpointed:
         # each layer's input, and one layer's forward recomputed for its backward
         terms["checkpointed layer inputs"] = z.n_layers * tokens * z.hidden * F32
-        terms["one layer recomputed"] = _saved_for_backward(z, tokens, s.seqlen)
+        terms["one layer recomputed"] = _saved_for_backward(z, tokens, s.e2e_len)
     else:
-        terms["every layer's activations"] = z.n_layers * _saved_for_backward(z, tokens, s.seqlen)
+        terms["every layer's activations"] = z.n_layers * _saved_for_backward(z, tokens, s.e2e_len)
     return Stage("e2e", terms)
 
 

@@ -122,12 +122,17 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     log(f"calibration: {desc}, {ids.size} tokens -> {cfg.calib.nsamples} windows x {seqlen} tokens "
         f"(seed {cfg.calib.seed})")
     e2e_windows = windows
-    if cfg.e2e.epochs and cfg.e2e.windows and cfg.e2e.windows != cfg.calib.nsamples:
-        e2e_windows = calib.calibration_windows(ids, cfg.e2e.windows, seqlen, cfg.calib.seed)
-        if ids.size < cfg.e2e.windows * seqlen:
+    e2e_seqlen = min(cfg.e2e.seqlen or seqlen, info.context_length)
+    if cfg.e2e.epochs and cfg.e2e.seqlen > info.context_length:
+        notes.append(f"--e2e-seqlen {cfg.e2e.seqlen} clipped to the model's context length {info.context_length}")
+    cfg = dataclasses.replace(cfg, e2e=dataclasses.replace(cfg.e2e, seqlen=e2e_seqlen))   # what runs is recorded
+    n_e2e = cfg.e2e.windows or cfg.calib.nsamples
+    if cfg.e2e.epochs and (n_e2e != cfg.calib.nsamples or e2e_seqlen != seqlen):
+        e2e_windows = calib.calibration_windows(ids, n_e2e, e2e_seqlen, cfg.calib.seed)
+        if ids.size < n_e2e * e2e_seqlen:
             notes.append(f"calibration text has {ids.size} tokens < e2e windows x seqlen = "
-                         f"{cfg.e2e.windows * seqlen}: E2E-OQP windows overlap")
-        log(f"E2E-OQP windows: {cfg.e2e.windows} x {seqlen} tokens from the same text")
+                         f"{n_e2e * e2e_seqlen}: E2E-OQP windows overlap")
+        log(f"E2E-OQP windows: {n_e2e} x {e2e_seqlen} tokens from the same text")
     times["prepare"] = time.time() - t
 
     log(f"compressing: GQSA {c.spec} (4-bit, {c.sparsity:.0%} of 16-weight groups pruned per row on average), "
@@ -147,7 +152,7 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
 
         if cfg.bqpo.epochs or cfg.e2e.epochs:
             rope = model_io.rope_freq_factors(source.model, info)
-            e2e_windows = _with_chat_windows(info, tokenizer, ids, e2e_windows, seqlen, cfg, checkpoint_dir,
+            e2e_windows = _with_chat_windows(info, tokenizer, ids, e2e_windows, e2e_seqlen, cfg, checkpoint_dir,
                                              resume, progress, log, notes, times)
             linears, norms = stack.enter_context(_train_streamed(source, store, windows, e2e_windows, cfg, checkpoint_dir,
                                                                  resume, progress, log, times))

@@ -109,6 +109,8 @@ def test_cli_builds_config_with_defaults():
     assert cfg.e2e.moments == "auto" and cfg.e2e.checkpointing == "auto"
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-moments", "bf16"])
     assert convert_config_from_args(a).e2e.moments == "bf16"
+    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-seqlen", "256", "--e2e-windows", "64"])
+    assert (convert_config_from_args(a).e2e.seqlen, convert_config_from_args(a).e2e.windows) == (256, 64)
 
 
 # --- refusals through main(): non-zero exit, one clear line, no output file -----------------------------
@@ -134,6 +136,13 @@ def llama_dir():
 def test_bad_spec_exits_2(tmp_path, capsys, llama_dir, spec, needle):
     out = tmp_path / "o.gguf"
     _refused(capsys, ["convert", str(llama_dir), "--gqsa", spec, "-o", str(out)], [needle, spec], code=2)
+    assert not out.exists()
+
+
+def test_too_short_e2e_windows_exit_2(tmp_path, capsys, llama_dir):
+    out = tmp_path / "o.gguf"
+    _refused(capsys, ["convert", str(llama_dir), "--e2e-seqlen", "4", "-o", str(out)], ["--e2e-seqlen 4", "8 tokens"],
+             code=2)
     assert not out.exists()
 
 

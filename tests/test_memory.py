@@ -365,3 +365,19 @@ def test_chat_turns_written_by_the_float_model_where_that_costs_no_peak_memory()
     chosen = estimate(SMOL, replace(s, chat_replies="self"), "streamed")
     assert chosen.peak.name != "chat"
     assert chosen.peak.total == estimate(SMOL, replace(s, chat_replies="text"), "streamed").peak.total
+
+
+def test_shorter_e2e_windows_hold_less():
+    """--e2e-seqlen: E2E-OQP's stages are estimated on its own windows' length (the logits and the
+    saved activations of a step scale with it), the one-shot stages on --seqlen's; 0 is --seqlen."""
+    s = MemorySettings(nsamples=128, seqlen=512, e2e_epochs=1, e2e_windows=384, e2e_batch=1)
+    short = replace(s, e2e_windows=768, e2e_seqlen=256)
+    assert s.e2e_len == 512 and short.e2e_len == 256 and short.e2e_tokens == s.e2e_tokens
+    z = model_sizes(SMOL)
+    long_st = {st.name: st.total for st in memory._streamed(z, s, 0)}
+    short_st = {st.name: st.total for st in memory._streamed(z, short, 0)}
+    assert short_st["e2e"] < long_st["e2e"] - 0.3 * GB
+    for name in ("sensitivity", "one-shot"):
+        assert short_st[name] == long_st[name]
+    assert replace(s, e2e_seqlen=512).e2e_len == s.e2e_len
+

@@ -76,10 +76,11 @@ def test_gguf_records_the_training_configs_used(tmp_path, monkeypatch):
     convert(cfg, progress=False, log=lambda *a: None, checkpoint_dir=str(tmp_path / "train"))
 
     recorded = read_gguf(out).gqsa_config
-    # E2E-OQP's layer checkpointing "auto" is recorded as what it resolved to for this tiny model
-    assert recorded["e2e"]["checkpointing"] == "off"
+    # E2E-OQP's layer checkpointing "auto" is recorded as what it resolved to for this tiny model,
+    # and its window length 0 (= --seqlen) as the length its windows had
+    assert recorded["e2e"]["checkpointing"] == "off" and recorded["e2e"]["seqlen"] == 32
     assert ConvertConfig.from_dict(recorded) == dataclasses.replace(
-        cfg, e2e=dataclasses.replace(cfg.e2e, checkpointing="off"))
+        cfg, e2e=dataclasses.replace(cfg.e2e, checkpointing="off", seqlen=32))
     assert recorded["compression"].items() >= {"spec": "w4s40", "method": "rtn", "allocation": "uniform",
                                                "damp": 0.02}.items()
     assert recorded["calib"].items() >= {"source": str(calib), "nsamples": 4, "seqlen": 32, "seed": 3}.items()
@@ -128,6 +129,24 @@ def test_e2e_windows_drawn_apart_from_the_oneshot_windows(tmp_path, monkeypatch)
     seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch, E2EConfig(epochs=1, windows=6, loss="kd"))
     assert tuple(seen["windows"].shape) == (6, 32)
     assert recorded["e2e"]["windows"] == 6
+
+
+def test_e2e_windows_of_their_own_length(tmp_path, monkeypatch):
+    """--e2e-seqlen L: E2E-OQP's windows hold L tokens each whatever --seqlen the one-shot pass
+    calibrates on (with --e2e-windows 0, --nsamples of them, not the one-shot's own); the file
+    records the length that was used; lengths under 8 are refused like --seqlen's."""
+    seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch, E2EConfig(epochs=1, windows=6, seqlen=16, loss="kd"))
+    assert tuple(seen["windows"].shape) == (6, 16)
+    assert recorded["e2e"]["seqlen"] == 16 and recorded["calib"]["seqlen"] == 32
+    seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch, E2EConfig(epochs=1, windows=0, seqlen=8, loss="kd"),
+                                         nsamples=3, name="m0.gguf")
+    assert tuple(seen["windows"].shape) == (3, 8)
+    # 0: the calibration windows' length, recorded as the length used
+    seen, recorded = _convert_spying_e2e(tmp_path, monkeypatch, E2EConfig(epochs=1, windows=0, loss="kd"),
+                                         name="m1.gguf")
+    assert tuple(seen["windows"].shape) == (2, 32) and recorded["e2e"]["seqlen"] == 32
+    with pytest.raises(ConfigError, match="e2e-seqlen"):
+        E2EConfig(seqlen=4)
 
 
 def test_amp_auto_reads_the_cpu_flags():
