@@ -110,28 +110,18 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
     cfg = resolve_memory_choices(cfg, info, log)
     tokenizer = model_io.load_tokenizer(info)
     text, desc = calib.load_text(cfg.calib.source)
-    seqlen = cfg.calib.seqlen
-    if seqlen > info.context_length:
-        notes.append(f"--seqlen {seqlen} clipped to the model's context length {info.context_length}")
-        seqlen = info.context_length
+    seqlen = _clipped_to_context("--seqlen", cfg.calib.seqlen, info, notes)
     ids = calib.tokenize(tokenizer, text)
-    windows = calib.calibration_windows(ids, cfg.calib.nsamples, seqlen, cfg.calib.seed)
-    if ids.size < cfg.calib.nsamples * seqlen:
-        notes.append(f"calibration text has {ids.size} tokens < nsamples x seqlen = "
-                     f"{cfg.calib.nsamples * seqlen}: windows overlap")
+    windows = _windows(ids, cfg.calib.nsamples, seqlen, cfg.calib.seed, notes, "nsamples", "windows")
     log(f"calibration: {desc}, {ids.size} tokens -> {cfg.calib.nsamples} windows x {seqlen} tokens "
         f"(seed {cfg.calib.seed})")
     e2e_windows = windows
-    e2e_seqlen = min(cfg.e2e.seqlen or seqlen, info.context_length)
-    if cfg.e2e.epochs and cfg.e2e.seqlen > info.context_length:
-        notes.append(f"--e2e-seqlen {cfg.e2e.seqlen} clipped to the model's context length {info.context_length}")
+    e2e_seqlen = (_clipped_to_context("--e2e-seqlen", cfg.e2e.seqlen, info, notes if cfg.e2e.epochs else [])
+                  if cfg.e2e.seqlen else seqlen)
     cfg = dataclasses.replace(cfg, e2e=dataclasses.replace(cfg.e2e, seqlen=e2e_seqlen))   # what runs is recorded
     n_e2e = cfg.e2e.windows or cfg.calib.nsamples
     if cfg.e2e.epochs and (n_e2e != cfg.calib.nsamples or e2e_seqlen != seqlen):
-        e2e_windows = calib.calibration_windows(ids, n_e2e, e2e_seqlen, cfg.calib.seed)
-        if ids.size < n_e2e * e2e_seqlen:
-            notes.append(f"calibration text has {ids.size} tokens < e2e windows x seqlen = "
-                         f"{n_e2e * e2e_seqlen}: E2E-OQP windows overlap")
+        e2e_windows = _windows(ids, n_e2e, e2e_seqlen, cfg.calib.seed, notes, "e2e windows", "E2E-OQP windows")
         log(f"E2E-OQP windows: {n_e2e} x {e2e_seqlen} tokens from the same text")
     times["prepare"] = time.time() - t
 
@@ -182,6 +172,24 @@ def resolve_training_precision(cfg: ConvertConfig, log=print) -> ConvertConfig:
         log(f"training precision: {'bf16 autocast (the device multiplies bf16 in hardware)' if used == 'bf16' else 'fp32'}"
             f" (--amp auto)")
     return dataclasses.replace(cfg, bqpo=bqpo, e2e=e2e)
+
+
+def _clipped_to_context(flag: str, length: int, info, notes: list) -> int:
+    """A window length (--seqlen, --e2e-seqlen) no longer than the model's context, with a note
+    where it was cut."""
+    if length > info.context_length:
+        notes.append(f"{flag} {length} clipped to the model's context length {info.context_length}")
+        return info.context_length
+    return length
+
+
+def _windows(ids, n: int, length: int, seed: int, notes: list, count: str, what: str):
+    """calib.calibration_windows, with a note where the text is too short for them not to overlap."""
+    from . import calib
+
+    if ids.size < n * length:
+        notes.append(f"calibration text has {ids.size} tokens < {count} x seqlen = {n * length}: {what} overlap")
+    return calib.calibration_windows(ids, n, length, seed)
 
 
 # what E2E-OQP's chat windows are made of, per --e2e-chat-replies (for the log)

@@ -110,7 +110,8 @@ def test_cli_builds_config_with_defaults():
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-moments", "bf16"])
     assert convert_config_from_args(a).e2e.moments == "bf16"
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-seqlen", "256", "--e2e-windows", "64"])
-    assert (convert_config_from_args(a).e2e.seqlen, convert_config_from_args(a).e2e.windows) == (256, 64)
+    e2e = convert_config_from_args(a).e2e
+    assert (e2e.seqlen, e2e.windows) == (256, 64)
 
 
 # --- refusals through main(): non-zero exit, one clear line, no output file -----------------------------

@@ -380,4 +380,3 @@ def test_shorter_e2e_windows_hold_less():
     for name in ("sensitivity", "one-shot"):
         assert short_st[name] == long_st[name]
     assert replace(s, e2e_seqlen=512).e2e_len == s.e2e_len
-
