@@ -97,6 +97,10 @@ def _add_convert(sub) -> None:
                    help="tokens per E2E-OQP training window (0 = --seqlen); shorter windows give more steps "
                         "for the same tokens and time, and need less memory (SmolLM2-135M at the defaults' "
                         "tokens: 768 x 256 scored 11 %% worse than 384 x 512, docs/DESIGN.md)")
+    p.add_argument("--e2e-lr-decay", type=float, default=CONVERT_E2E.lr_decay,
+                   help="share of the E2E-OQP steps, at the end, over which the learning rates fall "
+                        "linearly towards 0 (0 = constant rates, the default; on SmolLM2-135M 0.25 scored "
+                        "the same, docs/DESIGN.md)")
     p.add_argument("--e2e-chat-share", type=float, default=CONVERT_E2E.chat_share,
                    help="share of the E2E-OQP windows that are conversations in the model's chat template "
                         "(0 for base models; ignored without a chat template)")
@@ -230,6 +234,7 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
         e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seqlen=a.e2e_seqlen,
+                                lr_decay=a.e2e_lr_decay,
                                 chat_share=a.e2e_chat_share, chat_replies=a.e2e_chat_replies, seed=a.seed,
                                 device=a.device, amp=a.amp, moments=a.e2e_moments,
                                 checkpointing=a.e2e_checkpointing),

@@ -11,8 +11,9 @@ Out: `run_e2e(model, windows, cfg)` -> `E2EReport` (per-step loss, per-epoch mea
 
 Objective: the causal LM loss (next-token cross entropy) of the whole model, or with loss="kd"
 the KL divergence to the float model's next-token distributions (distillation; what the converter
-uses), mean over the windows of a global batch; AdamW with lr_scale / lr_zero / lr_norm; fp32 on the CPU, optional bf16/fp16 autocast on
-CUDA.
+uses), mean over the windows of a global batch; AdamW with lr_scale / lr_zero / lr_norm, constant or
+(lr_decay > 0) falling linearly over that last share of the steps (`lr_factor`); fp32 on the CPU,
+optional bf16/fp16 autocast on CUDA.
 
 Data parallel: under `torchrun` (WORLD_SIZE > 1) call `init_distributed(device)` first (gloo on the
 CPU, NCCL on CUDA). Every rank builds the same windows and the same shuffled order (seeded from
@@ -85,12 +86,14 @@ class ParamStepper:
         self.opt = opt
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[moments]
         self.subs: dict = {}
+        self.group: dict = {}
         for g in opt.param_groups:
             hyper = {k: v for k, v in g.items() if k != "params"}
             for p in g["params"]:
                 sub = torch.optim.AdamW([{**hyper, "params": [p]}])
                 sub.state = opt.state
                 self.subs[p] = sub
+                self.group[p] = g
                 self._store(p)                         # moments loaded from a checkpoint: back to bf16
         self.armed = False
         self._handles: list = []
@@ -107,6 +110,7 @@ class ParamStepper:
         if self.dtype is not None and st:
             for k in self.MOMENT_KEYS:
                 st[k] = st[k].float()
+        self.subs[p].param_groups[0]["lr"] = self.group[p]["lr"]   # the schedule sets opt's groups
         self.subs[p].step()
         self._store(p)
         p.grad = None
@@ -325,6 +329,14 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     return report
 
 
+def lr_factor(step: int, total: int, decay: float) -> float:
+    """The learning rates' multiplier at optimizer step `step` (0-based) of `total`: 1, then over
+    the last round(decay * total) steps a linear fall towards 0 — (total - step) / (n + 1), so the
+    last step still moves the parameters (at 1/(n+1) of the rate)."""
+    n = round(decay * total)
+    return 1.0 if step < total - n else (total - step) / (n + 1)
+
+
 def _epochs(model, windows, cfg, opt, scaler, stepper, in_backward, teacher, params, named, report, start, n,
             device, dist, rank, world, max_steps, fp, ck_path, on_epoch_end, log) -> None:
     """run_e2e's epochs (from `start`): the steps, the per-epoch log, checkpoint and callback."""
@@ -335,6 +347,8 @@ def _epochs(model, windows, cfg, opt, scaler, stepper, in_backward, teacher, par
         steps = min(steps, max_steps)
     local = cfg.batch_size // world
     n_micro = local // cfg.micro_batch
+    for g in opt.param_groups:                          # the rates the schedule scales (kept in checkpoints)
+        g.setdefault("initial_lr", g["lr"])
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         gen = seeded(cfg.seed, "e2e", epoch)
@@ -344,6 +358,9 @@ def _epochs(model, windows, cfg, opt, scaler, stepper, in_backward, teacher, par
         epoch_losses = []
         for step in range(steps):
             where = f"E2E-OQP epoch {epoch} step {step}"
+            f = lr_factor(epoch * steps + step, cfg.epochs * steps, cfg.lr_decay)
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * f
             gidx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             lidx = gidx[rank * local:(rank + 1) * local]
             opt.zero_grad(set_to_none=True)

@@ -112,6 +112,8 @@ def test_cli_builds_config_with_defaults():
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-seqlen", "256", "--e2e-windows", "64"])
     e2e = convert_config_from_args(a).e2e
     assert (e2e.seqlen, e2e.windows) == (256, 64)
+    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-lr-decay", "0.25"])
+    assert convert_config_from_args(a).e2e.lr_decay == 0.25
 
 
 # --- refusals through main(): non-zero exit, one clear line, no output file -----------------------------
@@ -144,6 +146,14 @@ def test_too_short_e2e_windows_exit_2(tmp_path, capsys, llama_dir):
     out = tmp_path / "o.gguf"
     _refused(capsys, ["convert", str(llama_dir), "--e2e-seqlen", "4", "-o", str(out)], ["--e2e-seqlen 4", "8 tokens"],
              code=2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1"])
+def test_lr_decay_outside_the_steps_exits_2(tmp_path, capsys, llama_dir, share):
+    out = tmp_path / "o.gguf"
+    _refused(capsys, ["convert", str(llama_dir), "--e2e-lr-decay", share, "-o", str(out)],
+             [f"--e2e-lr-decay {float(share)}", "[0, 1]"], code=2)
     assert not out.exists()
 
 

@@ -1,5 +1,6 @@
 """E2E-OQP on a tiny random LLaMA: only scales/zeros change, resume is exact, DDP == one process."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gqsa_gguf.e2e import E2EConfig, frozen_from_oneshot, norm_parameters, run_e2e
+from gqsa_gguf.e2e import E2EConfig, frozen_from_oneshot, lr_factor, norm_parameters, run_e2e
 from gqsa_gguf.fakequant import gqs_modules
 from gqsa_gguf.training import TrainingError
 
@@ -95,6 +96,55 @@ def test_e2e_resume_equals_uninterrupted(setup, tmp_path):
     a, b = full.state_dict(), resumed.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_lr_factor_is_constant_then_falls_linearly():
+    assert [lr_factor(i, 6, 0.0) for i in range(6)] == [1.0] * 6
+    assert [lr_factor(i, 8, 0.25) for i in range(8)] == [1.0] * 6 + [2 / 3, 1 / 3]
+    whole = [lr_factor(i, 4, 1.0) for i in range(4)]
+    assert whole == [4 / 5, 3 / 5, 2 / 5, 1 / 5]          # the last step still moves
+
+
+def _rates_used(monkeypatch, target):
+    """Records the learning rate every AdamW step applies to `target` (in either stepping path)."""
+    used = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        for g in self.param_groups:
+            if any(p is target for p in g["params"]):
+                used.append(g["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return used
+
+
+@pytest.mark.parametrize("hooked", [True, False], ids=["stepped in the backward", "one step after the backward"])
+def test_lr_decay_is_the_rate_adamw_applies_and_resumes(setup, tmp_path, monkeypatch, hooked):
+    """With lr_decay 0.5 over 2 epochs of 2 steps, the rate AdamW applies to a scale is lr, lr,
+    then 2/3 and 1/3 of it, in both stepping paths; a run interrupted after its first epoch resumes
+    on the falling rates and ends where the uninterrupted one does, which differs from constant rates."""
+    windows, comp = setup
+    cfg = _cfg(lr_decay=0.5, step_in_backward=hooked)
+    model = _frozen(comp)
+    target = next(iter(gqs_modules(model).values())).scale
+    used = _rates_used(monkeypatch, target)
+    run_e2e(model, windows, cfg, log=lambda s: None)
+    assert used == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3], rel=1e-12)
+
+    d = str(tmp_path / "ck")
+    with pytest.raises(_Interrupt):
+        run_e2e(_frozen(comp), windows, dataclasses.replace(cfg, checkpoint_dir=d), on_epoch_end=_stop,
+                log=lambda s: None)
+    resumed = _frozen(comp)
+    run_e2e(resumed, windows, dataclasses.replace(cfg, checkpoint_dir=d, resume=True), log=lambda s: None)
+    constant = _frozen(comp)
+    run_e2e(constant, windows, dataclasses.replace(cfg, lr_decay=0.0), log=lambda s: None)
+    a, b, c = model.state_dict(), resumed.state_dict(), constant.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith(".scale"))
 
 
 def test_e2e_nan_names_epoch_and_step(setup):
