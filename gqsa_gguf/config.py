@@ -120,6 +120,12 @@ def _check_number(name: str, value: Any) -> None:
         raise ConfigError(f"{name} = {value!r} must be a non-negative number")
 
 
+def _check_share(name: str, value: Any, what: str = "a number") -> None:
+    """A number in [0, 1] (a share of windows, of steps)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} {value!r} must be {what} in [0, 1]")
+
+
 def _from_dict(cls, data: Mapping[str, Any], where: str):
     """Builds dataclass `cls` from `data`, rejecting unknown keys; nested configs recurse."""
     if not isinstance(data, Mapping):
@@ -347,9 +353,7 @@ class E2EConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if isinstance(self.chat_share, bool) or not isinstance(self.chat_share, (int, float)) \
-                or not 0.0 <= self.chat_share <= 1.0:
-            raise ConfigError(f"--e2e-chat-share {self.chat_share!r} must be a number in [0, 1]")
+        _check_share("--e2e-chat-share", self.chat_share)
         if self.chat_replies not in CHAT_REPLIES:
             raise ConfigError(f"--e2e-chat-replies {self.chat_replies!r}: choose one of {', '.join(CHAT_REPLIES)}")
         if self.loss not in ("ce", "kd"):
@@ -371,9 +375,7 @@ class E2EConfig:
         _check_int("e2e.micro_batch", self.micro_batch, 1)
         for n in ("lr_scale", "lr_zero", "lr_norm", "weight_decay"):
             _check_number(f"e2e.{n}", getattr(self, n))
-        if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, (int, float)) \
-                or not 0.0 <= self.lr_decay <= 1.0:
-            raise ConfigError(f"--e2e-lr-decay {self.lr_decay!r} must be a share of the steps in [0, 1]")
+        _check_share("--e2e-lr-decay", self.lr_decay, "a share of the steps")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("--resume needs --checkpoint-dir (where the interrupted run wrote e2e.ckpt)")
 
