@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 
 from . import __version__, arch
@@ -97,6 +98,10 @@ def _add_convert(sub) -> None:
                    help="tokens per E2E-OQP training window (0 = --seqlen); shorter windows give more steps "
                         "for the same tokens and time, and need less memory (SmolLM2-135M at the defaults' "
                         "tokens: 768 x 256 scored 11 %% worse than 384 x 512, docs/DESIGN.md)")
+    for name, what in (("scale", "the groups' scales"), ("zero", "their zero points (continuous, rounded in the "
+                                                                  "forward)"), ("norm", "the RMSNorm gains (0 freezes them)")):
+        p.add_argument(f"--e2e-lr-{name}", type=float, default=getattr(CONVERT_E2E, f"lr_{name}"),
+                       help=f"E2E-OQP's AdamW learning rate of {what}")
     p.add_argument("--e2e-lr-decay", type=float, default=CONVERT_E2E.lr_decay,
                    help="share of the E2E-OQP steps, at the end, over which the learning rates fall "
                         "linearly towards 0 (0 = constant rates, the default; on SmolLM2-135M 0.25 scored "
@@ -222,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rate(flag: str, value: float) -> float:
+    """A learning rate from the command line: finite and >= 0 (ConfigError otherwise)."""
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{flag} {value!r} must be a finite learning rate >= 0")
+    return value
+
+
 def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
     """The frozen config of a parsed `convert` command line (raises ConfigError)."""
     return ConvertConfig(
@@ -234,7 +246,9 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
         e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seqlen=a.e2e_seqlen,
-                                lr_decay=a.e2e_lr_decay,
+                                lr_scale=_rate("--e2e-lr-scale", a.e2e_lr_scale),
+                                lr_zero=_rate("--e2e-lr-zero", a.e2e_lr_zero),
+                                lr_norm=_rate("--e2e-lr-norm", a.e2e_lr_norm), lr_decay=a.e2e_lr_decay,
                                 chat_share=a.e2e_chat_share, chat_replies=a.e2e_chat_replies, seed=a.seed,
                                 device=a.device, amp=a.amp, moments=a.e2e_moments,
                                 checkpointing=a.e2e_checkpointing),

@@ -49,6 +49,8 @@ def test_compression_config_from_spec_and_validation():
         BQPOConfig(epochs=-1)
     with pytest.raises(ConfigError, match="e2e.lr_norm"):
         E2EConfig(lr_norm=-1e-3)
+    with pytest.raises(ConfigError, match="e2e.lr_scale"):
+        E2EConfig(lr_scale=float("nan"))
     with pytest.raises(ConfigError, match="pass it to pipeline.convert"):
         ConvertConfig(e2e=E2EConfig(checkpoint_dir="ck"))
     with pytest.raises(ConfigError, match="nsamples"):
@@ -114,6 +116,10 @@ def test_cli_builds_config_with_defaults():
     assert (e2e.seqlen, e2e.windows) == (256, 64)
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-lr-decay", "0.25"])
     assert convert_config_from_args(a).e2e.lr_decay == 0.25
+    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-lr-scale", "1e-4", "--e2e-lr-zero", "1e-3",
+                                   "--e2e-lr-norm", "0"])
+    e2e = convert_config_from_args(a).e2e
+    assert (e2e.lr_scale, e2e.lr_zero, e2e.lr_norm) == (1e-4, 1e-3, 0.0)
 
 
 # --- refusals through main(): non-zero exit, one clear line, no output file -----------------------------
@@ -154,6 +160,14 @@ def test_lr_decay_outside_the_steps_exits_2(tmp_path, capsys, llama_dir, share):
     out = tmp_path / "o.gguf"
     _refused(capsys, ["convert", str(llama_dir), "--e2e-lr-decay", share, "-o", str(out)],
              [f"--e2e-lr-decay {float(share)}", "[0, 1]"], code=2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,rate", [("--e2e-lr-scale", "-0.001"), ("--e2e-lr-zero", "nan"), ("--e2e-lr-norm", "inf")])
+def test_learning_rate_not_finite_or_negative_exits_2(tmp_path, capsys, llama_dir, flag, rate):
+    out = tmp_path / "o.gguf"
+    _refused(capsys, ["convert", str(llama_dir), flag, rate, "-o", str(out)],
+             [f"{flag} {float(rate)!r}", "finite learning rate"], code=2)
     assert not out.exists()
 
 
