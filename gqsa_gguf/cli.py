@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 
 from . import __version__, arch
@@ -227,13 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rate(flag: str, value: float) -> float:
-    """A learning rate from the command line: finite and >= 0 (ConfigError otherwise)."""
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{flag} {value!r} must be a finite learning rate >= 0")
-    return value
-
-
 def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
     """The frozen config of a parsed `convert` command line (raises ConfigError)."""
     return ConvertConfig(
@@ -246,9 +238,8 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
         e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seqlen=a.e2e_seqlen,
-                                lr_scale=_rate("--e2e-lr-scale", a.e2e_lr_scale),
-                                lr_zero=_rate("--e2e-lr-zero", a.e2e_lr_zero),
-                                lr_norm=_rate("--e2e-lr-norm", a.e2e_lr_norm), lr_decay=a.e2e_lr_decay,
+                                lr_scale=a.e2e_lr_scale, lr_zero=a.e2e_lr_zero, lr_norm=a.e2e_lr_norm,
+                                lr_decay=a.e2e_lr_decay,
                                 chat_share=a.e2e_chat_share, chat_replies=a.e2e_chat_replies, seed=a.seed,
                                 device=a.device, amp=a.amp, moments=a.e2e_moments,
                                 checkpointing=a.e2e_checkpointing),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -114,10 +115,10 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str =
         raise ConfigError(f"{name} = {value} must be {rng}{' — ' + fix if fix else ''}")
 
 
-def _check_number(name: str, value: Any) -> None:
-    """A non-negative number (inf passes: training's NaN/Inf guards are tested with it)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:   # NaN fails too
-        raise ConfigError(f"{name} = {value!r} must be a non-negative number")
+def _check_rate(name: str, value: Any) -> None:
+    """A learning rate or weight decay: a finite number >= 0 (NaN and inf fail)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
+        raise ConfigError(f"{name} {value!r} must be a finite learning rate >= 0")
 
 
 def _check_share(name: str, value: Any, what: str = "a number") -> None:
@@ -274,7 +275,7 @@ class BQPOConfig:
         _check_int("--bqpo-epochs", self.epochs, 0)
         _check_amp("bqpo", self.amp)
         for n in ("lr_weight", "lr_scale", "lr_zero", "weight_decay"):
-            _check_number(f"bqpo.{n}", getattr(self, n))
+            _check_rate(f"bqpo.{n}", getattr(self, n))
         _check_int("bqpo.batch_size", self.batch_size, 1)
         _check_int("bqpo.report_windows", self.report_windows, 1)
         _check_int("bqpo.seed", self.seed, 0)
@@ -374,8 +375,9 @@ class E2EConfig:
         _check_int("e2e.seed", self.seed, 0)
         _check_int("e2e.batch_size", self.batch_size, 1)
         _check_int("e2e.micro_batch", self.micro_batch, 1)
-        for n in ("lr_scale", "lr_zero", "lr_norm", "weight_decay"):
-            _check_number(f"e2e.{n}", getattr(self, n))
+        for n in ("lr_scale", "lr_zero", "lr_norm"):      # named by the flags that set them
+            _check_rate(f"--e2e-{n.replace('_', '-')}", getattr(self, n))
+        _check_rate("e2e.weight_decay", self.weight_decay)
         _check_share("--e2e-lr-decay", self.lr_decay, "a share of the steps")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("--resume needs --checkpoint-dir (where the interrupted run wrote e2e.ckpt)")

@@ -13,7 +13,7 @@ from gqsa_gguf.config import ConfigError
 from gqsa_gguf.fakequant import FrozenGQSLinear, gqs_modules
 from gqsa_gguf.training import TrainingError
 
-from tiny_llama import tiny_model, tiny_oneshot, tiny_windows
+from tiny_llama import nan_gain, tiny_model, tiny_oneshot, tiny_windows
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_bqpo_resume_equals_uninterrupted(setup, tmp_path):
 def test_bqpo_nan_names_block_and_step(setup):
     model, windows, comp = setup
     with pytest.raises(TrainingError, match=r"BQPO block 0 epoch 0 step 0"):
-        run_bqpo(model, comp, windows, _cfg(lr_scale=float("inf")), log=lambda s: None)
+        run_bqpo(nan_gain(copy.deepcopy(model)), comp, windows, _cfg(), log=lambda s: None)
 
 
 def test_bqpo_config_validation():

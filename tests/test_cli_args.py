@@ -47,10 +47,14 @@ def test_compression_config_from_spec_and_validation():
         CompressionConfig.from_spec("w4s50", damp=0.0)
     with pytest.raises(ConfigError, match="bqpo-epochs"):
         BQPOConfig(epochs=-1)
-    with pytest.raises(ConfigError, match="e2e.lr_norm"):
+    with pytest.raises(ConfigError, match="--e2e-lr-norm"):
         E2EConfig(lr_norm=-1e-3)
-    with pytest.raises(ConfigError, match="e2e.lr_scale"):
+    with pytest.raises(ConfigError, match="--e2e-lr-scale nan must be a finite"):
         E2EConfig(lr_scale=float("nan"))
+    with pytest.raises(ConfigError, match="--e2e-lr-zero inf must be a finite"):
+        E2EConfig(lr_zero=float("inf"))
+    with pytest.raises(ConfigError, match="bqpo.lr_weight inf must be a finite"):
+        BQPOConfig(lr_weight=float("inf"))
     with pytest.raises(ConfigError, match="pass it to pipeline.convert"):
         ConvertConfig(e2e=E2EConfig(checkpoint_dir="ck"))
     with pytest.raises(ConfigError, match="nsamples"):

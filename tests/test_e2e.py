@@ -14,7 +14,7 @@ from gqsa_gguf.e2e import E2EConfig, frozen_from_oneshot, lr_factor, norm_parame
 from gqsa_gguf.fakequant import gqs_modules
 from gqsa_gguf.training import TrainingError
 
-from tiny_llama import tiny_model, tiny_oneshot, tiny_windows
+from tiny_llama import nan_gain, tiny_model, tiny_oneshot, tiny_windows
 
 HERE = Path(__file__).resolve().parent
 
@@ -150,7 +150,7 @@ def test_lr_decay_is_the_rate_adamw_applies_and_resumes(setup, tmp_path, monkeyp
 def test_e2e_nan_names_epoch_and_step(setup):
     windows, comp = setup
     with pytest.raises(TrainingError, match=r"E2E-OQP epoch 0 step 0"):
-        run_e2e(_frozen(comp), windows, _cfg(lr_scale=float("inf")), log=lambda s: None)
+        run_e2e(nan_gain(_frozen(comp)), windows, _cfg(), log=lambda s: None)
 
 
 def test_e2e_batch_must_split_evenly(setup):

@@ -45,3 +45,13 @@ def tiny_oneshot(model, windows, spec: str = "w4s50"):
     work = copy.deepcopy(model)
     res = compress_model(work, tiny_info(), windows, CompressionConfig.from_spec(spec), progress=False)
     return res.linears
+
+
+
+def nan_gain(model):
+    """`model` with a NaN in block 0's first RMSNorm gain (in place; returns it): what makes the
+    first training step's loss NaN, for the tests of the trainings' NaN/Inf guards (a NaN group
+    scale is refused before training starts)."""
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[0] = float("nan")
+    return model
