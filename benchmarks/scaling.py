@@ -35,6 +35,8 @@ STAGES = ("prepare", "allocate", "compress", "load", "bqpo", "e2e", "export")
 _TIME = re.compile(r"^time: (.*), total ([\d.]+) s$", re.M)
 _PEAKS = re.compile(r"^peak RSS at the end of each stage: (.*)$", re.M)
 _MAXRSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
+# the converter's own estimate for the run's settings (memory.check, printed before any weight is read)
+_ESTIMATE = re.compile(r"^memory: about ([\d.]+) GB at the peak \((\w+)", re.M)
 _WALL = re.compile(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)")
 
 
@@ -59,7 +61,9 @@ def parse(log: Path) -> dict:
         raise SystemExit(f"{log}: no 'time:', 'peak RSS ...' or /usr/bin/time line — did the run finish?")
     seconds = {k: float(v.removesuffix(" s")) for k, v in (x.split(" ", 1) for x in m.group(1).split(", "))}
     peaks = {k: float(v.removesuffix(" GB")) for k, v in (x.split(" ", 1) for x in p.group(1).split(", "))}
-    return {"seconds": seconds, "peaks": peaks, "max_rss": int(r.group(1)) * 1024, "wall": w.group(1) if w else "?"}
+    est = _ESTIMATE.search(text)
+    return {"seconds": seconds, "peaks": peaks, "max_rss": int(r.group(1)) * 1024, "wall": w.group(1) if w else "?",
+            **({"estimate": float(est.group(1)) * 1e9, "estimate_stage": est.group(2)} if est else {})}
 
 
 def describe(folder: Path, allocation: str) -> dict:
@@ -78,9 +82,10 @@ def table(rows: list[tuple[str, dict, dict]]) -> str:
             + [f"{s} s (peak GB)" for s in used] + ["wall"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, d, r in rows:
+        est, stage = r.get("estimate", d["estimate"]), r.get("estimate_stage", d["estimate_stage"])
         cells = [label, f"{d['params'] / 1e9:.2f}B", f"{d['layers']} x {d['hidden']} / {d['ffn']}",
                  f"{d['block'] * 4 / 1e9:.2f} GB", f"{d['disk'] / 1e9:.2f} GB", f"{r['max_rss'] / 1e9:.2f} GB",
-                 f"{d['estimate'] / 1e9:.2f} GB ({d['estimate_stage']})"]
+                 f"{est / 1e9:.2f} GB ({stage})"]
         cells += [f"{r['seconds'][s]:.0f} ({r['peaks'][s]:.2f})" if s in r["seconds"] else "-" for s in used]
         out.append("| " + " | ".join(cells + [r["wall"]]) + " |")
     return "\n".join(out)
@@ -110,7 +115,8 @@ def main(argv: list[str]) -> int:
             log = run(label, folder, out_dir, extra)
         rows.append((label, describe(folder, allocation), parse(log)))
     md = (f"Settings: `{shlex.join(SETTINGS + extra)}`; peak RSS from /usr/bin/time; per stage: seconds and "
-          f"(the peak RSS when the stage ended, GB); estimate: memory.py's streamed pipeline.\n\n" + table(rows) + "\n")
+          f"(the peak RSS when the stage ended, GB); estimate: the converter's own (memory.py) for the run's "
+          f"settings, printed before it reads a weight.\n\n" + table(rows) + "\n")
     (out_dir / "scaling.md").write_text(md)
     print(md)
     return 0
