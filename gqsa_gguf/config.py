@@ -115,10 +115,10 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str =
         raise ConfigError(f"{name} = {value} must be {rng}{' — ' + fix if fix else ''}")
 
 
-def _check_rate(name: str, value: Any) -> None:
+def _check_rate(name: str, value: Any, what: str = "learning rate") -> None:
     """A learning rate or weight decay: a finite number >= 0 (NaN and inf fail)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
-        raise ConfigError(f"{name} {value!r} must be a finite learning rate >= 0")
+        raise ConfigError(f"{name} {value!r} must be a finite {what} >= 0")
 
 
 def _check_share(name: str, value: Any, what: str = "a number") -> None:
@@ -274,8 +274,9 @@ class BQPOConfig:
     def __post_init__(self):
         _check_int("--bqpo-epochs", self.epochs, 0)
         _check_amp("bqpo", self.amp)
-        for n in ("lr_weight", "lr_scale", "lr_zero", "weight_decay"):
+        for n in ("lr_weight", "lr_scale", "lr_zero"):
             _check_rate(f"bqpo.{n}", getattr(self, n))
+        _check_rate("bqpo.weight_decay", self.weight_decay, "weight decay")
         _check_int("bqpo.batch_size", self.batch_size, 1)
         _check_int("bqpo.report_windows", self.report_windows, 1)
         _check_int("bqpo.seed", self.seed, 0)
@@ -377,7 +378,7 @@ class E2EConfig:
         _check_int("e2e.micro_batch", self.micro_batch, 1)
         for n in ("lr_scale", "lr_zero", "lr_norm"):      # named by the flags that set them
             _check_rate(f"--e2e-{n.replace('_', '-')}", getattr(self, n))
-        _check_rate("e2e.weight_decay", self.weight_decay)
+        _check_rate("e2e.weight_decay", self.weight_decay, "weight decay")
         _check_share("--e2e-lr-decay", self.lr_decay, "a share of the steps")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("--resume needs --checkpoint-dir (where the interrupted run wrote e2e.ckpt)")

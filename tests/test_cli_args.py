@@ -55,6 +55,8 @@ def test_compression_config_from_spec_and_validation():
         E2EConfig(lr_zero=float("inf"))
     with pytest.raises(ConfigError, match="bqpo.lr_weight inf must be a finite"):
         BQPOConfig(lr_weight=float("inf"))
+    with pytest.raises(ConfigError, match="e2e.weight_decay -0.1 must be a finite weight decay"):
+        E2EConfig(weight_decay=-0.1)
     with pytest.raises(ConfigError, match="pass it to pipeline.convert"):
         ConvertConfig(e2e=E2EConfig(checkpoint_dir="ck"))
     with pytest.raises(ConfigError, match="nsamples"):

@@ -47,7 +47,6 @@ def tiny_oneshot(model, windows, spec: str = "w4s50"):
     return res.linears
 
 
-
 def nan_gain(model):
     """`model` with a NaN in block 0's first RMSNorm gain (in place; returns it): what makes the
     first training step's loss NaN, for the tests of the trainings' NaN/Inf guards (a NaN group
