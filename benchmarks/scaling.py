@@ -9,8 +9,8 @@ Each checkpoint is converted by `convert.py` in a child process under `/usr/bin/
 run is kept in --out-dir (LABEL.log) and `--reuse` builds the table from the logs already there
 instead of converting again (a 7B-shaped run takes hours on 2 cores). The converter prints each
 stage's seconds and the peak RSS when the stage ended (a running maximum, so the stage whose value
-rises set the peak); the table shows both, with memory.py's estimate of the peak beside the
-measured one. Random checkpoints of a given shape: scripts/make_random_checkpoint.py.
+rises set the peak); the table shows both, with the converter's own estimate of the peak (memory.py,
+printed in the log before it reads a weight) beside the measured one. Random checkpoints of a given shape: scripts/make_random_checkpoint.py.
 
 Writes OUT_DIR/scaling.md (markdown) and prints it.
 """
@@ -66,14 +66,12 @@ def parse(log: Path) -> dict:
             **({"estimate": float(est.group(1)) * 1e9, "estimate_stage": est.group(2)} if est else {})}
 
 
-def describe(folder: Path, allocation: str) -> dict:
+def describe(folder: Path) -> dict:
     info = model_io.inspect_checkpoint(folder)
     z = memory.model_sizes(info)
-    est = memory.estimate(info, memory.MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=0, e2e_epochs=0,
-                                                      allocation=allocation), "streamed")
     disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     return {"params": z.total, "layers": info.n_layers, "hidden": z.hidden, "ffn": z.ffn, "block": z.block,
-            "disk": disk, "estimate": est.peak.total, "estimate_stage": est.peak.name}
+            "disk": disk}
 
 
 def table(rows: list[tuple[str, dict, dict]]) -> str:
@@ -82,10 +80,9 @@ def table(rows: list[tuple[str, dict, dict]]) -> str:
             + [f"{s} s (peak GB)" for s in used] + ["wall"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, d, r in rows:
-        est, stage = r.get("estimate", d["estimate"]), r.get("estimate_stage", d["estimate_stage"])
         cells = [label, f"{d['params'] / 1e9:.2f}B", f"{d['layers']} x {d['hidden']} / {d['ffn']}",
                  f"{d['block'] * 4 / 1e9:.2f} GB", f"{d['disk'] / 1e9:.2f} GB", f"{r['max_rss'] / 1e9:.2f} GB",
-                 f"{est / 1e9:.2f} GB ({stage})"]
+                 f"{r['estimate'] / 1e9:.2f} GB ({r['estimate_stage']})" if "estimate" in r else "- (not in the log)"]
         cells += [f"{r['seconds'][s]:.0f} ({r['peaks'][s]:.2f})" if s in r["seconds"] else "-" for s in used]
         out.append("| " + " | ".join(cells + [r["wall"]]) + " |")
     return "\n".join(out)
@@ -103,7 +100,6 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    allocation = extra[extra.index("--allocation") + 1] if "--allocation" in extra[:-1] else "sensitivity"
     rows = []
     for spec in a.runs:
         label, sep, folder = spec.partition("=")
@@ -113,7 +109,7 @@ def main(argv: list[str]) -> int:
         log = out_dir / f"{label}.log"
         if not (a.reuse and log.exists()):
             log = run(label, folder, out_dir, extra)
-        rows.append((label, describe(folder, allocation), parse(log)))
+        rows.append((label, describe(folder), parse(log)))
     md = (f"Settings: `{shlex.join(SETTINGS + extra)}`; peak RSS from /usr/bin/time; per stage: seconds and "
           f"(the peak RSS when the stage ended, GB); estimate: the converter's own (memory.py) for the run's "
           f"settings, printed before it reads a weight.\n\n" + table(rows) + "\n")
