@@ -18,7 +18,7 @@ import sys
 
 from . import __version__, arch
 from . import format as fmt
-from .config import (CHAT_REPLIES, CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL,
+from .config import (CHAT_REPLIES, SCALE_STEPS, CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL,
                      DEFAULT_NSAMPLES, DEFAULT_SEQLEN, DENSE_TYPES, CalibConfig, CompressionConfig, ConfigError,
                      ConvertConfig, ExportConfig)
 from .errors import GQSAError
@@ -105,6 +105,10 @@ def _add_convert(sub) -> None:
                    help="share of the E2E-OQP steps, at the end, over which the learning rates fall "
                         "linearly towards 0 (0 = constant rates, the default; on SmolLM2-135M 0.25 scored "
                         "the same, docs/DESIGN.md)")
+    p.add_argument("--e2e-scale-step", choices=SCALE_STEPS, default=CONVERT_E2E.scale_step,
+                   help="how an E2E-OQP step moves a group's scale: 'absolute', AdamW on the scale (--e2e-lr-scale "
+                        "in the scale's units); 'relative', AdamW's update times the scale's magnitude "
+                        "(--e2e-lr-scale a share of the scale: every tensor's scales move alike whatever their size)")
     p.add_argument("--e2e-chat-share", type=float, default=CONVERT_E2E.chat_share,
                    help="share of the E2E-OQP windows that are conversations in the model's chat template "
                         "(0 for base models; ignored without a chat template)")
@@ -239,7 +243,7 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
         e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seqlen=a.e2e_seqlen,
                                 lr_scale=a.e2e_lr_scale, lr_zero=a.e2e_lr_zero, lr_norm=a.e2e_lr_norm,
-                                lr_decay=a.e2e_lr_decay,
+                                lr_decay=a.e2e_lr_decay, scale_step=a.e2e_scale_step,
                                 chat_share=a.e2e_chat_share, chat_replies=a.e2e_chat_replies, seed=a.seed,
                                 device=a.device, amp=a.amp, moments=a.e2e_moments,
                                 checkpointing=a.e2e_checkpointing),

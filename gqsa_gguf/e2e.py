@@ -12,8 +12,10 @@ Out: `run_e2e(model, windows, cfg)` -> `E2EReport` (per-step loss, per-epoch mea
 Objective: the causal LM loss (next-token cross entropy) of the whole model, or with loss="kd"
 the KL divergence to the float model's next-token distributions (distillation; what the converter
 uses), mean over the windows of a global batch; AdamW with lr_scale / lr_zero / lr_norm, constant or
-(lr_decay > 0) falling linearly over that last share of the steps (`lr_factor`); fp32 on the CPU,
-optional bf16/fp16 autocast on CUDA.
+(lr_decay > 0) falling linearly over that last share of the steps (`lr_factor`), each scale's step
+in its own units or (scale_step "relative") as a share of its magnitude; fp32, or bf16 autocast
+(CPU or CUDA; `--amp auto` picks it where the device multiplies bf16 in hardware), or fp16
+autocast with a GradScaler on CUDA.
 
 Data parallel: under `torchrun` (WORLD_SIZE > 1) call `init_distributed(device)` first (gloo on the
 CPU, NCCL on CUDA). Every rank builds the same windows and the same shuffled order (seeded from
@@ -82,9 +84,10 @@ class ParamStepper:
 
     MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, opt: torch.optim.Optimizer, moments: str = "fp32"):
+    def __init__(self, opt: torch.optim.Optimizer, moments: str = "fp32", relative=()):
         self.opt = opt
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[moments]
+        self.relative = {id(p) for p in relative}     # stepped relative to their magnitude (E2EConfig.scale_step)
         self.subs: dict = {}
         self.group: dict = {}
         for g in opt.param_groups:
@@ -111,7 +114,15 @@ class ParamStepper:
             for k in self.MOMENT_KEYS:
                 st[k] = st[k].float()
         self.subs[p].param_groups[0]["lr"] = self.group[p]["lr"]   # the schedule sets opt's groups
-        self.subs[p].step()
+        if id(p) in self.relative:
+            # AdamW's update scaled by each value's magnitude before the step: AdamW on log|p| to
+            # first order, so lr is a share of the value (one parameter's copy at a time)
+            with torch.no_grad():
+                old = p.detach().clone()
+                self.subs[p].step()
+                p.sub_(old).mul_(old.abs()).add_(old)
+        else:
+            self.subs[p].step()
         self._store(p)
         p.grad = None
 
@@ -311,10 +322,12 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     # AdamW from the gradient hooks (cfg.step_in_backward): one process, no GradScaler (both need
     # every gradient before the step: all_reduce, the inf check)
     in_backward = cfg.step_in_backward and dist is None and scaler is None
-    if cfg.moments != "fp32" and scaler is not None:
-        raise TrainingError(f"E2E-OQP: moments {cfg.moments!r} cannot be stepped through fp16's GradScaler; "
-                            f"use amp bf16 or none, or moments fp32")
-    stepper = ParamStepper(opt, cfg.moments) if in_backward or cfg.moments != "fp32" else None
+    relative = cfg.scale_step == "relative"
+    if (cfg.moments != "fp32" or relative) and scaler is not None:
+        raise TrainingError(f"E2E-OQP: moments {cfg.moments!r} / scale steps {cfg.scale_step!r} cannot be stepped "
+                            f"through fp16's GradScaler; use amp bf16 or none, moments fp32, absolute scale steps")
+    stepper = (ParamStepper(opt, cfg.moments, relative=scales if relative else ())
+               if in_backward or cfg.moments != "fp32" or relative else None)
     if in_backward:
         stepper.hook()
     report.stepped_in_backward = in_backward

@@ -13,9 +13,9 @@ if [ -f "$OUT" ]; then
     echo "==> $OUT exists, not converting again (delete it to reconvert)"
 else
     # the converter's defaults: one-shot GQSA, then E2E-OQP (one epoch over 384 x 512 calibration
-    # tokens, distilled from the float model), about 35-75 min on 2 cores; checkpoints let an
+    # tokens, distilled from the float model), about 25-75 min on 2 cores; checkpoints let an
     # interrupted demo continue
-    echo "==> converting SmolLM2 to $OUT (GQSA w4s50; about 35-75 min on 2 cores, rerun to resume if interrupted)"
+    echo "==> converting SmolLM2 to $OUT (GQSA w4s50; about 25-75 min on 2 cores, rerun to resume if interrupted)"
     "$VENV/bin/python" convert.py --gqsa w4s50 -o "$OUT" --checkpoint-dir "$OUT.checkpoints" --resume
     rm -rf "$OUT.checkpoints"
 fi

@@ -122,6 +122,10 @@ def test_cli_builds_config_with_defaults():
     assert (e2e.seqlen, e2e.windows) == (256, 64)
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-lr-decay", "0.25"])
     assert convert_config_from_args(a).e2e.lr_decay == 0.25
+    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf"])
+    assert convert_config_from_args(a).e2e.scale_step == "absolute"
+    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-scale-step", "relative"])
+    assert convert_config_from_args(a).e2e.scale_step == "relative"
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-lr-scale", "1e-4", "--e2e-lr-zero", "1e-3",
                                    "--e2e-lr-norm", "0"])
     e2e = convert_config_from_args(a).e2e

@@ -147,6 +147,53 @@ def test_lr_decay_is_the_rate_adamw_applies_and_resumes(setup, tmp_path, monkeyp
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith(".scale"))
 
 
+@pytest.mark.parametrize("hooked", [True, False])
+def test_relative_scale_steps_move_each_scale_by_a_share_of_itself(setup, hooked):
+    """scale_step 'relative': a step moves each scale by AdamW's update times the scale's magnitude
+    before the step, so a scale ten times larger moves ten times as far; zero points and norm gains
+    step as with absolute steps. One step from the same start: the first step's AdamW update is the
+    same in both runs (the same forward and gradient), so relative = absolute's move times |scale|."""
+    windows, comp = setup
+    cfg = _cfg(epochs=1, lr_norm=1e-2, step_in_backward=hooked)
+    start = _frozen(comp).state_dict()
+    moved = {}
+    for mode in ("absolute", "relative"):
+        model = _frozen(comp)
+        run_e2e(model, windows, dataclasses.replace(cfg, scale_step=mode), log=lambda s: None, max_steps=1)
+        moved[mode] = model.state_dict()
+    scales = [k for k in start if k.endswith(".scale")]
+    assert scales
+    for k in start:
+        a, r = moved["absolute"][k], moved["relative"][k]
+        if k.endswith(".scale"):
+            want = start[k] + (a - start[k]) * start[k].abs()
+            assert torch.allclose(r, want, rtol=1e-6, atol=1e-12), k
+            assert not torch.equal(r, a), k
+        else:
+            assert torch.equal(r, a), k
+
+
+def test_scale_step_is_in_the_resume_fingerprint_only_when_relative(setup, tmp_path):
+    """A checkpoint of absolute steps is not resumed with relative ones (the run would mix two
+    trainings); the default leaves the setting out of the fingerprint, so checkpoints written before
+    it existed stay resumable."""
+    from gqsa_gguf.checkpoint import CheckpointError
+    assert "scale_step" not in _cfg().fingerprint_dict()
+    assert _cfg(scale_step="relative").fingerprint_dict()["scale_step"] == "relative"
+    windows, comp = setup
+    d = str(tmp_path / "ck")
+    with pytest.raises(_Interrupt):
+        run_e2e(_frozen(comp), windows, _cfg(checkpoint_dir=d), on_epoch_end=_stop, log=lambda s: None)
+    with pytest.raises(CheckpointError):
+        run_e2e(_frozen(comp), windows, _cfg(checkpoint_dir=d, resume=True, scale_step="relative"),
+                log=lambda s: None)
+
+
+def test_unknown_scale_step_is_refused():
+    with pytest.raises(Exception, match="--e2e-scale-step 'log': choose one of absolute, relative"):
+        E2EConfig(scale_step="log")
+
+
 def test_e2e_nan_names_epoch_and_step(setup):
     windows, comp = setup
     with pytest.raises(TrainingError, match=r"E2E-OQP epoch 0 step 0"):
