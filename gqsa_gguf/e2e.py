@@ -87,7 +87,7 @@ class ParamStepper:
     def __init__(self, opt: torch.optim.Optimizer, moments: str = "fp32", relative=()):
         self.opt = opt
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[moments]
-        self.relative = {id(p) for p in relative}     # stepped relative to their magnitude (E2EConfig.scale_step)
+        self.relative = set(relative)                 # stepped relative to their magnitude (E2EConfig.scale_step)
         self.subs: dict = {}
         self.group: dict = {}
         for g in opt.param_groups:
@@ -114,7 +114,7 @@ class ParamStepper:
             for k in self.MOMENT_KEYS:
                 st[k] = st[k].float()
         self.subs[p].param_groups[0]["lr"] = self.group[p]["lr"]   # the schedule sets opt's groups
-        if id(p) in self.relative:
+        if p in self.relative:
             # AdamW's update scaled by each value's magnitude before the step: AdamW on log|p| to
             # first order, so lr is a share of the value (one parameter's copy at a time)
             with torch.no_grad():
@@ -323,9 +323,12 @@ def run_e2e(model, windows: torch.Tensor, cfg: E2EConfig,
     # every gradient before the step: all_reduce, the inf check)
     in_backward = cfg.step_in_backward and dist is None and scaler is None
     relative = cfg.scale_step == "relative"
-    if (cfg.moments != "fp32" or relative) and scaler is not None:
-        raise TrainingError(f"E2E-OQP: moments {cfg.moments!r} / scale steps {cfg.scale_step!r} cannot be stepped "
-                            f"through fp16's GradScaler; use amp bf16 or none, moments fp32, absolute scale steps")
+    if scaler is not None:
+        clash = ([(f"moments {cfg.moments!r}", "moments fp32")] if cfg.moments != "fp32" else []) + \
+                ([(f"scale steps {cfg.scale_step!r}", "absolute scale steps")] if relative else [])
+        if clash:
+            raise TrainingError(f"E2E-OQP: {' and '.join(c for c, _ in clash)} cannot be stepped through fp16's "
+                                f"GradScaler; use {' and '.join(f for _, f in clash)}, or amp bf16 or none")
     stepper = (ParamStepper(opt, cfg.moments, relative=scales if relative else ())
                if in_backward or cfg.moments != "fp32" or relative else None)
     if in_backward:

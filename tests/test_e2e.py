@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gqsa_gguf.config import ConfigError
 from gqsa_gguf.e2e import E2EConfig, frozen_from_oneshot, lr_factor, norm_parameters, run_e2e
 from gqsa_gguf.fakequant import gqs_modules
 from gqsa_gguf.training import TrainingError
@@ -190,7 +191,7 @@ def test_scale_step_is_in_the_resume_fingerprint_only_when_relative(setup, tmp_p
 
 
 def test_unknown_scale_step_is_refused():
-    with pytest.raises(Exception, match="--e2e-scale-step 'log': choose one of absolute, relative"):
+    with pytest.raises(ConfigError, match="--e2e-scale-step 'log': choose one of absolute, relative"):
         E2EConfig(scale_step="log")
 
 
