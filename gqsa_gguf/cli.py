@@ -18,9 +18,9 @@ import sys
 
 from . import __version__, arch
 from . import format as fmt
-from .config import (CHAT_REPLIES, SCALE_STEPS, CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL,
-                     DEFAULT_NSAMPLES, DEFAULT_SEQLEN, DENSE_TYPES, CalibConfig, CompressionConfig, ConfigError,
-                     ConvertConfig, ExportConfig)
+from .config import (CHAT_REPLIES, CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL,
+                     DEFAULT_NSAMPLES, DEFAULT_SEQLEN, DENSE_TYPES, SCALE_STEPS, CalibConfig, CompressionConfig,
+                     ConfigError, ConvertConfig, ExportConfig)
 from .errors import GQSAError
 
 __all__ = ["main", "build_parser", "convert_config_from_args"]
