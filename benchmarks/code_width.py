@@ -36,11 +36,11 @@ from gqsa_gguf import format as fmt  # noqa: E402
 from gqsa_gguf.config import DEFAULT_CALIB, CompressionConfig  # noqa: E402
 from gqsa_gguf.evaluate import perplexity_torch  # noqa: E402
 
-# row -> (code maximum, spec whose allocation sets the kept shares, the code maximum that allocation
-# is measured at; None: every group kept)
+# row -> (code maximum, spec, the code maximum the spec's sensitivity allocation is measured at;
+# None: the spec's uniform layout, which for w4s0 keeps every group)
 ROWS = {
     "w4": (15, "w4s50", 15), "w8": (255, "w4s50", 15),
-    "w4-dense": (15, "w4s50", None), "w8-dense": (255, "w4s50", None),
+    "w4-dense": (15, "w4s0", None), "w8-dense": (255, "w4s0", None),
     "w3s40": (7, "w4s40", 7), "w2s25": (3, "w4s25", 3),
 }
 DEV_TEXT = "/usr/share/perl/5.36.0/pod/perldiag.pod"      # neither calibration nor the README's evaluation text
@@ -81,20 +81,16 @@ def main(argv=None) -> int:
     results = {"float": ppl(model)}
     print(f"float: {results['float']:.2f}", flush=True)
     allocations: dict[tuple[int, str], dict[str, int]] = {}
+    code_max = fmt.QMAX
     try:
         for row in rows:
             qmax, spec, alloc_qmax = ROWS[row]
             cfg = CompressionConfig.from_spec(spec)
             t0 = time.time()
-            if alloc_qmax is None:
-                keep = {f"model.layers.{i}.{lin}": info.linear_shape(lin)[1] // fmt.GROUP_SIZE
-                        for i in range(info.n_layers) for lin in info.layout.linears}
-            else:
-                if (alloc_qmax, spec) not in allocations:
-                    set_code_max(alloc_qmax)
-                    allocations[(alloc_qmax, spec)] = pipeline.choose_allocation(model, info, windows, cfg,
-                                                                                 progress=False)
-                keep = allocations[(alloc_qmax, spec)]
+            if alloc_qmax is not None and (alloc_qmax, spec) not in allocations:
+                set_code_max(alloc_qmax)
+                allocations[(alloc_qmax, spec)] = pipeline.choose_allocation(model, info, windows, cfg, progress=False)
+            keep = None if alloc_qmax is None else allocations[(alloc_qmax, spec)]
             set_code_max(qmax)
             m = copy.deepcopy(model)
             oneshot.compress_model(m, info, windows, cfg, keep=keep, progress=False)
@@ -102,7 +98,7 @@ def main(argv=None) -> int:
             del m
             print(f"{row}: {results[row]:.2f} ({time.time() - t0:.0f} s)", flush=True)
     finally:
-        set_code_max(15)
+        set_code_max(code_max)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
