@@ -18,12 +18,13 @@ in its own units or (scale_step "relative") as a share of its magnitude; fp32, o
 autocast with a GradScaler on CUDA.
 
 Data parallel: under `torchrun` (WORLD_SIZE > 1) call `init_distributed(device)` first (gloo on the
-CPU, NCCL on CUDA). Every rank builds the same windows and the same shuffled order (seeded from
-(seed, epoch)); rank r takes its equal slice of each global batch, each micro-batch contributes
-loss * micro / global_batch, and gradients are summed with all_reduce — so a step is the same update
-as one process on the whole global batch (up to float summation order; tested with 2 gloo
-processes). The optimizer step then follows the all_reduce. Rank 0 writes the checkpoints; all
-ranks read them on resume.
+CPU, NCCL on CUDA), and `close_distributed()` at the end (a barrier, then the group torn down, so no
+rank closes its connections while another still uses them). Every rank builds the same windows and
+the same shuffled order (seeded from (seed, epoch)); rank r takes its equal slice of each global
+batch, each micro-batch contributes loss * micro / global_batch, and gradients are summed with
+all_reduce — so a step is the same update as one process on the whole global batch (up to float
+summation order; tested with 2 gloo processes). The optimizer step then follows the all_reduce. Rank
+0 writes the checkpoints; all ranks read them on resume.
 
 Optimizer step (`ParamStepper`): in one process AdamW steps each parameter from its
 post-accumulate-grad hook as soon as its gradient is complete (cfg.step_in_backward, the default)
@@ -58,7 +59,7 @@ from .config import E2EConfig
 from .fakequant import FrozenGQSLinear, PackedGQSLinear, gqs_modules, swap_linear
 from .training import TrainingError, autocast, check_amp, check_finite, resolve_amp, resolve_device, seeded
 
-__all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "frozen_from_oneshot",
+__all__ = ["E2EConfig", "E2EReport", "run_e2e", "init_distributed", "close_distributed", "frozen_from_oneshot",
            "trainable_parameters", "distillation_loss", "HiddenStateTeacher"]
 
 CKPT_NAME = "e2e.ckpt"
@@ -159,6 +160,17 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def close_distributed() -> None:
+    """Leaves the process group init_distributed joined (nothing when none is): every rank waits
+    at a barrier first, so no rank tears its connections down while another is still sending; gloo
+    aborts a process (SIGABRT from its I/O thread) whose peer vanished mid-operation."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _dist():

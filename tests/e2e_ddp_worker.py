@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gqsa_gguf.e2e import E2EConfig, init_distributed, frozen_from_oneshot, run_e2e  # noqa: E402
+from gqsa_gguf.e2e import E2EConfig, close_distributed, frozen_from_oneshot, init_distributed, run_e2e  # noqa: E402
 from gqsa_gguf.fakequant import gqs_modules  # noqa: E402
 from tiny_llama import tiny_model, tiny_oneshot, tiny_windows  # noqa: E402
 
@@ -35,9 +35,7 @@ def main(out: str) -> None:
         state.update({f"{n}.{k}.grad": getattr(m, k).grad.clone() for n, m in mods for k in ("scale", "zero")})
         torch.save({"state": state, "loss": rep.step_loss, "world": world,
                     "lr": {"scale": cfg.lr_scale, "zero": cfg.lr_zero}}, out)
-    if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

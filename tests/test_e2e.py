@@ -212,11 +212,15 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
     if not Path(torchrun).exists():
         pytest.skip("torchrun is not installed next to this python")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    if Path("/sys/class/net/lo").exists():    # gloo on loopback: the host name may name another interface
+        env["GLOO_SOCKET_IFNAME"] = "lo"
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(HERE / "e2e_ddp_worker.py"), str(one)], check=True, env=env,
-                   timeout=300)
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(HERE / "e2e_ddp_worker.py"),
-                    str(two)], check=True, env=env, timeout=300)
+    for cmd in ([sys.executable], [torchrun, "--standalone", "--nproc_per_node", "2"]):
+        out = one if len(cmd) == 1 else two
+        run = subprocess.run(cmd + [str(HERE / "e2e_ddp_worker.py"), str(out)], env=env, timeout=300,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # the workers' own output (a rank's traceback or abort message) in the failure, not only torchrun's
+        assert run.returncode == 0, f"{cmd[0]} exit {run.returncode}:\n{run.stdout[-6000:]}"
     a, b = torch.load(one), torch.load(two)
     assert a["world"] == 1 and b["world"] == 2
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
