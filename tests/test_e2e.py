@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -215,12 +216,21 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
     if Path("/sys/class/net/lo").exists():    # gloo on loopback: the host name may name another interface
         env["GLOO_SOCKET_IFNAME"] = "lo"
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    for cmd in ([sys.executable], [torchrun, "--standalone", "--nproc_per_node", "2"]):
-        out = one if len(cmd) == 1 else two
-        run = subprocess.run(cmd + [str(HERE / "e2e_ddp_worker.py"), str(out)], env=env, timeout=300,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        # the workers' own output (a rank's traceback or abort message) in the failure, not only torchrun's
-        assert run.returncode == 0, f"{cmd[0]} exit {run.returncode}:\n{run.stdout[-6000:]}"
+
+    def run(cmd, out):
+        return subprocess.run(cmd + [str(HERE / "e2e_ddp_worker.py"), str(out)], env=env, timeout=300,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    single = run([sys.executable], one)
+    assert single.returncode == 0, f"exit {single.returncode}:\n{single.stdout[-6000:]}"
+    pair = run([torchrun, "--standalone", "--nproc_per_node", "2"], two)
+    if pair.returncode != 0 and "SIGABRT" in pair.stdout:
+        # gloo's I/O thread can abort a rank on a connection event (pytorch/gloo#514); seen on the
+        # project's CI machine, not here: once more, the first run's output kept in a warning
+        warnings.warn(f"torchrun aborted, run again; its output:\n{pair.stdout[-4000:]}")
+        pair = run([torchrun, "--standalone", "--nproc_per_node", "2"], two)
+    # the workers' own output (a rank's traceback or abort message) in the failure, not only torchrun's
+    assert pair.returncode == 0, f"exit {pair.returncode}:\n{pair.stdout[-6000:]}"
     a, b = torch.load(one), torch.load(two)
     assert a["world"] == 1 and b["world"] == 2
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
