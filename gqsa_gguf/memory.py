@@ -62,6 +62,8 @@ LOGIT_COPIES = 7              # [micro, seqlen, vocab] float32 tensors alive in 
 BQPO_RESIDUE = 1.5            # float32 blocks' worth of heap the streamed BQPO's steps leave resident
                               # (measured: RSS grows 0.24 GB over a 1B-wide block's first 8 steps)
 OVERHEAD = 1.10               # allocator slack on top of the live tensors
+SLAB_BYTES = 8 << 23          # the float64 slabs the K x K helpers work in (saliency._SLAB elements)
+PROBE_GROUPS = (3, 1, 2, 1)   # linears per input group, in the order of arch.INPUT_GROUPS / LINEARS
 HEADROOM = 0.92               # use at most this share of the available memory
 # per token and decoder layer, the float32 activations autograd keeps for the backward pass, in
 # units of (hidden, ffn, heads x seqlen): norm in/out, q/k/v, rotated q/k, attention out, residuals;
@@ -248,11 +250,29 @@ def _obs_working_set(z: ModelSizes) -> int:
 
 def _probe_working_set(z: ModelSizes) -> int:
     """The sensitivity probe on one block (oneshot.sensitivity_block): the four input groups'
-    float64 Hessians from its dense pass, and for the widest two more K x K float64 matrices
-    (dampened copy and factor, or factor, identity and inverse; H is dropped once factored)."""
-    widths = {k for _, k in z.linear_shapes}            # q/k/v and gate/up share their input
-    hessians = 8 * (2 * z.hidden ** 2 + z.q_dim ** 2 + z.ffn ** 2) if len(widths) > 1 else 8 * 4 * z.hidden ** 2
-    return hessians + 2 * 8 * max(widths) ** 2
+    float64 Hessians from its dense pass, and the most that comes beside them. In the dense pass:
+    the widest input's float32 X^T X, widened into its Hessian a slab at a time. Then group by
+    group (q/k/v, o_proj, gate/up, down_proj): its Hessian is factored in its own memory and
+    diag(H^-1) solved a slab of columns at a time (three slabs), the factor is dropped, and each of
+    its linears is rounded at every level — its saliency (N x K float64), its weights' copy and the
+    rounded weights (two N x K float32) — beside the Hessians of the groups still to come. No
+    K x K float64 matrix beside the Hessians: no copy, factor or inverse of one."""
+    shapes = list(z.linear_shapes)
+    groups, at = [], 0
+    for size in PROBE_GROUPS:
+        groups.append(shapes[at:at + size])
+        at += size
+    widths = [g[0][1] for g in groups]
+
+    def slab(k):                                        # at most K x K
+        return min(SLAB_BYTES, 8 * k * k)
+
+    kmax = max(widths)
+    phases = [8 * sum(k * k for k in widths) + F32 * kmax ** 2 + slab(kmax)]
+    for g, lins in enumerate(groups):
+        later = 8 * sum(k * k for k in widths[g + 1:])
+        phases += [later + 8 * widths[g] ** 2 + 3 * slab(widths[g]), later + max(16 * n * k for n, k in lins)]
+    return max(phases)
 
 
 def _block_adam(z: ModelSizes, s: MemorySettings) -> int:

@@ -44,8 +44,8 @@ import torch
 from . import arch, codec
 from . import format as fmt
 from .errors import GQSAError
-from .saliency import (HessianAccumulator, dampened_cholesky, group_saliency, hessian_inverse_diag,
-                       inverse_diag_from_cholesky, select_groups, weight_saliency)
+from .saliency import (HessianAccumulator, dampened_cholesky, dampened_cholesky_, group_saliency,
+                       hessian_inverse_diag, inverse_diag_from_cholesky, select_groups, weight_saliency)
 from .training import capture_layer_inputs, layer_output
 
 __all__ = ["CompressedLinear", "PackedLinear", "CompressionResult", "OneShotError", "ChainState", "BlockResult",
@@ -688,10 +688,10 @@ def sensitivity_block(layer, i: int, hidden, kwargs, cfg, levels, n_probe_batche
     energy = sum(float(r[:, 1:].double().square().sum()) for r in ref) / sum(r[:, 1:].numel() for r in ref)
     curves = []
     for hooked, group in _INPUT_GROUPS:
-        # H itself is dropped once factored (the probe needs only diag(H^-1)): H, its factor and
-        # the inverse are never alive together
-        L, dead = dampened_cholesky(accs[hooked].H, cfg.damp, f"model.layers.{i}.{hooked}")
-        del accs[hooked]
+        # the probe needs only diag(H^-1): H is factored in its own memory and diag(H^-1) solved a
+        # slab of columns at a time, so each group adds no K x K matrix to the four Hessians
+        # (memory._probe_working_set)
+        L, dead = dampened_cholesky_(accs.pop(hooked).H, cfg.damp, f"model.layers.{i}.{hooked}")
         hinv = (inverse_diag_from_cholesky(L), dead)
         del L
         for lin in group:

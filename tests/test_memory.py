@@ -130,6 +130,29 @@ def test_reproduces_the_measured_streamed_training_peaks():
         assert 0.95 * m <= est <= 1.3 * m, (info.hidden_size, info.n_layers, stage, est / GB, m / GB)
 
 
+def test_the_probe_holds_its_hessians_and_no_k_by_k_matrix_beside_them():
+    """The sensitivity probe (oneshot.sensitivity_block) widens, factors and inverts each input
+    group's Hessian in slabs or in its own memory: its working set is the block's four float64
+    Hessians with the widest input's float32 X^T X (the dense pass), never a Hessian with a float64
+    copy, factor or inverse beside it (24 K^2 bytes more for the widest before issue 16's fix)."""
+    assert memory.PROBE_GROUPS == tuple(len(group) for _, group in arch.INPUT_GROUPS)
+    assert arch.for_hf("LlamaForCausalLM").linears == arch.LINEARS       # model_sizes' shapes, in group order
+    z = model_sizes(SEVEN_B)
+    hessians = 8 * (3 * 4096 ** 2 + 11008 ** 2)
+    probe = memory._probe_working_set(z)
+    assert probe == hessians + 4 * 11008 ** 2 + memory.SLAB_BYTES                # the dense pass sets it
+    assert probe < hessians + 8 * 11008 ** 2                                     # no K x K float64 beside
+    # the groups' rounding, beside the Hessians still to come: gate/up (11008 x 4096) with down_proj's
+    assert probe > 8 * 11008 ** 2 + 16 * 11008 * 4096
+    st = estimate(SEVEN_B, MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=0),
+                  "streamed").stage("sensitivity")
+    assert st.terms["probe working set"] == probe
+    assert st.total < 5.5e9                                                      # issue 16's 7B probe
+    # measured (VmHWM): oneshot.sensitivity_blocks on the first 2 blocks of the llama-7b random
+    # checkpoint, 8 x 256 windows, streamed: 3.58 GB (5.80 GB before the fix, estimated 5.51 then)
+    assert 3.58e9 <= st.total <= 1.3 * 3.58e9
+
+
 def test_refusal_names_the_stage_and_what_fits():
     s = MemorySettings(nsamples=8, seqlen=256, bqpo_epochs=1, e2e_epochs=1)
     # the streamed training fits the 1.3B of issue 16 in 24 GB (the whole-model one was killed at 23.2)

@@ -207,3 +207,66 @@ def test_wide_tensors_keep_multiples_of_8_groups():
     assert all(keep[c.name] % 8 == 0 or keep[c.name] == c.width // 16 for c in curves)
     shapes = {c.name: (c.rows, c.width) for c in curves}
     assert abs(allocation.mean_bits(shapes, keep) - 3.0) < 0.01
+
+
+class _LiveSquares(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the live float64 [k, k] matrices (by storage) after every op; keeps the most."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k, self.live, self.most = k, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and tuple(t.shape) == (self.k, self.k):
+                self.live[t.untyped_storage().data_ptr()] = StorageWeakRef(t.untyped_storage())
+        self.live = {p: r for p, r in self.live.items() if not r.expired()}
+        self.most = max(self.most, len(self.live))
+        return out
+
+
+def _old_probe_factoring(monkeypatch):
+    """The probe as it was before issue 16's memory fix: the Hessian widened to float64 whole, a
+    dampened copy factored beside it, diag(H^-1) from a full K x K solve."""
+    from gqsa_gguf import oneshot, saliency
+
+    def add(self, x):
+        x2 = x.detach().reshape(-1, self.width).to(torch.float32)
+        total = self.n + x2.shape[0]
+        self.H.mul_(self.n / total)
+        self.H.add_((x2.T @ x2).to(torch.float64), alpha=2.0 / total)
+        self.n = total
+
+    def inverse_diag(L):
+        return torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False).square().sum(dim=0)
+
+    monkeypatch.setattr(saliency.HessianAccumulator, "add", add)
+    monkeypatch.setattr(oneshot, "dampened_cholesky_", saliency.dampened_cholesky)
+    monkeypatch.setattr(oneshot, "inverse_diag_from_cholesky", inverse_diag)
+
+
+def test_probe_holds_no_matrix_beside_its_hessians(tiny, monkeypatch):
+    """The sensitivity probe (issue 16's 7B budget): each input group's Hessian is widened, factored
+    and inverted in slabs or in its own memory — no K x K float64 copy, factor or inverse beside it,
+    and no K x K float64 product while it accumulates — with the same curves as when it held them."""
+    from gqsa_gguf import saliency
+    from tiny_llama import FFN
+
+    model, windows = tiny
+    info = tiny_info()
+    cfg = CompressionConfig.from_spec("w4s50")
+    monkeypatch.setattr(saliency, "_SLAB", 1000)           # several slabs, none of them FFN x FFN
+    with _LiveSquares(FFN) as seen:
+        new = sensitivity_curves(copy.deepcopy(model), info, windows, cfg, progress=False)
+    assert seen.most == 1                                  # down_proj's Hessian (width FFN), alone
+    with monkeypatch.context() as m:
+        _old_probe_factoring(m)
+        with _LiveSquares(FFN) as old_seen:
+            old = sensitivity_curves(copy.deepcopy(model), info, windows, cfg, progress=False)
+    assert old_seen.most >= 3                              # what the check above would catch
+    assert [(c.name, c.kept) for c in new] == [(c.name, c.kept) for c in old]
+    for a, b in zip(new, old):
+        assert a.errors == pytest.approx(b.errors, rel=1e-12, abs=0) and a.energy == b.energy

@@ -79,6 +79,41 @@ def test_not_positive_definite_raises_with_the_fix():
         hessian_inverse_diag(H, 0.01, "layer")
 
 
+def test_in_place_factor_and_slabs_match_the_copying_versions(monkeypatch):
+    """dampened_cholesky_ factors H in its own memory (the sensitivity probe's budget, issue 16), and
+    diag(H^-1) and the accumulator work in slabs: the same bits as the versions with K x K copies
+    (diag(H^-1): the same to float64 rounding)."""
+    from gqsa_gguf import saliency
+    from gqsa_gguf.saliency import dampened_cholesky, dampened_cholesky_, inverse_diag_from_cholesky
+
+    monkeypatch.setattr(saliency, "_SLAB", 300)           # slabs of 6 rows / columns of 48
+    _, x = _spd(48, seed=5)
+    x = x.to(torch.float32)
+    x[:, 9] = 0                                           # a dead input
+    acc = HessianAccumulator(48)
+    ref = torch.zeros(48, 48, dtype=torch.float64)
+    n = 0
+    for chunk in (x[:50], x[50:]):
+        acc.add(chunk)
+        ref.mul_(n / (n + chunk.shape[0]))
+        ref.add_((chunk.T @ chunk).to(torch.float64), alpha=2.0 / (n + chunk.shape[0]))
+        n += chunk.shape[0]
+    assert torch.equal(acc.H, ref)
+    H = ref.clone()
+    H.triu_(1).add_(ref.tril())                           # only the lower triangle is read: spoil the upper one
+    L_ref, dead_ref = dampened_cholesky(H, 0.01)
+    L, dead = dampened_cholesky_(H, 0.01)
+    assert L.data_ptr() == H.data_ptr()                   # the factor is H's own memory
+    assert torch.equal(L, L_ref) and torch.equal(dead, dead_ref) and dead.tolist() == [i == 9 for i in range(48)]
+    full = torch.linalg.solve_triangular(L_ref, torch.eye(48, dtype=L.dtype), upper=False).square().sum(dim=0)
+    # the same solves a slab of columns at a time: BLAS may round a narrower right-hand side differently
+    torch.testing.assert_close(inverse_diag_from_cholesky(L), full, rtol=1e-13, atol=0)
+    with pytest.raises(SaliencyError, match="raise --damp"):
+        dampened_cholesky_(-torch.eye(16, dtype=torch.float64) + 2 * torch.diag(torch.arange(16.0) == 0), 0.01)
+    with pytest.raises(SaliencyError, match="contiguous square float64"):
+        dampened_cholesky_(torch.eye(16), 0.01)
+
+
 def test_mask_keeps_exactly_n_kept_most_salient_sorted():
     g = torch.Generator().manual_seed(3)
     gs = torch.rand(50, 36, generator=g, dtype=torch.float64)
