@@ -217,7 +217,9 @@ def main() -> int:
         f"Speed: {a.threads} threads, prompt 512 and decode 128 tokens, best of {a.rounds} "
         "alternating rounds. Bits per weight: decoder linear weights, all metadata included; embeddings "
         "(tied output head) are F16 in the GQSA files (convert's default `--dense-type f16`) and Q8_0 in "
-        "the stock files (llama.cpp's quantizer's choice). The w4sNN rows are one-shot (the converter's "
+        "the stock files (llama.cpp's quantizer's choice). The w4sNN rows are the gqsa4 type (4-bit codes), "
+        "the w3sNN rows gqsa3 (3-bit codes: 5 bits a kept weight against 6, so w3s40 keeps 60 % of the groups "
+        "at w4s50's 3.0 bits per weight); both are one-shot (the converter's "
         f"defaults with `--bqpo-epochs 0 --e2e-epochs 0`; {a.nsamples or 128} calibration windows of 512 tokens"
         + (f"; extra rows: {', '.join(f'`{n}` = `{p.name}`' for n, p in extra_files.items())}" if extra_files else "") + "); "
         "rows marked `uniform` keep the same share of groups in every tensor (`--allocation uniform`, the paper's "
@@ -279,7 +281,7 @@ def plot(files: dict, ppl: dict, path: Path) -> None:
             return "trained"
         if n == WANDA_NAME:
             return "wanda"
-        if n.startswith("w4s"):
+        if n.startswith(("w4s", "w3s")):
             return "uniform" if n.endswith(" uniform") else "gqsa"
         return "stock"
     style = {"stock": ("s", "tab:gray", 40), "gqsa": ("o", "tab:blue", 40), "uniform": ("o", "tab:cyan", 40),

@@ -79,14 +79,17 @@ def level_kept(width: int, levels=LEVELS) -> tuple[int, ...]:
     return tuple(sorted({min(g, max(1, round(f * g))) for f in levels}))
 
 
-def budget_bits(shapes: dict[str, tuple[int, int]], sparsity: float) -> int:
-    """Bits of the uniform layout: every row keeps format.kept_groups(width, sparsity) groups."""
-    return sum(rows * fmt.kept_groups(width, sparsity) * fmt.BLOCK_BYTES * 8 for rows, width in shapes.values())
+def budget_bits(shapes: dict[str, tuple[int, int]], sparsity: float, bits: int = fmt.BITS) -> int:
+    """Bits of the uniform layout: every row keeps format.kept_groups(width, sparsity) groups of the
+    `bits`-bit type."""
+    unit = fmt.gqsa_type(bits).block_bytes * 8
+    return sum(rows * fmt.kept_groups(width, sparsity) * unit for rows, width in shapes.values())
 
 
-def mean_bits(shapes: dict[str, tuple[int, int]], kept: dict[str, int]) -> float:
-    """Mean bits per logical weight of a layout {name: n_kept}."""
-    bits = sum(shapes[n][0] * k * fmt.BLOCK_BYTES * 8 for n, k in kept.items())
+def mean_bits(shapes: dict[str, tuple[int, int]], kept: dict[str, int], bits: int = fmt.BITS) -> float:
+    """Mean bits per logical weight of a layout {name: n_kept} of the `bits`-bit type."""
+    unit = fmt.gqsa_type(bits).block_bytes * 8
+    bits = sum(shapes[n][0] * k * unit for n, k in kept.items())
     return bits / sum(rows * width for rows, width in shapes.values())
 
 

@@ -46,7 +46,13 @@ QUANTIZED = {"q3_k_s": (11, False), "iq3_xxs": (23, True), "q2_k": (10, False)} 
 QK_K = 256
 GGML_TYPE_Q8_0 = 8
 LAYOUT = arch.for_gguf("llama")        # the benchmark models are LLaMA-shaped
-GQSA_SPARSITY = {"w4s0": 0.0, "w4s25": 0.25, "w4s50": 0.5, "w4s75": 0.75}
+# GQSA formats: wNsM = N-bit codes (4: gqsa4, 3: gqsa3), M % of the groups pruned
+GQSA_SPARSITY = {"w4s0": 0.0, "w4s25": 0.25, "w4s50": 0.5, "w4s75": 0.75, "w3s40": 0.4}
+
+
+def gqsa_bits(fmt_name: str) -> int:
+    """The code width of a GQSA format name (w4s50 -> 4, w3s40 -> 3)."""
+    return int(fmt_name[1])
 DEFAULT_FORMATS = ("f16", "q8_0", "q4_0", "q4_k", "q3_k_s", "iq3_xxs", "q2_k", "w4s25", "w4s50", "w4s75")
 FORMATS = tuple(STOCK) + tuple(QUANTIZED) + tuple(GQSA_SPARSITY)
 
@@ -117,15 +123,16 @@ class _RandomWeights:
             self.cache[key] = w
         return self.cache[key]
 
-    def gqsa(self, sparsity: float, rows: int, width: int) -> np.ndarray:
-        key = ("gqsa", sparsity, rows, width)
+    def gqsa(self, sparsity: float, rows: int, width: int, bits: int = fmt.BITS) -> np.ndarray:
+        key = ("gqsa", bits, sparsity, rows, width)
         if key not in self.cache:
             n_groups = width // fmt.GROUP_SIZE
             n_kept = fmt.kept_groups(width, sparsity)
             kept = np.sort(np.argsort(self.rng.random((rows, n_groups)), axis=1)[:, :n_kept], axis=1)
-            q = self.rng.integers(0, fmt.QMAX + 1, (rows, n_kept, fmt.GROUP_SIZE), np.uint8)
-            z = self.rng.integers(0, fmt.QMAX + 1, (rows, n_kept), np.uint8)
-            self.cache[key] = codec.pack(kept, q, z, np.full((rows, n_kept), 0.01, np.float32))
+            top = fmt.qmax_of(bits)
+            q = self.rng.integers(0, top + 1, (rows, n_kept, fmt.GROUP_SIZE), np.uint8)
+            z = self.rng.integers(0, top + 1, (rows, n_kept), np.uint8)
+            self.cache[key] = codec.pack(kept, q, z, np.full((rows, n_kept), 0.01, np.float32), bits)
         return self.cache[key]
 
 
@@ -205,7 +212,7 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
     config = json.dumps({"benchmark": True, "shape": dataclasses.asdict(shape), "format": fmt_name,
                          "weights": "random, for speed only"})
     if fmt_name in GQSA_SPARSITY:
-        writer = gguf_io.GQSAWriter(LAYOUT.gguf_arch, config)
+        writer = gguf_io.GQSAWriter(LAYOUT.gguf_arch, config, bits=gqsa_bits(fmt_name))
         w = writer.gguf
     else:
         writer = None
@@ -224,21 +231,24 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
     add("token_embd.weight", q8, raw_dtype=T.Q8_0)        # tied: also the output head
     norm = np.ones(shape.n_embd, np.float32)
     add("output_norm.weight", norm)
-    linear_bytes = 0
+    linear_bytes = read_bytes = 0
     for i in range(shape.n_layer):
         add(f"blk.{i}.attn_norm.weight", norm)
         add(f"blk.{i}.ffn_norm.weight", norm)
         for name, rows, width in shape.linear():
             tname = f"blk.{i}.{name}.weight"
             if fmt_name in GQSA_SPARSITY:
-                packed = weights.gqsa(GQSA_SPARSITY[fmt_name], rows, width)
+                packed = weights.gqsa(GQSA_SPARSITY[fmt_name], rows, width, gqsa_bits(fmt_name))
                 writer.add_gqsa_tensor(tname, packed, width)
                 linear_bytes += packed.nbytes
+                # the CPU runtime widens gqsa3 blocks to gqsa4's at load: a token reads those bytes
+                read_bytes += packed.nbytes * fmt.BLOCK_BYTES // fmt.gqsa_type(gqsa_bits(fmt_name)).block_bytes
             else:
                 type_id, _, _ = STOCK[fmt_name]
                 data = weights.stock(fmt_name, rows, width)
                 add(tname, data, raw_dtype=None if fmt_name == "f16" else T(type_id))
                 linear_bytes += data.nbytes
+                read_bytes += data.nbytes
     if writer:
         writer.write(path)
     else:
@@ -247,7 +257,7 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
         w.write_tensors_to_file()
         w.close()
     norms = (2 * shape.n_layer + 1) * norm.nbytes
-    return {"linear_bytes": linear_bytes, "bytes_per_token": linear_bytes + q8.nbytes + norms,
+    return {"linear_bytes": linear_bytes, "bytes_per_token": read_bytes + q8.nbytes + norms,
             "n_linear": shape.n_layer * sum(r * c for _, r, c in shape.linear())}
 
 

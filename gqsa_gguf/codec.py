@@ -11,7 +11,11 @@ Vocabulary (one weight matrix W[N, K], N output rows, K = `width` input columns)
     group      16 consecutive weights of a row along K; a row has G = K/16 of them
     kept       every row keeps the same number n_kept of groups; the others are pruned (zero)
     block      one kept group on disk: 12 bytes = fp16 d, uint16 iz = g | z << 12, 8 bytes of nibbles
+               (gqsa3: 10 bytes, the same header, then 4 bytes of 2-bit pairs and 2 of third bits)
     packed     uint8 [N, n_kept * 12]: the rows of a gqsa4 tensor exactly as stored in the GGUF
+
+The type is the code width `bits` (4: gqsa4, the default; 3: gqsa3), an argument of every function
+that reads or writes codes or packed rows: a packed row's bytes alone do not say which it is.
 
 What goes in and out:
 
@@ -40,8 +44,6 @@ import numpy as np
 
 from .errors import GQSAError
 from .format import (
-    BLOCK_BYTES,
-    BLOCK_DTYPE,
     ACT_BLOCK_BYTES,
     FP16_MAX,
     FP16_MIN_SUBNORMAL,
@@ -50,6 +52,10 @@ from .format import (
     MAX_GROUPS_PER_ROW,
     QMAX,
     ZERO_SHIFT,
+    GQSA4,
+    GQSAType,
+    gqsa_type,
+    qmax_of,
 )
 
 __all__ = [
@@ -80,6 +86,13 @@ assert ACT_BLOCK_DTYPE.itemsize == ACT_BLOCK_BYTES
 
 class GQSAFormatError(GQSAError, ValueError):
     """A GQSA tensor (or the arrays meant to become one) breaks a rule of docs/FORMAT.md."""
+
+
+def _type(bits: int) -> GQSAType:
+    try:
+        return gqsa_type(bits)
+    except ValueError as e:
+        raise GQSAFormatError(str(e)) from None
 
 
 def _at(name: str | None, row: int | None = None, block: int | None = None) -> str:
@@ -122,22 +135,22 @@ def _check_width(width: int, name: str | None) -> int:
     return n_groups
 
 
-def _as_packed(packed: np.ndarray, name: str | None) -> np.ndarray:
+def _as_packed(packed: np.ndarray, name: str | None, t: GQSAType = GQSA4) -> np.ndarray:
     """Checks the container shape of packed rows; returns them as a C-contiguous uint8 [N, row_bytes]."""
     packed = np.asarray(packed)
     if packed.dtype != np.uint8 or packed.ndim != 2:
-        raise TypeError(f"{_at(name)}packed rows must be a uint8 array [N, n_kept*{BLOCK_BYTES}], "
+        raise TypeError(f"{_at(name)}packed rows must be a uint8 array [N, n_kept*{t.block_bytes}], "
                         f"got {packed.dtype} with shape {packed.shape}")
     row_bytes = packed.shape[1]
-    if row_bytes == 0 or row_bytes % BLOCK_BYTES:
+    if row_bytes == 0 or row_bytes % t.block_bytes:
         raise GQSAFormatError(f"{_at(name)}a row has {row_bytes} bytes, not a positive multiple of the "
-                              f"{BLOCK_BYTES}-byte block — the data is truncated or not a gqsa4 tensor")
+                              f"{t.block_bytes}-byte block — the data is truncated or not a {t.name} tensor")
     return np.ascontiguousarray(packed)
 
 
-def _blocks(packed: np.ndarray) -> np.ndarray:
-    """View of C-contiguous packed rows as BLOCK_DTYPE [N, n_kept] (no copy)."""
-    return packed.view(BLOCK_DTYPE).reshape(packed.shape[0], packed.shape[1] // BLOCK_BYTES)
+def _blocks(packed: np.ndarray, t: GQSAType = GQSA4) -> np.ndarray:
+    """View of C-contiguous packed rows as the type's block dtype [N, n_kept] (no copy)."""
+    return packed.view(t.block_dtype).reshape(packed.shape[0], packed.shape[1] // t.block_bytes)
 
 
 def _integers(a, what: str, shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
@@ -161,8 +174,9 @@ def _integers(a, what: str, shape: tuple[int, ...], lo: int, hi: int) -> np.ndar
 
 # --- min-max quantizer -------------------------------------------------------------------------
 
-def quantize_groups(x) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Min-max quantizes groups of 16 (docs/FORMAT.md "Reference quantizer"), bit-exact with C.
+def quantize_groups(x, bits: int = 4) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Min-max quantizes groups of 16 to `bits`-bit codes (docs/FORMAT.md "Reference quantizer"),
+    bit-exact with C.
 
     x: float32 [..., 16] (other float dtypes are converted to float32 first; non-finite values are
     refused). Returns q uint8 [..., 16], z uint8 [...], d float16 [...]. An all-zero group gets
@@ -177,7 +191,7 @@ def quantize_groups(x) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"non-finite weight {x[at]} at {list(at)} — the model has NaN/inf weights")
 
     with np.errstate(over="ignore"):                      # hi - lo may overflow to inf: d clamps below
-        return minmax_groups(x, _NumPyOps)
+        return minmax_groups(x, _NumPyOps, qmax_of(_type(bits).bits))
 
 
 # The rule itself, written once for both array libraries: the NumPy reference above and the torch
@@ -194,14 +208,15 @@ class _NumPyOps:
     cast = staticmethod(lambda x, dtype: x.astype(dtype))
 
 
-def minmax_groups(x, ops=_NumPyOps):
+def minmax_groups(x, ops=_NumPyOps, qmax: int | None = None):
     """(q, z, d) of finite float32 groups x [..., 16] (docs/FORMAT.md "Reference quantizer"), with
-    `ops` the array library's primitives (`_NumPyOps`, or oneshot's torch ones). An all-zero group
-    gets d = +0, z = 0, q = 0."""
+    `ops` the array library's primitives (`_NumPyOps`, or oneshot's torch ones) and codes 0..qmax
+    (default gqsa4's 15). An all-zero group gets d = +0, z = 0, q = 0."""
+    qmax = QMAX if qmax is None else qmax
     f32, f16 = ops.f32, ops.f16
     lo = ops.minimum(ops.amin(x), ops.const(0, f32))      # the range always contains 0
     hi = ops.maximum(ops.amax(x), ops.const(0, f32))
-    s = (hi - lo) / ops.const(QMAX, f32)                  # float32 subtract and divide, as in C
+    s = (hi - lo) / ops.const(qmax, f32)                  # float32 subtract and divide, as in C
     d = ops.cast(s, f16)                                  # round to nearest even; overflow -> inf
     d = ops.where((s > 0) & (d == 0), ops.const(FP16_MIN_SUBNORMAL, f16), d)
     d = ops.where(d > FP16_MAX, ops.const(FP16_MAX, f16), d)
@@ -210,21 +225,22 @@ def minmax_groups(x, ops=_NumPyOps):
     df = ops.cast(d, f32)
     zero = df == 0
     safe = ops.where(zero, ops.const(1, f32), df)         # avoid 0/0; those groups are zeroed below
-    z = ops.clip(ops.rint(-lo / safe), 0, QMAX)
+    z = ops.clip(ops.rint(-lo / safe), 0, qmax)
     z = ops.where(zero, ops.const(0, f32), z)
-    q = ops.clip(ops.rint(x / safe[..., None]) + z[..., None], 0, QMAX)   # clamp in float, then convert
+    q = ops.clip(ops.rint(x / safe[..., None]) + z[..., None], 0, qmax)   # clamp in float, then convert
     q = ops.where(zero[..., None], ops.const(0, f32), q)
     return ops.cast(q, ops.u8), ops.cast(z, ops.u8), d
 
 
 # --- packing -----------------------------------------------------------------------------------
 
-def pack(indices, q, z, d) -> np.ndarray:
-    """Packs kept groups into gqsa4 rows, uint8 [N, n_kept*12].
+def pack(indices, q, z, d, bits: int = 4) -> np.ndarray:
+    """Packs kept groups into gqsa4 rows, uint8 [N, n_kept*12] (bits=3: gqsa3, [N, n_kept*10]).
 
-    indices: ints [N, n_kept], strictly increasing per row, < 4096; q: ints 0..15 [N, n_kept, 16];
-    z: ints 0..15 [N, n_kept]; d: floats [N, n_kept], rounded here to fp16 (round to nearest even
-    from the precision given) and required finite. Integral float arrays are accepted for the ints.
+    indices: ints [N, n_kept], strictly increasing per row, < 4096; q: ints 0..15 [N, n_kept, 16]
+    and z: ints 0..15 [N, n_kept] (gqsa3: both 0..7); d: floats [N, n_kept], rounded here to fp16
+    (round to nearest even from the precision given) and required finite. Integral float arrays are
+    accepted for the ints.
     """
     indices = np.asarray(indices)
     if indices.ndim != 2 or indices.shape[1] == 0:
@@ -236,8 +252,9 @@ def pack(indices, q, z, d) -> np.ndarray:
         r, b = unsorted
         raise GQSAFormatError(f"row {r} block {b + 1}: group index {idx[r, b + 1]} does not follow "
                               f"{idx[r, b]} — the kept indices of a row must be sorted and unique")
-    qi = _integers(q, "q", (n_rows, n_kept, GROUP_SIZE), 0, QMAX)
-    zi = _integers(z, "z", (n_rows, n_kept), 0, QMAX)
+    t = _type(bits)
+    qi = _integers(q, "q", (n_rows, n_kept, GROUP_SIZE), 0, qmax_of(t.bits))
+    zi = _integers(z, "z", (n_rows, n_kept), 0, qmax_of(t.bits))
 
     d = np.asarray(d)
     if d.shape != (n_rows, n_kept):
@@ -252,19 +269,26 @@ def pack(indices, q, z, d) -> np.ndarray:
         raise GQSAFormatError(f"row {r} block {b}: scale {d[r, b]!r} is not finite in fp16 (|d| <= "
                               f"{FP16_MAX:g}) — rescale the weights or keep this tensor in a stock type")
 
-    blocks = np.empty((n_rows, n_kept), dtype=BLOCK_DTYPE)
+    blocks = np.empty((n_rows, n_kept), dtype=t.block_dtype)
     blocks["d"] = d16
     blocks["iz"] = (idx | (zi << ZERO_SHIFT)).astype(np.uint16)
-    blocks["qs"] = (qi[..., :_HALF] | (qi[..., _HALF:] << 4)).astype(np.uint8)
-    return blocks.view(np.uint8).reshape(n_rows, n_kept * BLOCK_BYTES)
+    if t is GQSA4:
+        blocks["qs"] = (qi[..., :_HALF] | (qi[..., _HALF:] << 4)).astype(np.uint8)
+    else:                                                 # ql[j]: codes j, j+4, j+8, j+12, 2 bits each
+        low = (qi & 3).reshape(n_rows, n_kept, 4, 4)      # [.., s, j] = code 4s + j
+        blocks["ql"] = (low << (2 * np.arange(4))[:, None]).sum(axis=2).astype(np.uint8)
+        blocks["qh"] = ((qi >> 2) << np.arange(GROUP_SIZE)).sum(axis=-1).astype(np.uint16)
+    return blocks.view(np.uint8).reshape(n_rows, n_kept * t.block_bytes)
 
 
-def unpack(data, n_rows: int | None = None):
-    """Splits packed rows into (indices int32 [N, n_kept], q uint8 [N, n_kept, 16], z uint8 [N, n_kept],
-    d float16 [N, n_kept]). `data` is uint8 [N, row_bytes], or raw bytes / 1-D uint8 with `n_rows`.
+def unpack(data, n_rows: int | None = None, bits: int = 4):
+    """Splits packed rows of the `bits`-bit type into (indices int32 [N, n_kept], q uint8 [N, n_kept, 16],
+    z uint8 [N, n_kept], d float16 [N, n_kept]). `data` is uint8 [N, row_bytes], or raw bytes / 1-D
+    uint8 with `n_rows`.
 
-    Checks only the container (row length a multiple of 12); use `validate` for the content rules.
+    Checks only the container (row length a multiple of the block); use `validate` for the content rules.
     """
+    t = _type(bits)
     if isinstance(data, (bytes, bytearray, memoryview)):
         data = np.frombuffer(data, dtype=np.uint8)
     data = np.asarray(data)
@@ -276,18 +300,25 @@ def unpack(data, n_rows: int | None = None):
         data = data.reshape(n_rows, data.size // n_rows)
     elif data.ndim != 2 or (n_rows is not None and n_rows != data.shape[0]):
         raise ValueError(f"packed data has shape {data.shape}, expected [{n_rows or 'N'}, row_bytes]")
-    blocks = _blocks(_as_packed(data, None))
+    blocks = _blocks(_as_packed(data, None, t), t)
     iz = blocks["iz"]
     indices = (iz & INDEX_MASK).astype(np.int32)
     z = (iz >> ZERO_SHIFT).astype(np.uint8)
-    qs = blocks["qs"]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+    if t is GQSA4:
+        qs = blocks["qs"]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+    else:
+        ql = blocks["ql"].astype(np.uint16)[..., None, :]              # [.., 1, j]
+        low = (ql >> (2 * np.arange(4, dtype=np.uint16))[:, None]) & 3    # [.., s, j] = code 4s + j
+        high = (blocks["qh"][..., None] >> np.arange(GROUP_SIZE, dtype=np.uint16)) & 1
+        q = (low.reshape(*low.shape[:-2], GROUP_SIZE) | (high << 2)).astype(np.uint8)
     d = blocks["d"].astype(np.float16)                    # native-endian copy
     return indices, q, z, d
 
 
-def quantize(w, kept) -> np.ndarray:
-    """Min-max quantizes the kept groups of w float32 [N, K]; kept: sorted group indices [N, n_kept]."""
+def quantize(w, kept, bits: int = 4) -> np.ndarray:
+    """Min-max quantizes the kept groups of w float32 [N, K] to `bits`-bit codes; kept: sorted group
+    indices [N, n_kept]."""
     w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"w must be [N, K], got shape {w.shape}")
@@ -299,32 +330,34 @@ def quantize(w, kept) -> np.ndarray:
     kept = _integers(kept, "kept", kept.shape, 0, n_groups - 1)   # before gathering: no wrap-around
     groups = w.reshape(w.shape[0], n_groups, GROUP_SIZE)
     sel = np.take_along_axis(groups, kept[:, :, None], axis=1)
-    q, z, d = quantize_groups(sel)
-    return pack(kept, q, z, d)
+    q, z, d = quantize_groups(sel, bits)
+    return pack(kept, q, z, d, bits)
 
 
-def quantize_dense(w) -> np.ndarray:
+def quantize_dense(w, bits: int = 4) -> np.ndarray:
     """All groups kept: block j of a row holds group j (what C's quantize_row_gqsa4_ref writes)."""
     w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"w must be [N, K], got shape {w.shape}")
     n_groups = _check_width(w.shape[1], None)
     kept = np.broadcast_to(np.arange(n_groups), (w.shape[0], n_groups))
-    return quantize(w, kept)
+    return quantize(w, kept, bits)
 
 
 # --- validation and dequantization ---------------------------------------------------------------
 
-def validate(packed, width: int, name: str = "?") -> None:
-    """Checks every rule of docs/FORMAT.md "Rules a valid tensor obeys"; raises GQSAFormatError."""
+def validate(packed, width: int, name: str = "?", bits: int = 4) -> None:
+    """Checks every rule of docs/FORMAT.md "Rules a valid tensor obeys" (gqsa3: and z <= 7);
+    raises GQSAFormatError."""
+    t = _type(bits)
     n_groups = _check_width(width, name)
-    packed = _as_packed(packed, name)
-    n_kept = packed.shape[1] // BLOCK_BYTES
+    packed = _as_packed(packed, name, t)
+    n_kept = packed.shape[1] // t.block_bytes
     if n_kept > n_groups:
         raise GQSAFormatError(f"{_at(name)}{n_kept} stored groups per row (ne0 = {n_kept * GROUP_SIZE}) "
                               f"exceed the {n_groups} groups of the logical width {width} — the file is "
                               f"corrupt or gqsa.tensor_widths is wrong")
-    blocks = _blocks(packed)
+    blocks = _blocks(packed, t)
     idx = (blocks["iz"] & INDEX_MASK).astype(np.int64)
     bad = idx >= n_groups
     if bad.any():
@@ -342,23 +375,29 @@ def validate(packed, width: int, name: str = "?") -> None:
         r, b = _first(bad)
         raise GQSAFormatError(f"{_at(name, r, b)}scale d = {float(blocks['d'][r, b])} (fp16 bits "
                               f"0x{int(d_bits[r, b]):04x}) is not finite — the file is corrupt")
+    z = blocks["iz"] >> ZERO_SHIFT
+    bad = z > t.qmax
+    if bad.any():
+        r, b = _first(bad)
+        raise GQSAFormatError(f"{_at(name, r, b)}zero point {int(z[r, b])} > {t.qmax}, the largest "
+                              f"{t.bits}-bit code of {t.name} — the file is corrupt")
 
 
-def dequantize_stored(packed) -> np.ndarray:
+def dequantize_stored(packed, bits: int = 4) -> np.ndarray:
     """The kept weights in storage order, float32 [N, n_kept*16] (ggml's to_float of the tensor).
 
     Exact: (q - z) is an integer in -15..15 and d an fp16, so their float32 product never rounds.
     """
-    _, q, z, d = unpack(packed)
+    _, q, z, d = unpack(packed, bits=bits)
     w = (q.astype(np.float32) - z.astype(np.float32)[..., None]) * d.astype(np.float32)[..., None]
     return w.reshape(q.shape[0], -1)
 
 
-def dequantize(packed, width: int, name: str = "?") -> np.ndarray:
+def dequantize(packed, width: int, name: str = "?", bits: int = 4) -> np.ndarray:
     """The dense matrix float32 [N, width], zeros in the pruned groups. Validates first."""
-    validate(packed, width, name)
-    indices, _, _, _ = unpack(packed)
-    stored = dequantize_stored(packed).reshape(indices.shape[0], indices.shape[1], GROUP_SIZE)
+    validate(packed, width, name, bits)
+    indices, _, _, _ = unpack(packed, bits=bits)
+    stored = dequantize_stored(packed, bits).reshape(indices.shape[0], indices.shape[1], GROUP_SIZE)
     out = np.zeros((indices.shape[0], width // GROUP_SIZE, GROUP_SIZE), dtype=np.float32)
     np.put_along_axis(out, indices[:, :, None].astype(np.intp), stored, axis=1)
     return out.reshape(indices.shape[0], width)
@@ -373,11 +412,11 @@ def _activations(x, width: int) -> tuple[np.ndarray, bool]:
     return x2, vector
 
 
-def matmul_ref(packed, width: int, x) -> np.ndarray:
+def matmul_ref(packed, width: int, x, bits: int = 4) -> np.ndarray:
     """The "true" product: x float32 [ncols, K] -> float32 [ncols, N] = x @ dequantize(packed).T,
     accumulated in float64 and rounded once to float32. A 1-D x gives a 1-D [N] result."""
     x2, vector = _activations(x, width)
-    w = dequantize(packed, width).astype(np.float64)
+    w = dequantize(packed, width, bits=bits).astype(np.float64)
     y = (x2.astype(np.float32).astype(np.float64) @ w.T).astype(np.float32)
     return y[0] if vector else y
 
@@ -416,7 +455,7 @@ def pack_act(d, s, qs) -> np.ndarray:
     return blocks.view(np.uint8).reshape(*qs.shape[:-2], -1)
 
 
-def act_dot(packed, width: int, act) -> np.ndarray:
+def act_dot(packed, width: int, act, bits: int = 4) -> np.ndarray:
     """The CPU kernel's math (ggml-cpu-gqsa.c) on quantized activations, in float64: float64 [ncols, N].
 
     act = quantize_act(x) for x [ncols, K]. For each stored block (index g, q, z, d_w) of a row:
@@ -432,8 +471,8 @@ def act_dot(packed, width: int, act) -> np.ndarray:
     if qs_x.shape[1:] != (n_groups, GROUP_SIZE) or d_x.shape != qs_x.shape[:2] or s_x.shape != d_x.shape:
         raise ValueError(f"activation blocks have shapes d {d_x.shape}, s {s_x.shape}, qs {qs_x.shape}; "
                          f"expected [ncols, {n_groups}] and [ncols, {n_groups}, {GROUP_SIZE}]")
-    validate(packed, width)
-    indices, q, z, d_w = unpack(packed)
+    validate(packed, width, bits=bits)
+    indices, q, z, d_w = unpack(packed, bits=bits)
     n_rows, n_kept = indices.shape
     ncols = qs_x.shape[0]
     qi = q.astype(np.int64)
@@ -452,9 +491,9 @@ def act_dot(packed, width: int, act) -> np.ndarray:
     return out
 
 
-def matmul_q8_ref(packed, width: int, x) -> np.ndarray:
+def matmul_q8_ref(packed, width: int, x, bits: int = 4) -> np.ndarray:
     """x float32 [ncols, K] -> float64 [ncols, N] computed as the CPU kernel does: activations
     quantized to gqsa_q8, then act_dot. A 1-D x gives a 1-D [N] result."""
     x2, vector = _activations(x, width)
-    y = act_dot(packed, width, quantize_act(x2))
+    y = act_dot(packed, width, quantize_act(x2), bits)
     return y[0] if vector else y

@@ -84,8 +84,8 @@ def cache_root() -> Path:
 def parse_spec(spec: str) -> tuple[int, int]:
     """Parses a GQSA spec `wNsM` into (bits N, sparsity percent M); raises ConfigError.
 
-    Only 4-bit weights exist in the format (docs/FORMAT.md); M is the percentage of 16-weight
-    groups pruned in every output row, 0..99.
+    N is the code width of a format type (docs/FORMAT.md): 4 (gqsa4) or 3 (gqsa3); M is the
+    percentage of 16-weight groups pruned in every output row, 0..99.
     """
     if not isinstance(spec, str):
         raise ConfigError(f"--gqsa: the spec must be a string like 'w4s50', got {spec!r}")
@@ -94,9 +94,9 @@ def parse_spec(spec: str) -> tuple[int, int]:
         raise ConfigError(f"--gqsa: '{spec}' is not a GQSA spec of the form wNsM (N weight bits, M % of "
                           f"groups pruned), e.g. w4s20, w4s50 or w4s75")
     bits, sparsity = int(m["bits"]), int(m["sparsity"])
-    if bits != fmt.BITS:
-        raise ConfigError(f"--gqsa: '{spec}' asks for {bits}-bit weights, but the gqsa4 format stores "
-                          f"only {fmt.BITS}-bit weights — use w{fmt.BITS}s{sparsity}")
+    if bits not in fmt.TYPES:
+        raise ConfigError(f"--gqsa: '{spec}' asks for {bits}-bit weights, but the GQSA format stores "
+                          f"4-bit (gqsa4) or 3-bit (gqsa3) codes — use w4s{sparsity} or w3s{sparsity}")
     if not 0 <= sparsity <= 99:
         raise ConfigError(f"--gqsa: '{spec}' prunes {sparsity} % of the groups; every row must keep at "
                           f"least one group, so M must be 0..99 (e.g. w4s50)")

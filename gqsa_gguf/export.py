@@ -14,7 +14,7 @@ What goes in the file:
   * the architecture's metadata for its llama.cpp graph (`info.layout.write_hparams`);
   * the tokenizer (`vocab.read_vocab`) and the chat template;
   * token_embd / output as --dense-type (f16 or q8_0), norms and biases as f32;
-  * the seven decoder linears of every block as gqsa4 (`packed_rows`: codec.pack), their logical widths,
+  * the seven decoder linears of every block as gqsa4 or gqsa3 (`packed_rows`: codec.pack), their logical widths,
     sparsities and the config JSON under `gqsa.*` (docs/FORMAT.md).
 
 Tensor names, write order and the q/k row permutation some graphs need are the layout's
@@ -75,7 +75,7 @@ class TensorRow:
 class ExportSummary:
     path: Path
     rows: list[TensorRow]
-    linear_bpw: float           # bits of all gqsa4 tensors / their logical weights
+    linear_bpw: float           # bits of all GQSA tensors / their logical weights
     file_bytes: int
     not_compressed: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -84,13 +84,15 @@ class ExportSummary:
         lines = []
         w = max(len(r.name) for r in self.rows)
         lines.append(f"{'tensor':<{w}}  {'type':<6} {'shape [rows, width]':<20} {'sparsity':>8} {'bits/w':>7}  note")
-        for r in self.rows if every_tensor else [r for r in self.rows if r.type != fmt.TYPE_NAME]:
+        gqsa_names = {t.name for t in fmt.TYPES.values()}
+        for r in self.rows if every_tensor else [r for r in self.rows if r.type not in gqsa_names]:
             sp = "-" if r.sparsity is None else f"{r.sparsity:.1%}"
             shape = "[" + ", ".join(str(s) for s in r.shape) + "]"
             lines.append(f"{r.name:<{w}}  {r.type:<6} {shape:<20} {sp:>8} {r.bpw:>7.3f}  {r.note}")
-        n_gqsa = sum(r.type == fmt.TYPE_NAME for r in self.rows)
+        gqsa_rows = [r for r in self.rows if r.type in gqsa_names]
         lines.append("")
-        lines.append(f"{n_gqsa} decoder linear tensors stored as {fmt.TYPE_NAME}: "
+        lines.append(f"{len(gqsa_rows)} decoder linear tensors stored as "
+                     f"{'/'.join(sorted({r.type for r in gqsa_rows})) or 'GQSA'}: "
                      f"{self.linear_bpw:.3f} bits per weight (all metadata included)")
         if self.not_compressed:
             lines.append("not compressed:")
@@ -126,7 +128,7 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: Mapping,
     vocab = read_vocab(info.folder, info.vocab_size, xcfg.tokenizer_pre)
 
     layout = info.layout
-    w = GQSAWriter(layout.gguf_arch, config.to_json(), __version__)
+    w = GQSAWriter(layout.gguf_arch, config.to_json(), __version__, bits=config.compression.bits)
     g = w.gguf
     layout.write_hparams(g, info, name=info.name)
     vocab.add_to(g)
@@ -158,15 +160,18 @@ def export_gguf(path: str | os.PathLike, info: ModelInfo, state_dict: Mapping,
             rows_n, width = info.linear_shape(module.split(".", 3)[3])
             if (cl.rows, cl.width) != (rows_n, width):
                 raise ExportError(f"{module}: compressed shape [{cl.rows}, {cl.width}] != model [{rows_n}, {width}]")
+            if cl.bits != w.type.bits:
+                raise ExportError(f"{module}: {cl.bits}-bit codes, but the file's type is {w.type.name} "
+                                  f"(--gqsa {config.compression.spec})")
             perm = layout.rope_permutation(info, name)
             if perm is not None:
                 cl = cl.permute_rows(perm)
             packed = cl.packed_rows()
             rec = w.add_gqsa_tensor(name, packed, cl.width, cl.sparsity)
-            bpw = fmt.bits_per_weight(cl.n_kept, cl.width)
+            bpw = w.type.bits_per_weight(cl.n_kept, cl.width)
             gqsa_bits += packed.size * 8
             gqsa_weights += cl.rows * cl.width
-            rows.append(TensorRow(name, fmt.TYPE_NAME, (cl.rows, cl.width), rec.sparsity, bpw,
+            rows.append(TensorRow(name, w.type.name, (cl.rows, cl.width), rec.sparsity, bpw,
                                   "rope-permuted rows" if perm is not None else ""))
             continue
         if name == "output.weight" and info.tie_embeddings:

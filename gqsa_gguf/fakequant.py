@@ -101,9 +101,10 @@ def stored_scale(scale: torch.Tensor) -> torch.Tensor:
     return fp16_ste(torch.clamp(scale, SCALE_MIN, SCALE_MAX))
 
 
-def integer_zero(zero: torch.Tensor) -> torch.Tensor:
-    """The integer zero point 0..15 the file stores for a trainable float zero, as float32 (STE)."""
-    return torch.clamp(round_ste(zero), 0, fmt.QMAX)
+def integer_zero(zero: torch.Tensor, qmax: int | None = None) -> torch.Tensor:
+    """The integer zero point 0..qmax (gqsa4: 15) the file stores for a trainable float zero, as
+    float32 (STE)."""
+    return torch.clamp(round_ste(zero), 0, fmt.QMAX if qmax is None else qmax)
 
 
 def _check_init(name: str, what: str, t: torch.Tensor) -> None:
@@ -124,11 +125,13 @@ class _GQSBase(torch.nn.Module):
     """What both forms share: shapes, kept indices, scale/zero parameters, bias, scatter."""
 
     def __init__(self, name: str, width: int, indices: torch.Tensor, scale: torch.Tensor,
-                 zero: torch.Tensor, bias: torch.Tensor | None):
+                 zero: torch.Tensor, bias: torch.Tensor | None, bits: int = fmt.BITS):
         super().__init__()
         if width % _G:
             raise ValueError(f"{name}: width {width} is not a multiple of the group size {_G}")
         self.name = name
+        self.bits = int(bits)                               # 4: gqsa4, 3: gqsa3
+        self.qmax = fmt.qmax_of(self.bits)
         self.in_features = int(width)
         self.out_features = int(indices.shape[0])
         self.register_buffer("indices", indices.to(torch.int64).contiguous())   # [N, n_kept], sorted
@@ -175,19 +178,19 @@ class _GQSBase(torch.nn.Module):
         from .oneshot import CompressedLinear
 
         idx, q, z, d = self.export_arrays()
-        return CompressedLinear(self.name, self.in_features, idx, q, z, d)
+        return CompressedLinear(self.name, self.in_features, idx, q, z, d, self.bits)
 
     def extra_repr(self) -> str:
         return (f"{self.name}: in={self.in_features}, out={self.out_features}, "
-                f"kept={self.n_kept}/{self.in_features // _G} groups")
+                f"kept={self.n_kept}/{self.in_features // _G} groups, {self.bits}-bit")
 
 
 class GQSLinear(_GQSBase):
     """BQPO form: float kept-group weights, scale and zero point all trainable; mask fixed."""
 
     def __init__(self, name: str, width: int, indices: torch.Tensor, weight_groups: torch.Tensor,
-                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__(name, width, indices, scale, zero, bias)
+                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None, bits: int = fmt.BITS):
+        super().__init__(name, width, indices, scale, zero, bias, bits)
         if weight_groups.shape != (self.out_features, self.n_kept, _G):
             raise ValueError(f"{name}: weight groups {tuple(weight_groups.shape)} do not match indices "
                              f"{tuple(self.indices.shape)}")
@@ -207,7 +210,7 @@ class GQSLinear(_GQSBase):
         wg = torch.gather(groups, 1, idx[:, :, None].expand(-1, -1, _G))
         d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
         z = torch.from_numpy(np.asarray(cl.z, dtype=np.float32))
-        return cls(cl.name, k, idx, wg, d, z, bias)
+        return cls(cl.name, k, idx, wg, d, z, bias, cl.bits)
 
     @classmethod
     def from_oneshot(cls, cl, bias: torch.Tensor | None = None) -> "GQSLinear":
@@ -219,12 +222,12 @@ class GQSLinear(_GQSBase):
         d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
         z = torch.from_numpy(np.asarray(cl.z, dtype=np.float32))
         wg = (q - z[..., None]) * d[..., None]
-        return cls(cl.name, cl.width, idx, wg, d, z, bias)
+        return cls(cl.name, cl.width, idx, wg, d, z, bias, cl.bits)
 
     def _quant(self):
         d = stored_scale(self.scale)[..., None]
-        zi = integer_zero(self.zero)[..., None]
-        q = torch.clamp(round_ste(self.weight / d) + zi, 0, fmt.QMAX)
+        zi = integer_zero(self.zero, self.qmax)[..., None]
+        q = torch.clamp(round_ste(self.weight / d) + zi, 0, self.qmax)
         return q, zi, d
 
     def group_weights(self) -> torch.Tensor:
@@ -241,22 +244,22 @@ class GQSLinear(_GQSBase):
         """Freezes the integer codes: the E2E-OQP form with the same forward (bit-exact)."""
         q, z, _ = self.codes()
         return FrozenGQSLinear(self.name, self.in_features, self.indices, q.to(torch.uint8),
-                               self.scale, z, self.bias)
+                               self.scale, z, self.bias, self.bits)
 
 
 class FrozenGQSLinear(_GQSBase):
     """E2E-OQP form: frozen integer q of the kept groups (no dense mask), trainable scale and zero.
 
     The zero parameter starts at the exported integer z; training moves it continuously and the
-    forward (and export) use clamp(round(zero), 0, 15), with q unchanged."""
+    forward (and export) use clamp(round(zero), 0, qmax) (gqsa4: 15, gqsa3: 7), with q unchanged."""
 
     def __init__(self, name: str, width: int, indices: torch.Tensor, q: torch.Tensor,
-                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__(name, width, indices, scale, zero, bias)
+                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None, bits: int = fmt.BITS):
+        super().__init__(name, width, indices, scale, zero, bias, bits)
         if q.shape != (self.out_features, self.n_kept, _G):
             raise ValueError(f"{name}: q {tuple(q.shape)} does not match indices {tuple(self.indices.shape)}")
-        if q.dtype != torch.uint8 or int(q.max()) > fmt.QMAX:
-            raise ValueError(f"{name}: q must be uint8 codes 0..{fmt.QMAX}, got {q.dtype} max {int(q.max())}")
+        if q.dtype != torch.uint8 or int(q.max()) > self.qmax:
+            raise ValueError(f"{name}: q must be uint8 codes 0..{self.qmax}, got {q.dtype} max {int(q.max())}")
         self.register_buffer("q", q.contiguous().clone())
 
     @classmethod
@@ -265,20 +268,25 @@ class FrozenGQSLinear(_GQSBase):
         d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
         return cls(cl.name, cl.width, torch.from_numpy(np.asarray(cl.indices, dtype=np.int64)),
                    torch.from_numpy(np.asarray(cl.q, dtype=np.uint8)), d,
-                   torch.from_numpy(np.asarray(cl.z, dtype=np.float32)), bias)
+                   torch.from_numpy(np.asarray(cl.z, dtype=np.float32)), bias, cl.bits)
 
     def group_weights(self) -> torch.Tensor:
         d = stored_scale(self.scale)[..., None]
-        zi = integer_zero(self.zero)[..., None]
+        zi = integer_zero(self.zero, self.qmax)[..., None]
         return (self.q.to(d.dtype) - zi) * d
 
     @torch.no_grad()
     def codes(self):
-        return self.q, integer_zero(self.zero), stored_scale(self.scale)
+        return self.q, integer_zero(self.zero, self.qmax), stored_scale(self.scale)
 
     def frozen_tensors(self) -> tuple[torch.Tensor, ...]:
         """What fixes the frozen part of the layer (a run's fingerprint): q and the indices."""
         return self.q, self.indices
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """Codes uint8 [..., 16] two to a byte as in a gqsa4 block's qs: uint8 [..., 8]."""
+    return np.ascontiguousarray(q[..., :_G // 2] | (q[..., _G // 2:] << 4))
 
 
 def _unpack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -298,22 +306,22 @@ class _ExpandedLinear(torch.autograd.Function):
     backward; saves the input, scale and zero (and refers to the module's codes and indices)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero, codes, indices, bias, width: int):
+    def forward(ctx, x, scale, zero, codes, indices, bias, width: int, qmax: int):
         with torch.no_grad():
-            d, zi = _stored_scale_value(scale), _integer_zero_value(zero)
+            d, zi = _stored_scale_value(scale), _integer_zero_value(zero, qmax)
             w = _expand(codes, indices, d, zi, width)
         # under autocast F.linear casts as it does in FrozenGQSLinear.forward; the backward then
         # multiplies in that dtype too (what autograd does for FrozenGQSLinear's bf16 matmul)
         dev = x.device.type
         ctx.amp_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        ctx.width = width
+        ctx.width, ctx.qmax = width, qmax
         ctx.save_for_backward(x, scale, zero, codes, indices)
         return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero, codes, indices = ctx.saved_tensors
-        d, zi = _stored_scale_value(scale), _integer_zero_value(zero)
+        d, zi = _stored_scale_value(scale), _integer_zero_value(zero, ctx.qmax)
         w = _expand(codes, indices, d, zi, ctx.width)
         dt = ctx.amp_dtype or torch.float32
         g2 = grad.reshape(-1, grad.shape[-1]).to(dt)
@@ -331,28 +339,29 @@ class _ExpandedLinear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:                  # w_hat = (q - zi) * d; fp16 STE; clamp
                 dd = (dg * (_unpack_codes(codes).to(torch.float32) - zi[..., None])).sum(-1)
                 dscale = dd * ((scale >= SCALE_MIN) & (scale <= SCALE_MAX))
-            if ctx.needs_input_grad[2]:                  # round STE; clamp of round(zero) to 0..15
+            if ctx.needs_input_grad[2]:                  # round STE; clamp of round(zero) to 0..qmax
                 r = torch.round(zero)
-                dzero = -(dg * d[..., None]).sum(-1) * ((r >= 0) & (r <= fmt.QMAX))
-        return dx, dscale, dzero, None, None, None, None
+                dzero = -(dg * d[..., None]).sum(-1) * ((r >= 0) & (r <= ctx.qmax))
+        return dx, dscale, dzero, None, None, None, None, None
 
 
 def _stored_scale_value(scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(scale, SCALE_MIN, SCALE_MAX).to(torch.float16).to(scale.dtype)
 
 
-def _integer_zero_value(zero: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(zero), 0, fmt.QMAX)
+def _integer_zero_value(zero: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(zero), 0, qmax)
 
 
 class PackedGQSLinear(_GQSBase):
     """E2E-OQP form of the streamed training: FrozenGQSLinear's parameters and forward, with the
-    frozen codes packed two to a byte (`qs` uint8 [N, n_kept, 8], as in a gqsa4 block) and int16
-    group indices, the dense weight expanded per call and never kept (see the module docstring)."""
+    frozen codes packed two to a byte (`qs` uint8 [N, n_kept, 8], as in a gqsa4 block; gqsa3's
+    3-bit codes too) and int16 group indices, the dense weight expanded per call and never kept (see
+    the module docstring)."""
 
     def __init__(self, name: str, width: int, indices: torch.Tensor, codes: torch.Tensor,
-                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__(name, width, indices, scale, zero, bias)
+                 scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None, bits: int = fmt.BITS):
+        super().__init__(name, width, indices, scale, zero, bias, bits)
         self.indices = self.indices.to(torch.int16)          # < 4096 groups a row (docs/FORMAT.md)
         if codes.shape != (self.out_features, self.n_kept, _G // 2) or codes.dtype != torch.uint8:
             raise ValueError(f"{name}: codes must be uint8 {(self.out_features, self.n_kept, _G // 2)}, got "
@@ -362,26 +371,29 @@ class PackedGQSLinear(_GQSBase):
     @classmethod
     def from_packed(cls, p, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                     zero: torch.Tensor | None = None) -> "PackedGQSLinear":
-        """From a oneshot.PackedLinear (gqsa4 rows): codes and indices from the rows, scale = d and
-        zero = z unless given (the float values a training stage left, e.g. BQPO's)."""
+        """From a oneshot.PackedLinear (gqsa4 or gqsa3 rows): codes and indices from the rows, scale = d
+        and zero = z unless given (the float values a training stage left, e.g. BQPO's)."""
         from . import codec
 
-        idx, _q, z, d = codec.unpack(p.data)
-        del _q
+        idx, q, z, d = codec.unpack(p.data, bits=p.bits)
         n, k = idx.shape
-        codes = torch.from_numpy(np.ascontiguousarray(p.data.reshape(n, k, fmt.BLOCK_BYTES)[:, :, 4:]))
+        if p.bits == fmt.BITS:                           # gqsa4 blocks hold the nibbles already
+            del q
+            codes = torch.from_numpy(np.ascontiguousarray(p.data.reshape(n, k, fmt.BLOCK_BYTES)[:, :, 4:]))
+        else:
+            codes = torch.from_numpy(_nibbles(q))
+            del q
         scale = torch.from_numpy(d.astype(np.float32)) if scale is None else scale
         zero = torch.from_numpy(z.astype(np.float32)) if zero is None else zero
-        return cls(p.name, p.width, torch.from_numpy(idx.astype(np.int64)), codes, scale, zero, bias)
+        return cls(p.name, p.width, torch.from_numpy(idx.astype(np.int64)), codes, scale, zero, bias, p.bits)
 
     @classmethod
     def from_compressed(cls, cl, bias: torch.Tensor | None = None) -> "PackedGQSLinear":
         """From a oneshot.CompressedLinear: the same layer as FrozenGQSLinear.from_compressed."""
-        q = np.asarray(cl.q, dtype=np.uint8)
-        codes = torch.from_numpy(q[..., :_G // 2] | (q[..., _G // 2:] << 4))
+        codes = torch.from_numpy(_nibbles(np.asarray(cl.q, dtype=np.uint8)))
         d = torch.from_numpy(np.asarray(cl.d, dtype=np.float16).astype(np.float32))
         return cls(cl.name, cl.width, torch.from_numpy(np.asarray(cl.indices, dtype=np.int64)), codes, d,
-                   torch.from_numpy(np.asarray(cl.z, dtype=np.float32)), bias)
+                   torch.from_numpy(np.asarray(cl.z, dtype=np.float32)), bias, cl.bits)
 
     @property
     def q(self) -> torch.Tensor:
@@ -394,15 +406,16 @@ class PackedGQSLinear(_GQSBase):
 
     def group_weights(self) -> torch.Tensor:
         d = stored_scale(self.scale)[..., None]
-        zi = integer_zero(self.zero)[..., None]
+        zi = integer_zero(self.zero, self.qmax)[..., None]
         return (self.q.to(d.dtype) - zi) * d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ExpandedLinear.apply(x, self.scale, self.zero, self.qs, self.indices, self.bias, self.in_features)
+        return _ExpandedLinear.apply(x, self.scale, self.zero, self.qs, self.indices, self.bias, self.in_features,
+                                     self.qmax)
 
     @torch.no_grad()
     def codes(self):
-        return self.q, integer_zero(self.zero), stored_scale(self.scale)
+        return self.q, integer_zero(self.zero, self.qmax), stored_scale(self.scale)
 
 
 # --- model surgery ----------------------------------------------------------------------------------

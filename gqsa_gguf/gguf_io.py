@@ -54,7 +54,10 @@ from .format import (
     KEY_TENSOR_SPARSITY,
     KEY_TENSOR_WIDTHS,
     KEY_TOOL_VERSION,
+    TYPE_IDS,
+    TYPES,
     TYPE_NAME,
+    gqsa_type,
 )
 
 __all__ = [
@@ -104,17 +107,18 @@ class GQSATensorRecord:
 # --- writing -------------------------------------------------------------------------------------
 
 def register_gqsa_type() -> None:
-    """Teaches the gguf package the block geometry of type id 128 (idempotent).
+    """Teaches the gguf package the block geometry of type ids 128 and 130 (idempotent).
 
     GGUFWriter itself only packs the type id as a uint32, but `add_tensor(..., raw_dtype=...)`
     with a uint8 array converts the byte shape to an element shape through GGML_QUANT_SIZES.
     """
-    entry = GGML_QUANT_SIZES.get(GGML_TYPE_GQSA4)     # type: ignore[call-overload]
-    if entry is None:
-        GGML_QUANT_SIZES[GGML_TYPE_GQSA4] = (GROUP_SIZE, BLOCK_BYTES)  # type: ignore[index]
-    elif tuple(entry) != (GROUP_SIZE, BLOCK_BYTES):
-        raise RuntimeError(f"the installed gguf package defines ggml type {GGML_TYPE_GQSA4} as "
-                           f"{entry}, not gqsa4 {(GROUP_SIZE, BLOCK_BYTES)} — use gguf==0.19.0")
+    for t in TYPES.values():
+        entry = GGML_QUANT_SIZES.get(t.type_id)     # type: ignore[call-overload]
+        if entry is None:
+            GGML_QUANT_SIZES[t.type_id] = (GROUP_SIZE, t.block_bytes)  # type: ignore[index]
+        elif tuple(entry) != (GROUP_SIZE, t.block_bytes):
+            raise RuntimeError(f"the installed gguf package defines ggml type {t.type_id} as "
+                               f"{entry}, not {t.name} {(GROUP_SIZE, t.block_bytes)} — use gguf==0.19.0")
 
 
 def _check_tensor_name(name: str) -> None:
@@ -126,30 +130,33 @@ def _check_tensor_name(name: str) -> None:
 
 
 def add_gqsa_tensor(writer: GGUFWriter, name: str, packed: np.ndarray, width: int,
-                    sparsity: float | None = None) -> GQSATensorRecord:
-    """Adds packed gqsa4 rows (uint8 [N, n_kept*12]) as tensor `name` with ggml shape
-    ne0 = n_kept*16, ne1 = N. Validates the rows against `width` first.
+                    sparsity: float | None = None, bits: int = BITS) -> GQSATensorRecord:
+    """Adds packed gqsa4 rows (uint8 [N, n_kept*12]; bits=3: gqsa3, [N, n_kept*10]) as tensor
+    `name` with ggml shape ne0 = n_kept*16, ne1 = N. Validates the rows against `width` first.
 
     `sparsity` may be the nominal target (e.g. 0.5); it must agree with the kept groups to within
     half a group, and the record holds the actual fraction of pruned groups.
     """
     _check_tensor_name(name)
-    codec.validate(packed, width, name)
+    t = gqsa_type(bits)
+    codec.validate(packed, width, name, bits)
     packed = np.ascontiguousarray(packed)
     n_groups = width // GROUP_SIZE
-    n_kept = packed.shape[1] // BLOCK_BYTES
+    n_kept = packed.shape[1] // t.block_bytes
     actual = 1.0 - n_kept / n_groups
     if sparsity is not None and abs(float(sparsity) - actual) > 0.5 / n_groups + 1e-9:
         raise ValueError(f"tensor '{name}': sparsity {sparsity} disagrees with the packed rows, which keep "
                          f"{n_kept} of {n_groups} groups (sparsity {actual:.4f})")
     register_gqsa_type()
-    writer.add_tensor(name, packed, raw_dtype=GGML_TYPE_GQSA4)    # type: ignore[arg-type]
+    writer.add_tensor(name, packed, raw_dtype=t.type_id)    # type: ignore[arg-type]
     return GQSATensorRecord(name=name, width=int(width), sparsity=actual)
 
 
 def add_gqsa_metadata(writer: GGUFWriter, config_json: str, tool_version: str,
-                      records: Sequence[GQSATensorRecord]) -> None:
-    """Writes every `gqsa.*` key of docs/FORMAT.md, with the types the spec gives them."""
+                      records: Sequence[GQSATensorRecord], bits: int = BITS) -> None:
+    """Writes every `gqsa.*` key of docs/FORMAT.md, with the types the spec gives them; `bits`
+    names the file's GQSA type (4: gqsa4, 3: gqsa3)."""
+    gqsa_type(bits)
     if not isinstance(config_json, str):
         raise TypeError(f"config_json must be a JSON string, got {type(config_json).__name__}")
     try:
@@ -166,7 +173,7 @@ def add_gqsa_metadata(writer: GGUFWriter, config_json: str, tool_version: str,
         raise ValueError(f"duplicate tensor names in the gqsa records: {names}")
 
     writer.add_uint32(KEY_FORMAT_VERSION, FORMAT_VERSION)
-    writer.add_uint32(KEY_BITS, BITS)
+    writer.add_uint32(KEY_BITS, bits)
     writer.add_uint32(KEY_GROUP_SIZE, GROUP_SIZE)
     # add_key_value rather than add_string/add_array, which silently drop empty values
     writer.add_key_value(KEY_TOOL_VERSION, tool_version, GGUFValueType.STRING)
@@ -179,12 +186,14 @@ def add_gqsa_metadata(writer: GGUFWriter, config_json: str, tool_version: str,
 
 
 class GQSAWriter:
-    """A GGUFWriter plus the gqsa4 tensors and metadata; writes once, atomically.
+    """A GGUFWriter plus the GQSA tensors (all of the `bits`-bit type: 4 gqsa4, 3 gqsa3) and
+    metadata; writes once, atomically.
 
     Use `self.gguf` (a gguf.GGUFWriter) for the stock metadata and tokenizer keys.
     """
 
-    def __init__(self, arch: str, config_json: str, tool_version: str = __version__):
+    def __init__(self, arch: str, config_json: str, tool_version: str = __version__, bits: int = BITS):
+        self.type = gqsa_type(bits)
         self.gguf = GGUFWriter(path=None, arch=arch)
         self.config_json = config_json
         self.tool_version = tool_version
@@ -198,7 +207,7 @@ class GQSAWriter:
 
     def add_gqsa_tensor(self, name: str, packed: np.ndarray, width: int,
                         sparsity: float | None = None) -> GQSATensorRecord:
-        record = add_gqsa_tensor(self.gguf, name, packed, width, sparsity)
+        record = add_gqsa_tensor(self.gguf, name, packed, width, sparsity, self.type.bits)
         self.records.append(record)
         return record
 
@@ -209,7 +218,7 @@ class GQSAWriter:
             raise RuntimeError("GQSAWriter.write can only be called once")
         self._written = True
         path = Path(path)
-        add_gqsa_metadata(self.gguf, self.config_json, self.tool_version, self.records)
+        add_gqsa_metadata(self.gguf, self.config_json, self.tool_version, self.records, self.type.bits)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
@@ -237,8 +246,8 @@ class GQSAWriter:
 
 def _type_sizes(type_id: int) -> tuple[str, int, int] | None:
     """(name, block size, block bytes) of a ggml type id storable in a file, or None if unknown."""
-    if type_id == GGML_TYPE_GQSA4:
-        return TYPE_NAME, GROUP_SIZE, BLOCK_BYTES
+    if type_id in TYPE_IDS:
+        return TYPE_IDS[type_id].name, GROUP_SIZE, TYPE_IDS[type_id].block_bytes
     try:
         t = GGMLQuantizationType(type_id)
     except ValueError:
@@ -328,6 +337,7 @@ class GGUFFile:
         self.value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self.gqsa: dict[str, GQSATensorRecord] = {}
+        self.gqsa_type = None                   # format.GQSA4 or GQSA3: the file's GQSA type (gqsa.bits)
         cur = _Cursor(self.data, self.path)
         self._read_header(cur)
         self._read_metadata(cur)
@@ -478,7 +488,7 @@ class GGUFFile:
         return self.metadata[key]
 
     def _check_gqsa_metadata(self) -> None:
-        gqsa_tensors = [t for t in self.tensors.values() if t.type_id == GGML_TYPE_GQSA4]
+        gqsa_tensors = [t for t in self.tensors.values() if t.type_id in TYPE_IDS]
         has_keys = any(k.startswith("gqsa.") for k in self.metadata)
         if not gqsa_tensors and not has_keys:
             return
@@ -488,10 +498,14 @@ class GGUFFile:
                             f"supports — upgrade gqsa-gguf")
         if version < 1:
             raise self._err(f"'{KEY_FORMAT_VERSION}' = {version} is invalid (versions start at 1)")
-        for key, want in ((KEY_BITS, BITS), (KEY_GROUP_SIZE, GROUP_SIZE)):
-            got = self._key(key, GGUFValueType.UINT32)
-            if got != want:
-                raise self._err(f"'{key}' = {got}, but format version {version} only defines {want}")
+        got = self._key(KEY_GROUP_SIZE, GGUFValueType.UINT32)
+        if got != GROUP_SIZE:
+            raise self._err(f"'{KEY_GROUP_SIZE}' = {got}, but format version {version} only defines {GROUP_SIZE}")
+        bits = self._key(KEY_BITS, GGUFValueType.UINT32)
+        if bits not in TYPES:
+            raise self._err(f"'{KEY_BITS}' = {bits}, but format version {version} defines only "
+                            f"{' and '.join(str(b) for b in sorted(TYPES))}")
+        self.gqsa_type = TYPES[bits]
         self._key(KEY_TOOL_VERSION, GGUFValueType.STRING)
         self._key(KEY_CONFIG, GGUFValueType.STRING)
         names = self._key(KEY_TENSOR_NAMES, GGUFValueType.ARRAY, GGUFValueType.STRING)
@@ -504,9 +518,11 @@ class GGUFFile:
             raise self._err(f"'{KEY_TENSOR_NAMES}' lists a tensor twice")
         for name, width, sp in zip(names, widths, sparsity):
             t = self.tensors.get(name)
-            if t is None or t.type_id != GGML_TYPE_GQSA4:
+            if t is None or t.type_id != self.gqsa_type.type_id:
                 what = "is not in the file" if t is None else f"has type {t.type_name}"
-                raise self._err(f"'{KEY_TENSOR_NAMES}' lists '{name}', which {what}")
+                raise self._err(f"'{KEY_TENSOR_NAMES}' lists '{name}', which {what}"
+                                + (f" (the file's '{KEY_BITS}' = {bits} makes its GQSA type {self.gqsa_type.name})"
+                                   if t is not None and t.type_id in TYPE_IDS else ""))
             width = int(width)
             try:
                 n_groups = codec._check_width(width, name)
@@ -523,7 +539,7 @@ class GGUFFile:
             self.gqsa[name] = GQSATensorRecord(name, width, float(sp))
         missing = [t.name for t in gqsa_tensors if t.name not in self.gqsa]
         if missing:
-            raise self._err(f"gqsa4 tensors {missing[:5]} are not listed in '{KEY_TENSOR_NAMES}' — "
+            raise self._err(f"GQSA tensors {missing[:5]} are not listed in '{KEY_TENSOR_NAMES}' — "
                             f"their logical width is unknown; the file is corrupt")
 
     @property
@@ -549,14 +565,16 @@ class GGUFFile:
         return np.asarray(self.data[t.offset:t.offset + t.nbytes])
 
     def gqsa_tensor(self, name: str) -> np.ndarray:
-        """Packed rows of a gqsa4 tensor, read-only uint8 [rows, n_kept*12], validated against the
-        width recorded in `gqsa.tensor_widths` (raises GGUFError naming tensor, row and block)."""
+        """Packed rows of a GQSA tensor, read-only uint8 [rows, n_kept*12] (gqsa3: n_kept*10; the
+        file's type is `self.gqsa_type`), validated against the width recorded in
+        `gqsa.tensor_widths` (raises GGUFError naming tensor, row and block)."""
         t = self._info(name)
-        if t.type_id != GGML_TYPE_GQSA4:
-            raise self._err(f"tensor '{name}' has type {t.type_name}, not {TYPE_NAME}")
-        packed = self.tensor_bytes(name).reshape(t.n_rows, t.ne[0] // GROUP_SIZE * BLOCK_BYTES)
+        if t.type_id not in TYPE_IDS:
+            raise self._err(f"tensor '{name}' has type {t.type_name}, not a GQSA type")
+        gt = TYPE_IDS[t.type_id]
+        packed = self.tensor_bytes(name).reshape(t.n_rows, t.ne[0] // GROUP_SIZE * gt.block_bytes)
         try:
-            codec.validate(packed, self.gqsa[name].width, name)
+            codec.validate(packed, self.gqsa[name].width, name, gt.bits)
         except codec.GQSAFormatError as e:
             raise self._err(str(e)) from None
         return packed
@@ -566,8 +584,8 @@ class GGUFFile:
         F16, BF16 and Q8_0 are converted; gqsa4 gives the dense matrix [..., rows, width]."""
         t = self._info(name)
         raw = self.tensor_bytes(name)
-        if t.type_id == GGML_TYPE_GQSA4:
-            dense = codec.dequantize(self.gqsa_tensor(name), self.gqsa[name].width, name)
+        if t.type_id in TYPE_IDS:
+            dense = codec.dequantize(self.gqsa_tensor(name), self.gqsa[name].width, name, TYPE_IDS[t.type_id].bits)
             return dense.reshape(*t.shape[:-1], self.gqsa[name].width)
         if t.type_id == GGMLQuantizationType.F32:
             return raw.view("<f4").reshape(t.shape)

@@ -79,6 +79,7 @@ class CompressedLinear(_KeptGroups):
     indices int32 [N, n_kept]: kept group numbers per row, strictly increasing, < K/16
     q uint8 [N, n_kept, 16]: 4-bit codes 0..15; z uint8 [N, n_kept]: zero points 0..15
     d float16 [N, n_kept]: scales;  w = (q - z) * d inside kept groups, 0 elsewhere.
+    bits: the code width, 4 (gqsa4) or 3 (gqsa3: codes and zero points 0..7).
     """
 
     name: str
@@ -87,6 +88,7 @@ class CompressedLinear(_KeptGroups):
     q: np.ndarray
     z: np.ndarray
     d: np.ndarray
+    bits: int = fmt.BITS
 
     def __post_init__(self):
         n, k = self.indices.shape
@@ -107,11 +109,11 @@ class CompressedLinear(_KeptGroups):
     def permute_rows(self, perm: np.ndarray) -> "CompressedLinear":
         """Rows reordered: row r of the result is row perm[r] of self (rows are independent)."""
         return CompressedLinear(self.name, self.width, self.indices[perm], self.q[perm], self.z[perm],
-                                self.d[perm])
+                                self.d[perm], self.bits)
 
     def packed_rows(self) -> np.ndarray:
-        """The gqsa4 rows, uint8 [N, n_kept*12] (codec.pack; docs/FORMAT.md)."""
-        return codec.pack(self.indices, self.q, self.z, self.d)
+        """The gqsa4 rows, uint8 [N, n_kept*12] (gqsa3: n_kept*10; codec.pack; docs/FORMAT.md)."""
+        return codec.pack(self.indices, self.q, self.z, self.d, self.bits)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, width], exact (the same values as codec.dequantize of the packed rows)."""
@@ -132,10 +134,11 @@ class PackedLinear(_KeptGroups):
     name: str
     width: int
     data: np.ndarray
+    bits: int = fmt.BITS
 
     @classmethod
     def of(cls, cl: CompressedLinear) -> "PackedLinear":
-        return cls(cl.name, cl.width, cl.packed_rows())
+        return cls(cl.name, cl.width, cl.packed_rows(), cl.bits)
 
     @property
     def rows(self) -> int:
@@ -143,16 +146,16 @@ class PackedLinear(_KeptGroups):
 
     @property
     def n_kept(self) -> int:
-        return self.data.shape[1] // fmt.BLOCK_BYTES
+        return self.data.shape[1] // fmt.gqsa_type(self.bits).block_bytes
 
     def permute_rows(self, perm: np.ndarray) -> "PackedLinear":
-        return PackedLinear(self.name, self.width, self.data[perm])
+        return PackedLinear(self.name, self.width, self.data[perm], self.bits)
 
     def packed_rows(self) -> np.ndarray:
         return self.data
 
     def unpack(self) -> CompressedLinear:
-        return CompressedLinear(self.name, self.width, *codec.unpack(self.data))
+        return CompressedLinear(self.name, self.width, *codec.unpack(self.data, bits=self.bits), self.bits)
 
 
 @dataclass
@@ -166,8 +169,8 @@ class CompressionResult:
 
 # --- min-max quantization, bit-exact with codec.quantize_groups ----------------------------------
 
-def quantize_groups_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Min-max 4-bit quantization of groups x [..., 16] (docs/FORMAT.md "Reference quantizer").
+def quantize_groups_torch(x: torch.Tensor, bits: int = fmt.BITS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max `bits`-bit quantization of groups x [..., 16] (docs/FORMAT.md "Reference quantizer").
 
     Returns q uint8 [..., 16], z uint8 [...], d float16 [...] — bit-exact with
     codec.quantize_groups: both run codec.minmax_groups, here on torch's primitives.
@@ -177,7 +180,7 @@ def quantize_groups_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     x = x.to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise OneShotError("non-finite weight in a group to quantize — the model has NaN/inf weights")
-    return codec.minmax_groups(x, _TorchOps)
+    return codec.minmax_groups(x, _TorchOps, fmt.qmax_of(bits))
 
 
 class _TorchOps:
@@ -198,18 +201,19 @@ def dequantize_groups_torch(q: torch.Tensor, z: torch.Tensor, d: torch.Tensor) -
 # --- one linear ------------------------------------------------------------------------------------
 
 def compress_linear(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: float, name: str = "?",
-                    hinv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[CompressedLinear, float]:
+                    hinv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    bits: int = fmt.BITS) -> tuple[CompressedLinear, float]:
     """Compresses W [N, K] given its input Hessian H [K, K]; returns (result, relative output error).
 
     hinv: `hessian_inverse_diag(H, damp)` if already computed (linears sharing an input share it).
     """
     W = W.detach().to(torch.float32)
-    cl = saliency_round(W, hinv if hinv is not None else hessian_inverse_diag(H, damp, name), n_kept, name)
+    cl = saliency_round(W, hinv if hinv is not None else hessian_inverse_diag(H, damp, name), n_kept, name, bits)
     return cl, relative_output_error(W, H, cl)
 
 
 def saliency_round(W: torch.Tensor, hinv: tuple[torch.Tensor, torch.Tensor], n_kept: int,
-                   name: str = "?") -> CompressedLinear:
+                   name: str = "?", bits: int = fmt.BITS) -> CompressedLinear:
     """The paper's one-shot of W [N, K] (float32): each row keeps its n_kept groups of highest
     Eq. 4 saliency, rounded to nearest on their min-max grids. hinv: (diag(H_damped^-1), dead
     inputs), `hessian_inverse_diag`; H itself is not needed (the sensitivity probe drops it)."""
@@ -221,8 +225,8 @@ def saliency_round(W: torch.Tensor, hinv: tuple[torch.Tensor, torch.Tensor], n_k
     kept = select_groups(group_saliency(weight_saliency(W, hinv_diag, dead)), n_kept)
     groups = W.reshape(n, k // fmt.GROUP_SIZE, fmt.GROUP_SIZE)
     sel = torch.gather(groups, 1, kept[:, :, None].expand(-1, -1, fmt.GROUP_SIZE))
-    q, z, d = quantize_groups_torch(sel)
-    return CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy())
+    q, z, d = quantize_groups_torch(sel, bits)
+    return CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy(), bits)
 
 
 def output_error(W: torch.Tensor, H: torch.Tensor, cl: CompressedLinear) -> tuple[float, float]:
@@ -273,7 +277,7 @@ def obs_group_saliency(W: torch.Tensor, U: torch.Tensor, dead: torch.Tensor) -> 
     return s.reshape(n, k // fmt.GROUP_SIZE, fmt.GROUP_SIZE).sum(dim=-1)
 
 
-def _group_params(x: torch.Tensor, grid=CLIP_GRID, weight: torch.Tensor | None = None
+def _group_params(x: torch.Tensor, grid=CLIP_GRID, weight: torch.Tensor | None = None, bits: int = fmt.BITS
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero point z and scale d (float32 holding the fp16 value) of groups x [N, 16]: the codec's
     min-max rule on the range shrunk by the factor of `grid` with the smallest squared error,
@@ -283,9 +287,9 @@ def _group_params(x: torch.Tensor, grid=CLIP_GRID, weight: torch.Tensor | None =
     best_err = best_z = best_d = None
     w = torch.ones(x.shape[-1]) if weight is None else weight
     for f in grid:
-        _, z, d = quantize_groups_torch(x * f) if f != 1.0 else quantize_groups_torch(x)
+        _, z, d = quantize_groups_torch(x * f if f != 1.0 else x, bits)
         zf, df = z.to(torch.float32), d.to(torch.float32)
-        err = ((x - _fake_quant(x, zf, df)).square() * w).sum(dim=-1)
+        err = ((x - _fake_quant(x, zf, df, bits)).square() * w).sum(dim=-1)
         if best_err is None:
             best_err, best_z, best_d = err, zf, df
         else:
@@ -296,15 +300,15 @@ def _group_params(x: torch.Tensor, grid=CLIP_GRID, weight: torch.Tensor | None =
     return best_z, best_d
 
 
-def _codes(x: torch.Tensor, z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """4-bit codes of x [..., m] on the grid (z [...], d [...]); 0 where d == 0 (as the codec)."""
+def _codes(x: torch.Tensor, z: torch.Tensor, d: torch.Tensor, bits: int = fmt.BITS) -> torch.Tensor:
+    """`bits`-bit codes of x [..., m] on the grid (z [...], d [...]); 0 where d == 0 (as the codec)."""
     safe = torch.where(d == 0, torch.ones_like(d), d)
-    q = torch.clamp(torch.round(x / safe[..., None]) + z[..., None], 0, fmt.QMAX)
+    q = torch.clamp(torch.round(x / safe[..., None]) + z[..., None], 0, fmt.qmax_of(bits))
     return torch.where((d == 0)[..., None], torch.zeros_like(q), q)
 
 
-def _fake_quant(x, z, d):
-    return (_codes(x, z, d) - z[..., None]) * d[..., None]
+def _fake_quant(x, z, d, bits: int = fmt.BITS):
+    return (_codes(x, z, d, bits) - z[..., None]) * d[..., None]
 
 
 class _threads:
@@ -323,18 +327,18 @@ class _threads:
             torch.set_num_threads(self.old)
 
 
-def _obs_columns(W1, E1, U1, i1, keep, Q, Z, D, clip_grid, hdiag) -> None:
+def _obs_columns(W1, E1, U1, i1, keep, Q, Z, D, clip_grid, hdiag, bits) -> None:
     """The column loop of one block of columns (compress_linear_obs), in place."""
     g = fmt.GROUP_SIZE
     for i in range(W1.shape[1]):
         col = i1 + i
         grp = col // g
         if col % g == 0:
-            z, d = _group_params(W1[:, i:i + g], clip_grid, hdiag[col:col + g])
+            z, d = _group_params(W1[:, i:i + g], clip_grid, hdiag[col:col + g], bits)
             Z[:, grp], D[:, grp] = z, d
             zg, dg, kg = z, d, keep[:, grp]
         w = W1[:, i]
-        q = _codes(w[:, None], zg, dg)[:, 0]
+        q = _codes(w[:, None], zg, dg, bits)[:, 0]
         deq = torch.where(kg, (q - zg) * dg, torch.zeros_like(w))
         Q[:, col] = q
         err = (w - deq) / U1[i, i]
@@ -345,7 +349,8 @@ def _obs_columns(W1, E1, U1, i1, keep, Q, Z, D, clip_grid, hdiag) -> None:
 
 def compress_linear_obs(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: float, name: str = "?",
                         blocksize: int = 128, clip_grid=CLIP_GRID, adaptive: bool = ADAPTIVE_MASK,
-                        chol: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[CompressedLinear, float]:
+                        chol: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        bits: int = fmt.BITS) -> tuple[CompressedLinear, float]:
     """Prunes and quantizes W [N, K] jointly with Optimal-Brain-Surgeon error compensation.
 
     The mask (every row keeps its n_kept groups of highest OBS saliency) is fixed first; then the
@@ -390,7 +395,7 @@ def compress_linear_obs(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: flo
             rank = torch.argsort(torch.argsort(sal, dim=1, descending=True, stable=True), dim=1)
             keep[:, g1:g2] = rank < count
         with _threads(1 if W1.numel() < (1 << 20) else None):   # tiny ops: threads only cost
-            _obs_columns(W1, E1, U1, i1, keep, Q, Z, D, clip_grid, hdiag)
+            _obs_columns(W1, E1, U1, i1, keep, Q, Z, D, clip_grid, hdiag, bits)
         W[:, i1:i2] = W1
         if i2 < k:
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
@@ -399,7 +404,7 @@ def compress_linear_obs(W: torch.Tensor, H: torch.Tensor, n_kept: int, damp: flo
     q = torch.gather(Q.reshape(n, ngroups, g), 1, idx).to(torch.uint8)
     z = torch.gather(Z, 1, kept).to(torch.uint8)
     d = torch.gather(D, 1, kept).to(torch.float16)
-    cl = CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy())
+    cl = CompressedLinear(name, k, kept.to(torch.int32).numpy(), q.numpy(), z.numpy(), d.numpy(), bits)
     return cl, relative_output_error(W0, H, cl)
 
 
@@ -569,7 +574,7 @@ def compress_block(layer, i: int, state: ChainState, kwargs, cfg, kept_of) -> tu
             H, G = _block_input_pair(layer, float_layer, hooked, hidden, fhidden, kwargs, where)
             chol = _cholesky_inverse_upper(H, cfg.damp, where)
             compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(
-                float_target_weight(W, H, aux[1], aux[0][0]), H, k, dp, n, chol=aux[0]), (chol, G))
+                float_target_weight(W, H, aux[1], aux[0][0]), H, k, dp, n, chol=aux[0], bits=cfg.bits), (chol, G))
             del H, G, chol
         dense_out = None
         fhidden = [layer_output(float_layer(h, **kw)) for h, kw in zip(fhidden, kwargs)]
@@ -580,7 +585,8 @@ def compress_block(layer, i: int, state: ChainState, kwargs, cfg, kept_of) -> tu
         for hooked, group in _INPUT_GROUPS:
             where = f"model.layers.{i}.{hooked}"
             H = _block_input_hessian(layer, hooked, hidden, kwargs, where)
-            compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(W, H, k, dp, n, chol=aux),
+            compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear_obs(W, H, k, dp, n, chol=aux,
+                                                                                     bits=cfg.bits),
                            _cholesky_inverse_upper(H, cfg.damp, where))
             del H
         dense_out = None
@@ -588,7 +594,8 @@ def compress_block(layer, i: int, state: ChainState, kwargs, cfg, kept_of) -> tu
         accs, dense_out = _dense_pass(layer, i, hidden, kwargs)
         for hooked, group in _INPUT_GROUPS:
             H = accs.pop(hooked).H
-            compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear(W, H, k, dp, n, hinv=aux),
+            compress_group(group, H, lambda W, H, k, dp, n, aux: compress_linear(W, H, k, dp, n, hinv=aux,
+                                                                                 bits=cfg.bits),
                            hessian_inverse_diag(H, cfg.damp, f"model.layers.{i}.{hooked}"))
             del H
 
@@ -702,7 +709,7 @@ def sensitivity_block(layer, i: int, hidden, kwargs, cfg, levels, n_probe_batche
             errs = []
             try:
                 for k in kept:
-                    mod.weight.copy_(saliency_round(w0, hinv, k, name).dequantize())
+                    mod.weight.copy_(saliency_round(w0, hinv, k, name, cfg.bits).dequantize())
                     se = 0.0
                     n = 0
                     for r, h, kw in zip(ref, hidden, kwargs):

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import format as fmt
 from .config import BQPOConfig, ConfigError, ConvertConfig, E2EConfig
 
 __all__ = ["ConvertReport", "TrainResult", "convert", "train", "check_output_path"]
@@ -125,7 +126,8 @@ def convert(cfg: ConvertConfig, progress: bool = True, log=print, checkpoint_dir
         log(f"E2E-OQP windows: {n_e2e} x {e2e_seqlen} tokens from the same text")
     times["prepare"] = time.time() - t
 
-    log(f"compressing: GQSA {c.spec} (4-bit, {c.sparsity:.0%} of 16-weight groups pruned per row on average), "
+    log(f"compressing: GQSA {c.spec} ({c.bits}-bit codes, {fmt.gqsa_type(c.bits).name}; {c.sparsity:.0%} of 16-weight "
+        f"groups pruned per row on average), "
         f"{'error-compensated (OBS)' if c.method == 'obs' else 'round-to-nearest'} one-shot, "
         f"{c.allocation} allocation, {'sequential' if c.sequential else 'parallel'} block-wise calibration, "
         f"damp {c.damp}; the checkpoint is read one decoder block at a time")
@@ -393,9 +395,9 @@ def choose_allocation(model, info, windows, c, progress: bool = True, log=print,
               for cv in gathered]
     keep = allocation.allocate(curves, c.sparsity)
     shapes = {cv.name: (cv.rows, cv.width) for cv in curves}
-    uniform = allocation.budget_bits(shapes, c.sparsity) / sum(r * w for r, w in shapes.values())
+    uniform = allocation.budget_bits(shapes, c.sparsity, c.bits) / sum(r * w for r, w in shapes.values())
     share = [keep[cv.name] / cv.groups for cv in curves]
-    log(f"allocation: {allocation.mean_bits(shapes, keep):.4f} bits/weight on average over the decoder linears "
+    log(f"allocation: {allocation.mean_bits(shapes, keep, c.bits):.4f} bits/weight on average over the decoder linears "
         f"(uniform {uniform:.4f}); kept share per tensor {min(share):.0%}..{max(share):.0%}")
     return keep
 

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
-from .format import GGML_TYPE_GQSA4, TYPE_NAME
+from .format import GGML_TYPE_GQSA4, TYPE_IDS, TYPE_NAME
 from .errors import GQSAError
 
 LIB_DIR_ENV = "GQSA_GGUF_LIB_DIR"
@@ -320,7 +320,7 @@ GGML_LOG_LEVEL_ERROR = 4      # enum ggml_log_level of the pinned llama.cpp (NON
 GGML_LOG_LEVEL_CONT = 5
 
 STOCK_RUNTIME_HINT = (
-    "this file uses the GQSA tensor type gqsa4 (ggml type id {type_id}; {n} tensors, e.g. '{example}'), "
+    "this file uses the GQSA tensor type {type_name} (ggml type id {type_id}; {n} tensors, e.g. '{example}'), "
     "which stock llama.cpp builds do not know: they report \"invalid ggml type {type_id}\". Load it with "
     "gqsa-gguf's patched llama.cpp: `pip install gqsa-gguf` (or `bash scripts/setup.sh` in its "
     "repository), then in Python call gqsa_gguf.runtime.import_llama_cpp() before anything else "
@@ -389,11 +389,12 @@ def explain_load_failure(path: os.PathLike[str] | str, exc: BaseException | None
         parts.append(f"gqsa-gguf's reader finds the fault: {e}")
         return "\n".join(parts)
 
-    gqsa = [t.name for t in f.tensors.values() if t.type_id == GGML_TYPE_GQSA4]
+    gqsa = [t for t in f.tensors.values() if t.type_id in TYPE_IDS]
     if not gqsa:
         return "\n".join(parts)       # a stock file: llama.cpp's message is all there is
     if not _library_is_patched():
-        parts.append(STOCK_RUNTIME_HINT.format(type_id=GGML_TYPE_GQSA4, n=len(gqsa), example=gqsa[0]))
+        parts.append(STOCK_RUNTIME_HINT.format(type_name=TYPE_IDS[gqsa[0].type_id].name, type_id=gqsa[0].type_id,
+                                               n=len(gqsa), example=gqsa[0].name))
         return "\n".join(parts)
     try:
         for name in f.gqsa:

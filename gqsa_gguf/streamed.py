@@ -158,7 +158,8 @@ class BlockStore(Mapping):
 
         packed = {n: PackedLinear.of(cl) for n, cl in res.linears.items()}
         ckpt.save(self.path(res.index), {"stage": "oneshot-block", "fingerprint": self.fingerprint, "block": res.index},
-                  {"linears": {n: {"width": p.width, "data": torch.from_numpy(p.data)} for n, p in packed.items()},
+                  {"linears": {n: {"width": p.width, "bits": p.bits, "data": torch.from_numpy(p.data)}
+                               for n, p in packed.items()},
                    "rel_errors": dict(res.rel_errors), "qparams": dict(qparams or {})})
 
     def _load(self, i: int) -> dict:
@@ -168,7 +169,8 @@ class BlockStore(Mapping):
             self._cache = None
             _, payload = ckpt.load(self.path(i), expect={"stage": "oneshot-block", "fingerprint": self.fingerprint,
                                                          "block": i})
-            linears = {n: PackedLinear(n, int(v["width"]), v["data"].numpy()) for n, v in payload["linears"].items()}
+            linears = {n: PackedLinear(n, int(v["width"]), v["data"].numpy(), int(v.get("bits", 4)))
+                       for n, v in payload["linears"].items()}
             self._cache = (i, {"linears": linears, "rel_errors": payload["rel_errors"],
                                "qparams": payload.get("qparams", {})})
         return self._cache[1]

@@ -59,6 +59,8 @@ BASES = {
     # attention 25 %, MLP 75 %, F16 embeddings, general.alignment = 64
     "mixed": {"sparsity": {k: (0.25 if k.startswith("attn") else 0.75) for k in LINEAR},
               "embd": "f16", "alignment": 64},
+    # as w4s50 with gqsa3 linear weights (gqsa.bits = 3)
+    "w3s50": {"sparsity": {k: 0.5 for k in LINEAR}, "embd": "f32", "alignment": None, "bits": 3},
 }
 PROMPT = "the cat " * 6     # 13 tokens with <s>: a batch (gqsa4 panel kernels), then one decode step
 SELFTEST_CRASH_ENV = "GQSA_HOSTILE_SELFTEST_CRASH"   # the child kills itself on the file of that name
@@ -82,7 +84,8 @@ def write_base(path: Path, name: str = "w4s50", seed: int = 0) -> Path:
     """Writes base model `name` (a key of BASES) to `path`."""
     spec = BASES[name]
     rng = np.random.default_rng(seed)
-    w = GQSAWriter(LAYOUT.gguf_arch, json.dumps({"hostile-test-base": name}))
+    bits = spec.get("bits", 4)
+    w = GQSAWriter(LAYOUT.gguf_arch, json.dumps({"hostile-test-base": name}), bits=bits)
     g = w.gguf
     LAYOUT.write_hparams(g, HPARAMS, name=f"gqsa-gguf hostile-file base {name}")
     if spec["alignment"]:
@@ -109,7 +112,7 @@ def write_base(path: Path, name: str = "w4s50", seed: int = 0) -> Path:
             n_kept = fmt.kept_groups(width, spec["sparsity"][lin])
             kept = np.sort(np.argsort(rng.random((rows, n_groups)), axis=1)[:, :n_kept], axis=1)
             dense = (rng.standard_normal((rows, width)) * 0.2).astype(np.float32)
-            w.add_gqsa_tensor(f"blk.{i}.{lin}.weight", codec.quantize(dense, kept), width)
+            w.add_gqsa_tensor(f"blk.{i}.{lin}.weight", codec.quantize(dense, kept, bits=bits), width)
     return w.write(path)
 
 
@@ -160,7 +163,7 @@ class Layout:
         t = self.tensors[tensor]
         n_kept = t.ne[0] // fmt.GROUP_SIZE
         assert 0 <= row < t.ne[1] and 0 <= block < n_kept
-        return t.data_pos + (row * n_kept + block) * fmt.BLOCK_BYTES
+        return t.data_pos + (row * n_kept + block) * fmt.TYPE_IDS[t.type_id].block_bytes
 
     def block_index(self, tensor: str, row: int, block: int) -> int:
         (iz,) = struct.unpack_from("<H", self.buf, self.block_pos(tensor, row, block) + 2)
@@ -445,14 +448,14 @@ def _as_gqsa4(lay: Layout, name: str) -> bytes:
 
 
 @case("gqsa4_token_embd", "token_embd.weight stored as gqsa4",
-      python=r"gqsa4 tensors \['token_embd.weight'\] are not listed", gqsa=True,
+      python=r"GQSA tensors \['token_embd.weight'\] are not listed", gqsa=True,
       llama=r"tensor 'token_embd.weight' is stored as gqsa4, which is only supported for decoder linear weights")
 def _(lay):
     return _as_gqsa4(lay, "token_embd.weight")
 
 
 @case("gqsa4_norm", "a norm vector (blk.0.attn_norm.weight) stored as gqsa4",
-      python=r"gqsa4 tensors \['blk.0.attn_norm.weight'\] are not listed", gqsa=True,
+      python=r"GQSA tensors \['blk.0.attn_norm.weight'\] are not listed", gqsa=True,
       llama=r"tensor 'blk.0.attn_norm.weight' is stored as gqsa4, which is only supported for decoder linear")
 def _(lay):
     return _as_gqsa4(lay, "blk.0.attn_norm.weight")
@@ -470,6 +473,43 @@ def _(lay):
       llama=r"tensor 'blk.0.attn_q.weight' has type gqsa_q8, a runtime-only activation type")
 def _(lay):
     return patched(lay.buf, (lay.tensors["blk.0.attn_q.weight"].type_pos, "<I", fmt.GGML_TYPE_GQSA_Q8))
+
+
+# GQSA-specific: gqsa3
+
+def set_zero(lay: Layout, tensor: str, row: int, block: int, z: int) -> bytes:
+    """Overwrites the zero point (iz bits 12..15) of one block."""
+    pos = lay.block_pos(tensor, row, block)
+    (iz,) = struct.unpack_from("<H", lay.buf, pos + 2)
+    return patched(lay.buf, (pos + 2, "<H", (iz & fmt.INDEX_MASK) | (z << fmt.ZERO_SHIFT)))
+
+
+@case("gqsa3_zero_point_8", "a gqsa3 block with zero point 8 (its field holds 0..15, the type 0..7)",
+      python=rf"'{FFN_DOWN}'.*row 2 block 1.*zero point 8 > 7", gqsa=True, base="w3s50",
+      llama=rf"tensor '{FFN_DOWN}': row 2 block 1: zero point 8 > 7")
+def _(lay):
+    return set_zero(lay, FFN_DOWN, 2, 1, 8)
+
+
+@case("gqsa3_zero_point_15", "a gqsa3 block with zero point 15 (legal in gqsa4)",
+      python=r"'blk.0.attn_q.weight'.*row 0 block 0.*zero point 15 > 7", gqsa=True, base="w3s50",
+      llama=r"tensor 'blk.0.attn_q.weight': row 0 block 0: zero point 15 > 7")
+def _(lay):
+    return set_zero(lay, "blk.0.attn_q.weight", 0, 0, 15)
+
+
+@case("gqsa3_tensors_in_bits4_file", "type confusion: gqsa3 tensors in a file whose gqsa.bits = 4",
+      python=r"lists '[^']+', which has type (?i:gqsa3)", gqsa=True, base="w3s50",
+      llama=r"tensor '[^']+' is stored as gqsa3, but the file's 'gqsa.bits' = 4 names gqsa4")
+def _(lay):
+    return patched(lay.buf, (lay.kv[fmt.KEY_BITS].value_pos, "<I", 4))
+
+
+@case("gqsa4_tensors_in_bits3_file", "type confusion: gqsa4 tensors in a file whose gqsa.bits = 3",
+      python=r"lists '[^']+', which has type (?i:gqsa4)", gqsa=True,
+      llama=r"tensor '[^']+' is stored as gqsa4, but the file's 'gqsa.bits' = 3 names gqsa3")
+def _(lay):
+    return patched(lay.buf, (lay.kv[fmt.KEY_BITS].value_pos, "<I", 3))
 
 
 # GQSA-specific: metadata
@@ -506,7 +546,7 @@ def _(lay):
 
 @case("gqsa_format_version_missing", "gqsa4 tensors but no gqsa.format_version",
       python=r"missing metadata 'gqsa.format_version'", gqsa=True,
-      llama=r"the file holds gqsa4 tensors but no 'gqsa.format_version' metadata")
+      llama=r"the file holds gqsa4 or gqsa3 tensors but no 'gqsa.format_version' metadata")
 def _(lay):
     m = Model.of(lay)
     m.drop_kv(fmt.KEY_FORMAT_VERSION)
@@ -514,7 +554,7 @@ def _(lay):
 
 
 @case("gqsa_bits_8", "type confusion: gqsa.bits = 8 on gqsa4 tensors",
-      python=r"'gqsa.bits' = 8, but format version 1 only defines 4", gqsa=True,
+      python=r"'gqsa.bits' = 8, but format version 1 defines only 3 and 4", gqsa=True,
       llama=r"metadata 'gqsa.bits' = 8, but GQSA format version 1 only defines 4")
 def _(lay):
     return patched(lay.buf, (lay.kv[fmt.KEY_BITS].value_pos, "<I", 8))
@@ -780,6 +820,11 @@ def _(lay):
 
 
 @positive("valid_mixed", "base mixed (25 %/75 %, F16 embeddings, alignment 64) unchanged", base="mixed")
+def _(lay):
+    return lay.buf
+
+
+@positive("valid_w3s50", "base w3s50 (gqsa3 weights) unchanged", base="w3s50")
 def _(lay):
     return lay.buf
 

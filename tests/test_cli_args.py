@@ -21,13 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 # --- spec and config -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec,bits,pct", [("w4s20", 4, 20), ("w4s50", 4, 50), ("w4s75", 4, 75),
-                                          ("W4S50", 4, 50), ("w4s0", 4, 0), ("w4s99", 4, 99)])
+                                          ("W4S50", 4, 50), ("w4s0", 4, 0), ("w4s99", 4, 99), ("w3s40", 3, 40)])
 def test_parse_spec_accepts(spec, bits, pct):
     assert parse_spec(spec) == (bits, pct)
 
 
 @pytest.mark.parametrize("spec,needle", [
-    ("w5s50", "only 4-bit"), ("w8s50", "only 4-bit"), ("w4s100", "0..99"), ("w4sx", "wNsM"),
+    ("w5s50", "4-bit .gqsa4. or 3-bit"), ("w2s50", "use w4s50 or w3s50"), ("w4s100", "0..99"), ("w4sx", "wNsM"),
     ("w4", "wNsM"), ("s50", "wNsM"), ("", "wNsM"), ("w4s-5", "wNsM"), ("w4.5s50", "wNsM")])
 def test_parse_spec_refuses(spec, needle):
     with pytest.raises(ConfigError, match=needle) as e:
@@ -151,7 +151,7 @@ def llama_dir():
     return tiny_models.checkpoint("llama")
 
 
-@pytest.mark.parametrize("spec,needle", [("w5s50", "only 4-bit"), ("w4s100", "0..99"), ("w4sx", "wNsM")])
+@pytest.mark.parametrize("spec,needle", [("w5s50", "3-bit (gqsa3) codes"), ("w4s100", "0..99"), ("w4sx", "wNsM")])
 def test_bad_spec_exits_2(tmp_path, capsys, llama_dir, spec, needle):
     out = tmp_path / "o.gguf"
     _refused(capsys, ["convert", str(llama_dir), "--gqsa", spec, "-o", str(out)], [needle, spec], code=2)
@@ -256,7 +256,7 @@ def test_convert_py_is_the_convert_subcommand(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "convert.py"), str(tmp_path), "--gqsa", "w5s50", "-o",
                         str(tmp_path / "o.gguf")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    assert "gqsa-gguf convert: error" in r.stderr and "only 4-bit" in r.stderr
+    assert "gqsa-gguf convert: error" in r.stderr and "3-bit (gqsa3) codes" in r.stderr
     r = subprocess.run([sys.executable, str(REPO / "convert.py"), "--help"], capture_output=True, text=True,
                        env=env, cwd=tmp_path)
     assert r.returncode == 0 and "--nsamples" in r.stdout and "2048" in r.stdout

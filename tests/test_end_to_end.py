@@ -27,16 +27,19 @@ def test_native_library_is_patched():
     assert runtime.import_llama_cpp() is not None
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3-rope"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3-rope", "llama-gqsa3"])
 def test_tiny_logits_agree_with_pytorch(llama_cpp, kind, tmp_path):
     # Trained for confident predictions, with half of every row's groups held at zero: w4s50 then only
     # quantizes, so the compressed model keeps clear top-1 choices (a random model's near-ties would
-    # make top-1 agreement measure noise, not correctness).
+    # make top-1 agreement measure noise, not correctness). llama-gqsa3: the 3-bit type (w3s40), its
+    # whole path: the converter's stages at 3 bits, the file, llama.cpp's widening to gqsa4 blocks.
     extra = {"qwen2": {"pad_vocab": 16}, "llama3-rope": {"llama3_rope": True}}.get(kind, {})
     folder = tiny_models.checkpoint("qwen2" if kind == "qwen2" else "llama", train_steps=300, group_sparsity=0.5, **extra)
     out = tmp_path / f"{kind}.gguf"
-    assert main(["convert", str(folder), "-o", str(out), "--gqsa", "w4s50", "--calib",
+    spec = "w3s40" if kind == "llama-gqsa3" else "w4s50"
+    assert main(["convert", str(folder), "-o", str(out), "--gqsa", spec, "--calib",
                  str(tiny_models.calib_file(folder)), "--nsamples", "8", "--seqlen", "64", "-q"]) == 0
+    assert read_gguf(out).gqsa_type.name == ("gqsa3" if spec == "w3s40" else "gqsa4")
     nmse, top1 = tiny_models.logits_agreement(llama_cpp, out, tiny_models.token_windows(folder, n=8, seqlen=64))
     assert nmse <= 1e-3, f"{kind}: logits NMSE {nmse:.2e} > 1e-3"
     assert top1 >= 0.99, f"{kind}: top-1 agreement {top1:.4f} < 0.99"

@@ -19,9 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = (ROOT / "docs" / "FORMAT.md").read_text(encoding="utf-8")
 
 
-def spec_table_row(label: str) -> str:
+def section(title: str) -> str:
+    """The text of the `## title` section of docs/FORMAT.md (up to the next `## `)."""
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", SPEC, re.S | re.M)
+    assert m, f"no section '{title}' in docs/FORMAT.md"
+    return m.group(1)
+
+
+GQSA3_SPEC = section("The 3-bit type `gqsa3`")
+
+
+def spec_table_row(label: str, text: str = SPEC) -> str:
     """The value cell of the markdown table row whose first cell contains `label`."""
-    for line in SPEC.splitlines():
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 2 and label in cells[0]:
             return cells[1]
@@ -54,25 +64,55 @@ def test_block_geometry():
     assert spec_int(r"// (\d+) bytes; x\[j\]") == fmt.ACT_BLOCK_BYTES == codec.ACT_BLOCK_DTYPE.itemsize
 
 
-def test_block_diagram_matches_block_dtype():
-    """The diagram's field order and sizes give the offsets of BLOCK_DTYPE."""
-    diagram = re.search(r"```\nbyte:(.*?)```", SPEC, re.S).group(0)
+@pytest.mark.parametrize("t", fmt.TYPES.values(), ids=lambda t: t.name)
+def test_block_diagram_matches_block_dtype(t):
+    """The diagram's field order and sizes give the offsets of the type's block dtype."""
+    text = GQSA3_SPEC if t is fmt.GQSA3 else SPEC
+    diagram = re.search(r"```\nbyte:(.*?)```", text, re.S).group(0)
     byte_numbers = [int(n) for n in re.findall(r"\d+", diagram.splitlines()[1])]
-    assert byte_numbers[-1] + 1 == fmt.BLOCK_BYTES == fmt.BLOCK_DTYPE.itemsize
+    assert byte_numbers[-1] + 1 == t.block_bytes == t.block_dtype.itemsize
     row = next(line for line in diagram.splitlines() if "d (fp16)" in line)
     sizes = {"fp16": 2, "uint16": 2}
     offset = 0
-    for field, kind in re.findall(r"(\w+)(?:\[\d+\])?\s*\(?(fp16|uint16)?\)?[^|]*\|", row.strip().lstrip("|")):
+    for field, kind in re.findall(r"(\w+)(?:\[\d+\])?[^|(]*\(?(fp16|uint16)?\)?[^|]*\|", row.strip().lstrip("|")):
         if kind:
             size = sizes[kind]
         else:                                           # qs[8]: 16 x 4-bit q values
             size = int(re.search(rf"{field}\[(\d+)\]", row).group(1))
-        dt, off = fmt.BLOCK_DTYPE.fields[field][:2]
+        dt, off = t.block_dtype.fields[field][:2]
         assert off == offset and dt.itemsize == size, field
         offset += size
-    assert offset == fmt.BLOCK_BYTES
-    assert fmt.BLOCK_DTYPE.fields["d"][0] == np.dtype("<f2")
-    assert fmt.BLOCK_DTYPE.fields["iz"][0] == np.dtype("<u2")
+    assert offset == t.block_bytes
+    assert t.block_dtype.fields["d"][0] == np.dtype("<f2")
+    assert t.block_dtype.fields["iz"][0] == np.dtype("<u2")
+
+
+def test_gqsa3_type_and_code_layout():
+    m = re.fullmatch(r"`(\w+)` / \*\*(\d+)\*\*.*", spec_table_row("ggml type name / id", GQSA3_SPEC))
+    assert m and m.group(1) == fmt.GQSA3.name and int(m.group(2)) == fmt.GQSA3.type_id == fmt.GGML_TYPE_GQSA3
+    assert int(spec_table_row("block bytes", GQSA3_SPEC)) == fmt.GQSA3.block_bytes
+    assert fmt.GQSA3.qmax == 7 and "integers in\n0..7" in GQSA3_SPEC
+    # the spec's packing formulas, evaluated on codes 0..7, against the codec's bytes
+    q = np.array([5, 0, 7, 3, 6, 1, 2, 4, 7, 7, 0, 1, 3, 5, 6, 2], np.int64)
+    ql = [(q[j] & 3) | (q[j + 4] & 3) << 2 | (q[j + 8] & 3) << 4 | (q[j + 12] & 3) << 6 for j in range(4)]
+    qh = sum(int(q[j] >> 2) << j for j in range(16))
+    assert "ql[j] = (q[j] & 3) | (q[j+4] & 3) << 2 | (q[j+8] & 3) << 4 | (q[j+12] & 3) << 6" in GQSA3_SPEC
+    assert "qh    = sum over j = 0..15 of (q[j] >> 2) << j" in GQSA3_SPEC
+    packed = codec.pack([[9]], q[None, None], [[6]], [[0.5]], bits=3)
+    block = packed.view(fmt.GQSA3_BLOCK_DTYPE)[0, 0]
+    assert list(block["ql"]) == ql and int(block["qh"]) == qh and int(block["iz"]) == 9 | 6 << fmt.ZERO_SHIFT
+
+
+def test_gqsa3_bits_per_weight_table():
+    rows = re.findall(r"\| w3s(\d+) \| (\d+) % \| \**([\d.]+)\** \|", GQSA3_SPEC)
+    assert len(rows) == 4
+    for sparsity, keep, bpw in rows:
+        assert int(sparsity) + int(keep) == 100
+        width = 4000                                    # 250 groups: every listed keep is whole groups
+        n_kept = fmt.kept_groups(width, int(sparsity) / 100)
+        assert fmt.bits_per_weight(n_kept, width, bits=3) == pytest.approx(float(bpw))
+    m = re.search(r"16 \(d\) \+ 12 \(g\) \+ 4\s+\(z\) \+ (\d+) \(q\) = (\d+) bits on 16 stored weights", GQSA3_SPEC)
+    assert m and int(m.group(1)) == 16 * 3 and int(m.group(2)) == 8 * fmt.GQSA3.block_bytes
 
 
 def test_bits_per_weight_table():
@@ -124,6 +164,10 @@ C_DEFINES = {                                           # required
     "GQSA_ACT_BLOCK_BYTES": fmt.ACT_BLOCK_BYTES,
     "GQSA_BITS": fmt.BITS,
     "GQSA_QMAX": fmt.QMAX,
+    "GQSA3_TYPE_ID": fmt.GQSA3.type_id,
+    "GQSA3_BLOCK_BYTES": fmt.GQSA3.block_bytes,
+    "GQSA3_BITS": fmt.GQSA3.bits,
+    "GQSA3_QMAX": fmt.GQSA3.qmax,
 }
 C_DERIVED = {"GQSA_INDEX_MASK": fmt.INDEX_MASK, "GQSA_MAX_GROUPS": fmt.MAX_GROUPS_PER_ROW}   # checked if present
 # the fp16 limits of a scale: a float literal, and fp16 bit patterns (required)
@@ -152,13 +196,14 @@ def c_int(expr: str, defines: dict[str, str], depth: int = 0) -> int | None:
 def c_defines(header: Path) -> tuple[str, dict[str, str]]:
     """(text without comments, {GQSA_ macro: its definition}) of a C header."""
     text = re.sub(r"/\*.*?\*/|//[^\n]*", "", header.read_text(encoding="utf-8"), flags=re.S)
-    return text, {k: v.strip() for k, v in re.findall(r"^[ \t]*#define[ \t]+(GQSA_\w+)[ \t]+([^\n]+)$", text, re.M)}
+    return text, {k: v.strip() for k, v in re.findall(r"^[ \t]*#define[ \t]+(GQSA3?_\w+)[ \t]+([^\n]+)$", text, re.M)}
 
 
 def test_c_header_agrees():
     assert C_HEADER.relative_to(ROOT).as_posix() in (ROOT / "docs" / "FORMAT.md").read_text(encoding="utf-8")
     for header in [C_HEADER]:
         text, defines = c_defines(header)
+        defines = {k: v for k, v in defines.items() if k.startswith(("GQSA_", "GQSA3_"))}
         for name, value in {**C_DEFINES, **C_DERIVED}.items():
             if name not in defines:
                 assert name not in C_DEFINES, f"{header.name} lacks #define {name}"
@@ -171,7 +216,8 @@ def test_c_header_agrees():
             value = c_int(rhs, defines)
             if value is None:
                 continue                                # an expression with sizeof: the compiler checks it
-            want = fmt.ACT_BLOCK_BYTES if "q8" in lhs.lower() else fmt.BLOCK_BYTES
+            want = (fmt.ACT_BLOCK_BYTES if "q8" in lhs.lower() else fmt.GQSA3.block_bytes if "gqsa3" in lhs.lower()
+                    else fmt.BLOCK_BYTES)
             assert value == want, f"static_assert(sizeof({lhs}) == {rhs}) in {header.name}"
 
 

@@ -33,6 +33,7 @@
 size_t ggml_type_size(enum ggml_type type) {
     switch (type) {
         case GGML_TYPE_GQSA4:   return GQSA_BLOCK_BYTES;
+        case GGML_TYPE_GQSA3:   return GQSA3_BLOCK_BYTES;
         case GGML_TYPE_GQSA_Q8: return GQSA_ACT_BLOCK_BYTES;
         case GGML_TYPE_F16:     return 2;
         default:                return 4;
@@ -40,7 +41,7 @@ size_t ggml_type_size(enum ggml_type type) {
 }
 
 static int64_t shim_blck_size(enum ggml_type type) {
-    return type == GGML_TYPE_GQSA4 || type == GGML_TYPE_GQSA_Q8 ? GQSA_GROUP_SIZE : 1;
+    return type == GGML_TYPE_GQSA4 || type == GGML_TYPE_GQSA3 || type == GGML_TYPE_GQSA_Q8 ? GQSA_GROUP_SIZE : 1;
 }
 
 size_t ggml_row_size(enum ggml_type type, int64_t ne) {
@@ -128,8 +129,9 @@ static void random_kept(int G, int n, int32_t * kept) {
 }
 
 // Float data: dense weights with groups that exercise the quantizer (zeros, one-signed, tiny,
-// large), packed by the library quantizer; activations scaled per group over six decades.
-static block_gqsa4 * float_weights(int nrows, int width, int n_kept) {
+// large), packed by the library quantizer (gqsa3: 3-bit blocks); activations scaled per group over
+// six decades.
+static void * float_weights_t(int nrows, int width, int n_kept, bool gqsa3) {
     const int G = width / GQSA_GROUP_SIZE;
     float * w = malloc(sizeof(float) * (size_t) nrows * width);
     int32_t * kept = malloc(sizeof(int32_t) * (size_t) nrows * n_kept);
@@ -144,14 +146,19 @@ static block_gqsa4 * float_weights(int nrows, int width, int n_kept) {
         }
         random_kept(G, n_kept, kept + (size_t) r * n_kept);
     }
-    block_gqsa4 * b = malloc(sizeof(block_gqsa4) * (size_t) nrows * n_kept);
-    if (ggml_gqsa_quantize_rows(w, nrows, width, kept, n_kept, b) != sizeof(block_gqsa4) * (size_t) nrows * n_kept) {
+    const size_t bytes = (gqsa3 ? sizeof(block_gqsa3) : sizeof(block_gqsa4)) * (size_t) nrows * n_kept;
+    void * b = malloc(bytes);
+    if ((gqsa3 ? ggml_gqsa3_quantize_rows : ggml_gqsa_quantize_rows)(w, nrows, width, kept, n_kept, b) != bytes) {
         fprintf(stderr, "ggml_gqsa_quantize_rows refused the test data\n");
         exit(2);
     }
     free(w);
     free(kept);
     return b;
+}
+
+static block_gqsa4 * float_weights(int nrows, int width, int n_kept) {
+    return (block_gqsa4 *) float_weights_t(nrows, width, n_kept, false);
 }
 
 // wild: group scales over six decades and some all-zero groups (the quantizer's edge cases);
@@ -560,20 +567,21 @@ static void * mm_run(void * arg) {
     return NULL;
 }
 
-// sb: the weights repacked into superblocks and run by ggml_gqsa_mul_mat_sb (as the CPU_GQSA
-// buffer type does), checked against the same file-layout reference
-static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, bool sb) {
-    block_gqsa4 * w = float_weights(nrows, width, n_kept);
-    gqsa_sb8 * t = NULL;
+// The mul_mat driver on `nth` threads: out[c*nrows + r] = weight row r . column c of x. w holds
+// nrows rows of n_kept blocks of `type` (gqsa4 or gqsa3) as in the file; sb: repacked first into
+// superblocks (gqsa3: widened, ggml_gqsa3_sb_repack) and run by ggml_gqsa_mul_mat_sb, as the
+// CPU_GQSA buffer type does. Returns whether the driver handled it.
+static bool run_mul_mat(enum ggml_type type, void * w, int width, int n_kept, int nrows, float * x,
+                        int ncols, int nth, bool sb, float * out) {
+    const size_t bbytes = ggml_type_size(type);
+    void * t = NULL;
     if (sb) {
         t = malloc(sizeof(block_gqsa4) * (size_t) nrows * n_kept);
-        ggml_gqsa_sb_repack(w, t, n_kept, nrows);
+        (type == GGML_TYPE_GQSA3 ? ggml_gqsa3_sb_repack : ggml_gqsa_sb_repack)(w, t, n_kept, nrows);
     }
-    float * x = float_acts(ncols, width, false);
-    float * out = malloc(sizeof(float) * nrows * ncols);
     memset(out, 0, sizeof(float) * nrows * ncols);
-    struct ggml_tensor t0 = { .type = GGML_TYPE_GQSA4, .ne = { n_kept * GQSA_GROUP_SIZE, nrows, 1, 1 }, .data = sb ? (void *) t : (void *) w };
-    t0.nb[0] = GQSA_BLOCK_BYTES; t0.nb[1] = (size_t) n_kept * GQSA_BLOCK_BYTES; t0.nb[2] = t0.nb[3] = t0.nb[1] * nrows;
+    struct ggml_tensor t0 = { .type = type, .ne = { n_kept * GQSA_GROUP_SIZE, nrows, 1, 1 }, .data = sb ? t : w };
+    t0.nb[0] = bbytes; t0.nb[1] = (size_t) n_kept * bbytes; t0.nb[2] = t0.nb[3] = t0.nb[1] * nrows;
     struct ggml_tensor t1 = { .type = GGML_TYPE_F32, .ne = { width, ncols, 1, 1 }, .data = x };
     t1.nb[0] = 4; t1.nb[1] = 4 * (size_t) width; t1.nb[2] = t1.nb[3] = t1.nb[1] * ncols;
     struct ggml_tensor td = { .type = GGML_TYPE_F32, .ne = { nrows, ncols, 1, 1 }, .data = out };
@@ -599,6 +607,18 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, b
         handled = handled && th[i].handled;
     }
     pthread_barrier_destroy(&tp.barrier);
+    free(t);
+    free(wdata);
+    return handled;
+}
+
+// sb: the weights repacked into superblocks and run by ggml_gqsa_mul_mat_sb (as the CPU_GQSA
+// buffer type does), checked against the same file-layout reference
+static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, bool sb) {
+    block_gqsa4 * w = float_weights(nrows, width, n_kept);
+    float * x = float_acts(ncols, width, false);
+    float * out = malloc(sizeof(float) * nrows * ncols);
+    const bool handled = run_mul_mat(GGML_TYPE_GQSA4, w, width, n_kept, nrows, x, ncols, nth, sb, out);
 
     bool ok = true;
 #if GQSA_CPU_PANELS
@@ -633,7 +653,371 @@ static void test_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, b
         free(y);
     }
     report(ok, "mul_mat_driver%s[width=%d,n_kept=%d,rows=%d,cols=%d,threads=%d]", sb ? "_sb" : "", width, n_kept, nrows, ncols, nth);
-    free(w); free(t); free(x); free(out); free(wdata);
+    free(w); free(x); free(out);
+}
+
+// ---- gqsa3 -------------------------------------------------------------------------------------
+
+// A gqsa3 block packed here from the byte diagram of docs/FORMAT.md (independently of the library)
+static block_gqsa3 gqsa3_pack_spec(const uint8_t q[GQSA_GROUP_SIZE], uint32_t z, uint32_t g, ggml_fp16_t d) {
+    block_gqsa3 b;
+    b.d  = d;
+    b.iz = (uint16_t) (g | z << 12);
+    b.qh = 0;
+    for (int j = 0; j < 4; ++j) {
+        b.ql[j] = (uint8_t) ((q[j] & 3) | (q[j + 4] & 3) << 2 | (q[j + 8] & 3) << 4 | (q[j + 12] & 3) << 6);
+    }
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        b.qh |= (uint16_t) ((q[j] >> 2) << j);
+    }
+    return b;
+}
+
+// The reference quantizer of docs/FORMAT.md with QMAX = 7, written out here from the spec
+static block_gqsa3 gqsa3_quantize_spec(const float * x, uint32_t g) {
+    float lo = 0.0f, hi = 0.0f;
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        lo = fminf(lo, x[j]);
+        hi = fmaxf(hi, x[j]);
+    }
+    const float s = (hi - lo) / 7.0f;
+    ggml_fp16_t dh = GGML_FP32_TO_FP16(s);
+    float d = GGML_FP16_TO_FP32(dh);
+    if (s > 0.0f && d == 0.0f) {
+        dh = 0x0001;
+        d = GGML_FP16_TO_FP32(dh);
+    }
+    if (!(d <= 65504.0f)) {
+        dh = 0x7bff;
+        d = 65504.0f;
+    }
+    uint8_t q[GQSA_GROUP_SIZE] = {0};
+    uint32_t z = 0;
+    if (d != 0.0f) {
+        z = (uint32_t) fminf(fmaxf(nearbyintf(-lo / d), 0.0f), 7.0f);
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            q[j] = (uint8_t) fminf(fmaxf(nearbyintf(x[j] / d) + (float) z, 0.0f), 7.0f);
+        }
+    }
+    return gqsa3_pack_spec(q, z, g, dh);
+}
+
+// quantize_row_gqsa3_ref is bit-exact with the spec, and its weights are within about half a step
+static void test_gqsa3_quantize(int width) {
+    const int G = width / GQSA_GROUP_SIZE;
+    float * x = malloc(sizeof(float) * width);
+    for (int g = 0; g < G; ++g) {
+        const int kind = g % 7;
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            float v = frand();
+            v = kind == 0 ? 0.0f : kind == 1 ? fabsf(v) + 0.5f : kind == 2 ? v * 1e-6f : kind == 3 ? v * 3e3f :
+                kind == 4 ? -fabsf(v) - 0.25f : kind == 5 ? (float) (rnd() % 15) * 0.5f - 3.5f : v;
+            x[g * GQSA_GROUP_SIZE + j] = v;
+        }
+    }
+    block_gqsa3 * got = malloc(sizeof(block_gqsa3) * G);
+    quantize_row_gqsa3_ref(x, got, width);
+    float * back = malloc(sizeof(float) * width);
+    dequantize_row_gqsa3(got, back, width);
+    bool ok = true;
+    for (int g = 0; g < G && ok; ++g) {
+        const block_gqsa3 want = gqsa3_quantize_spec(x + g * GQSA_GROUP_SIZE, (uint32_t) g);
+        if (memcmp(&want, got + g, sizeof(want)) != 0) {
+            printf("    group %d: not the spec's bytes\n", g);
+            ok = false;
+        }
+        float lo = 0.0f, hi = 0.0f;
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            lo = fminf(lo, x[g * GQSA_GROUP_SIZE + j]);
+            hi = fmaxf(hi, x[g * GQSA_GROUP_SIZE + j]);
+        }
+        const double s = (hi - lo) / 7.0, d = GGML_FP16_TO_FP32(got[g].d);
+        const double bound = 0.5 * d + 8.0 * fabs(d - s) + 1e-12;     // half a step, plus the scale's rounding
+        for (int j = 0; j < GQSA_GROUP_SIZE && ok; ++j) {
+            const double e = fabs((double) back[g * GQSA_GROUP_SIZE + j] - x[g * GQSA_GROUP_SIZE + j]);
+            if (e > bound) {
+                printf("    group %d weight %d: %.9g -> %.9g, error %.3g > %.3g\n", g, j, x[g * GQSA_GROUP_SIZE + j],
+                       back[g * GQSA_GROUP_SIZE + j], e, bound);
+                ok = false;
+            }
+        }
+        ok = ok && (got[g].iz >> 12) <= GQSA3_QMAX && (got[g].iz & GQSA_INDEX_MASK) == (uint32_t) g;
+    }
+    report(ok, "gqsa3_quantize_ref_matches_spec[width=%d]", width);
+    free(x); free(got); free(back);
+}
+
+// The byte layout: one block with known bytes, then random blocks packed from the diagram; the
+// library reads the codes, dequantizes, widens to gqsa4 and back
+static void test_gqsa3_layout(void) {
+    // q = 0..7, 7..0; z = 3; g = 5; d = 1.0 -> d 00 3c, iz 05 30, ql f0 a5 5a 0f, qh f0 0f
+    static const uint8_t known[GQSA3_BLOCK_BYTES] = { 0x00, 0x3c, 0x05, 0x30, 0xf0, 0xa5, 0x5a, 0x0f, 0xf0, 0x0f };
+    uint8_t q[GQSA_GROUP_SIZE];
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        q[j] = (uint8_t) (j < 8 ? j : 15 - j);
+    }
+    block_gqsa3 b = gqsa3_pack_spec(q, 3, 5, 0x3c00);
+    bool ok = memcmp(&b, known, sizeof(known)) == 0;
+    float w[GQSA_GROUP_SIZE];
+    dequantize_row_gqsa3((const block_gqsa3 *) known, w, GQSA_GROUP_SIZE);
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        ok = ok && w[j] == (float) (q[j] - 3);
+    }
+    for (int it = 0; it < 2000 && ok; ++it) {
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            q[j] = (uint8_t) (rnd() % 8);
+        }
+        const uint32_t z = rnd() % 8, g = rnd() % GQSA_MAX_GROUPS;
+        const ggml_fp16_t d = (ggml_fp16_t) (rnd() % 0x7c00);          // any finite nonnegative scale
+        b = gqsa3_pack_spec(q, z, g, d);
+        dequantize_row_gqsa3(&b, w, GQSA_GROUP_SIZE);
+        block_gqsa4 b4;
+        gqsa3_to_gqsa4(&b, &b4);
+        block_gqsa3 back;
+        gqsa4_to_gqsa3(&b4, &back);
+        ok = memcmp(&b, &back, sizeof(b)) == 0 && b4.d == d && gqsa_block_index(&b4) == g && gqsa_block_zero(&b4) == z;
+        for (int j = 0; j < GQSA_GROUP_SIZE && ok; ++j) {
+            const int q4 = j < 8 ? b4.qs[j] & 0x0F : b4.qs[j - 8] >> 4;
+            ok = gqsa3_code(&b, j) == q[j] && q4 == q[j] &&
+                 w[j] == (float) ((int) q[j] - (int) z) * GGML_FP16_TO_FP32(d);
+        }
+    }
+    // dense rows: each kept group at its index, zeros elsewhere
+    const int width = 96, n_kept = 2;
+    block_gqsa3 row[2];
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        q[j] = (uint8_t) (j % 8);
+    }
+    row[0] = gqsa3_pack_spec(q, 0, 1, 0x3c00);
+    row[1] = gqsa3_pack_spec(q, 7, 4, 0x4000);                          // d = 2
+    float dense[96];
+    ggml_gqsa3_dequantize_rows(row, 1, n_kept, width, dense);
+    for (int k = 0; k < width; ++k) {
+        const int g = k / GQSA_GROUP_SIZE, j = k % GQSA_GROUP_SIZE;
+        const float want = g == 1 ? (float) (j % 8) : g == 4 ? 2.0f * (float) (j % 8 - 7) : 0.0f;
+        ok = ok && dense[k] == want;
+    }
+    report(ok, "gqsa3_block_layout_matches_spec");
+}
+
+// the load-time validator on gqsa3 tensors (and gqsa4 unchanged): every rule, with its message
+static void test_gqsa3_validate(void) {
+    const int width = 128, n_kept = 3, nrows = 2;
+    block_gqsa3 * b = float_weights_t(nrows, width, n_kept, true);
+    block_gqsa3 * c = malloc(sizeof(block_gqsa3) * nrows * n_kept);
+    struct ggml_tensor t = { .type = GGML_TYPE_GQSA3, .ne = { n_kept * GQSA_GROUP_SIZE, nrows, 1, 1 } };
+    t.nb[0] = GQSA3_BLOCK_BYTES; t.nb[1] = (size_t) n_kept * GQSA3_BLOCK_BYTES; t.nb[2] = t.nb[3] = t.nb[1] * nrows;
+    snprintf(t.name, sizeof(t.name), "blk.0.ffn_up.weight");
+    char err[512];
+    bool ok = ggml_gqsa_validate(&t, b, width, err, sizeof(err)) && gqsa3_validate_blocks(b, sizeof(block_gqsa3) * 6);
+    if (!ok) {
+        printf("    valid data refused: %s\n", err);
+    }
+    struct {
+        int blk; uint16_t iz_or, iz_and; int set_d; ggml_fp16_t d; int idx; const char * msg; bool rows_check;
+    } cases[] = {
+        { 4, 0x8000, 0xFFFF, 0, 0, -1, "zero point 8 > 7", true },                      // z = 8 + original z
+        { 1, 0xF000, 0xFFFF, 0, 0, -1, "zero point 15 > 7", true },
+        { 2, 0, 0xFFFF, 1, 0x7c00, -1, "scale is not finite", true },
+        { 3, 0, 0xFFFF, 1, 0xfe00, -1, "scale is not finite", true },
+        { 1, 0, 0xF000, 0, 0, 8, "group index 8 >= 8 groups", false },
+        { 5, 0, 0xF000, 0, 0, -2, "indices must strictly increase", false },           // equal to the previous
+        { 4, 0, 0xF000, 0, 0, -3, "indices must strictly increase", false },           // below the previous
+    };
+    for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); ++k) {
+        memcpy(c, b, sizeof(block_gqsa3) * nrows * n_kept);
+        block_gqsa3 * x = c + cases[k].blk;
+        if (cases[k].iz_or == 0x8000) {
+            x->iz = (uint16_t) ((x->iz & 0x0FFF) | 0x8000);
+        } else {
+            x->iz = (uint16_t) ((x->iz & cases[k].iz_and) | cases[k].iz_or);
+        }
+        if (cases[k].set_d) {
+            x->d = cases[k].d;
+        }
+        if (cases[k].idx >= 0) {
+            x->iz = (uint16_t) (x->iz | cases[k].idx);
+        } else if (cases[k].idx == -2) {
+            x->iz = (uint16_t) (x->iz | ((x - 1)->iz & GQSA_INDEX_MASK));
+        } else if (cases[k].idx == -3) {
+            x->iz = (uint16_t) (x->iz | 0);                                             // index 0 after a later one
+            (x - 1)->iz = (uint16_t) (((x - 1)->iz & 0xF000) | 1);
+        }
+        err[0] = 0;
+        const bool valid = ggml_gqsa_validate(&t, c, width, err, sizeof(err));
+        const bool named = strstr(err, "blk.0.ffn_up.weight") != NULL && strstr(err, cases[k].msg) != NULL;
+        const bool blocks_ok = gqsa3_validate_blocks(c, sizeof(block_gqsa3) * nrows * n_kept);
+        if (valid || !named || (cases[k].rows_check && blocks_ok)) {
+            printf("    case %zu: valid %d, message '%s', row-data check %d\n", k, valid, err, blocks_ok);
+            ok = false;
+        }
+    }
+    // gqsa4 keeps its zero points 0..15
+    block_gqsa4 * b4 = float_weights(nrows, width, n_kept);
+    b4[4].iz = (uint16_t) ((b4[4].iz & 0x0FFF) | 0xF000);
+    struct ggml_tensor t4 = t;
+    t4.type = GGML_TYPE_GQSA4;
+    t4.nb[0] = GQSA_BLOCK_BYTES; t4.nb[1] = (size_t) n_kept * GQSA_BLOCK_BYTES; t4.nb[2] = t4.nb[3] = t4.nb[1] * nrows;
+    ok = ok && ggml_gqsa_validate(&t4, b4, width, err, sizeof(err));
+    // a gqsa3 tensor described with gqsa4 strides is refused
+    ok = ok && !ggml_gqsa_validate(&(struct ggml_tensor) { .type = GGML_TYPE_GQSA3, .ne = { t4.ne[0], t4.ne[1], 1, 1 },
+                                                          .nb = { t4.nb[0], t4.nb[1], t4.nb[2], t4.nb[3] } },
+                                   b, width, err, sizeof(err));
+    report(ok, "gqsa3_validate_rejects_each_broken_rule");
+    free(b); free(c); free(b4);
+}
+
+// gqsa3 rows widened to gqsa4 (the blocks the kernels run)
+static block_gqsa4 * gqsa3_widen(const block_gqsa3 * x, size_t n) {
+    block_gqsa4 * y = malloc(sizeof(block_gqsa4) * n);
+    for (size_t i = 0; i < n; ++i) {
+        gqsa3_to_gqsa4(x + i, y + i);
+    }
+    return y;
+}
+
+// random integer gqsa3 blocks: d = 1, codes and zero points 0..7
+static block_gqsa3 * int_weights3(int nrows, int width, int n_kept) {
+    block_gqsa4 * b4 = int_weights(nrows, width, n_kept);
+    block_gqsa3 * b = malloc(sizeof(block_gqsa3) * (size_t) nrows * n_kept);
+    for (size_t i = 0; i < (size_t) nrows * n_kept; ++i) {
+        b4[i].iz &= 0x7FFF;
+        for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
+            b4[i].qs[j] &= 0x77;
+        }
+        gqsa4_to_gqsa3(b4 + i, b + i);
+    }
+    free(b4);
+    return b;
+}
+
+// vec_dot of gqsa3 (dispatched and scalar) against gqsa4's scalar kernel on the widened blocks:
+// equal on integer data, to float rounding on float data
+static void test_gqsa3_vec_dot(int n_kept) {
+    const int width = (n_kept + 5) * GQSA_GROUP_SIZE, nrows = 3;
+    bool ok = true;
+    for (int pass = 0; pass < 2; ++pass) {
+        block_gqsa3 * x = pass == 0 ? int_weights3(nrows, width, n_kept) : float_weights_t(nrows, width, n_kept, true);
+        block_gqsa4 * x4 = gqsa3_widen(x, (size_t) nrows * n_kept);
+        float * act = pass == 0 ? NULL : float_acts(1, width, true);
+        block_gqsa_q8 * y = pass == 0 ? int_acts(width) : quantize_acts_ref(act, 1, width);
+        for (int r = 0; r < nrows; ++r) {
+            float simd, scalar, ref;
+            ggml_vec_dot_gqsa3_gqsa_q8(n_kept * GQSA_GROUP_SIZE, &simd, 0, x + r * n_kept, 0, y, 0, 1);
+            ggml_vec_dot_gqsa3_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &scalar, 0, x + r * n_kept, 0, y, 0, 1);
+            ggml_vec_dot_gqsa4_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &ref, 0, x4 + r * n_kept, 0, y, 0, 1);
+            const double tol = pass == 0 ? 0.0 : 1e-5 * row_scale(x4 + r * n_kept, n_kept, y) + 1e-30;
+            if (pass == 0 && (double) ref != (double) int_row_dot(x4 + r * n_kept, n_kept, y)) {
+                ok = false;
+            }
+            if (!(fabs((double) simd - ref) <= tol && fabs((double) scalar - ref) <= tol)) {
+                printf("    %s row %d: gqsa4 scalar %.9g, gqsa3 scalar %.9g, gqsa3 dispatched %.9g\n",
+                       pass == 0 ? "int" : "float", r, ref, scalar, simd);
+                ok = false;
+            }
+        }
+        free(x); free(x4); free(act); free(y);
+    }
+    report(ok, "gqsa3_vec_dot_matches_gqsa4[n_kept=%d]", n_kept);
+}
+
+// repack -> unpack gives the gqsa3 blocks back; the repacked rows are the widened rows repacked
+static void test_gqsa3_sb_roundtrip(int n_kept, int nrows) {
+    const int width = (n_kept + 5) * GQSA_GROUP_SIZE;
+    const size_t n = (size_t) nrows * n_kept;
+    block_gqsa3 * x = float_weights_t(nrows, width, n_kept, true);
+    block_gqsa4 * x4 = gqsa3_widen(x, n);
+    uint8_t * t = malloc(sizeof(block_gqsa4) * n), * t4 = malloc(sizeof(block_gqsa4) * n);
+    block_gqsa3 * back = malloc(sizeof(block_gqsa3) * n);
+    ggml_gqsa3_sb_repack(x, t, n_kept, nrows);
+    ggml_gqsa_sb_repack(x4, t4, n_kept, nrows);
+    ggml_gqsa3_sb_unpack(t, back, n_kept, nrows);
+    const bool ok = memcmp(t, t4, sizeof(block_gqsa4) * n) == 0 && memcmp(x, back, sizeof(block_gqsa3) * n) == 0;
+    report(ok, "gqsa3_sb_repack_roundtrip[n_kept=%d,nrows=%d]", n_kept, nrows);
+    free(x); free(x4); free(t); free(t4); free(back);
+}
+
+// The mul_mat driver on gqsa3 weights, in the file layout (sb = false) or repacked (sb: widened
+// into superblocks), against the same driver on the widened gqsa4 weights (to float rounding: the
+// integer sums are the same), the scalar gqsa4 kernel, and float math (NMSE <= 5e-4)
+static void test_gqsa3_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, bool sb) {
+    block_gqsa3 * w = float_weights_t(nrows, width, n_kept, true);
+    block_gqsa4 * w4 = gqsa3_widen(w, (size_t) nrows * n_kept);
+    float * x = float_acts(ncols, width, false);
+    float * out = malloc(sizeof(float) * nrows * ncols), * out4 = malloc(sizeof(float) * nrows * ncols);
+    const bool handled  = run_mul_mat(GGML_TYPE_GQSA3, w, width, n_kept, nrows, x, ncols, nth, sb, out);
+    const bool handled4 = run_mul_mat(GGML_TYPE_GQSA4, w4, width, n_kept, nrows, x, ncols, nth, sb, out4);
+    bool ok = handled == handled4;
+#if GQSA_CPU_PANELS
+    ok = ok && handled;
+#endif
+    if (handled && handled4) {
+        block_gqsa_q8 * y = quantize_acts_ref(x, ncols, width);
+        float * dense = malloc(sizeof(float) * width);
+        double err = 0.0, norm = 0.0;
+        for (int r = 0; r < nrows && ok; ++r) {
+            ggml_gqsa3_dequantize_rows(w + (size_t) r * n_kept, 1, n_kept, width, dense);
+            for (int c = 0; c < ncols && ok; ++c) {
+                const block_gqsa_q8 * yc = y + (size_t) c * (width / GQSA_GROUP_SIZE);
+                float ref;
+                ggml_vec_dot_gqsa4_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &ref, 0, w4 + (size_t) r * n_kept, 0,
+                                                   yc, 0, 1);
+                const double tol = 1e-5 * row_scale(w4 + (size_t) r * n_kept, n_kept, yc) + 1e-30;
+                const float got = out[(size_t) c * nrows + r], got4 = out4[(size_t) c * nrows + r];
+                if (!(fabs((double) got - got4) <= tol && fabs((double) got - ref) <= tol)) {
+                    printf("    row %d column %d: gqsa4 scalar %.9g, gqsa4 mul_mat %.9g, gqsa3 mul_mat %.9g\n",
+                           r, c, ref, got4, got);
+                    ok = false;
+                }
+                double exact = 0.0;
+                for (int k = 0; k < width; ++k) {
+                    exact += (double) dense[k] * x[(size_t) c * width + k];
+                }
+                err  += (got - exact) * (got - exact);
+                norm += exact * exact;
+            }
+        }
+        if (ok && !(err <= 5e-4 * norm)) {
+            printf("    NMSE against float math %.3g > 5e-4\n", err / norm);
+            ok = false;
+        }
+        free(y); free(dense);
+    }
+    report(ok, "gqsa3_mul_mat_driver%s[width=%d,n_kept=%d,rows=%d,cols=%d,threads=%d]", sb ? "_sb" : "", width, n_kept,
+           nrows, ncols, nth);
+    free(w); free(w4); free(x); free(out); free(out4);
+}
+
+static void test_gqsa3(void) {
+    test_gqsa3_quantize(16);
+    test_gqsa3_quantize(4096);
+    test_gqsa3_layout();
+    test_gqsa3_validate();
+    const int kepts[] = { 1, 2, 7, 8, 9, 17, 64, 65, 129, 257 };
+    for (size_t i = 0; i < sizeof(kepts) / sizeof(kepts[0]); ++i) {
+        test_gqsa3_vec_dot(kepts[i]);
+    }
+    const int sb_kepts[] = { 8, 9, 18, 128, 516 };
+    for (size_t i = 0; i < sizeof(sb_kepts) / sizeof(sb_kepts[0]); ++i) {
+        test_gqsa3_sb_roundtrip(sb_kepts[i], 3);
+    }
+    // the file layout: short rows (the repacking needs 8 blocks), long rows in several chunks
+    const int cols[] = { 1, 7, 8, 9, 35 };
+    for (size_t i = 0; i < sizeof(cols) / sizeof(cols[0]); ++i) {
+        test_gqsa3_mul_mat(64, 2, 9, cols[i], 2, false);
+        test_gqsa3_mul_mat(576, 5, 37, cols[i], 1, false);
+        test_gqsa3_mul_mat(1536, 72, 20, cols[i], 2, false);
+        test_gqsa3_mul_mat(4096, 150, 6, cols[i], 2, false);
+    }
+    // repacked (widened) superblocks, with and without a tail
+    if (ggml_gqsa_sb_available()) {
+        for (size_t i = 0; i < sizeof(cols) / sizeof(cols[0]); ++i) {
+            test_gqsa3_mul_mat(256, 8, 70, cols[i], 2, true);
+            test_gqsa3_mul_mat(576, 18, 37, cols[i], 1, true);
+            test_gqsa3_mul_mat(4096, 128, 20, cols[i], 2, true);
+            test_gqsa3_mul_mat(11008, 516, 6, cols[i], 2, true);
+        }
+    }
 }
 
 int main(void) {
@@ -702,6 +1086,7 @@ int main(void) {
             test_mul_mat(11008, 516, 10, mm_cols[i], 2, true);
         }
     }
+    test_gqsa3();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed == 0 ? 0 : 1;
 }

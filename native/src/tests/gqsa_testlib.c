@@ -17,6 +17,8 @@
 // The scalar reference kernel and the kernels' ISA name live in ggml-cpu (not part of its public API).
 void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * s, size_t bs, const void * vx, size_t bx,
                                         const void * vy, size_t by, int nrc);
+void ggml_vec_dot_gqsa3_gqsa_q8_generic(int n, float * s, size_t bs, const void * vx, size_t bx,
+                                        const void * vy, size_t by, int nrc);
 const char * ggml_gqsa_cpu_kernels(void);
 const char * ggml_gqsa_sb_kernel(void);
 void ggml_gqsa_sb_repack(const void * src, void * dst, int n_kept, int64_t nrows);
@@ -43,17 +45,25 @@ static struct ggml_context * gqsa_test_ctx(size_t data_bytes) {
     return ggml_init(params);
 }
 
-// out[c, r] = sum_k W[r, k] * x[c, k]: W is `nrows` gqsa4 rows of n_kept blocks (logical width
-// `width`), x is `ncols` rows of `width` floats. Returns 0 on success.
-GQSA_TESTLIB_API int gqsa_test_mul_mat(const void * w, int64_t n_kept, int64_t nrows, int64_t width,
-                                       const float * x, int64_t ncols, int n_threads, float * out) {
-    const size_t w_bytes = (size_t) (nrows * n_kept) * ggml_type_size(GGML_TYPE_GQSA4);
+// Whether `type` is a GQSA weight type these hooks take (gqsa4, gqsa3)
+static int gqsa_test_type_ok(int type) {
+    return type == GGML_TYPE_GQSA4 || type == GGML_TYPE_GQSA3;
+}
+
+// out[c, r] = sum_k W[r, k] * x[c, k]: W is `nrows` rows of n_kept blocks of `type` (gqsa4 or gqsa3;
+// logical width `width`), x is `ncols` rows of `width` floats. Returns 0 on success.
+GQSA_TESTLIB_API int gqsa_test_mul_mat_type(int type, const void * w, int64_t n_kept, int64_t nrows, int64_t width,
+                                            const float * x, int64_t ncols, int n_threads, float * out) {
+    if (!gqsa_test_type_ok(type)) {
+        return 6;
+    }
+    const size_t w_bytes = (size_t) (nrows * n_kept) * ggml_type_size((enum ggml_type) type);
     const size_t x_bytes = (size_t) (ncols * width) * sizeof(float);
     struct ggml_context * ctx = gqsa_test_ctx(w_bytes + x_bytes + (size_t) (nrows * ncols) * sizeof(float));
     if (!ctx) {
         return 1;
     }
-    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx, GGML_TYPE_GQSA4, n_kept * 16, nrows);
+    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx, (enum ggml_type) type, n_kept * 16, nrows);
     struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, ncols);
     memcpy(tw->data, w, w_bytes);
     memcpy(tx->data, x, x_bytes);
@@ -69,12 +79,20 @@ GQSA_TESTLIB_API int gqsa_test_mul_mat(const void * w, int64_t n_kept, int64_t n
     return st == GGML_STATUS_SUCCESS ? 0 : 2;
 }
 
+GQSA_TESTLIB_API int gqsa_test_mul_mat(const void * w, int64_t n_kept, int64_t nrows, int64_t width,
+                                       const float * x, int64_t ncols, int n_threads, float * out) {
+    return gqsa_test_mul_mat_type(GGML_TYPE_GQSA4, w, n_kept, nrows, width, x, ncols, n_threads, out);
+}
+
 // One row through the dispatched (SIMD) kernel or the scalar reference, activations quantized by
 // the registered from_float of the row type's vec_dot_type.
-GQSA_TESTLIB_API int gqsa_test_vec_dot(const void * w_row, int64_t n_kept, const float * x, int64_t width,
-                                       int generic, float * out) {
+GQSA_TESTLIB_API int gqsa_test_vec_dot_type(int type, const void * w_row, int64_t n_kept, const float * x,
+                                            int64_t width, int generic, float * out) {
+    if (!gqsa_test_type_ok(type)) {
+        return 6;
+    }
     ggml_cpu_init();    // the fp16 table the scalar kernel reads (idempotent; graph compute does it too)
-    const struct ggml_type_traits_cpu * tw = ggml_get_type_traits_cpu(GGML_TYPE_GQSA4);
+    const struct ggml_type_traits_cpu * tw = ggml_get_type_traits_cpu((enum ggml_type) type);
     const struct ggml_type_traits_cpu * ta = ggml_get_type_traits_cpu(tw->vec_dot_type);
     const size_t act_bytes = ggml_row_size(tw->vec_dot_type, width);
     unsigned char act[65536 / 16 * 64];
@@ -83,11 +101,17 @@ GQSA_TESTLIB_API int gqsa_test_vec_dot(const void * w_row, int64_t n_kept, const
     }
     ta->from_float(x, act, width);
     if (generic) {
-        ggml_vec_dot_gqsa4_gqsa_q8_generic((int) (n_kept * 16), out, 0, w_row, 0, act, 0, 1);
+        (type == GGML_TYPE_GQSA3 ? ggml_vec_dot_gqsa3_gqsa_q8_generic : ggml_vec_dot_gqsa4_gqsa_q8_generic)(
+            (int) (n_kept * 16), out, 0, w_row, 0, act, 0, 1);
     } else {
         tw->vec_dot((int) (n_kept * 16), out, 0, w_row, 0, act, 0, 1);
     }
     return 0;
+}
+
+GQSA_TESTLIB_API int gqsa_test_vec_dot(const void * w_row, int64_t n_kept, const float * x, int64_t width,
+                                       int generic, float * out) {
+    return gqsa_test_vec_dot_type(GGML_TYPE_GQSA4, w_row, n_kept, x, width, generic, out);
 }
 
 // The registered activation quantizer (gqsa_q8 from_float), for bit-exactness with NumPy.
@@ -97,16 +121,21 @@ GQSA_TESTLIB_API void gqsa_test_quantize_act(const float * x, int64_t width, voi
     ggml_get_type_traits_cpu(tw->vec_dot_type)->from_float(x, out, width);
 }
 
-// The load-time validator on a tensor of the given shape. Returns 1 if valid, 0 with `err` set.
-GQSA_TESTLIB_API int gqsa_test_validate(const void * data, int64_t ne0, int64_t nrows, int64_t width,
-                                        char * err, size_t err_size) {
+// The load-time validator on a tensor of the given type and shape. Returns 1 if valid, 0 with `err` set.
+GQSA_TESTLIB_API int gqsa_test_validate_type(int type, const void * data, int64_t ne0, int64_t nrows, int64_t width,
+                                             char * err, size_t err_size) {
     struct ggml_init_params params = { ggml_tensor_overhead() * 2, NULL, true };
     struct ggml_context * ctx = ggml_init(params);
-    struct ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_GQSA4, ne0, nrows);
+    struct ggml_tensor * t = ggml_new_tensor_2d(ctx, (enum ggml_type) type, ne0, nrows);
     ggml_set_name(t, "test.weight");
     const int ok = ggml_gqsa_validate(t, data, width, err, err_size) ? 1 : 0;
     ggml_free(ctx);
     return ok;
+}
+
+GQSA_TESTLIB_API int gqsa_test_validate(const void * data, int64_t ne0, int64_t nrows, int64_t width,
+                                        char * err, size_t err_size) {
+    return gqsa_test_validate_type(GGML_TYPE_GQSA4, data, ne0, nrows, width, err, err_size);
 }
 
 static double gqsa_now(void) {
@@ -243,8 +272,13 @@ static ggml_backend_buffer_type_t gqsa_test_repack_buft(ggml_backend_t be) {
 // weights: ggml_backend_tensor_set repacks it into superblocks, and the CPU backend's graph compute
 // runs the superblock kernels (ggml_gqsa_mul_mat_sb). Returns 0 on success, 3 if this build offers no
 // CPU_GQSA buffer type, 4 if it refuses the weight (rows of fewer than 8 blocks), else nonzero.
-GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked(const void * w, int64_t n_kept, int64_t nrows, int64_t width,
-                                                const float * x, int64_t ncols, int n_threads, float * out) {
+// (gqsa_test_mul_mat_repacked_type: of a weight of `type`, gqsa4 or gqsa3.)
+GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked_type(int type, const void * w, int64_t n_kept, int64_t nrows,
+                                                     int64_t width, const float * x, int64_t ncols, int n_threads,
+                                                     float * out) {
+    if (!gqsa_test_type_ok(type)) {
+        return 6;
+    }
     ggml_backend_t be = ggml_backend_cpu_init();
     if (!be) {
         return 1;
@@ -257,7 +291,7 @@ GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked(const void * w, int64_t n_kept, 
     struct ggml_init_params params = { 8 * ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
     struct ggml_context * wctx = ggml_init(params);
     struct ggml_context * ctx  = ggml_init(params);
-    struct ggml_tensor * tw = ggml_new_tensor_2d(wctx, GGML_TYPE_GQSA4, n_kept * 16, nrows);
+    struct ggml_tensor * tw = ggml_new_tensor_2d(wctx, (enum ggml_type) type, n_kept * 16, nrows);
     struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, ncols);
     struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
     int rc = 0;
@@ -282,6 +316,48 @@ GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked(const void * w, int64_t n_kept, 
     ggml_backend_buffer_free(abuf);
     ggml_backend_buffer_free(wbuf);
     ggml_free(ctx);
+    ggml_free(wctx);
+    ggml_backend_free(be);
+    return rc;
+}
+
+GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked(const void * w, int64_t n_kept, int64_t nrows, int64_t width,
+                                                const float * x, int64_t ncols, int n_threads, float * out) {
+    return gqsa_test_mul_mat_repacked_type(GGML_TYPE_GQSA4, w, n_kept, nrows, width, x, ncols, n_threads, out);
+}
+
+// A weight of `type` (gqsa4 or gqsa3: nrows rows of n_kept blocks at `w`) written into the CPU_GQSA
+// buffer type and read back (repacked, then unpacked) into `back` (as many bytes as w). *alloc_size:
+// the bytes the buffer type allocates for it (gqsa3: widened, 12/10 of the file's), *buffer_size: the
+// buffer's. Returns 0 on success, 3 if this build offers no CPU_GQSA buffer type, 4 if it refuses
+// the weight, else nonzero.
+GQSA_TESTLIB_API int gqsa_test_repacked_roundtrip(int type, const void * w, int64_t n_kept, int64_t nrows, void * back,
+                                                  size_t * alloc_size, size_t * buffer_size) {
+    if (!gqsa_test_type_ok(type)) {
+        return 6;
+    }
+    ggml_backend_t be = ggml_backend_cpu_init();
+    if (!be) {
+        return 1;
+    }
+    ggml_backend_buffer_type_t buft = gqsa_test_repack_buft(be);
+    if (!buft) {
+        ggml_backend_free(be);
+        return 3;
+    }
+    struct ggml_init_params params = { 2 * ggml_tensor_overhead(), NULL, true };
+    struct ggml_context * wctx = ggml_init(params);
+    struct ggml_tensor * tw = ggml_new_tensor_2d(wctx, (enum ggml_type) type, n_kept * 16, nrows);
+    *alloc_size = ggml_backend_buft_get_alloc_size(buft, tw);
+    ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft);
+    int rc = 4;
+    if (wbuf) {
+        *buffer_size = ggml_backend_buffer_get_size(wbuf);
+        ggml_backend_tensor_set(tw, w, 0, ggml_nbytes(tw));
+        ggml_backend_tensor_get(tw, back, 0, ggml_nbytes(tw));
+        rc = 0;
+    }
+    ggml_backend_buffer_free(wbuf);
     ggml_free(wctx);
     ggml_backend_free(be);
     return rc;

@@ -24,6 +24,7 @@ enum ggml_type {
     GGML_TYPE_F16     = 1,
     GGML_TYPE_GQSA4   = 128,
     GGML_TYPE_GQSA_Q8 = 129,
+    GGML_TYPE_GQSA3   = 130,
 };
 
 struct ggml_tensor {

@@ -1,4 +1,4 @@
-// GQSA 4-bit group-sparse weights: reference quantization, dequantization and validation
+// GQSA group-sparse weights (gqsa4, gqsa3): reference quantization, dequantization and validation
 // (ggml-base). Kernels live in ggml-cpu/ggml-cpu-gqsa.c and ggml-cpu/arch/{x86,arm}/ggml-cpu-gqsa.c.
 // Specification: docs/FORMAT.md.
 #include "ggml-gqsa.h"
@@ -15,16 +15,17 @@ static inline float gqsa_clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-// docs/FORMAT.md "Reference quantizer"; bit-exact with gqsa_gguf.codec.quantize_groups:
+// docs/FORMAT.md "Reference quantizer" with codes 0..qmax; bit-exact with gqsa_gguf.codec.quantize_groups:
 // float32 arithmetic, nearbyintf = round half to even (the default rounding mode).
-void gqsa_quantize_group(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTRICT y, uint32_t g) {
+static void gqsa_quantize_minmax(const float * GGML_RESTRICT x, int qmax, uint8_t * GGML_RESTRICT q,
+                                 ggml_fp16_t * d_out, uint32_t * z_out) {
     float lo = 0.0f;
     float hi = 0.0f;
     for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
         lo = x[j] < lo ? x[j] : lo;
         hi = x[j] > hi ? x[j] : hi;
     }
-    const float s = (hi - lo) / (float) GQSA_QMAX;
+    const float s = (hi - lo) / (float) qmax;
     ggml_fp16_t dh = GGML_FP32_TO_FP16(s);
     float     d  = GGML_FP16_TO_FP32(dh);
     if (s > 0.0f && d == 0.0f) {
@@ -36,22 +37,42 @@ void gqsa_quantize_group(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTR
         d  = GQSA_FP16_MAX;
     }
 
-    uint8_t q[GQSA_GROUP_SIZE];
     uint32_t z = 0;
     if (d == 0.0f) {
-        memset(q, 0, sizeof(q));
+        memset(q, 0, GQSA_GROUP_SIZE);
     } else {
-        z = (uint32_t) gqsa_clampf(nearbyintf(-lo / d), 0.0f, (float) GQSA_QMAX);
+        z = (uint32_t) gqsa_clampf(nearbyintf(-lo / d), 0.0f, (float) qmax);
         for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
-            q[j] = (uint8_t) gqsa_clampf(nearbyintf(x[j] / d) + (float) z, 0.0f, (float) GQSA_QMAX);
+            q[j] = (uint8_t) gqsa_clampf(nearbyintf(x[j] / d) + (float) z, 0.0f, (float) qmax);
         }
     }
+    *d_out = dh;
+    *z_out = z;
+}
 
-    y->d  = dh;
+void gqsa_quantize_group(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTRICT y, uint32_t g) {
+    uint8_t q[GQSA_GROUP_SIZE];
+    uint32_t z;
+    gqsa_quantize_minmax(x, GQSA_QMAX, q, &y->d, &z);
     y->iz = (uint16_t) ((g & GQSA_INDEX_MASK) | (z << GQSA_INDEX_BITS));
     for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
         y->qs[j] = (uint8_t) (q[j] | (q[j + GQSA_GROUP_SIZE / 2] << 4));
     }
+}
+
+void gqsa3_quantize_group(const float * GGML_RESTRICT x, block_gqsa3 * GGML_RESTRICT y, uint32_t g) {
+    uint8_t q[GQSA_GROUP_SIZE];
+    uint32_t z;
+    gqsa_quantize_minmax(x, GQSA3_QMAX, q, &y->d, &z);
+    y->iz = (uint16_t) ((g & GQSA_INDEX_MASK) | (z << GQSA_INDEX_BITS));
+    uint32_t qh = 0;
+    for (int j = 0; j < GQSA_GROUP_SIZE / 4; ++j) {
+        y->ql[j] = (uint8_t) ((q[j] & 3) | (q[j + 4] & 3) << 2 | (q[j + 8] & 3) << 4 | (q[j + 12] & 3) << 6);
+    }
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        qh |= (uint32_t) (q[j] >> 2) << j;
+    }
+    y->qh = (uint16_t) qh;
 }
 
 void quantize_row_gqsa4_ref(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTRICT y, int64_t k) {
@@ -84,6 +105,38 @@ size_t quantize_gqsa4(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst,
     char * out = (char *) dst;
     for (int64_t r = 0; r < nrow; ++r) {
         quantize_row_gqsa4_ref(src + r * n_per_row, (block_gqsa4 *) (out + r * row_size), n_per_row);
+    }
+    return nrow * row_size;
+}
+
+void quantize_row_gqsa3_ref(const float * GGML_RESTRICT x, block_gqsa3 * GGML_RESTRICT y, int64_t k) {
+    assert(k % GQSA_GROUP_SIZE == 0);
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    assert(nb <= GQSA_MAX_GROUPS);
+    for (int64_t i = 0; i < nb; ++i) {
+        gqsa3_quantize_group(x + i * GQSA_GROUP_SIZE, y + i, (uint32_t) i);
+    }
+}
+
+void dequantize_row_gqsa3(const block_gqsa3 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % GQSA_GROUP_SIZE == 0);
+    const int64_t nb = k / GQSA_GROUP_SIZE;
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        const int   z = (int) (x[i].iz >> GQSA_INDEX_BITS);
+        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+            y[i * GQSA_GROUP_SIZE + j] = (float) (gqsa3_code(&x[i], j) - z) * d;
+        }
+    }
+}
+
+size_t quantize_gqsa3(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrow,
+                      int64_t n_per_row, const float * imatrix) {
+    GGML_UNUSED(imatrix);
+    const size_t row_size = ggml_row_size(GGML_TYPE_GQSA3, n_per_row);
+    char * out = (char *) dst;
+    for (int64_t r = 0; r < nrow; ++r) {
+        quantize_row_gqsa3_ref(src + r * n_per_row, (block_gqsa3 *) (out + r * row_size), n_per_row);
     }
     return nrow * row_size;
 }
@@ -137,13 +190,35 @@ bool gqsa4_validate_blocks(const void * data, size_t nbytes) {
     return true;
 }
 
+bool gqsa3_validate_blocks(const void * data, size_t nbytes) {
+    const block_gqsa3 * b = (const block_gqsa3 *) data;
+    const size_t nb = nbytes / sizeof(block_gqsa3);
+    for (size_t i = 0; i < nb; ++i) {
+        if (!gqsa_fp16_is_finite(b[i].d)) {
+            fprintf(stderr, "ggml_validate_row_data: gqsa3 block %zu has a non-finite scale (0x%04x)\n",
+                    i, (unsigned) b[i].d);
+            return false;
+        }
+        if ((b[i].iz >> GQSA_INDEX_BITS) > GQSA3_QMAX) {
+            fprintf(stderr, "ggml_validate_row_data: gqsa3 block %zu has zero point %u > %d\n",
+                    i, (unsigned) (b[i].iz >> GQSA_INDEX_BITS), GQSA3_QMAX);
+            return false;
+        }
+    }
+    return true;
+}
+
 bool ggml_gqsa_validate(const struct ggml_tensor * t, const void * data, int64_t width,
                         char * err, size_t err_size) {
     const char * name = t->name[0] ? t->name : "(unnamed)";
 #define GQSA_FAIL(...) do { if (err && err_size) { snprintf(err, err_size, __VA_ARGS__); } return false; } while (0)
-    if (t->type != GGML_TYPE_GQSA4) {
-        GQSA_FAIL("tensor '%s': type %d is not gqsa4 (%d)", name, (int) t->type, (int) GGML_TYPE_GQSA4);
+    if (!ggml_gqsa_is_type(t->type)) {
+        GQSA_FAIL("tensor '%s': type %d is neither gqsa4 (%d) nor gqsa3 (%d)", name, (int) t->type,
+                  (int) GGML_TYPE_GQSA4, (int) GGML_TYPE_GQSA3);
     }
+    const char * tname  = t->type == GGML_TYPE_GQSA3 ? "gqsa3" : "gqsa4";
+    const size_t bbytes = t->type == GGML_TYPE_GQSA3 ? sizeof(block_gqsa3) : sizeof(block_gqsa4);
+    const uint32_t zmax = t->type == GGML_TYPE_GQSA3 ? GQSA3_QMAX : GQSA_QMAX;
     const int64_t ne0 = t->ne[0];
     if (width <= 0 || width % GQSA_GROUP_SIZE != 0) {
         GQSA_FAIL("tensor '%s': logical width %" PRId64 " is not a positive multiple of %d",
@@ -159,17 +234,22 @@ bool ggml_gqsa_validate(const struct ggml_tensor * t, const void * data, int64_t
                   "no larger than the logical width %" PRId64 " — the file does not fit this model",
                   name, ne0, GQSA_GROUP_SIZE, width);
     }
-    if (t->nb[0] != sizeof(block_gqsa4) || t->nb[1] != (size_t) (ne0 / GQSA_GROUP_SIZE) * sizeof(block_gqsa4)) {
-        GQSA_FAIL("tensor '%s': gqsa4 rows must be contiguous", name);
+    if (t->nb[0] != bbytes || t->nb[1] != (size_t) (ne0 / GQSA_GROUP_SIZE) * bbytes) {
+        GQSA_FAIL("tensor '%s': %s rows must be contiguous", name, tname);
     }
     const int64_t n_kept = ne0 / GQSA_GROUP_SIZE;
     const int64_t nrows  = ggml_nrows(t);
-    const block_gqsa4 * b = (const block_gqsa4 *) data;
+    const uint8_t * b = (const uint8_t *) data;
     for (int64_t r = 0; r < nrows; ++r) {
         int64_t prev = -1;
         for (int64_t i = 0; i < n_kept; ++i) {
-            const block_gqsa4 * blk = b + r * n_kept + i;
-            const int64_t g = gqsa_block_index(blk);
+            // both block types begin with the fp16 scale d and the uint16 iz
+            ggml_fp16_t d;
+            uint16_t    iz;
+            memcpy(&d,  b + (size_t) (r * n_kept + i) * bbytes, sizeof(d));
+            memcpy(&iz, b + (size_t) (r * n_kept + i) * bbytes + sizeof(d), sizeof(iz));
+            const int64_t  g = iz & GQSA_INDEX_MASK;
+            const uint32_t z = iz >> GQSA_INDEX_BITS;
             if (g >= n_groups) {
                 GQSA_FAIL("tensor '%s': row %" PRId64 " block %" PRId64 ": group index %" PRId64 " >= %" PRId64
                           " groups in a row of width %" PRId64 " — the file is corrupt or does not fit this model",
@@ -180,9 +260,13 @@ bool ggml_gqsa_validate(const struct ggml_tensor * t, const void * data, int64_t
                           " — indices must strictly increase within a row; the file is corrupt",
                           name, r, i, g, prev);
             }
-            if (!gqsa_fp16_is_finite(blk->d)) {
+            if (!gqsa_fp16_is_finite(d)) {
                 GQSA_FAIL("tensor '%s': row %" PRId64 " block %" PRId64 ": scale is not finite (fp16 bits 0x%04x)"
-                          " — the file is corrupt", name, r, i, (unsigned) blk->d);
+                          " — the file is corrupt", name, r, i, (unsigned) d);
+            }
+            if (z > zmax) {
+                GQSA_FAIL("tensor '%s': row %" PRId64 " block %" PRId64 ": zero point %u > %u, the largest of a "
+                          "%s code — the file is corrupt", name, r, i, (unsigned) z, (unsigned) zmax, tname);
             }
             prev = g;
         }
@@ -191,14 +275,14 @@ bool ggml_gqsa_validate(const struct ggml_tensor * t, const void * data, int64_t
 #undef GQSA_FAIL
 }
 
-// One uint32 key of the gqsa.* metadata: present, of type u32, and equal to `want` (the format
-// version: at most `want`, at least 1).
-static bool gqsa_check_u32_key(const struct gguf_context * ctx, const char * key, uint32_t want,
+// One uint32 key of the gqsa.* metadata: present, of type u32, and equal to `want` or `want2` (the
+// format version: at most `want`, at least 1).
+static bool gqsa_check_u32_key(const struct gguf_context * ctx, const char * key, uint32_t want, uint32_t want2,
                                bool is_version, char * err, size_t err_size) {
 #define GQSA_FAIL(...) do { if (err && err_size) { snprintf(err, err_size, __VA_ARGS__); } return false; } while (0)
     const int64_t id = gguf_find_key(ctx, key);
     if (id < 0) {
-        GQSA_FAIL("the file holds gqsa4 tensors but no '%s' metadata — it was not written by gqsa-gguf, "
+        GQSA_FAIL("the file holds gqsa4 or gqsa3 tensors but no '%s' metadata — it was not written by gqsa-gguf, "
                   "or is corrupt", key);
     }
     const enum gguf_type type = gguf_get_kv_type(ctx, id);
@@ -213,7 +297,11 @@ static bool gqsa_check_u32_key(const struct gguf_context * ctx, const char * key
     if (is_version && v == 0) {
         GQSA_FAIL("metadata '%s' = 0 is invalid (versions start at 1) — the file is corrupt", key);
     }
-    if (!is_version && v != want) {
+    if (!is_version && v != want && v != want2) {
+        if (want2 != want) {
+            GQSA_FAIL("metadata '%s' = %u, but GQSA format version %d only defines %u and %u — the file is corrupt",
+                      key, v, GQSA_FORMAT_VERSION, want, want2);
+        }
         GQSA_FAIL("metadata '%s' = %u, but GQSA format version %d only defines %u — the file is corrupt",
                   key, v, GQSA_FORMAT_VERSION, want);
     }
@@ -222,9 +310,30 @@ static bool gqsa_check_u32_key(const struct gguf_context * ctx, const char * key
 }
 
 bool ggml_gqsa_check_metadata(const struct gguf_context * ctx, char * err, size_t err_size) {
-    return gqsa_check_u32_key(ctx, GQSA_KEY_FORMAT_VERSION, GQSA_FORMAT_VERSION, true,  err, err_size) &&
-           gqsa_check_u32_key(ctx, GQSA_KEY_BITS,           GQSA_BITS,           false, err, err_size) &&
-           gqsa_check_u32_key(ctx, GQSA_KEY_GROUP_SIZE,     GQSA_GROUP_SIZE,     false, err, err_size);
+    return gqsa_check_u32_key(ctx, GQSA_KEY_FORMAT_VERSION, GQSA_FORMAT_VERSION, GQSA_FORMAT_VERSION, true,
+                              err, err_size) &&
+           gqsa_check_u32_key(ctx, GQSA_KEY_BITS, GQSA_BITS, GQSA3_BITS, false, err, err_size) &&
+           gqsa_check_u32_key(ctx, GQSA_KEY_GROUP_SIZE, GQSA_GROUP_SIZE, GQSA_GROUP_SIZE, false, err, err_size);
+}
+
+bool ggml_gqsa_check_tensor_type(const struct gguf_context * ctx, const char * name, enum ggml_type type,
+                                 char * err, size_t err_size) {
+#define GQSA_FAIL(...) do { if (err && err_size) { snprintf(err, err_size, __VA_ARGS__); } return false; } while (0)
+    if (!ggml_gqsa_is_type(type)) {
+        GQSA_FAIL("tensor '%s': type %d is neither gqsa4 nor gqsa3", name, (int) type);
+    }
+    if (!gqsa_check_u32_key(ctx, GQSA_KEY_BITS, GQSA_BITS, GQSA3_BITS, false, err, err_size)) {
+        return false;
+    }
+    const uint32_t bits = gguf_get_val_u32(ctx, gguf_find_key(ctx, GQSA_KEY_BITS));
+    const uint32_t want = type == GGML_TYPE_GQSA3 ? GQSA3_BITS : GQSA_BITS;
+    if (bits != want) {
+        GQSA_FAIL("tensor '%s' is stored as %s, but the file's '%s' = %u names gqsa%u — a file holds one GQSA "
+                  "type; the file is corrupt", name, type == GGML_TYPE_GQSA3 ? "gqsa3" : "gqsa4", GQSA_KEY_BITS,
+                  bits, bits);
+    }
+    return true;
+#undef GQSA_FAIL
 }
 
 bool ggml_gqsa_check_tensor_width(const struct gguf_context * ctx, const char * name, int64_t width,
@@ -233,7 +342,7 @@ bool ggml_gqsa_check_tensor_width(const struct gguf_context * ctx, const char * 
     const int64_t id_names  = gguf_find_key(ctx, GQSA_KEY_TENSOR_NAMES);
     const int64_t id_widths = gguf_find_key(ctx, GQSA_KEY_TENSOR_WIDTHS);
     if (id_names < 0 || id_widths < 0) {
-        GQSA_FAIL("the file holds gqsa4 tensors but no '%s' / '%s' metadata — it was not written by "
+        GQSA_FAIL("the file holds gqsa4 or gqsa3 tensors but no '%s' / '%s' metadata — it was not written by "
                   "gqsa-gguf, or is corrupt", GQSA_KEY_TENSOR_NAMES, GQSA_KEY_TENSOR_WIDTHS);
     }
     if (gguf_get_kv_type(ctx, id_names) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx, id_names) != GGUF_TYPE_STRING) {
@@ -258,19 +367,19 @@ bool ggml_gqsa_check_tensor_width(const struct gguf_context * ctx, const char * 
             return true;
         }
     }
-    GQSA_FAIL("tensor '%s' is stored as gqsa4 but not listed in '%s' — the file is corrupt", name,
+    GQSA_FAIL("tensor '%s' is stored as a GQSA type but not listed in '%s' — the file is corrupt", name,
               GQSA_KEY_TENSOR_NAMES);
 #undef GQSA_FAIL
 }
 
-size_t ggml_gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width,
-                               const int32_t * kept, int64_t n_kept, void * dst) {
+// ggml_gqsa_quantize_rows and ggml_gqsa3_quantize_rows: `quantize` packs one group into a block of bbytes
+static size_t gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width, const int32_t * kept, int64_t n_kept,
+                                 void * dst, bool gqsa3) {
     if (width <= 0 || width % GQSA_GROUP_SIZE != 0 || width / GQSA_GROUP_SIZE > GQSA_MAX_GROUPS ||
         n_kept <= 0 || n_kept > width / GQSA_GROUP_SIZE || nrows < 0) {
         return 0;
     }
     const int64_t n_groups = width / GQSA_GROUP_SIZE;
-    block_gqsa4 * out = (block_gqsa4 *) dst;
     for (int64_t r = 0; r < nrows; ++r) {
         const int32_t * kr = kept + r * n_kept;
         for (int64_t i = 0; i < n_kept; ++i) {
@@ -279,26 +388,54 @@ size_t ggml_gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width,
             }
         }
         for (int64_t i = 0; i < n_kept; ++i) {
-            gqsa_quantize_group(src + r * width + (int64_t) kr[i] * GQSA_GROUP_SIZE, out + r * n_kept + i, (uint32_t) kr[i]);
+            const float * x = src + r * width + (int64_t) kr[i] * GQSA_GROUP_SIZE;
+            if (gqsa3) {
+                gqsa3_quantize_group(x, (block_gqsa3 *) dst + r * n_kept + i, (uint32_t) kr[i]);
+            } else {
+                gqsa_quantize_group(x, (block_gqsa4 *) dst + r * n_kept + i, (uint32_t) kr[i]);
+            }
         }
     }
-    return (size_t) (nrows * n_kept) * sizeof(block_gqsa4);
+    return (size_t) (nrows * n_kept) * (gqsa3 ? sizeof(block_gqsa3) : sizeof(block_gqsa4));
 }
 
-void ggml_gqsa_dequantize_rows(const void * src, int64_t nrows, int64_t n_kept, int64_t width, float * dst) {
-    const block_gqsa4 * b = (const block_gqsa4 *) src;
+size_t ggml_gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width,
+                               const int32_t * kept, int64_t n_kept, void * dst) {
+    return gqsa_quantize_rows(src, nrows, width, kept, n_kept, dst, false);
+}
+
+size_t ggml_gqsa3_quantize_rows(const float * src, int64_t nrows, int64_t width,
+                                const int32_t * kept, int64_t n_kept, void * dst) {
+    return gqsa_quantize_rows(src, nrows, width, kept, n_kept, dst, true);
+}
+
+static void gqsa_dequantize_rows(const void * src, int64_t nrows, int64_t n_kept, int64_t width, float * dst,
+                                 bool gqsa3) {
     float tmp[GQSA_GROUP_SIZE];
     for (int64_t r = 0; r < nrows; ++r) {
         float * row = dst + r * width;
         memset(row, 0, (size_t) width * sizeof(float));
         for (int64_t i = 0; i < n_kept; ++i) {
-            const block_gqsa4 * blk = b + r * n_kept + i;
-            const int64_t g = gqsa_block_index(blk);
+            block_gqsa4 blk;
+            if (gqsa3) {
+                gqsa3_to_gqsa4((const block_gqsa3 *) src + r * n_kept + i, &blk);
+            } else {
+                blk = ((const block_gqsa4 *) src)[r * n_kept + i];
+            }
+            const int64_t g = gqsa_block_index(&blk);
             if ((g + 1) * GQSA_GROUP_SIZE > width) {
                 continue; // invalid data: callers validate first; never write out of bounds
             }
-            dequantize_row_gqsa4(blk, tmp, GQSA_GROUP_SIZE);
+            dequantize_row_gqsa4(&blk, tmp, GQSA_GROUP_SIZE);
             memcpy(row + g * GQSA_GROUP_SIZE, tmp, sizeof(tmp));
         }
     }
+}
+
+void ggml_gqsa_dequantize_rows(const void * src, int64_t nrows, int64_t n_kept, int64_t width, float * dst) {
+    gqsa_dequantize_rows(src, nrows, n_kept, width, dst, false);
+}
+
+void ggml_gqsa3_dequantize_rows(const void * src, int64_t nrows, int64_t n_kept, int64_t width, float * dst) {
+    gqsa_dequantize_rows(src, nrows, n_kept, width, dst, true);
 }

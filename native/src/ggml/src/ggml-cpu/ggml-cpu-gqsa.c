@@ -1,6 +1,6 @@
 // GQSA CPU kernels (gqsa-gguf), generic part: the scalar kernels (*_generic: the reference every
 // SIMD path is tested against by native/tests/test_kernels.c), the weight and activation layouts,
-// and the mul_mat driver for gqsa4 weights. The SIMD kernels live one ISA per file, as upstream's
+// and the mul_mat driver for gqsa4 and gqsa3 weights. The SIMD kernels live one ISA per file, as upstream's
 // ggml-cpu/arch/ does it: arch/x86/ggml-cpu-gqsa.c (AVX2) and arch/arm/ggml-cpu-gqsa.c (NEON);
 // ggml-cpu-gqsa-arch.h says which one a build uses.
 //
@@ -9,7 +9,8 @@
 // paths differ only in the order of the float accumulation.
 //
 // Layouts:
-//  - weights: block_gqsa4 rows (docs/FORMAT.md), read as stored;
+//  - weights: block_gqsa4 rows (docs/FORMAT.md), read as stored; block_gqsa3 rows, widened to gqsa4
+//    blocks a chunk at a time for the gqsa4 kernels (see "gqsa3" below);
 //  - decode (one activation column): the documented gqsa_q8 row, 24 bytes per group;
 //  - batches of >= GQSA_PANEL columns: the mul_mat driver quantizes GQSA_PANEL columns at a time
 //    into a "panel", column-interleaved per group (see "Panels" below), so that one weight
@@ -29,6 +30,10 @@
 
 void quantize_row_gqsa4(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
     quantize_row_gqsa4_ref(x, (block_gqsa4 *) y, k);
+}
+
+void quantize_row_gqsa3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_gqsa3_ref(x, (block_gqsa3 *) y, k);
 }
 
 const char * ggml_gqsa_cpu_kernels(void) {
@@ -96,6 +101,72 @@ void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
     *s = ggml_gqsa_row(vx, n / GQSA_GROUP_SIZE, vy);
 #else
     ggml_vec_dot_gqsa4_gqsa_q8_generic(n, s, bs, vx, bx, vy, by, nrc);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// gqsa3: 3-bit blocks, run by the gqsa4 kernels on their widened copies
+// ---------------------------------------------------------------------------------------------
+//
+// A gqsa3 block and its gqsa4 widening (gqsa3_to_gqsa4: same d and iz, each code a nibble) have the
+// same weights, so every gqsa4 kernel computes a gqsa3 dot product exactly as it does gqsa4's. The
+// repacked weights (CPU_GQSA) are widened once at load; a weight in the file layout is widened here
+// GQSA3_CHUNK blocks at a time, into a buffer on the stack, for each kernel call.
+
+#define GQSA3_CHUNK 64
+
+static inline float gqsa3_block_dot_generic(const block_gqsa3 * GGML_RESTRICT b,
+                                            const block_gqsa_q8 * GGML_RESTRICT y) {
+    const block_gqsa_q8 * a = y + (b->iz & GQSA_INDEX_MASK);
+    int sumi = 0;
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        sumi += gqsa3_code(b, j) * a->qs[j];
+    }
+    return GGML_CPU_FP16_TO_FP32(b->d) * (a->d * (float) sumi - (float) (b->iz >> GQSA_INDEX_BITS) * a->s);
+}
+
+void ggml_vec_dot_gqsa3_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                        size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    assert(n % GQSA_GROUP_SIZE == 0);
+    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+
+    const block_gqsa3   * GGML_RESTRICT x = (const block_gqsa3 *) vx;
+    const block_gqsa_q8 * GGML_RESTRICT y = (const block_gqsa_q8 *) vy;
+    const int nb = n / GQSA_GROUP_SIZE;
+
+    float sumf = 0.0f;
+    for (int i = 0; i < nb; ++i) {
+        sumf += gqsa3_block_dot_generic(x + i, y);
+    }
+    *s = sumf;
+}
+
+#if GQSA_CPU_PANELS
+// one gqsa3 row of nb blocks . a decode activation row, by the ISA row kernel on widened chunks
+static float gqsa3_row(const block_gqsa3 * GGML_RESTRICT x, int nb, const void * GGML_RESTRICT y) {
+    block_gqsa4 w[GQSA3_CHUNK];
+    float sumf = 0.0f;
+    for (int i0 = 0; i0 < nb; i0 += GQSA3_CHUNK) {
+        const int n = nb - i0 < GQSA3_CHUNK ? nb - i0 : GQSA3_CHUNK;
+        for (int i = 0; i < n; ++i) {
+            gqsa3_to_gqsa4(x + i0 + i, w + i);
+        }
+        sumf += ggml_gqsa_row(w, n, y);
+    }
+    return sumf;
+}
+#endif
+
+void ggml_vec_dot_gqsa3_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
+#if GQSA_CPU_PANELS
+    assert(nrc == 1);
+    assert(n % GQSA_GROUP_SIZE == 0);
+    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+    *s = gqsa3_row((const block_gqsa3 *) vx, n / GQSA_GROUP_SIZE, vy);
+#else
+    ggml_vec_dot_gqsa3_gqsa_q8_generic(n, s, bs, vx, bx, vy, by, nrc);
 #endif
 }
 
@@ -240,6 +311,47 @@ void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT ds
     }
 }
 
+// gqsa3: each superblock from the 8 widened blocks, the tail widened in place
+void ggml_gqsa3_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows) {
+    assert(n_kept >= GQSA_SB_BLOCKS);
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const block_gqsa3 * x = (const block_gqsa3 *) src + r * n_kept;
+        gqsa_sb8 * t = (gqsa_sb8 *) ((uint8_t *) dst + (size_t) r * n_kept * sizeof(block_gqsa4));
+        block_gqsa4 b[GQSA_SB_BLOCKS];
+        for (int s = 0; s < nsb; ++s) {
+            for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+                gqsa3_to_gqsa4(x + GQSA_SB_BLOCKS * s + l, b + l);
+            }
+            ggml_gqsa_sb_repack(b, t + s, GQSA_SB_BLOCKS, 1);
+        }
+        for (int k = 0; k < tail; ++k) {
+            gqsa3_to_gqsa4(x + GQSA_SB_BLOCKS * nsb + k, b + k);
+        }
+        memcpy(t + nsb, b, (size_t) tail * sizeof(block_gqsa4));
+    }
+}
+
+void ggml_gqsa3_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows) {
+    assert(n_kept >= GQSA_SB_BLOCKS);
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const gqsa_sb8 * t = gqsa_sb_row(src, n_kept, r);
+        block_gqsa3 * x = (block_gqsa3 *) dst + r * n_kept;
+        block_gqsa4 b[GQSA_SB_BLOCKS];
+        for (int s = 0; s < nsb; ++s) {
+            ggml_gqsa_sb_unpack(t + s, b, GQSA_SB_BLOCKS, 1);
+            for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+                gqsa4_to_gqsa3(b + l, x + GQSA_SB_BLOCKS * s + l);
+            }
+        }
+        memcpy(b, t + nsb, (size_t) tail * sizeof(block_gqsa4));
+        for (int k = 0; k < tail; ++k) {
+            gqsa4_to_gqsa3(b + k, x + GQSA_SB_BLOCKS * nsb + k);
+        }
+    }
+}
+
 void ggml_gqsa_sb_quantize_act_generic(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t G,
                                        int64_t g0, int64_t g1) {
     int8_t * qs = (int8_t *) vy;
@@ -372,7 +484,7 @@ bool ggml_gqsa_sb_supported(int n_kept) {
 static bool gqsa_mul_mat_shape_ok(const struct ggml_tensor * dst) {
     const struct ggml_tensor * src0 = dst->src[0];
     const struct ggml_tensor * src1 = dst->src[1];
-    return src0->type == GGML_TYPE_GQSA4 && src1->type == GGML_TYPE_F32 && dst->type == GGML_TYPE_F32 &&
+    return ggml_gqsa_is_type(src0->type) && src1->type == GGML_TYPE_F32 && dst->type == GGML_TYPE_F32 &&
            src0->ne[2] == 1 && src0->ne[3] == 1 && ggml_is_contiguous(src0) && ggml_is_contiguous(src1) &&
            ggml_is_contiguous(dst) && src1->ne[0] % GQSA_GROUP_SIZE == 0;
 }
@@ -401,6 +513,7 @@ size_t ggml_gqsa_sb_work_size(const struct ggml_tensor * dst) {
 // A weight layout as the driver sees it: each row a run of units (blocks in the file layout,
 // superblocks when repacked), sorted by group; its decode activations; its kernels.
 typedef struct {
+    size_t block_bytes;         // bytes per block in this layout (a gqsa3 weight repacked: widened, 12)
     size_t unit_bytes;
     size_t act_group_bytes;     // decode activation bytes per group
     // decode activations: groups [g0, g1) of column x (G groups) into y
@@ -424,25 +537,65 @@ static void gqsa_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, c
     ggml_gqsa_rows(x, n_kept, nrows, y, out);
 }
 
-// The layout the driver runs, chosen once per mul_mat; NULL where this build has no panel kernels
-// for it: then ggml's generic vec_dot loop over (row, column) is as good, and superblocks exist
-// only where the AVX2 kernels do.
-static const gqsa_layout * gqsa_layout_of(bool sb) {
+#if GQSA_CPU_PANELS
+static void gqsa3_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y, int64_t G,
+                       float * GGML_RESTRICT out) {
+    GGML_UNUSED(G);
+    for (int64_t r = 0; r < nrows; ++r) {
+        out[r] = gqsa3_row((const block_gqsa3 *) x + r * n_kept, n_kept, y);
+    }
+}
+
+// the panel pass of gqsa3 rows: each row's blocks in the window, widened a chunk at a time, through
+// the gqsa4 panel pass (one row per call, its accumulators acc[i])
+static void gqsa3_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                             const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    block_gqsa4 w[GQSA3_CHUNK];
+    for (int i = 0; i < nr; ++i) {
+        const block_gqsa3 * xr = (const block_gqsa3 *) (x + i * row_bytes);
+        for (;;) {
+            int m = 0;
+            while (m < GQSA3_CHUNK && cur[i] + m < n && (xr[cur[i] + m].iz & GQSA_INDEX_MASK) < gend) {
+                gqsa3_to_gqsa4(xr + cur[i] + m, w + m);
+                ++m;
+            }
+            if (m == 0) {
+                break;
+            }
+            int c = 0;
+            ggml_gqsa_panel_pass((const uint8_t *) w, 0, m, 1, &c, UINT32_MAX, panels, np, acc + i);
+            cur[i] += m;
+        }
+    }
+}
+#endif
+
+// The layout the driver runs for a weight of `type`, chosen once per mul_mat; NULL where this build
+// has no panel kernels for it: then ggml's generic vec_dot loop over (row, column) is as good, and
+// superblocks exist only where the AVX2 kernels do. Repacked, a gqsa3 weight is a gqsa4 one.
+static const gqsa_layout * gqsa_layout_of(enum ggml_type type, bool sb) {
 #if GQSA_CPU_PANELS
     static const gqsa_layout file_rows = {
-        sizeof(block_gqsa4), GQSA_ACT_BLOCK_BYTES, gqsa_quantize_act, gqsa_rows, ggml_gqsa_panel_pass,
+        sizeof(block_gqsa4), sizeof(block_gqsa4), GQSA_ACT_BLOCK_BYTES, gqsa_quantize_act, gqsa_rows,
+        ggml_gqsa_panel_pass,
+    };
+    static const gqsa_layout file_rows3 = {
+        sizeof(block_gqsa3), sizeof(block_gqsa3), GQSA_ACT_BLOCK_BYTES, gqsa_quantize_act, gqsa3_rows,
+        gqsa3_panel_pass,
     };
     if (!sb) {
-        return &file_rows;
+        return type == GGML_TYPE_GQSA3 ? &file_rows3 : &file_rows;
     }
 #endif
 #if defined(GQSA_CPU_X86)
     static const gqsa_layout superblocks = {
-        sizeof(gqsa_sb8), ggml_gqsa_sb_act_bytes(1), ggml_gqsa_sb_quantize_act, ggml_gqsa_sb_rows,
-        ggml_gqsa_sb_panel_pass,
+        sizeof(block_gqsa4), sizeof(gqsa_sb8), ggml_gqsa_sb_act_bytes(1), ggml_gqsa_sb_quantize_act,
+        ggml_gqsa_sb_rows, ggml_gqsa_sb_panel_pass,
     };
+    GGML_UNUSED(type);
     return &superblocks;
 #else
+    GGML_UNUSED(type);
     GGML_UNUSED(sb);
     return NULL;
 #endif
@@ -468,7 +621,7 @@ typedef struct {
 static bool gqsa_mm_init(gqsa_mm * m, const struct ggml_compute_params * params, const struct ggml_tensor * dst, bool sb) {
     const struct ggml_tensor * src0 = dst->src[0];
     const struct ggml_tensor * src1 = dst->src[1];
-    const gqsa_layout * L = gqsa_layout_of(sb);
+    const gqsa_layout * L = gqsa_layout_of(src0->type, sb);
     if (L == NULL || !gqsa_mul_mat_shape_ok(dst)) {
         return false;                                   // ggml's generic path handles the rest
     }
@@ -482,9 +635,9 @@ static bool gqsa_mm_init(gqsa_mm * m, const struct ggml_compute_params * params,
     if (params->wsize < gqsa_work_bytes(m->G, ncols, sb, &m->np) || (sb && !ggml_gqsa_sb_supported(m->nb))) {
         return false;
     }
-    m->nunit       = (int) (m->nb * sizeof(block_gqsa4) / L->unit_bytes);
-    m->tail        = m->nb - (int) (m->nunit * L->unit_bytes / sizeof(block_gqsa4));
-    m->row_bytes   = (size_t) m->nb * sizeof(block_gqsa4);         // as many bytes in either layout
+    m->nunit       = (int) (m->nb * L->block_bytes / L->unit_bytes);
+    m->tail        = m->nb - (int) (m->nunit * L->unit_bytes / L->block_bytes);
+    m->row_bytes   = (size_t) m->nb * L->block_bytes;              // as many bytes as blocks or superblocks
     m->rem         = ncols - m->np * GQSA_PANEL;
     m->panel_bytes = (size_t) (GQSA_PANEL * m->G) * GQSA_ACT_BLOCK_BYTES;
     m->act_bytes   = (size_t) m->G * L->act_group_bytes;
@@ -604,7 +757,8 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
 
 void ggml_gqsa_mul_mat_sb(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     // the buffer type accepted this mul_mat (ggml_gqsa_sb_supports_mul_mat) and sized the work
-    // buffer (ggml_gqsa_sb_work_size): ggml's generic path cannot read superblocks
+    // buffer (ggml_gqsa_sb_work_size): ggml's generic path cannot read superblocks (nor widened
+    // gqsa3 blocks)
     if (!gqsa_mul_mat(params, dst, true)) {
         GGML_ABORT("gqsa: mul_mat of repacked weight '%s' not handled", dst->src[0]->name);
     }

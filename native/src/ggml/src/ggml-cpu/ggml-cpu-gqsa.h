@@ -30,6 +30,8 @@ const char * ggml_gqsa_cpu_kernels(void);
 void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
 // from_float of gqsa4 itself: a dense row, every group kept
 void quantize_row_gqsa4(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
+// from_float of gqsa3: the same with 3-bit codes
+void quantize_row_gqsa3(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
 
 // Dot product of one gqsa4 row of n stored weights (n/16 blocks) with a gqsa_q8 activation row of
 // the full logical width: each block reads the activation group its index names.
@@ -37,6 +39,14 @@ void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
                                 size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 // The scalar reference of the above; every SIMD path is tested against it.
 void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                        size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+
+// The same for a gqsa3 row (ggml's vec_dot of gqsa3). With ISA kernels, the blocks widened to gqsa4
+// blocks a chunk at a time (gqsa3_to_gqsa4) and run by the gqsa4 kernel; the generic one reads the
+// 3-bit codes. The integer sums are those of the widened blocks: results equal gqsa4's to rounding.
+void ggml_vec_dot_gqsa3_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_gqsa3_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
                                         size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 
 // out[r] = row r . y for `nrows` consecutive gqsa4 rows of n_kept blocks (one activation row y)
@@ -54,7 +64,7 @@ void ggml_gqsa_panel_rows        (const void * GGML_RESTRICT x, int n_kept, int6
 void ggml_gqsa_panel_rows_generic(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT panel,
                                   float * GGML_RESTRICT out, int64_t ldo);
 
-// The mul_mat of a gqsa4 weight (src0) with f32 activations (src1), called by
+// The mul_mat of a gqsa4 or gqsa3 weight (src0) with f32 activations (src1), called by
 // ggml_compute_forward_mul_mat on every thread: quantizes the activations into the work buffer
 // (decode rows, or panels for batches of GQSA_PANEL columns), then runs row chunks. Returns false
 // (on every thread alike) for what it does not handle, which then takes ggml's generic path.
@@ -81,6 +91,11 @@ bool ggml_gqsa_sb_supported(int n_kept);
 // n_kept % 8 blocks as stored (its tail); same bytes per row. src and dst must not overlap
 void ggml_gqsa_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
 void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
+// gqsa3 rows (n_kept >= 8) <-> repacked rows of their gqsa4 expansion (gqsa3_to_gqsa4, then as
+// ggml_gqsa_sb_repack): n_kept * 12 bytes per repacked row, 12/10 of the gqsa3 row. The mul_mat of
+// such a weight runs ggml_gqsa_mul_mat_sb exactly as a gqsa4 one. src and dst must not overlap
+void ggml_gqsa3_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
+void ggml_gqsa3_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
 // Decode activations for superblocks: groups [g0, g1) of one float row of G groups into y
 // (qs of group g at 16 g, floats d, s, 0, 0 at 16 G + 16 g); ggml_gqsa_sb_act_bytes(G) per row
 #define ggml_gqsa_sb_act_bytes(G) ((size_t) (G) * 32)
@@ -91,7 +106,7 @@ void ggml_gqsa_sb_rows        (const void * GGML_RESTRICT x, int n_kept, int64_t
                                int64_t G, float * GGML_RESTRICT out);
 void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
                                int64_t G, float * GGML_RESTRICT out);
-// Work buffer bytes and the mul_mat of a repacked gqsa4 weight (src0) with f32 activations; unlike
+// Work buffer bytes and the mul_mat of a repacked gqsa4 or gqsa3 weight (src0) with f32 activations; unlike
 // ggml_gqsa_mul_mat it handles every mul_mat the buffer type accepts (ggml_gqsa_sb_supports_mul_mat)
 size_t ggml_gqsa_sb_work_size(const struct ggml_tensor * dst);
 bool   ggml_gqsa_sb_supports_mul_mat(const struct ggml_tensor * dst);
