@@ -241,8 +241,7 @@ def write_model(shape: Shape, fmt_name: str, path: Path, weights: _RandomWeights
                 packed = weights.gqsa(GQSA_SPARSITY[fmt_name], rows, width, gqsa_bits(fmt_name))
                 writer.add_gqsa_tensor(tname, packed, width)
                 linear_bytes += packed.nbytes
-                # the CPU runtime widens gqsa3 blocks to gqsa4's at load: a token reads those bytes
-                read_bytes += packed.nbytes * fmt.BLOCK_BYTES // fmt.gqsa_type(gqsa_bits(fmt_name)).block_bytes
+                read_bytes += packed.nbytes         # the CPU repacks both GQSA types in their file bytes
             else:
                 type_id, _, _ = STOCK[fmt_name]
                 data = weights.stock(fmt_name, rows, width)

@@ -67,7 +67,7 @@ if [ "${1:-}" = --test ]; then
     PY="${GQSA_VENV:-.venv}/bin/python"
     eval "$(asan_env)"
     t0=$(date +%s)
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_native_kernels.py tests/test_hostile_files.py \
-        tests/test_load_errors.py tests/test_fuzz_corpus.py
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_native_kernels.py tests/test_gqsa3_native.py \
+        tests/test_hostile_files.py tests/test_load_errors.py tests/test_fuzz_corpus.py
     echo "build_asan.sh: sanitizer tests passed in $(( $(date +%s) - t0 )) s"
 fi

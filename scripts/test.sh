@@ -3,8 +3,9 @@
 # --fast: only the fast tier (no native build, no training, < 1 min; tests/conftest.py).
 # --portable: after the default build, the portable libraries (GQSA_PORTABLE: one CPU backend per
 #   ggml CPU variant) in build/portable, then the tests that load libraries against them
-#   (GQSA_GGUF_LIB_DIR=build/portable/bin): kernels once per variant this CPU runs, runtime, stock
-#   files, the portable loader. GQSA_CPU_VARIANTS (a ;-list, default all) builds a subset.
+#   (GQSA_GGUF_LIB_DIR=build/portable/bin): kernels (gqsa4 and gqsa3) once per variant this CPU
+#   runs, runtime, stock files, the portable loader. GQSA_CPU_VARIANTS (a ;-list, default all)
+#   builds a subset.
 # Extra arguments go to pytest. Running no test at all (pytest exit 5) is a failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,7 +29,7 @@ elif [ "${1:-}" = "--portable" ]; then
     PATH="$(dirname "$PY"):$PATH" "$CMAKE" --build build/portable -j"$(nproc)"
     set +e
     GQSA_GGUF_LIB_DIR="$PWD/build/portable/bin" "$PY" -m pytest -q tests/test_portable.py \
-        tests/test_native_kernels.py tests/test_runtime.py tests/test_stock_files.py "$@"
+        tests/test_native_kernels.py tests/test_gqsa3_native.py tests/test_runtime.py tests/test_stock_files.py "$@"
     rc=$?
     set -e
 else

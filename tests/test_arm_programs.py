@@ -5,10 +5,11 @@ model: the same greedy tokens as the x86 build.
   build/programs/aarch64-armv8-a and reused by later runs (a rerun with nothing changed takes
   seconds). Both must be static aarch64 executables: nothing to install on the board.
 - The model: tests/tiny_models.py's tiny LLaMA (width 64, 2 layers), trained to continue its text
-  with half of every row's 16-weight groups held at zero, converted one-shot to w4s50, so every
-  decoder linear is gqsa4 and runs the NEON kernels under qemu. Its greedy choices win by several
-  logits: a different token is a bug of the aarch64 build (kernels, patch, static link), not float
-  rounding between two instruction sets.
+  with half of every row's 16-weight groups held at zero, converted one-shot to w4s50 (every decoder
+  linear gqsa4) and to w3s40 (gqsa3: its own NEON kernels, the file layout's 3-bit codes read in
+  registers), each run under qemu. Its greedy choices win by several logits: a different token is
+  a bug of the aarch64 build (kernels, patch, static link), not float rounding between two
+  instruction sets.
 - The x86 reference: the package's own x86 libraries through llama-cpp-python (what every other
   test runs), greedy, on the same prompt tokens.
 - llama-cli (a chat program at the pinned llama.cpp) gets a chat template that passes the user's
@@ -72,14 +73,22 @@ def programs() -> dict[str, Path]:
     return {p.name: p for p in paths}
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
+# the spec of each model and the ggml type of its decoder linears
+SPECS = {"w4s50": "gqsa4", "w3s40": "gqsa3"}
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def model(request, tmp_path_factory) -> Path:
     folder = tiny_models.checkpoint("llama", train_steps=300, group_sparsity=0.5)
-    out = tmp_path_factory.mktemp("arm") / "tiny-w4s50.gguf"
-    assert main(["convert", str(folder), "-o", str(out), "--gqsa", "w4s50", "--calib",
+    out = tmp_path_factory.mktemp("arm") / f"tiny-{request.param}.gguf"
+    assert main(["convert", str(folder), "-o", str(out), "--gqsa", request.param, "--calib",
                  str(tiny_models.calib_file(folder)), "--nsamples", "8", "--seqlen", "64",
                  "--bqpo-epochs", "0", "--e2e-epochs", "0", "-q"]) == 0
     return out
+
+
+def _gqsa_type(model: Path) -> str:
+    return SPECS[model.stem.removeprefix("tiny-")]
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +161,8 @@ def test_llama_cli_under_qemu_matches_x86(programs, model, reference, tmp_path):
     seconds = time.monotonic() - t0
     log = r.stdout + r.stderr
     assert r.returncode == 0, f"llama-cli under qemu exited {r.returncode} after {seconds:.0f} s:\n{log[-4000:]}"
-    # the model's decoder linears were loaded as gqsa4 (so they ran the NEON kernels), on a NEON build
-    assert re.search(rf"type\s+gqsa4:\s+{7 * tiny_models.LAYERS} tensors", log), log[-4000:]
+    # the model's decoder linears were loaded as gqsa4 / gqsa3 (so they ran the NEON kernels), on a NEON build
+    assert re.search(rf"type\s+{_gqsa_type(model)}:\s+{7 * tiny_models.LAYERS} tensors", log), log[-4000:]
     assert re.search(r"CPU : NEON = 1", log), log[-4000:]
     steps = [(int(n), int(t)) for n, t in NEXT_TOKEN.findall(log)]
     assert [n for n, _ in steps] == list(range(1, len(steps) + 1)), log[-4000:]

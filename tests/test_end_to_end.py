@@ -92,11 +92,13 @@ def _expect_repacked(logs: dict) -> None:
         pytest.skip("this build has no superblock kernels (no AVX2)")
 
 
-@pytest.mark.parametrize("fmt_name", ["w4s25", "w4s50"])
+@pytest.mark.parametrize("fmt_name", ["w4s25", "w4s50", "w3s40"])
 def test_repacked_rows_with_tails_match_file_layout(tmp_path, fmt_name):
-    # SmolLM2's widths: rows of 576 keep 27 (w4s25) / 18 (w4s50) blocks, not multiples of 8, so
-    # each repacked row ends in a tail of blocks after its superblocks (1536-wide rows keep 72 / 48:
-    # no tail). Random weights; repacked and file-layout runs agree as in the test below.
+    # SmolLM2's widths: rows of 576 keep 27 (w4s25) / 18 (w4s50) / 22 (w3s40) blocks, not multiples
+    # of 8, so each repacked row ends in a tail of blocks after its superblocks (1536-wide rows keep
+    # 72 / 48: no tail; w3s40 58: a tail of 2). Random weights; repacked and file-layout runs agree
+    # as in the test below. w3s40: gqsa3 superblocks and their own kernels against the file layout
+    # widened to gqsa4 blocks.
     import json
     import os
     import subprocess

@@ -26,10 +26,10 @@ V, I64 = ctypes.c_void_p, ctypes.c_int64
 @pytest.fixture(scope="module")
 def hooks():
     lib = runtime.native_lib()
-    lib.gqsa_test_validate.argtypes = [V, I64, I64, I64, ctypes.c_char_p, ctypes.c_size_t]
-    lib.gqsa_test_validate.restype = ctypes.c_int
-    lib.gqsa_test_vec_dot.argtypes = [V, I64, V, I64, ctypes.c_int, V]
-    lib.gqsa_test_vec_dot.restype = ctypes.c_int
+    lib.gqsa_test_validate_type.argtypes = [ctypes.c_int, V, I64, I64, I64, ctypes.c_char_p, ctypes.c_size_t]
+    lib.gqsa_test_validate_type.restype = ctypes.c_int
+    lib.gqsa_test_vec_dot_type.argtypes = [ctypes.c_int, V, I64, V, I64, ctypes.c_int, V]
+    lib.gqsa_test_vec_dot_type.restype = ctypes.c_int
     return lib
 
 
@@ -60,8 +60,8 @@ def test_c_and_numpy_validators_agree_and_kernels_match(hooks, path):
         # (ggml_row_size asserts), so only the fuzz target, which builds the struct itself, sees them
         return
     err = ctypes.create_string_buffer(512)
-    c_ok = bool(hooks.gqsa_test_validate(packed.ctypes.data if packed.size else None, ne0, packed.shape[0],
-                                         width, err, len(err)))
+    c_ok = bool(hooks.gqsa_test_validate_type(fmt.GGML_TYPE_GQSA4, packed.ctypes.data if packed.size else None, ne0,
+                                              packed.shape[0], width, err, len(err)))
     try:
         codec.validate(packed, width, "fuzz.weight")
         py_ok = True
@@ -80,8 +80,8 @@ def test_c_and_numpy_validators_agree_and_kernels_match(hooks, path):
         got = []
         for generic in (0, 1):
             out = ctypes.c_float()
-            assert hooks.gqsa_test_vec_dot(row.ctypes.data, n_kept, x.ctypes.data, width, generic,
-                                           ctypes.byref(out)) == 0
+            assert hooks.gqsa_test_vec_dot_type(fmt.GGML_TYPE_GQSA4, row.ctypes.data, n_kept, x.ctypes.data, width,
+                                                generic, ctypes.byref(out)) == 0
             got.append(out.value)
         scale = np.abs(codec.dequantize(packed[r:r + 1], width)).sum() * np.abs(x).max() + 1e-30
         assert abs(got[0] - want[r]) <= 1e-5 * scale and abs(got[1] - want[r]) <= 1e-5 * scale, (r, got, want[r])

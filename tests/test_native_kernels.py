@@ -18,6 +18,7 @@ import pytest
 from gqsa_gguf import codec, format as fmt, runtime
 
 V, I64, C_INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+GQSA4 = fmt.GGML_TYPE_GQSA4
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +51,19 @@ def hooks(request):
     lib.variant = request.param
     lib.gqsa_test_cpu_kernels.argtypes = []
     lib.gqsa_test_cpu_kernels.restype = ctypes.c_char_p
-    lib.gqsa_test_mul_mat.argtypes = [V, I64, I64, I64, V, I64, C_INT, V]
-    lib.gqsa_test_mul_mat.restype = C_INT
-    lib.gqsa_test_vec_dot.argtypes = [V, I64, V, I64, C_INT, V]
-    lib.gqsa_test_vec_dot.restype = C_INT
+    # the hooks take the weight type (fmt.GGML_TYPE_GQSA4 here; tests/test_gqsa3_native.py: gqsa3)
+    lib.gqsa_test_mul_mat_type.argtypes = [C_INT, V, I64, I64, I64, V, I64, C_INT, V]
+    lib.gqsa_test_mul_mat_type.restype = C_INT
+    lib.gqsa_test_vec_dot_type.argtypes = [C_INT, V, I64, V, I64, C_INT, V]
+    lib.gqsa_test_vec_dot_type.restype = C_INT
     lib.gqsa_test_quantize_act.argtypes = [V, I64, V]
     lib.gqsa_test_quantize_act.restype = None
-    lib.gqsa_test_validate.argtypes = [V, I64, I64, I64, ctypes.c_char_p, ctypes.c_size_t]
-    lib.gqsa_test_validate.restype = C_INT
+    lib.gqsa_test_validate_type.argtypes = [C_INT, V, I64, I64, I64, ctypes.c_char_p, ctypes.c_size_t]
+    lib.gqsa_test_validate_type.restype = C_INT
     lib.gqsa_test_sb_kernel.argtypes = []
     lib.gqsa_test_sb_kernel.restype = ctypes.c_char_p
-    lib.gqsa_test_mul_mat_repacked.argtypes = [V, I64, I64, I64, V, I64, C_INT, V]
-    lib.gqsa_test_mul_mat_repacked.restype = C_INT
+    lib.gqsa_test_mul_mat_repacked_type.argtypes = [C_INT, V, I64, I64, I64, V, I64, C_INT, V]
+    lib.gqsa_test_mul_mat_repacked_type.restype = C_INT
     return lib
 
 
@@ -174,8 +176,8 @@ def test_mul_mat_matches_reference(hooks, width, sparsity):
         kernel_math = codec.matmul_q8_ref(packed, width, x)
         for threads in (1, 2):
             out = np.zeros((ncols, n_rows), np.float32)
-            rc = hooks.gqsa_test_mul_mat(_ptr(packed), kept.shape[1], n_rows, width, _ptr(x), ncols,
-                                         threads, _ptr(out))
+            rc = hooks.gqsa_test_mul_mat_type(GQSA4, _ptr(packed), kept.shape[1], n_rows, width, _ptr(x), ncols,
+                                              threads, _ptr(out))
             assert rc == 0
             assert nmse(out, ref) <= 5e-4, (ncols, threads)
             # the same arithmetic as the kernel, up to float summation order
@@ -213,8 +215,8 @@ def test_repacking_is_offered_where_the_build_has_superblock_kernels(hooks):
 
 def _repacked_mul_mat(hooks, packed, n_kept, width, x, threads):
     out = np.zeros((x.shape[0], packed.shape[0]), np.float32)
-    rc = hooks.gqsa_test_mul_mat_repacked(_ptr(packed), n_kept, packed.shape[0], width, _ptr(x), x.shape[0],
-                                          threads, _ptr(out))
+    rc = hooks.gqsa_test_mul_mat_repacked_type(GQSA4, _ptr(packed), n_kept, packed.shape[0], width, _ptr(x),
+                                               x.shape[0], threads, _ptr(out))
     if hooks.gqsa_test_sb_kernel().decode() == "none":
         assert rc == 3                  # no CPU_GQSA buffer type in this build
         pytest.skip(f"this build ({hooks.gqsa_test_cpu_kernels().decode()}) does not repack")
@@ -277,8 +279,8 @@ def test_simd_kernel_matches_scalar_reference(hooks, n_kept):
     for r in range(4):
         row = np.ascontiguousarray(packed[r])
         simd, scalar = ctypes.c_float(), ctypes.c_float()
-        assert hooks.gqsa_test_vec_dot(_ptr(row), n_kept, _ptr(x), width, 0, ctypes.byref(simd)) == 0
-        assert hooks.gqsa_test_vec_dot(_ptr(row), n_kept, _ptr(x), width, 1, ctypes.byref(scalar)) == 0
+        assert hooks.gqsa_test_vec_dot_type(GQSA4, _ptr(row), n_kept, _ptr(x), width, 0, ctypes.byref(simd)) == 0
+        assert hooks.gqsa_test_vec_dot_type(GQSA4, _ptr(row), n_kept, _ptr(x), width, 1, ctypes.byref(scalar)) == 0
         exact = codec.matmul_q8_ref(packed[r:r + 1], width, x[None])[0, 0]
         scale = np.abs(codec.dequantize(packed[r:r + 1], width)).sum() * np.abs(x).max()
         assert abs(scalar.value - exact) <= 1e-5 * scale
@@ -287,7 +289,7 @@ def test_simd_kernel_matches_scalar_reference(hooks, n_kept):
 
 def _validate(hooks, packed: np.ndarray, ne0: int, width: int) -> tuple[bool, str]:
     err = ctypes.create_string_buffer(512)
-    ok = hooks.gqsa_test_validate(_ptr(packed), ne0, packed.shape[0], width, err, len(err))
+    ok = hooks.gqsa_test_validate_type(GQSA4, _ptr(packed), ne0, packed.shape[0], width, err, len(err))
     return bool(ok), err.value.decode()
 
 

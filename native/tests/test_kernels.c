@@ -458,14 +458,14 @@ static void test_panel_rows(int n_kept, int nrows) {
     free(x); free(ya); free(panel); free(got); free(ref);
 }
 
-// decode activations in the superblock layout, from block_gqsa_q8 rows
+// decode activations in the superblock layout (ggml-cpu-gqsa.h: group g at 32 g, its qs then
+// floats d, s, 0, 0), from block_gqsa_q8 rows
 static void * sb_acts_from(const block_gqsa_q8 * y, int G) {
     uint8_t * a = calloc(1, ggml_gqsa_sb_act_bytes(G));
-    float * ds = (float *) (a + (size_t) GQSA_GROUP_SIZE * G);
     for (int g = 0; g < G; ++g) {
-        memcpy(a + (size_t) GQSA_GROUP_SIZE * g, y[g].qs, GQSA_GROUP_SIZE);
-        ds[4 * g]     = y[g].d;
-        ds[4 * g + 1] = y[g].s;
+        memcpy(a + (size_t) 32 * g, y[g].qs, GQSA_GROUP_SIZE);
+        memcpy(a + (size_t) 32 * g + 16, &y[g].d, sizeof(float));
+        memcpy(a + (size_t) 32 * g + 20, &y[g].s, sizeof(float));
     }
     return a;
 }
@@ -569,14 +569,14 @@ static void * mm_run(void * arg) {
 
 // The mul_mat driver on `nth` threads: out[c*nrows + r] = weight row r . column c of x. w holds
 // nrows rows of n_kept blocks of `type` (gqsa4 or gqsa3) as in the file; sb: repacked first into
-// superblocks (gqsa3: widened, ggml_gqsa3_sb_repack) and run by ggml_gqsa_mul_mat_sb, as the
+// superblocks (ggml_gqsa_sb_repack, ggml_gqsa3_sb_repack) and run by ggml_gqsa_mul_mat_sb, as the
 // CPU_GQSA buffer type does. Returns whether the driver handled it.
 static bool run_mul_mat(enum ggml_type type, void * w, int width, int n_kept, int nrows, float * x,
                         int ncols, int nth, bool sb, float * out) {
     const size_t bbytes = ggml_type_size(type);
     void * t = NULL;
     if (sb) {
-        t = malloc(sizeof(block_gqsa4) * (size_t) nrows * n_kept);
+        t = malloc(bbytes * (size_t) nrows * n_kept);                   // repacked rows keep the file's bytes
         (type == GGML_TYPE_GQSA3 ? ggml_gqsa3_sb_repack : ggml_gqsa_sb_repack)(w, t, n_kept, nrows);
     }
     memset(out, 0, sizeof(float) * nrows * ncols);
@@ -892,7 +892,8 @@ static block_gqsa3 * int_weights3(int nrows, int width, int n_kept) {
 }
 
 // vec_dot of gqsa3 (dispatched and scalar) against gqsa4's scalar kernel on the widened blocks:
-// equal on integer data, to float rounding on float data
+// equal on integer data, to float rounding on float data; where the ISA file reads gqsa3's file
+// layout itself (GQSA_CPU_GQSA3_FILE: ARM), the dispatched kernel equals gqsa4's bit for bit
 static void test_gqsa3_vec_dot(int n_kept) {
     const int width = (n_kept + 5) * GQSA_GROUP_SIZE, nrows = 3;
     bool ok = true;
@@ -902,12 +903,17 @@ static void test_gqsa3_vec_dot(int n_kept) {
         float * act = pass == 0 ? NULL : float_acts(1, width, true);
         block_gqsa_q8 * y = pass == 0 ? int_acts(width) : quantize_acts_ref(act, 1, width);
         for (int r = 0; r < nrows; ++r) {
-            float simd, scalar, ref;
+            float simd, scalar, ref, simd4;
             ggml_vec_dot_gqsa3_gqsa_q8(n_kept * GQSA_GROUP_SIZE, &simd, 0, x + r * n_kept, 0, y, 0, 1);
             ggml_vec_dot_gqsa3_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &scalar, 0, x + r * n_kept, 0, y, 0, 1);
             ggml_vec_dot_gqsa4_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &ref, 0, x4 + r * n_kept, 0, y, 0, 1);
+            ggml_vec_dot_gqsa4_gqsa_q8(n_kept * GQSA_GROUP_SIZE, &simd4, 0, x4 + r * n_kept, 0, y, 0, 1);
             const double tol = pass == 0 ? 0.0 : 1e-5 * row_scale(x4 + r * n_kept, n_kept, y) + 1e-30;
             if (pass == 0 && (double) ref != (double) int_row_dot(x4 + r * n_kept, n_kept, y)) {
+                ok = false;
+            }
+            if (GQSA_CPU_GQSA3_FILE && memcmp(&simd, &simd4, sizeof(simd)) != 0) {
+                printf("    row %d: gqsa3 dispatched %.9g, gqsa4 dispatched %.9g\n", r, simd, simd4);
                 ok = false;
             }
             if (!(fabs((double) simd - ref) <= tol && fabs((double) scalar - ref) <= tol)) {
@@ -921,25 +927,134 @@ static void test_gqsa3_vec_dot(int n_kept) {
     report(ok, "gqsa3_vec_dot_matches_gqsa4[n_kept=%d]", n_kept);
 }
 
-// repack -> unpack gives the gqsa3 blocks back; the repacked rows are the widened rows repacked
+// Every code 0..7 at every position and every zero point 0..7, over a row's blocks: block i has
+// z = i % 8 and codes (i + 3k + k / 8) % 8 (both halves of the code range in every block); the
+// scales, where `extreme`, cycle through fp16's extremes: the largest finite value, the smallest
+// subnormal and normal, zero, one and a negative one
+static void gqsa3_fill_patterns(block_gqsa3 * x, int nrows, int n_kept, bool extreme) {
+    static const ggml_fp16_t scales[] = { 0x7bff, 0x0001, 0x0400, 0x0000, 0x3c00, 0xb555 };
+    for (int r = 0; r < nrows; ++r) {
+        for (int i = 0; i < n_kept; ++i) {
+            block_gqsa3 * b = x + (size_t) r * n_kept + i;
+            uint8_t q[GQSA_GROUP_SIZE];
+            for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
+                q[k] = (uint8_t) ((i + r + 3 * k + k / 8) % 8);
+            }
+            const ggml_fp16_t d = extreme ? scales[(i + r) % 6] : b->d;
+            *b = gqsa3_pack_spec(q, (uint32_t) ((i + r) % 8), b->iz & GQSA_INDEX_MASK, d);
+        }
+    }
+}
+
+// A gqsa3 superblock built here from the layout comment of ggml-cpu-gqsa.c ("Repacked weights"),
+// independently of the library: headers in lane order, then qa and qb
+static void gqsa3_sb_pack_spec(const block_gqsa3 * b, uint8_t out[8 * GQSA3_BLOCK_BYTES]) {
+    static const int lane[8] = { 0, 2, 4, 6, 1, 3, 5, 7 };
+    memset(out, 0, 8 * GQSA3_BLOCK_BYTES);
+    for (int l = 0; l < 8; ++l) {
+        const block_gqsa3 * c = b + lane[l];
+        const uint16_t gz = (uint16_t) ((c->iz & 0x0FFF) << 4 | c->iz >> 12);
+        memcpy(out + 2 * l, &gz, 2);
+        memcpy(out + 16 + 2 * l, &c->d, 2);
+    }
+    for (int L = 0; L < 2; ++L) {
+        for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
+            const int q0 = gqsa3_code(b + L, k), q1 = gqsa3_code(b + 2 + L, k);
+            const int q2 = gqsa3_code(b + 4 + L, k), q3 = gqsa3_code(b + 6 + L, k);
+            out[32 + 16 * L + k] = (uint8_t) (q0 | q1 << 3 | (q2 & 3) << 6);
+            out[64 + k] |= (uint8_t) ((q3 | (q2 >> 2) << 3) << (4 * L));
+        }
+    }
+}
+
+// repack -> unpack gives the gqsa3 blocks back, and the repacked rows are the spec's superblocks
+// (from the layout comment, built here) then the tail blocks as stored: 10 bytes a block
 static void test_gqsa3_sb_roundtrip(int n_kept, int nrows) {
     const int width = (n_kept + 5) * GQSA_GROUP_SIZE;
     const size_t n = (size_t) nrows * n_kept;
     block_gqsa3 * x = float_weights_t(nrows, width, n_kept, true);
-    block_gqsa4 * x4 = gqsa3_widen(x, n);
-    uint8_t * t = malloc(sizeof(block_gqsa4) * n), * t4 = malloc(sizeof(block_gqsa4) * n);
+    if (nrows > 1) {
+        gqsa3_fill_patterns(x + n_kept, 1, n_kept, true);                  // row 1: every code and zero point
+    }
+    uint8_t * t = malloc(sizeof(block_gqsa3) * n + 1);
     block_gqsa3 * back = malloc(sizeof(block_gqsa3) * n);
+    t[sizeof(block_gqsa3) * n] = 0xA5;                                      // a guard byte after the rows
     ggml_gqsa3_sb_repack(x, t, n_kept, nrows);
-    ggml_gqsa_sb_repack(x4, t4, n_kept, nrows);
     ggml_gqsa3_sb_unpack(t, back, n_kept, nrows);
-    const bool ok = memcmp(t, t4, sizeof(block_gqsa4) * n) == 0 && memcmp(x, back, sizeof(block_gqsa3) * n) == 0;
+    bool ok = memcmp(x, back, sizeof(block_gqsa3) * n) == 0 && t[sizeof(block_gqsa3) * n] == 0xA5;
+    for (int r = 0; r < nrows && ok; ++r) {
+        const uint8_t * row = t + (size_t) r * n_kept * GQSA3_BLOCK_BYTES;
+        const block_gqsa3 * xr = x + (size_t) r * n_kept;
+        for (int s = 0; s < n_kept / 8 && ok; ++s) {
+            uint8_t want[8 * GQSA3_BLOCK_BYTES];
+            gqsa3_sb_pack_spec(xr + 8 * s, want);
+            ok = memcmp(row + 8 * GQSA3_BLOCK_BYTES * s, want, sizeof(want)) == 0;
+        }
+        const int tail = n_kept % 8;
+        ok = ok && memcmp(row + (size_t) (n_kept - tail) * GQSA3_BLOCK_BYTES, xr + n_kept - tail,
+                          (size_t) tail * GQSA3_BLOCK_BYTES) == 0;
+    }
     report(ok, "gqsa3_sb_repack_roundtrip[n_kept=%d,nrows=%d]", n_kept, nrows);
-    free(x); free(x4); free(t); free(t4); free(back);
+    free(x); free(t); free(back);
 }
 
-// The mul_mat driver on gqsa3 weights, in the file layout (sb = false) or repacked (sb: widened
-// into superblocks), against the same driver on the widened gqsa4 weights (to float rounding: the
-// integer sums are the same), the scalar gqsa4 kernel, and float math (NMSE <= 5e-4)
+// Whether the gqsa3 superblock kernels run the gqsa4 ones' float arithmetic in the same order:
+// everywhere but in a GQSA_SB_512 build, whose gqsa4 decode step takes two superblocks at a time
+static bool gqsa3_sb_same_order(void) {
+    return strcmp(ggml_gqsa_sb_kernel(), "avx512") != 0;
+}
+
+// Repacked gqsa3 rows (dispatched and scalar kernels) against the gqsa4 superblock kernels on the
+// widened blocks: bit for bit (the same code bytes run the same arithmetic in the same order; to
+// rounding against GQSA_SB_512's step), on integer data, the format's patterns with extreme
+// scales, and float data; and against the file-layout scalar reference (vec_dot of gqsa3): exactly
+// on integer data, to rounding otherwise
+static void test_gqsa3_sb_rows(int n_kept, int nrows) {
+    const int width = (n_kept + 3) * GQSA_GROUP_SIZE;
+    const int G = width / GQSA_GROUP_SIZE;
+    const size_t n = (size_t) nrows * n_kept;
+    float * got = malloc(sizeof(float) * nrows), * gen = malloc(sizeof(float) * nrows);
+    float * got4 = malloc(sizeof(float) * nrows), * gen4 = malloc(sizeof(float) * nrows);
+    uint8_t * t = malloc(sizeof(block_gqsa3) * n), * t4 = malloc(sizeof(block_gqsa4) * n);
+    bool ok = true;
+    for (int pass = 0; pass < 4; ++pass) {      // integers; patterns, d = 1; patterns, extreme scales; floats
+        block_gqsa3 * x = pass == 3 ? float_weights_t(nrows, width, n_kept, true) : int_weights3(nrows, width, n_kept);
+        if (pass == 1 || pass == 2) {
+            gqsa3_fill_patterns(x, nrows, n_kept, pass == 2);
+        }
+        block_gqsa4 * x4 = gqsa3_widen(x, n);
+        float * act = pass < 2 ? NULL : float_acts(1, width, true);
+        block_gqsa_q8 * y = pass < 2 ? int_acts(width) : quantize_acts_ref(act, 1, width);
+        void * ya = sb_acts_from(y, G);
+        ggml_gqsa3_sb_repack(x, t, n_kept, nrows);
+        ggml_gqsa_sb_repack(x4, t4, n_kept, nrows);
+        ggml_gqsa3_sb_rows(t, n_kept, nrows, ya, G, got);
+        ggml_gqsa3_sb_rows_generic(t, n_kept, nrows, ya, G, gen);
+        ggml_gqsa_sb_rows(t4, n_kept, nrows, ya, G, got4);
+        ggml_gqsa_sb_rows_generic(t4, n_kept, nrows, ya, G, gen4);
+        for (int r = 0; r < nrows; ++r) {
+            float ref;
+            ggml_vec_dot_gqsa3_gqsa_q8_generic(n_kept * GQSA_GROUP_SIZE, &ref, 0, x + (size_t) r * n_kept, 0, y, 0, 1);
+            const double tol = pass < 2 ? 0.0 : 1e-5 * row_scale(x4 + (size_t) r * n_kept, n_kept, y) + 1e-30;
+            const bool exact = pass >= 2 || (double) ref == (double) int_row_dot(x4 + (size_t) r * n_kept, n_kept, y);
+            const bool same = (memcmp(&got[r], &got4[r], sizeof(float)) == 0 || !gqsa3_sb_same_order()) &&
+                              memcmp(&gen[r], &gen4[r], sizeof(float)) == 0;
+            if (!exact || !same || !(fabs((double) got[r] - ref) <= tol && fabs((double) gen[r] - ref) <= tol)) {
+                printf("    pass %d row %d: gqsa3 scalar %.9g; sb scalar gqsa3 %.9g gqsa4 %.9g; sb dispatched gqsa3 %.9g gqsa4 %.9g\n",
+                       pass, r, ref, gen[r], gen4[r], got[r], got4[r]);
+                ok = false;
+            }
+        }
+        free(x); free(x4); free(act); free(y); free(ya);
+    }
+    report(ok, "gqsa3_sb_rows_match_gqsa4_and_scalar[n_kept=%d,nrows=%d]", n_kept, nrows);
+    free(got); free(gen); free(got4); free(gen4); free(t); free(t4);
+}
+
+// The mul_mat driver on gqsa3 weights, in the file layout (sb = false) or repacked (sb: gqsa3
+// superblocks), against the same driver on the widened gqsa4 weights (in the file layout on x86 to
+// float rounding: the integer sums are the same; repacked, and on ARM, bit for bit), the scalar
+// gqsa4 kernel, and float math (NMSE <= 5e-4)
 static void test_gqsa3_mul_mat(int width, int n_kept, int nrows, int ncols, int nth, bool sb) {
     block_gqsa3 * w = float_weights_t(nrows, width, n_kept, true);
     block_gqsa4 * w4 = gqsa3_widen(w, (size_t) nrows * n_kept);
@@ -964,7 +1079,11 @@ static void test_gqsa3_mul_mat(int width, int n_kept, int nrows, int ncols, int 
                                                    yc, 0, 1);
                 const double tol = 1e-5 * row_scale(w4 + (size_t) r * n_kept, n_kept, yc) + 1e-30;
                 const float got = out[(size_t) c * nrows + r], got4 = out4[(size_t) c * nrows + r];
-                if (!(fabs((double) got - got4) <= tol && fabs((double) got - ref) <= tol)) {
+                // repacked (and in the file layout on ARM), the gqsa3 kernels decode the same codes
+                // into the gqsa4 kernels' arithmetic
+                const bool bitwise = sb ? gqsa3_sb_same_order() : GQSA_CPU_GQSA3_FILE;
+                const bool same = !bitwise || memcmp(&got, &got4, sizeof(got)) == 0;
+                if (!(same && fabs((double) got - got4) <= tol && fabs((double) got - ref) <= tol)) {
                     printf("    row %d column %d: gqsa4 scalar %.9g, gqsa4 mul_mat %.9g, gqsa3 mul_mat %.9g\n",
                            r, c, ref, got4, got);
                     ok = false;
@@ -997,9 +1116,13 @@ static void test_gqsa3(void) {
     for (size_t i = 0; i < sizeof(kepts) / sizeof(kepts[0]); ++i) {
         test_gqsa3_vec_dot(kepts[i]);
     }
-    const int sb_kepts[] = { 8, 9, 18, 128, 516 };
+    // superblocks: layout and rows everywhere (scalar kernels included); with tails 9, 15, 18, 154
+    // (LLaMA-7B's 4096-wide rows at w3s40), 413 (its ffn_down), 516
+    const int sb_kepts[] = { 8, 9, 15, 16, 18, 24, 128, 154, 413, 516 };
     for (size_t i = 0; i < sizeof(sb_kepts) / sizeof(sb_kepts[0]); ++i) {
         test_gqsa3_sb_roundtrip(sb_kepts[i], 3);
+        test_gqsa3_sb_rows(sb_kepts[i], 1);
+        test_gqsa3_sb_rows(sb_kepts[i], 5);
     }
     // the file layout: short rows (the repacking needs 8 blocks), long rows in several chunks
     const int cols[] = { 1, 7, 8, 9, 35 };
@@ -1009,14 +1132,16 @@ static void test_gqsa3(void) {
         test_gqsa3_mul_mat(1536, 72, 20, cols[i], 2, false);
         test_gqsa3_mul_mat(4096, 150, 6, cols[i], 2, false);
     }
-    // repacked (widened) superblocks, with and without a tail
+    // repacked superblocks, with and without a tail, odd row counts
     if (ggml_gqsa_sb_available()) {
         for (size_t i = 0; i < sizeof(cols) / sizeof(cols[0]); ++i) {
             test_gqsa3_mul_mat(256, 8, 70, cols[i], 2, true);
             test_gqsa3_mul_mat(576, 18, 37, cols[i], 1, true);
             test_gqsa3_mul_mat(4096, 128, 20, cols[i], 2, true);
+            test_gqsa3_mul_mat(4096, 154, 33, cols[i], 2, true);
             test_gqsa3_mul_mat(11008, 516, 6, cols[i], 2, true);
         }
+        test_gqsa3_mul_mat(11008, 413, 9, 40, 2, true);                  // five panels and a decode column
     }
 }
 

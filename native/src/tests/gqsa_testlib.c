@@ -45,16 +45,35 @@ static struct ggml_context * gqsa_test_ctx(size_t data_bytes) {
     return ggml_init(params);
 }
 
-// Whether `type` is a GQSA weight type these hooks take (gqsa4, gqsa3)
-static int gqsa_test_type_ok(int type) {
-    return type == GGML_TYPE_GQSA4 || type == GGML_TYPE_GQSA3;
+typedef void (*gqsa_test_vec_dot_fn)(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy,
+                                     size_t by, int nrc);
+
+// The GQSA weight types these hooks take, each with its scalar reference kernel (its block bytes:
+// ggml_type_size). Every hook takes the type (GGML_TYPE_GQSA4 or GGML_TYPE_GQSA3) and returns 6
+// for any other (but the validator's, which hands any type to the validator).
+typedef struct {
+    int                  type;
+    gqsa_test_vec_dot_fn vec_dot_generic;
+} gqsa_test_type;
+
+static const gqsa_test_type * gqsa_test_type_of(int type) {
+    static const gqsa_test_type types[] = {
+        { GGML_TYPE_GQSA4, ggml_vec_dot_gqsa4_gqsa_q8_generic },
+        { GGML_TYPE_GQSA3, ggml_vec_dot_gqsa3_gqsa_q8_generic },
+    };
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); ++i) {
+        if (types[i].type == type) {
+            return &types[i];
+        }
+    }
+    return NULL;
 }
 
 // out[c, r] = sum_k W[r, k] * x[c, k]: W is `nrows` rows of n_kept blocks of `type` (gqsa4 or gqsa3;
 // logical width `width`), x is `ncols` rows of `width` floats. Returns 0 on success.
 GQSA_TESTLIB_API int gqsa_test_mul_mat_type(int type, const void * w, int64_t n_kept, int64_t nrows, int64_t width,
                                             const float * x, int64_t ncols, int n_threads, float * out) {
-    if (!gqsa_test_type_ok(type)) {
+    if (!gqsa_test_type_of(type)) {
         return 6;
     }
     const size_t w_bytes = (size_t) (nrows * n_kept) * ggml_type_size((enum ggml_type) type);
@@ -79,16 +98,12 @@ GQSA_TESTLIB_API int gqsa_test_mul_mat_type(int type, const void * w, int64_t n_
     return st == GGML_STATUS_SUCCESS ? 0 : 2;
 }
 
-GQSA_TESTLIB_API int gqsa_test_mul_mat(const void * w, int64_t n_kept, int64_t nrows, int64_t width,
-                                       const float * x, int64_t ncols, int n_threads, float * out) {
-    return gqsa_test_mul_mat_type(GGML_TYPE_GQSA4, w, n_kept, nrows, width, x, ncols, n_threads, out);
-}
-
-// One row through the dispatched (SIMD) kernel or the scalar reference, activations quantized by
-// the registered from_float of the row type's vec_dot_type.
+// One row of `type` through the dispatched (SIMD) kernel or the scalar reference, activations
+// quantized by the registered from_float of the row type's vec_dot_type.
 GQSA_TESTLIB_API int gqsa_test_vec_dot_type(int type, const void * w_row, int64_t n_kept, const float * x,
                                             int64_t width, int generic, float * out) {
-    if (!gqsa_test_type_ok(type)) {
+    const gqsa_test_type * T = gqsa_test_type_of(type);
+    if (!T) {
         return 6;
     }
     ggml_cpu_init();    // the fp16 table the scalar kernel reads (idempotent; graph compute does it too)
@@ -100,18 +115,8 @@ GQSA_TESTLIB_API int gqsa_test_vec_dot_type(int type, const void * w_row, int64_
         return 1;
     }
     ta->from_float(x, act, width);
-    if (generic) {
-        (type == GGML_TYPE_GQSA3 ? ggml_vec_dot_gqsa3_gqsa_q8_generic : ggml_vec_dot_gqsa4_gqsa_q8_generic)(
-            (int) (n_kept * 16), out, 0, w_row, 0, act, 0, 1);
-    } else {
-        tw->vec_dot((int) (n_kept * 16), out, 0, w_row, 0, act, 0, 1);
-    }
+    (generic ? T->vec_dot_generic : tw->vec_dot)((int) (n_kept * 16), out, 0, w_row, 0, act, 0, 1);
     return 0;
-}
-
-GQSA_TESTLIB_API int gqsa_test_vec_dot(const void * w_row, int64_t n_kept, const float * x, int64_t width,
-                                       int generic, float * out) {
-    return gqsa_test_vec_dot_type(GGML_TYPE_GQSA4, w_row, n_kept, x, width, generic, out);
 }
 
 // The registered activation quantizer (gqsa_q8 from_float), for bit-exactness with NumPy.
@@ -121,7 +126,8 @@ GQSA_TESTLIB_API void gqsa_test_quantize_act(const float * x, int64_t width, voi
     ggml_get_type_traits_cpu(tw->vec_dot_type)->from_float(x, out, width);
 }
 
-// The load-time validator on a tensor of the given type and shape. Returns 1 if valid, 0 with `err` set.
+// The load-time validator on a tensor of the given type and shape (any type: the validator refuses
+// what is not a GQSA weight type). Returns 1 if valid, 0 with `err` set.
 GQSA_TESTLIB_API int gqsa_test_validate_type(int type, const void * data, int64_t ne0, int64_t nrows, int64_t width,
                                              char * err, size_t err_size) {
     struct ggml_init_params params = { ggml_tensor_overhead() * 2, NULL, true };
@@ -131,11 +137,6 @@ GQSA_TESTLIB_API int gqsa_test_validate_type(int type, const void * data, int64_
     const int ok = ggml_gqsa_validate(t, data, width, err, err_size) ? 1 : 0;
     ggml_free(ctx);
     return ok;
-}
-
-GQSA_TESTLIB_API int gqsa_test_validate(const void * data, int64_t ne0, int64_t nrows, int64_t width,
-                                        char * err, size_t err_size) {
-    return gqsa_test_validate_type(GGML_TYPE_GQSA4, data, ne0, nrows, width, err, err_size);
 }
 
 static double gqsa_now(void) {
@@ -268,15 +269,14 @@ static ggml_backend_buffer_type_t gqsa_test_repack_buft(ggml_backend_t be) {
     return NULL;
 }
 
-// gqsa_test_mul_mat with the weight in the CPU_GQSA buffer type, as llama.cpp places a model's
+// gqsa_test_mul_mat_type with the weight in the CPU_GQSA buffer type, as llama.cpp places a model's
 // weights: ggml_backend_tensor_set repacks it into superblocks, and the CPU backend's graph compute
 // runs the superblock kernels (ggml_gqsa_mul_mat_sb). Returns 0 on success, 3 if this build offers no
 // CPU_GQSA buffer type, 4 if it refuses the weight (rows of fewer than 8 blocks), else nonzero.
-// (gqsa_test_mul_mat_repacked_type: of a weight of `type`, gqsa4 or gqsa3.)
 GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked_type(int type, const void * w, int64_t n_kept, int64_t nrows,
                                                      int64_t width, const float * x, int64_t ncols, int n_threads,
                                                      float * out) {
-    if (!gqsa_test_type_ok(type)) {
+    if (!gqsa_test_type_of(type)) {
         return 6;
     }
     ggml_backend_t be = ggml_backend_cpu_init();
@@ -321,19 +321,14 @@ GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked_type(int type, const void * w, i
     return rc;
 }
 
-GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked(const void * w, int64_t n_kept, int64_t nrows, int64_t width,
-                                                const float * x, int64_t ncols, int n_threads, float * out) {
-    return gqsa_test_mul_mat_repacked_type(GGML_TYPE_GQSA4, w, n_kept, nrows, width, x, ncols, n_threads, out);
-}
-
 // A weight of `type` (gqsa4 or gqsa3: nrows rows of n_kept blocks at `w`) written into the CPU_GQSA
 // buffer type and read back (repacked, then unpacked) into `back` (as many bytes as w). *alloc_size:
-// the bytes the buffer type allocates for it (gqsa3: widened, 12/10 of the file's), *buffer_size: the
+// the bytes the buffer type allocates for it (the file's: superblocks keep them), *buffer_size: the
 // buffer's. Returns 0 on success, 3 if this build offers no CPU_GQSA buffer type, 4 if it refuses
 // the weight, else nonzero.
 GQSA_TESTLIB_API int gqsa_test_repacked_roundtrip(int type, const void * w, int64_t n_kept, int64_t nrows, void * back,
                                                   size_t * alloc_size, size_t * buffer_size) {
-    if (!gqsa_test_type_ok(type)) {
+    if (!gqsa_test_type_of(type)) {
         return 6;
     }
     ggml_backend_t be = ggml_backend_cpu_init();

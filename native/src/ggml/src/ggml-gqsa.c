@@ -75,70 +75,95 @@ void gqsa3_quantize_group(const float * GGML_RESTRICT x, block_gqsa3 * GGML_REST
     y->qh = (uint16_t) qh;
 }
 
-void quantize_row_gqsa4_ref(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTRICT y, int64_t k) {
+// ---- the row loops of the type traits, written once for both block types ----------------------
+
+// One group of 16 floats into a block of either type (index g); one block into its 16 weights
+typedef void (*gqsa_quantize_block_fn)(const float * GGML_RESTRICT x, void * GGML_RESTRICT block, uint32_t g);
+typedef void (*gqsa_dequantize_block_fn)(const void * GGML_RESTRICT block, float * GGML_RESTRICT y);
+
+static void gqsa4_quantize_block(const float * GGML_RESTRICT x, void * GGML_RESTRICT block, uint32_t g) {
+    gqsa_quantize_group(x, (block_gqsa4 *) block, g);
+}
+
+static void gqsa3_quantize_block(const float * GGML_RESTRICT x, void * GGML_RESTRICT block, uint32_t g) {
+    gqsa3_quantize_group(x, (block_gqsa3 *) block, g);
+}
+
+static void gqsa4_dequantize_block(const void * GGML_RESTRICT block, float * GGML_RESTRICT y) {
+    const block_gqsa4 * b = (const block_gqsa4 *) block;
+    const float d = GGML_FP16_TO_FP32(b->d);
+    const int   z = (int) gqsa_block_zero(b);
+    for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
+        y[j]                       = (float) ((b->qs[j] & 0x0F) - z) * d;
+        y[j + GQSA_GROUP_SIZE / 2] = (float) ((b->qs[j] >>   4) - z) * d;
+    }
+}
+
+// the gqsa4 block of the same weights, dequantized: the same (q - z) * d in float
+static void gqsa3_dequantize_block(const void * GGML_RESTRICT block, float * GGML_RESTRICT y) {
+    block_gqsa4 b4;
+    gqsa3_to_gqsa4((const block_gqsa3 *) block, &b4);
+    gqsa4_dequantize_block(&b4, y);
+}
+
+// A dense row of k floats into k/16 blocks of block_bytes, every group kept (block i: index i)
+static void gqsa_quantize_row_ref(gqsa_quantize_block_fn quantize, size_t block_bytes, const float * GGML_RESTRICT x,
+                                  void * GGML_RESTRICT y, int64_t k) {
     assert(k % GQSA_GROUP_SIZE == 0);
     const int64_t nb = k / GQSA_GROUP_SIZE;
     assert(nb <= GQSA_MAX_GROUPS);
     for (int64_t i = 0; i < nb; ++i) {
-        gqsa_quantize_group(x + i * GQSA_GROUP_SIZE, y + i, (uint32_t) i);
+        quantize(x + i * GQSA_GROUP_SIZE, (uint8_t *) y + i * block_bytes, (uint32_t) i);
     }
 }
 
-void dequantize_row_gqsa4(const block_gqsa4 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+// k/16 blocks of block_bytes into their stored weights, in storage order
+static void gqsa_dequantize_row(gqsa_dequantize_block_fn dequantize, size_t block_bytes, const void * GGML_RESTRICT x,
+                                float * GGML_RESTRICT y, int64_t k) {
     assert(k % GQSA_GROUP_SIZE == 0);
     const int64_t nb = k / GQSA_GROUP_SIZE;
     for (int64_t i = 0; i < nb; ++i) {
-        const float d = GGML_FP16_TO_FP32(x[i].d);
-        const int   z = (int) gqsa_block_zero(&x[i]);
-        float * out = y + i * GQSA_GROUP_SIZE;
-        for (int j = 0; j < GQSA_GROUP_SIZE / 2; ++j) {
-            out[j]                       = (float) ((x[i].qs[j] & 0x0F) - z) * d;
-            out[j + GQSA_GROUP_SIZE / 2] = (float) ((x[i].qs[j] >>   4) - z) * d;
-        }
+        dequantize((const uint8_t *) x + i * block_bytes, y + i * GQSA_GROUP_SIZE);
     }
+}
+
+// ggml's quantize_chunk: nrow dense rows of n_per_row floats into rows of `type`
+static size_t gqsa_quantize_chunk(enum ggml_type type, gqsa_quantize_block_fn quantize, size_t block_bytes,
+                                  const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrow,
+                                  int64_t n_per_row) {
+    const size_t row_size = ggml_row_size(type, n_per_row);
+    for (int64_t r = 0; r < nrow; ++r) {
+        gqsa_quantize_row_ref(quantize, block_bytes, src + r * n_per_row, (char *) dst + r * row_size, n_per_row);
+    }
+    return nrow * row_size;
+}
+
+void quantize_row_gqsa4_ref(const float * GGML_RESTRICT x, block_gqsa4 * GGML_RESTRICT y, int64_t k) {
+    gqsa_quantize_row_ref(gqsa4_quantize_block, sizeof(block_gqsa4), x, y, k);
+}
+
+void dequantize_row_gqsa4(const block_gqsa4 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    gqsa_dequantize_row(gqsa4_dequantize_block, sizeof(block_gqsa4), x, y, k);
 }
 
 size_t quantize_gqsa4(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrow,
                       int64_t n_per_row, const float * imatrix) {
     GGML_UNUSED(imatrix);
-    const size_t row_size = ggml_row_size(GGML_TYPE_GQSA4, n_per_row);
-    char * out = (char *) dst;
-    for (int64_t r = 0; r < nrow; ++r) {
-        quantize_row_gqsa4_ref(src + r * n_per_row, (block_gqsa4 *) (out + r * row_size), n_per_row);
-    }
-    return nrow * row_size;
+    return gqsa_quantize_chunk(GGML_TYPE_GQSA4, gqsa4_quantize_block, sizeof(block_gqsa4), src, dst, nrow, n_per_row);
 }
 
 void quantize_row_gqsa3_ref(const float * GGML_RESTRICT x, block_gqsa3 * GGML_RESTRICT y, int64_t k) {
-    assert(k % GQSA_GROUP_SIZE == 0);
-    const int64_t nb = k / GQSA_GROUP_SIZE;
-    assert(nb <= GQSA_MAX_GROUPS);
-    for (int64_t i = 0; i < nb; ++i) {
-        gqsa3_quantize_group(x + i * GQSA_GROUP_SIZE, y + i, (uint32_t) i);
-    }
+    gqsa_quantize_row_ref(gqsa3_quantize_block, sizeof(block_gqsa3), x, y, k);
 }
 
 void dequantize_row_gqsa3(const block_gqsa3 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
-    assert(k % GQSA_GROUP_SIZE == 0);
-    const int64_t nb = k / GQSA_GROUP_SIZE;
-    for (int64_t i = 0; i < nb; ++i) {
-        const float d = GGML_FP16_TO_FP32(x[i].d);
-        const int   z = (int) (x[i].iz >> GQSA_INDEX_BITS);
-        for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
-            y[i * GQSA_GROUP_SIZE + j] = (float) (gqsa3_code(&x[i], j) - z) * d;
-        }
-    }
+    gqsa_dequantize_row(gqsa3_dequantize_block, sizeof(block_gqsa3), x, y, k);
 }
 
 size_t quantize_gqsa3(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrow,
                       int64_t n_per_row, const float * imatrix) {
     GGML_UNUSED(imatrix);
-    const size_t row_size = ggml_row_size(GGML_TYPE_GQSA3, n_per_row);
-    char * out = (char *) dst;
-    for (int64_t r = 0; r < nrow; ++r) {
-        quantize_row_gqsa3_ref(src + r * n_per_row, (block_gqsa3 *) (out + r * row_size), n_per_row);
-    }
-    return nrow * row_size;
+    return gqsa_quantize_chunk(GGML_TYPE_GQSA3, gqsa3_quantize_block, sizeof(block_gqsa3), src, dst, nrow, n_per_row);
 }
 
 void quantize_row_gqsa_q8_ref(const float * GGML_RESTRICT x, block_gqsa_q8 * GGML_RESTRICT y, int64_t k) {
@@ -372,9 +397,9 @@ bool ggml_gqsa_check_tensor_width(const struct gguf_context * ctx, const char * 
 #undef GQSA_FAIL
 }
 
-// ggml_gqsa_quantize_rows and ggml_gqsa3_quantize_rows: `quantize` packs one group into a block of bbytes
-static size_t gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width, const int32_t * kept, int64_t n_kept,
-                                 void * dst, bool gqsa3) {
+// ggml_gqsa_quantize_rows and ggml_gqsa3_quantize_rows: `quantize` packs one group into a block of block_bytes
+static size_t gqsa_quantize_rows(gqsa_quantize_block_fn quantize, size_t block_bytes, const float * src, int64_t nrows,
+                                 int64_t width, const int32_t * kept, int64_t n_kept, void * dst) {
     if (width <= 0 || width % GQSA_GROUP_SIZE != 0 || width / GQSA_GROUP_SIZE > GQSA_MAX_GROUPS ||
         n_kept <= 0 || n_kept > width / GQSA_GROUP_SIZE || nrows < 0) {
         return 0;
@@ -388,54 +413,47 @@ static size_t gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width
             }
         }
         for (int64_t i = 0; i < n_kept; ++i) {
-            const float * x = src + r * width + (int64_t) kr[i] * GQSA_GROUP_SIZE;
-            if (gqsa3) {
-                gqsa3_quantize_group(x, (block_gqsa3 *) dst + r * n_kept + i, (uint32_t) kr[i]);
-            } else {
-                gqsa_quantize_group(x, (block_gqsa4 *) dst + r * n_kept + i, (uint32_t) kr[i]);
-            }
+            quantize(src + r * width + (int64_t) kr[i] * GQSA_GROUP_SIZE,
+                     (uint8_t *) dst + (size_t) (r * n_kept + i) * block_bytes, (uint32_t) kr[i]);
         }
     }
-    return (size_t) (nrows * n_kept) * (gqsa3 ? sizeof(block_gqsa3) : sizeof(block_gqsa4));
+    return (size_t) (nrows * n_kept) * block_bytes;
 }
 
 size_t ggml_gqsa_quantize_rows(const float * src, int64_t nrows, int64_t width,
                                const int32_t * kept, int64_t n_kept, void * dst) {
-    return gqsa_quantize_rows(src, nrows, width, kept, n_kept, dst, false);
+    return gqsa_quantize_rows(gqsa4_quantize_block, sizeof(block_gqsa4), src, nrows, width, kept, n_kept, dst);
 }
 
 size_t ggml_gqsa3_quantize_rows(const float * src, int64_t nrows, int64_t width,
                                 const int32_t * kept, int64_t n_kept, void * dst) {
-    return gqsa_quantize_rows(src, nrows, width, kept, n_kept, dst, true);
+    return gqsa_quantize_rows(gqsa3_quantize_block, sizeof(block_gqsa3), src, nrows, width, kept, n_kept, dst);
 }
 
-static void gqsa_dequantize_rows(const void * src, int64_t nrows, int64_t n_kept, int64_t width, float * dst,
-                                 bool gqsa3) {
-    float tmp[GQSA_GROUP_SIZE];
+// ggml_gqsa_dequantize_rows and ggml_gqsa3_dequantize_rows: each block of block_bytes (both types
+// begin with d and iz) dequantized by `dequantize` into the group its index names, zeros elsewhere
+static void gqsa_dequantize_rows(gqsa_dequantize_block_fn dequantize, size_t block_bytes, const void * src,
+                                 int64_t nrows, int64_t n_kept, int64_t width, float * dst) {
     for (int64_t r = 0; r < nrows; ++r) {
         float * row = dst + r * width;
         memset(row, 0, (size_t) width * sizeof(float));
         for (int64_t i = 0; i < n_kept; ++i) {
-            block_gqsa4 blk;
-            if (gqsa3) {
-                gqsa3_to_gqsa4((const block_gqsa3 *) src + r * n_kept + i, &blk);
-            } else {
-                blk = ((const block_gqsa4 *) src)[r * n_kept + i];
-            }
-            const int64_t g = gqsa_block_index(&blk);
+            const uint8_t * b = (const uint8_t *) src + (size_t) (r * n_kept + i) * block_bytes;
+            uint16_t iz;
+            memcpy(&iz, b + sizeof(ggml_fp16_t), sizeof(iz));
+            const int64_t g = iz & GQSA_INDEX_MASK;
             if ((g + 1) * GQSA_GROUP_SIZE > width) {
                 continue; // invalid data: callers validate first; never write out of bounds
             }
-            dequantize_row_gqsa4(&blk, tmp, GQSA_GROUP_SIZE);
-            memcpy(row + g * GQSA_GROUP_SIZE, tmp, sizeof(tmp));
+            dequantize(b, row + g * GQSA_GROUP_SIZE);
         }
     }
 }
 
 void ggml_gqsa_dequantize_rows(const void * src, int64_t nrows, int64_t n_kept, int64_t width, float * dst) {
-    gqsa_dequantize_rows(src, nrows, n_kept, width, dst, false);
+    gqsa_dequantize_rows(gqsa4_dequantize_block, sizeof(block_gqsa4), src, nrows, n_kept, width, dst);
 }
 
 void ggml_gqsa3_dequantize_rows(const void * src, int64_t nrows, int64_t n_kept, int64_t width, float * dst) {
-    gqsa_dequantize_rows(src, nrows, n_kept, width, dst, true);
+    gqsa_dequantize_rows(gqsa3_dequantize_block, sizeof(block_gqsa3), src, nrows, n_kept, width, dst);
 }

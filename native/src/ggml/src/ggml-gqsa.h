@@ -58,7 +58,9 @@ static_assert(sizeof(block_gqsa4) == GQSA_BLOCK_BYTES, "wrong gqsa4 block size/p
 
 // One kept group of 16 weights with 3-bit codes: w[16*g + j] = (q[j] - z) * d, q[j] and z in 0..7.
 // 16 + 12 + 4 + 48 = 80 bits per 16 stored weights: 5 bits per stored weight, 5*keep per logical
-// weight (3.0 at 40 % sparsity). The CPU backend widens the codes to gqsa4 blocks where it repacks.
+// weight (3.0 at 40 % sparsity). The CPU backend repacks rows of 8 blocks or more into 80-byte
+// superblocks with kernels of their own (ggml-cpu-gqsa.c), and widens the file layout's blocks to
+// gqsa4 ones (gqsa3_to_gqsa4) for the gqsa4 kernels.
 typedef struct {
     ggml_fp16_t d;                        // scale
     uint16_t  iz;                       // bits 0..11: group index g; bits 12..14: zero point z (bit 15: 0)

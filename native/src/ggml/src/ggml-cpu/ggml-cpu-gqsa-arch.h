@@ -3,7 +3,8 @@
 //   arch/x86/ggml-cpu-gqsa.c   GQSA_CPU_X86: AVX2 (with AVX-512 VNNI or AVX-VNNI dot products where
 //                              present); every kernel, superblocks (repacked weights) included
 //   arch/arm/ggml-cpu-gqsa.c   GQSA_CPU_ARM: NEON on aarch64 (with the dot-product instructions
-//                              where present); every kernel but the superblock ones
+//                              where present); every kernel but the superblock ones, gqsa3's
+//                              file-layout ones included
 //
 // An ISA file is compiled on its architecture only (the patch adds it to ggml-cpu's x86 or ARM
 // source list) and holds code only where its ISA is enabled. ggml-cpu-gqsa.c holds the scalar
@@ -36,6 +37,12 @@
 #define GQSA_CPU_PANELS 0       // ggml's vec_dot loop runs mul_mat, with the generic kernels
 #endif
 
+#if defined(GQSA_CPU_ARM)
+#define GQSA_CPU_GQSA3_FILE 1   // the ISA file reads gqsa3 blocks in the file layout (ggml_gqsa3_row, ..._panel_pass)
+#else
+#define GQSA_CPU_GQSA3_FILE 0   // ggml-cpu-gqsa.c widens them to gqsa4 blocks for the gqsa4 kernels
+#endif
+
 // The walks are inlined wherever they are called, before the compiler decides what else to inline
 // or specialize (without this, GCC 12 inlined gqsa_panel_pass too late and left the panel kernel
 // out of line with a variable panel count: its accumulators in memory).
@@ -59,17 +66,27 @@ extern "C" {
 // rows (row i at x + i*row_bytes, n units): for each row, the units from cur[i] on whose group is
 // < gend (a row's units are sorted by group), acc[i][p][c] += those units . column c of panel p for
 // np = 1..4 panels, and cur[i] moves past them. Units are blocks (ggml_gqsa_panel_pass) or
-// superblocks (ggml_gqsa_sb_panel_pass, GQSA_CPU_X86 only; a superblock goes by the group of its
-// first block). Coarse on purpose: a call per row and window measured 10-30 % slower on 64-column
-// prompts. The ISA files define them with the walk gqsa_panel_pass.
-void ggml_gqsa_panel_pass   (const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
-                             const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
-void ggml_gqsa_sb_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
-                             const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
+// superblocks (ggml_gqsa_sb_panel_pass, ggml_gqsa3_sb_panel_pass of gqsa3 superblocks; GQSA_CPU_X86
+// only; a superblock goes by the group of its first block). Coarse on purpose: a call per row and
+// window measured 10-30 % slower on 64-column prompts. The ISA files define them with the walk
+// gqsa_panel_pass.
+void ggml_gqsa_panel_pass    (const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                              const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
+void ggml_gqsa_sb_panel_pass (const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                              const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
+void ggml_gqsa3_sb_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                              const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
 
 // One gqsa4 row of nb blocks . one decode activation row (gqsa_q8), from the ISA files only: the
 // kernel of ggml_vec_dot_gqsa4_gqsa_q8, which ggml-cpu-gqsa.c defines
 float ggml_gqsa_row(const void * GGML_RESTRICT x, int nb, const void * GGML_RESTRICT y);
+
+// The same for gqsa3 rows and the panel pass of their blocks (as ggml_gqsa_panel_pass), from the ISA
+// files that read gqsa3's file layout themselves (GQSA_CPU_GQSA3_FILE); ggml-cpu-gqsa.c defines them
+// elsewhere, on widened blocks
+float ggml_gqsa3_row(const void * GGML_RESTRICT x, int nb, const void * GGML_RESTRICT y);
+void  ggml_gqsa3_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                            const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
 
 // ---- the kernels an ISA file passes to the walks ----------------------------------------------
 
@@ -87,6 +104,10 @@ typedef uint32_t (*gqsa_unit_group_fn)(const void * unit);
 
 static inline uint32_t gqsa_block_group(const void * unit) {
     return gqsa_block_index((const block_gqsa4 *) unit);
+}
+
+static inline uint32_t gqsa3_block_group(const void * unit) {
+    return ((const block_gqsa3 *) unit)->iz & GQSA_INDEX_MASK;
 }
 
 // ---- the walks -----------------------------------------------------------------------------------

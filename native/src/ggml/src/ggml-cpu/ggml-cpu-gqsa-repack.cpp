@@ -1,13 +1,12 @@
-// CPU_GQSA: the CPU backend's buffer type for repacked gqsa4 weights (gqsa-gguf).
+// CPU_GQSA: the CPU backend's buffer type for repacked gqsa4 and gqsa3 weights (gqsa-gguf).
 //
 // llama.cpp offers the CPU backend's extra buffer types to every weight; this one accepts the
 // gqsa4 and gqsa3 weights of a mul_mat whose rows keep at least 8 blocks, on builds with the AVX2
 // kernels. Loading such a weight repacks each row into superblocks and a tail of n_kept % 8 blocks
-// as stored (ggml_gqsa_sb_repack: same bytes, arranged for the kernels; see "Repacked weights" in
-// ggml-cpu-gqsa.c), and its mul_mats run ggml_gqsa_mul_mat_sb. A gqsa3 weight is widened to gqsa4
-// blocks first (ggml_gqsa3_sb_repack): it takes 12/10 of its file bytes here (get_alloc_size) and
-// runs the gqsa4 kernels. Other weights stay in the plain CPU buffer and run ggml_gqsa_mul_mat on
-// the file layout. GGML_GQSA_REPACK=0 in the environment turns repacking off (for comparisons).
+// as stored (ggml_gqsa_sb_repack, ggml_gqsa3_sb_repack: same bytes, arranged for the kernels; see
+// "Repacked weights" in ggml-cpu-gqsa.c), and its mul_mats run ggml_gqsa_mul_mat_sb. Other weights
+// stay in the plain CPU buffer and run ggml_gqsa_mul_mat on the file layout. GGML_GQSA_REPACK=0 in
+// the environment turns repacking off (for comparisons).
 #include "ggml-cpu-gqsa-repack.h"
 
 #include "ggml-backend-impl.h"
@@ -35,14 +34,6 @@ bool gqsa_repack_enabled() {
 
 int gqsa_n_kept(const ggml_tensor * t) {
     return (int) (t->ne[0] / GQSA_GROUP_SIZE);
-}
-
-// bytes of a tensor here: a gqsa3 weight widened to gqsa4 blocks, the rest as in the file
-size_t gqsa_repacked_bytes(const ggml_tensor * t) {
-    if (t->type == GGML_TYPE_GQSA3) {
-        return (size_t) ggml_nrows(t) * (size_t) gqsa_n_kept(t) * sizeof(block_gqsa4);
-    }
-    return ggml_nbytes(t);
 }
 
 class gqsa_tensor_traits : public ggml::cpu::tensor_traits {
@@ -155,11 +146,6 @@ size_t gqsa_buft_get_alignment(ggml_backend_buffer_type_t buft) {
     return 64;
 }
 
-size_t gqsa_buft_get_alloc_size(ggml_backend_buffer_type_t buft, const ggml_tensor * tensor) {
-    GGML_UNUSED(buft);
-    return gqsa_repacked_bytes(tensor);
-}
-
 }  // namespace
 
 ggml_backend_buffer_type_t ggml_backend_cpu_gqsa_buffer_type(void) {
@@ -169,7 +155,7 @@ ggml_backend_buffer_type_t ggml_backend_cpu_gqsa_buffer_type(void) {
             /* .alloc_buffer     = */ gqsa_buft_alloc_buffer,
             /* .get_alignment    = */ gqsa_buft_get_alignment,
             /* .get_max_size     = */ nullptr,   // SIZE_MAX
-            /* .get_alloc_size   = */ gqsa_buft_get_alloc_size,   // gqsa3: widened, 12/10 of the file's
+            /* .get_alloc_size   = */ nullptr,   // ggml_nbytes: superblocks take the file's bytes
             /* .is_host          = */ nullptr,
         },
         /* .device   = */ ggml_backend_reg_dev_get(ggml_backend_cpu_reg(), 0),

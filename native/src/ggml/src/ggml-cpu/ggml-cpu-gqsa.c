@@ -10,7 +10,7 @@
 //
 // Layouts:
 //  - weights: block_gqsa4 rows (docs/FORMAT.md), read as stored; block_gqsa3 rows, widened to gqsa4
-//    blocks a chunk at a time for the gqsa4 kernels (see "gqsa3" below);
+//    blocks a chunk at a time for the gqsa4 kernels (see "gqsa3 in the file layout" below);
 //  - decode (one activation column): the documented gqsa_q8 row, 24 bytes per group;
 //  - batches of >= GQSA_PANEL columns: the mul_mat driver quantizes GQSA_PANEL columns at a time
 //    into a "panel", column-interleaved per group (see "Panels" below), so that one weight
@@ -18,7 +18,8 @@
 //    Same quantized values (bit-exact with quantize_row_gqsa_q8_ref), same 24 bytes per group and
 //    column, so the panels fit the work buffer ggml sizes for gqsa_q8;
 //  - weights repacked at load into superblocks (AVX2, rows keeping at least 8 blocks; the
-//    CPU_GQSA buffer type): see "Repacked weights" below, and docs/DESIGN.md.
+//    CPU_GQSA buffer type), gqsa4 and gqsa3 each in its own, with kernels of its own: see
+//    "Repacked weights" below, and docs/DESIGN.md.
 #include "ggml-cpu-gqsa-arch.h"
 #include "ggml-cpu-impl.h"
 #include "simd-mappings.h"
@@ -56,31 +57,60 @@ const char * ggml_gqsa_cpu_kernels(void) {
 // Dot product of one weight row with one activation row
 // ---------------------------------------------------------------------------------------------
 
-static inline float gqsa_block_dot_generic(const block_gqsa4 * GGML_RESTRICT b, const block_gqsa_q8 * GGML_RESTRICT y) {
+// One block's contribution from its integer sum: d_w * (d_x * sumi - z * s_x)
+static inline float gqsa_block_value(ggml_fp16_t d, uint32_t z, int sumi, const block_gqsa_q8 * a) {
+    return GGML_CPU_FP16_TO_FP32(d) * (a->d * (float) sumi - (float) z * a->s);
+}
+
+// One block of either type . the activation group its index names (y: the row's groups)
+typedef float (*gqsa_block_dot_fn)(const void * GGML_RESTRICT block, const block_gqsa_q8 * GGML_RESTRICT y);
+
+static float gqsa4_block_dot_generic(const void * GGML_RESTRICT vb, const block_gqsa_q8 * GGML_RESTRICT y) {
+    const block_gqsa4 * b = (const block_gqsa4 *) vb;
     const block_gqsa_q8 * a = y + gqsa_block_index(b);
     int sumi = 0;
     for (int j = 0; j < GQSA_HALF; ++j) {
         sumi += (b->qs[j] & 0x0F) * a->qs[j];
         sumi += (b->qs[j] >>   4) * a->qs[j + GQSA_HALF];
     }
-    return GGML_CPU_FP16_TO_FP32(b->d) * (a->d * (float) sumi - (float) gqsa_block_zero(b) * a->s);
+    return gqsa_block_value(b->d, gqsa_block_zero(b), sumi, a);
+}
+
+// reads the 3-bit codes as the format defines them (gqsa3_code), independently of the kernels' layouts
+static float gqsa3_block_dot_generic(const void * GGML_RESTRICT vb, const block_gqsa_q8 * GGML_RESTRICT y) {
+    const block_gqsa3 * b = (const block_gqsa3 *) vb;
+    const block_gqsa_q8 * a = y + (b->iz & GQSA_INDEX_MASK);
+    int sumi = 0;
+    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+        sumi += gqsa3_code(b, j) * a->qs[j];
+    }
+    return gqsa_block_value(b->d, b->iz >> GQSA_INDEX_BITS, sumi, a);
+}
+
+// The scalar vec_dot of either type: the n/16 blocks of the row at vx (block_bytes apart), in storage order
+static void gqsa_vec_dot_generic(gqsa_block_dot_fn dot, size_t block_bytes, int n, float * GGML_RESTRICT s,
+                                 const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
+    assert(n % GQSA_GROUP_SIZE == 0);
+    const int nb = n / GQSA_GROUP_SIZE;
+    float sumf = 0.0f;
+    for (int i = 0; i < nb; ++i) {
+        sumf += dot((const uint8_t *) vx + (size_t) i * block_bytes, (const block_gqsa_q8 *) vy);
+    }
+    *s = sumf;
 }
 
 void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
                                         size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
     assert(nrc == 1);
-    assert(n % GQSA_GROUP_SIZE == 0);
     GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+    gqsa_vec_dot_generic(gqsa4_block_dot_generic, sizeof(block_gqsa4), n, s, vx, vy);
+}
 
-    const block_gqsa4   * GGML_RESTRICT x = (const block_gqsa4 *) vx;
-    const block_gqsa_q8 * GGML_RESTRICT y = (const block_gqsa_q8 *) vy;
-    const int nb = n / GQSA_GROUP_SIZE;
-
-    float sumf = 0.0f;
-    for (int i = 0; i < nb; ++i) {
-        sumf += gqsa_block_dot_generic(x + i, y);
-    }
-    *s = sumf;
+void ggml_vec_dot_gqsa3_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
+                                        size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
+    gqsa_vec_dot_generic(gqsa3_block_dot_generic, sizeof(block_gqsa3), n, s, vx, vy);
 }
 
 void ggml_gqsa_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
@@ -105,46 +135,23 @@ void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
 }
 
 // ---------------------------------------------------------------------------------------------
-// gqsa3: 3-bit blocks, run by the gqsa4 kernels on their widened copies
+// gqsa3 in the file layout: run by the gqsa4 kernels on widened copies
 // ---------------------------------------------------------------------------------------------
 //
 // A gqsa3 block and its gqsa4 widening (gqsa3_to_gqsa4: same d and iz, each code a nibble) have the
-// same weights, so every gqsa4 kernel computes a gqsa3 dot product exactly as it does gqsa4's. The
-// repacked weights (CPU_GQSA) are widened once at load; a weight in the file layout is widened here
-// GQSA3_CHUNK blocks at a time, into a buffer on the stack, for each kernel call.
+// same weights, so every gqsa4 kernel computes a gqsa3 dot product exactly as it does gqsa4's. On
+// x86 a weight in the file layout (rows of fewer than 8 blocks, GGML_GQSA_REPACK=0) is widened here
+// GQSA3_CHUNK blocks at a time, into a buffer on the stack, for each kernel call
+// (ggml_gqsa3_row, ggml_gqsa3_panel_pass); the ARM file reads the 3-bit codes itself
+// (GQSA_CPU_GQSA3_FILE), and the repacked weights (CPU_GQSA) have kernels of their own that do
+// ("Repacked weights" below).
 
 #define GQSA3_CHUNK 64
 
-static inline float gqsa3_block_dot_generic(const block_gqsa3 * GGML_RESTRICT b,
-                                            const block_gqsa_q8 * GGML_RESTRICT y) {
-    const block_gqsa_q8 * a = y + (b->iz & GQSA_INDEX_MASK);
-    int sumi = 0;
-    for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
-        sumi += gqsa3_code(b, j) * a->qs[j];
-    }
-    return GGML_CPU_FP16_TO_FP32(b->d) * (a->d * (float) sumi - (float) (b->iz >> GQSA_INDEX_BITS) * a->s);
-}
-
-void ggml_vec_dot_gqsa3_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
-                                        size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {
-    assert(nrc == 1);
-    assert(n % GQSA_GROUP_SIZE == 0);
-    GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
-
-    const block_gqsa3   * GGML_RESTRICT x = (const block_gqsa3 *) vx;
-    const block_gqsa_q8 * GGML_RESTRICT y = (const block_gqsa_q8 *) vy;
-    const int nb = n / GQSA_GROUP_SIZE;
-
-    float sumf = 0.0f;
-    for (int i = 0; i < nb; ++i) {
-        sumf += gqsa3_block_dot_generic(x + i, y);
-    }
-    *s = sumf;
-}
-
-#if GQSA_CPU_PANELS
+#if GQSA_CPU_PANELS && !GQSA_CPU_GQSA3_FILE
 // one gqsa3 row of nb blocks . a decode activation row, by the ISA row kernel on widened chunks
-static float gqsa3_row(const block_gqsa3 * GGML_RESTRICT x, int nb, const void * GGML_RESTRICT y) {
+float ggml_gqsa3_row(const void * GGML_RESTRICT vx, int nb, const void * GGML_RESTRICT y) {
+    const block_gqsa3 * x = (const block_gqsa3 *) vx;
     block_gqsa4 w[GQSA3_CHUNK];
     float sumf = 0.0f;
     for (int i0 = 0; i0 < nb; i0 += GQSA3_CHUNK) {
@@ -164,7 +171,7 @@ void ggml_vec_dot_gqsa3_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
     assert(nrc == 1);
     assert(n % GQSA_GROUP_SIZE == 0);
     GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);
-    *s = gqsa3_row((const block_gqsa3 *) vx, n / GQSA_GROUP_SIZE, vy);
+    *s = ggml_gqsa3_row(vx, n / GQSA_GROUP_SIZE, vy);
 #else
     ggml_vec_dot_gqsa3_gqsa_q8_generic(n, s, bs, vx, bx, vy, by, nrc);
 #endif
@@ -244,10 +251,24 @@ void ggml_gqsa_panel_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int
 //                    blocks 4h+1 and 4h+3
 // The lane order is the order in which the decode step's reduction leaves the 8 block sums, so the
 // scales and zero points are used as loaded; one 32-byte load gives 4 blocks' weights with an AND
-// and a shift; gz & 0xFFF0 is the byte offset of a block's group in the decode activation layout:
-//     int8 qs[G][16], then float ds[G][4] = {d, s, 0, 0} (32 bytes per group).
+// and a shift; 2 * (gz & 0xFFF0) is the byte offset of a block's group in the decode activations:
+//     per group g, at 32 g: int8 qs[16], then float d, s, 0, 0
+// (one 32-byte load per block brings its group's qs, d and s; two 128-bit permutes per pair of
+// blocks part them: on Zen 5 the step is bound by its loads, and this layout measured 8-17 % faster
+// per block than qs and (d, s) in separate arrays, which take two loads).
 // Same bytes as the file layout; the decode step measured 25-30 % faster per block (benchmarks, not
 // tests, hold the numbers: docs/DESIGN.md, docs/bench-llama-7b.md).
+//
+// A gqsa3 weight is repacked the same way into 80-byte superblocks (gqsa3_sb8), 10 bytes a block as
+// in the file, and a tail of n_kept % 8 gqsa3 blocks as stored. The headers are those of gqsa_sb8;
+// the codes are arranged for the decode step's four 32-byte code vectors, pair p = 0..3 holding
+// block 2p in its low 128-bit lane and block 2p+1 in its high one (L = 0, 1 below), 16 codes each:
+//     uint8  qa[32]  byte 16L + k: code k of block L (bits 0-2), of block 2+L (bits 3-5), the low
+//                    two bits of code k of block 4+L (bits 6-7)
+//     uint8  qb[16]  byte k: nibble L (bits 4L..4L+3): code k of block 6+L (bits 0-2), the third
+//                    bit of code k of block 4+L (bit 3)
+// One 32-byte load (qa) and one 16-byte broadcast (qb, shifted by 4 in the high lane) then give the
+// four vectors by shifts and ANDs, and one OR for pair 2: ten vector operations per 8 blocks.
 
 static const int gqsa_sb_lane[GQSA_SB_BLOCKS] = { 0, 2, 4, 6, 1, 3, 5, 7 };
 
@@ -311,24 +332,49 @@ void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT ds
     }
 }
 
-// gqsa3: each superblock from the 8 widened blocks, the tail widened in place
+// Code k of block b (0..7, in row order) of a gqsa3 superblock: the layout above, read back
+static inline int gqsa3_sb_code(const gqsa3_sb8 * t, int b, int k) {
+    const int L = b & 1;
+    const int a = t->qa[GQSA_GROUP_SIZE * L + k];
+    const int h = t->qb[k] >> (4 * L);
+    switch (b >> 1) {
+        case 0:  return a & 7;
+        case 1:  return (a >> 3) & 7;
+        case 2:  return (a >> 6) | ((h >> 3) & 1) << 2;
+        default: return h & 7;
+    }
+}
+
+// row r of a repacked gqsa3 weight: its superblocks, then its tail blocks
+static inline const gqsa3_sb8 * gqsa3_sb_row(const void * x, int n_kept, int64_t r) {
+    return (const gqsa3_sb8 * ) ((const uint8_t *) x + (size_t) r * n_kept * sizeof(block_gqsa3));
+}
+
 void ggml_gqsa3_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows) {
     assert(n_kept >= GQSA_SB_BLOCKS);
-    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;   // never straddle a row
     for (int64_t r = 0; r < nrows; ++r) {
         const block_gqsa3 * x = (const block_gqsa3 *) src + r * n_kept;
-        gqsa_sb8 * t = (gqsa_sb8 *) ((uint8_t *) dst + (size_t) r * n_kept * sizeof(block_gqsa4));
-        block_gqsa4 b[GQSA_SB_BLOCKS];
+        gqsa3_sb8 * t = (gqsa3_sb8 *) ((uint8_t *) dst + (size_t) r * n_kept * sizeof(block_gqsa3));
         for (int s = 0; s < nsb; ++s) {
+            const block_gqsa3 * b = x + GQSA_SB_BLOCKS * s;
             for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
-                gqsa3_to_gqsa4(x + GQSA_SB_BLOCKS * s + l, b + l);
+                const block_gqsa3 * c = b + gqsa_sb_lane[l];
+                t[s].gz[l] = (uint16_t) ((c->iz & GQSA_INDEX_MASK) << 4 | c->iz >> GQSA_INDEX_BITS);
+                t[s].d[l]  = c->d;
             }
-            ggml_gqsa_sb_repack(b, t + s, GQSA_SB_BLOCKS, 1);
+            for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
+                int qb = 0;
+                for (int L = 0; L < 2; ++L) {
+                    const int q0 = gqsa3_code(b + L, k), q1 = gqsa3_code(b + 2 + L, k);
+                    const int q2 = gqsa3_code(b + 4 + L, k), q3 = gqsa3_code(b + 6 + L, k);
+                    t[s].qa[GQSA_GROUP_SIZE * L + k] = (uint8_t) (q0 | q1 << 3 | (q2 & 3) << 6);
+                    qb |= (q3 | (q2 >> 2) << 3) << (4 * L);
+                }
+                t[s].qb[k] = (uint8_t) qb;
+            }
         }
-        for (int k = 0; k < tail; ++k) {
-            gqsa3_to_gqsa4(x + GQSA_SB_BLOCKS * nsb + k, b + k);
-        }
-        memcpy(t + nsb, b, (size_t) tail * sizeof(block_gqsa4));
+        memcpy(t + nsb, x + GQSA_SB_BLOCKS * nsb, (size_t) tail * sizeof(block_gqsa3));
     }
 }
 
@@ -336,40 +382,55 @@ void ggml_gqsa3_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT d
     assert(n_kept >= GQSA_SB_BLOCKS);
     const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
     for (int64_t r = 0; r < nrows; ++r) {
-        const gqsa_sb8 * t = gqsa_sb_row(src, n_kept, r);
+        const gqsa3_sb8 * t = gqsa3_sb_row(src, n_kept, r);
         block_gqsa3 * x = (block_gqsa3 *) dst + r * n_kept;
-        block_gqsa4 b[GQSA_SB_BLOCKS];
         for (int s = 0; s < nsb; ++s) {
-            ggml_gqsa_sb_unpack(t + s, b, GQSA_SB_BLOCKS, 1);
+            block_gqsa3 * b = x + GQSA_SB_BLOCKS * s;
             for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
-                gqsa4_to_gqsa3(b + l, x + GQSA_SB_BLOCKS * s + l);
+                block_gqsa3 * c = b + gqsa_sb_lane[l];
+                c->d  = t[s].d[l];
+                c->iz = (uint16_t) ((t[s].gz[l] >> 4) | (t[s].gz[l] & 0x0F) << GQSA_INDEX_BITS);
+            }
+            for (int m = 0; m < GQSA_SB_BLOCKS; ++m) {      // the format's packing (docs/FORMAT.md)
+                uint32_t qh = 0;
+                memset(b[m].ql, 0, sizeof(b[m].ql));
+                for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
+                    const int q = gqsa3_sb_code(t + s, m, k);
+                    b[m].ql[k & 3] |= (uint8_t) ((q & 3) << (2 * (k >> 2)));
+                    qh |= (uint32_t) (q >> 2) << k;
+                }
+                b[m].qh = (uint16_t) qh;
             }
         }
-        memcpy(b, t + nsb, (size_t) tail * sizeof(block_gqsa4));
-        for (int k = 0; k < tail; ++k) {
-            gqsa4_to_gqsa3(b + k, x + GQSA_SB_BLOCKS * nsb + k);
-        }
+        memcpy(x + GQSA_SB_BLOCKS * nsb, t + nsb, (size_t) tail * sizeof(block_gqsa3));
     }
+}
+
+// The decode activations of group g (layout above): its qs, and its floats d, s
+static inline const int8_t * gqsa_sb_act_qs(const void * y, int64_t g) {
+    return (const int8_t *) y + GQSA_SB_ACT_GROUP_BYTES * g;
+}
+
+static inline const float * gqsa_sb_act_ds(const void * y, int64_t g) {
+    return (const float *) ((const uint8_t *) y + GQSA_SB_ACT_GROUP_BYTES * g + GQSA_GROUP_SIZE);
 }
 
 void ggml_gqsa_sb_quantize_act_generic(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t G,
                                        int64_t g0, int64_t g1) {
-    int8_t * qs = (int8_t *) vy;
-    float  * ds = (float *) (qs + GQSA_GROUP_SIZE * G);
+    GGML_UNUSED(G);
     for (int64_t g = g0; g < g1; ++g) {
         block_gqsa_q8 blk;
         quantize_row_gqsa_q8_ref(x + g * GQSA_GROUP_SIZE, &blk, GQSA_GROUP_SIZE);
-        memcpy(qs + GQSA_GROUP_SIZE * g, blk.qs, GQSA_GROUP_SIZE);
-        ds[4 * g]     = blk.d;
-        ds[4 * g + 1] = blk.s;
-        ds[4 * g + 2] = ds[4 * g + 3] = 0.0f;
+        uint8_t * a = (uint8_t *) vy + GQSA_SB_ACT_GROUP_BYTES * g;
+        const float ds[4] = { blk.d, blk.s, 0.0f, 0.0f };
+        memcpy(a, blk.qs, GQSA_GROUP_SIZE);
+        memcpy(a + GQSA_GROUP_SIZE, ds, sizeof(ds));
     }
 }
 
 void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                                const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
-    const int8_t * qs = (const int8_t *) vy;
-    const float  * ds = (const float *) (qs + GQSA_GROUP_SIZE * G);
+    GGML_UNUSED(G);
     const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
     for (int64_t r = 0; r < nrows; ++r) {
         const gqsa_sb8 * t = gqsa_sb_row(vx, n_kept, r);
@@ -381,27 +442,66 @@ void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_
                 const uint8_t * q = u->qs + 32 * (b / 4) + 16 * (b & 1);
                 const int sh = 4 * ((b >> 1) & 1);
                 const int g = u->gz[l] >> 4;
+                const int8_t * qs = gqsa_sb_act_qs(vy, g);
+                const float  * ds = gqsa_sb_act_ds(vy, g);
                 int sumi = 0;
                 for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
-                    sumi += ((q[k] >> sh) & 0x0F) * qs[GQSA_GROUP_SIZE * g + k];
+                    sumi += ((q[k] >> sh) & 0x0F) * qs[k];
                 }
-                sumf += GGML_CPU_FP16_TO_FP32(u->d[l]) * (ds[4 * g] * (float) sumi - (float) (u->gz[l] & 0x0F) * ds[4 * g + 1]);
+                sumf += GGML_CPU_FP16_TO_FP32(u->d[l]) * (ds[0] * (float) sumi - (float) (u->gz[l] & 0x0F) * ds[1]);
             }
         }
         const block_gqsa4 * b = (const block_gqsa4 *) (t + nsb);
         for (int k = 0; k < tail; ++k) {                     // the tail: blocks as stored
             const int g = gqsa_block_index(b + k);
+            const int8_t * qs = gqsa_sb_act_qs(vy, g);
+            const float  * ds = gqsa_sb_act_ds(vy, g);
             int sumi = 0;
             for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
-                sumi += gqsa_weight(b + k, j) * qs[GQSA_GROUP_SIZE * g + j];
+                sumi += gqsa_weight(b + k, j) * qs[j];
             }
-            sumf += GGML_CPU_FP16_TO_FP32(b[k].d) * (ds[4 * g] * (float) sumi - (float) gqsa_block_zero(b + k) * ds[4 * g + 1]);
+            sumf += GGML_CPU_FP16_TO_FP32(b[k].d) * (ds[0] * (float) sumi - (float) gqsa_block_zero(b + k) * ds[1]);
         }
         out[r] = sumf;
     }
 }
 
-static_assert(sizeof(gqsa_sb8) == GQSA_SB_BLOCKS * GQSA_BLOCK_BYTES, "wrong gqsa_sb8 size/padding");
+void ggml_gqsa3_sb_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                                const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
+    GGML_UNUSED(G);
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const gqsa3_sb8 * t = gqsa3_sb_row(vx, n_kept, r);
+        float sumf = 0.0f;
+        for (int s = 0; s < nsb; ++s) {
+            for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
+                const int g = t[s].gz[l] >> 4;
+                const int8_t * qs = gqsa_sb_act_qs(vy, g);
+                const float  * ds = gqsa_sb_act_ds(vy, g);
+                int sumi = 0;
+                for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
+                    sumi += gqsa3_sb_code(t + s, gqsa_sb_lane[l], k) * qs[k];
+                }
+                sumf += GGML_CPU_FP16_TO_FP32(t[s].d[l]) * (ds[0] * (float) sumi - (float) (t[s].gz[l] & 0x0F) * ds[1]);
+            }
+        }
+        const block_gqsa3 * b = (const block_gqsa3 *) (t + nsb);
+        for (int k = 0; k < tail; ++k) {                     // the tail: blocks as stored
+            const int g = b[k].iz & GQSA_INDEX_MASK;
+            const int8_t * qs = gqsa_sb_act_qs(vy, g);
+            const float  * ds = gqsa_sb_act_ds(vy, g);
+            int sumi = 0;
+            for (int j = 0; j < GQSA_GROUP_SIZE; ++j) {
+                sumi += gqsa3_code(b + k, j) * qs[j];
+            }
+            sumf += GGML_CPU_FP16_TO_FP32(b[k].d) * (ds[0] * (float) sumi - (float) (b[k].iz >> GQSA_INDEX_BITS) * ds[1]);
+        }
+        out[r] = sumf;
+    }
+}
+
+static_assert(sizeof(gqsa_sb8)  == GQSA_SB_BLOCKS * GQSA_BLOCK_BYTES,  "wrong gqsa_sb8 size/padding");
+static_assert(sizeof(gqsa3_sb8) == GQSA_SB_BLOCKS * GQSA3_BLOCK_BYTES, "wrong gqsa3_sb8 size/padding");
 
 // ---------------------------------------------------------------------------------------------
 // The public kernel names where no ISA file defines them: the generic kernels
@@ -434,6 +534,11 @@ void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRI
 void ggml_gqsa_sb_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
                        int64_t G, float * GGML_RESTRICT out) {
     ggml_gqsa_sb_rows_generic(x, n_kept, nrows, y, G, out);
+}
+
+void ggml_gqsa3_sb_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
+                        int64_t G, float * GGML_RESTRICT out) {
+    ggml_gqsa3_sb_rows_generic(x, n_kept, nrows, y, G, out);
 }
 #endif
 
@@ -511,9 +616,10 @@ size_t ggml_gqsa_sb_work_size(const struct ggml_tensor * dst) {
 }
 
 // A weight layout as the driver sees it: each row a run of units (blocks in the file layout,
-// superblocks when repacked), sorted by group; its decode activations; its kernels.
+// superblocks when repacked, then a repacked row's tail of blocks), sorted by group; its decode
+// activations; its kernels.
 typedef struct {
-    size_t block_bytes;         // bytes per block in this layout (a gqsa3 weight repacked: widened, 12)
+    size_t block_bytes;         // bytes per block (12 gqsa4, 10 gqsa3: repacked rows keep the file's bytes)
     size_t unit_bytes;
     size_t act_group_bytes;     // decode activation bytes per group
     // decode activations: groups [g0, g1) of column x (G groups) into y
@@ -521,9 +627,12 @@ typedef struct {
     // out[r] = row r . decode column y, for nrows rows of n_kept blocks
     void (*rows)(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y, int64_t G,
                  float * GGML_RESTRICT out);
-    // one K window for a pass of rows against np panels (ggml-cpu-gqsa-arch.h)
+    // one K window for a pass of rows against np panels (ggml-cpu-gqsa-arch.h): of the units, and
+    // of the blocks of a repacked row's tail (NULL where rows have no tail)
     void (*panel_pass)(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
                        const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
+    void (*tail_pass)(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                      const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]);
 } gqsa_layout;
 
 static void gqsa_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1) {
@@ -542,14 +651,16 @@ static void gqsa3_rows(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, 
                        float * GGML_RESTRICT out) {
     GGML_UNUSED(G);
     for (int64_t r = 0; r < nrows; ++r) {
-        out[r] = gqsa3_row((const block_gqsa3 *) x + r * n_kept, n_kept, y);
+        out[r] = ggml_gqsa3_row((const block_gqsa3 *) x + r * n_kept, n_kept, y);
     }
 }
 
-// the panel pass of gqsa3 rows: each row's blocks in the window, widened a chunk at a time, through
-// the gqsa4 panel pass (one row per call, its accumulators acc[i])
-static void gqsa3_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
-                             const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+#if !GQSA_CPU_GQSA3_FILE
+// the panel pass of gqsa3 blocks (file-layout rows, and the tails of repacked ones): each row's
+// blocks in the window, widened a chunk at a time, through the gqsa4 panel pass (one row per call,
+// its accumulators acc[i])
+void ggml_gqsa3_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                           const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
     block_gqsa4 w[GQSA3_CHUNK];
     for (int i = 0; i < nr; ++i) {
         const block_gqsa3 * xr = (const block_gqsa3 *) (x + i * row_bytes);
@@ -569,19 +680,20 @@ static void gqsa3_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, 
     }
 }
 #endif
+#endif
 
 // The layout the driver runs for a weight of `type`, chosen once per mul_mat; NULL where this build
 // has no panel kernels for it: then ggml's generic vec_dot loop over (row, column) is as good, and
-// superblocks exist only where the AVX2 kernels do. Repacked, a gqsa3 weight is a gqsa4 one.
+// superblocks exist only where the AVX2 kernels do.
 static const gqsa_layout * gqsa_layout_of(enum ggml_type type, bool sb) {
 #if GQSA_CPU_PANELS
     static const gqsa_layout file_rows = {
         sizeof(block_gqsa4), sizeof(block_gqsa4), GQSA_ACT_BLOCK_BYTES, gqsa_quantize_act, gqsa_rows,
-        ggml_gqsa_panel_pass,
+        ggml_gqsa_panel_pass, NULL,
     };
     static const gqsa_layout file_rows3 = {
         sizeof(block_gqsa3), sizeof(block_gqsa3), GQSA_ACT_BLOCK_BYTES, gqsa_quantize_act, gqsa3_rows,
-        gqsa3_panel_pass,
+        ggml_gqsa3_panel_pass, NULL,
     };
     if (!sb) {
         return type == GGML_TYPE_GQSA3 ? &file_rows3 : &file_rows;
@@ -590,10 +702,13 @@ static const gqsa_layout * gqsa_layout_of(enum ggml_type type, bool sb) {
 #if defined(GQSA_CPU_X86)
     static const gqsa_layout superblocks = {
         sizeof(block_gqsa4), sizeof(gqsa_sb8), ggml_gqsa_sb_act_bytes(1), ggml_gqsa_sb_quantize_act,
-        ggml_gqsa_sb_rows, ggml_gqsa_sb_panel_pass,
+        ggml_gqsa_sb_rows, ggml_gqsa_sb_panel_pass, ggml_gqsa_panel_pass,
     };
-    GGML_UNUSED(type);
-    return &superblocks;
+    static const gqsa_layout superblocks3 = {
+        sizeof(block_gqsa3), sizeof(gqsa3_sb8), ggml_gqsa_sb_act_bytes(1), ggml_gqsa_sb_quantize_act,
+        ggml_gqsa3_sb_rows, ggml_gqsa3_sb_panel_pass, ggml_gqsa3_panel_pass,
+    };
+    return type == GGML_TYPE_GQSA3 ? &superblocks3 : &superblocks;
 #else
     GGML_UNUSED(type);
     GGML_UNUSED(sb);
@@ -685,12 +800,10 @@ static void gqsa_mm_panels(const gqsa_mm * m, int64_t r0, int64_t r1) {
             const uint8_t * x = m->x + rb * m->row_bytes;
             for (int64_t gw = 0; gw < m->G; gw += win) {
                 m->L->panel_pass(x, m->row_bytes, m->nunit, nr, cur, (uint32_t) (gw + win), panels, npg, acc);
-#if GQSA_CPU_PANELS
                 if (m->tail > 0) {              // a repacked row's tail: blocks, after its superblocks
-                    ggml_gqsa_panel_pass(x + m->nunit * m->L->unit_bytes, m->row_bytes, m->tail, nr, cur_tail,
-                                         (uint32_t) (gw + win), panels, npg, acc);
+                    m->L->tail_pass(x + m->nunit * m->L->unit_bytes, m->row_bytes, m->tail, nr, cur_tail,
+                                    (uint32_t) (gw + win), panels, npg, acc);
                 }
-#endif
             }
             for (int i = 0; i < nr; ++i) {
                 for (int p = 0; p < npg; ++p) {
@@ -757,8 +870,7 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
 
 void ggml_gqsa_mul_mat_sb(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     // the buffer type accepted this mul_mat (ggml_gqsa_sb_supports_mul_mat) and sized the work
-    // buffer (ggml_gqsa_sb_work_size): ggml's generic path cannot read superblocks (nor widened
-    // gqsa3 blocks)
+    // buffer (ggml_gqsa_sb_work_size): ggml's generic path cannot read superblocks
     if (!gqsa_mul_mat(params, dst, true)) {
         GGML_ABORT("gqsa: mul_mat of repacked weight '%s' not handled", dst->src[0]->name);
     }

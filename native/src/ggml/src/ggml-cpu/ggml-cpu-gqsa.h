@@ -41,9 +41,9 @@ void ggml_vec_dot_gqsa4_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const
 void ggml_vec_dot_gqsa4_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
                                         size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 
-// The same for a gqsa3 row (ggml's vec_dot of gqsa3). With ISA kernels, the blocks widened to gqsa4
-// blocks a chunk at a time (gqsa3_to_gqsa4) and run by the gqsa4 kernel; the generic one reads the
-// 3-bit codes. The integer sums are those of the widened blocks: results equal gqsa4's to rounding.
+// The same for a gqsa3 row (ggml's vec_dot of gqsa3, the file layout). With ISA kernels, the blocks
+// widened to gqsa4 blocks a chunk at a time (gqsa3_to_gqsa4) and run by the gqsa4 kernel; the
+// generic one reads the 3-bit codes. The integer sums are those of the widened blocks.
 void ggml_vec_dot_gqsa3_gqsa_q8(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
                                 size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 void ggml_vec_dot_gqsa3_gqsa_q8_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
@@ -74,14 +74,24 @@ bool ggml_gqsa_mul_mat(const struct ggml_compute_params * params, struct ggml_te
 
 #define GQSA_SB_BLOCKS 8
 
-// 8 consecutive blocks of a row, rearranged for the AVX2 kernels; 96 bytes, as the 8 blocks
+// 8 consecutive gqsa4 blocks of a row, rearranged for the AVX2 kernels; 96 bytes, as the 8 blocks
 typedef struct {
     uint16_t    gz[GQSA_SB_BLOCKS];        // group index << 4 | zero point, in lane order
     ggml_fp16_t d[GQSA_SB_BLOCKS];         // scales, in lane order
     uint8_t     qs[4 * GQSA_SB_BLOCKS * 2]; // weights, two halves of 4 blocks
 } gqsa_sb8;
 
-// Whether this build repacks gqsa4 weights (AVX2 kernels) and whether rows of n_kept blocks can be
+// 8 consecutive gqsa3 blocks of a row, rearranged for the AVX2 kernels; 80 bytes, as the 8 blocks.
+// The headers as in gqsa_sb8; the 3-bit codes in one 32-byte and one 16-byte field (layout:
+// "Repacked weights" in ggml-cpu-gqsa.c)
+typedef struct {
+    uint16_t    gz[GQSA_SB_BLOCKS];        // group index << 4 | zero point, in lane order
+    ggml_fp16_t d[GQSA_SB_BLOCKS];         // scales, in lane order
+    uint8_t     qa[32];                    // per lane L: codes of blocks L, L+2, low bits of L+4
+    uint8_t     qb[16];                    // per nibble L: codes of block 6+L, third bits of 4+L
+} gqsa3_sb8;
+
+// Whether this build repacks gqsa4 and gqsa3 weights (AVX2 kernels) and whether rows of n_kept blocks can be
 bool ggml_gqsa_sb_available(void);
 // The decode step this build runs on superblocks: "avx512" (two per step, 512-bit registers),
 // "avx2" (one per step, 256-bit), "none" (no repacking)
@@ -91,14 +101,14 @@ bool ggml_gqsa_sb_supported(int n_kept);
 // n_kept % 8 blocks as stored (its tail); same bytes per row. src and dst must not overlap
 void ggml_gqsa_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
 void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
-// gqsa3 rows (n_kept >= 8) <-> repacked rows of their gqsa4 expansion (gqsa3_to_gqsa4, then as
-// ggml_gqsa_sb_repack): n_kept * 12 bytes per repacked row, 12/10 of the gqsa3 row. The mul_mat of
-// such a weight runs ggml_gqsa_mul_mat_sb exactly as a gqsa4 one. src and dst must not overlap
+// gqsa3 rows (n_kept >= 8) <-> repacked rows: n_kept / 8 gqsa3 superblocks (gqsa3_sb8), then the
+// row's last n_kept % 8 blocks as stored; same bytes per row (10 a block). src and dst must not overlap
 void ggml_gqsa3_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
 void ggml_gqsa3_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT dst, int n_kept, int64_t nrows);
-// Decode activations for superblocks: groups [g0, g1) of one float row of G groups into y
-// (qs of group g at 16 g, floats d, s, 0, 0 at 16 G + 16 g); ggml_gqsa_sb_act_bytes(G) per row
-#define ggml_gqsa_sb_act_bytes(G) ((size_t) (G) * 32)
+// Decode activations for superblocks: groups [g0, g1) of one float row of G groups into y, 32 bytes
+// per group: group g at 32 g, its 16 qs then floats d, s, 0, 0; ggml_gqsa_sb_act_bytes(G) per row
+#define GQSA_SB_ACT_GROUP_BYTES   32
+#define ggml_gqsa_sb_act_bytes(G) ((size_t) (G) * GQSA_SB_ACT_GROUP_BYTES)
 void ggml_gqsa_sb_quantize_act        (const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1);
 void ggml_gqsa_sb_quantize_act_generic(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t G, int64_t g0, int64_t g1);
 // out[r] = repacked row r . y (decode activations of G groups), for nrows consecutive rows
@@ -106,6 +116,11 @@ void ggml_gqsa_sb_rows        (const void * GGML_RESTRICT x, int n_kept, int64_t
                                int64_t G, float * GGML_RESTRICT out);
 void ggml_gqsa_sb_rows_generic(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
                                int64_t G, float * GGML_RESTRICT out);
+// The same for repacked gqsa3 rows
+void ggml_gqsa3_sb_rows        (const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
+                                int64_t G, float * GGML_RESTRICT out);
+void ggml_gqsa3_sb_rows_generic(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT y,
+                                int64_t G, float * GGML_RESTRICT out);
 // Work buffer bytes and the mul_mat of a repacked gqsa4 or gqsa3 weight (src0) with f32 activations; unlike
 // ggml_gqsa_mul_mat it handles every mul_mat the buffer type accepts (ggml_gqsa_sb_supports_mul_mat)
 size_t ggml_gqsa_sb_work_size(const struct ggml_tensor * dst);

@@ -2,8 +2,9 @@
 // where the build enables them (e.g. -march=armv8.2-a+dotprod). Each function here has its scalar
 // reference, *_generic, in ../../ggml-cpu-gqsa.c (the math, the layouts and the mul_mat driver are
 // described there), and native/tests/test_kernels.c checks one against the other (run_qemu.sh runs
-// it under qemu-aarch64). No superblock kernels: weights stay in the file layout on ARM. Without
-// NEON on aarch64 this file is empty and the generic kernels take the public names
+// it under qemu-aarch64). No superblock kernels: weights stay in the file layout on ARM, gqsa4 and
+// gqsa3 alike; the gqsa3 kernels decode the 3-bit codes in registers and share the gqsa4 ones'
+// loops. Without NEON on aarch64 this file is empty and the generic kernels take the public names
 // (ggml-cpu-gqsa-arch.h).
 #include "ggml-cpu-gqsa-arch.h"
 #include "ggml-cpu-impl.h"
@@ -14,6 +15,7 @@
 #include <arm_neon.h>
 
 #include <assert.h>
+#include <string.h>
 
 // ---------------------------------------------------------------------------------------------
 // Activation quantization (from_float of gqsa_q8)
@@ -41,17 +43,60 @@ void quantize_row_gqsa_q8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y,
 }
 
 // ---------------------------------------------------------------------------------------------
+// The 16 codes of a block, in order, as int8 (0..15): of either type
+// ---------------------------------------------------------------------------------------------
+
+typedef int8x16_t (*gqsa_codes_neon_fn)(const void * GGML_RESTRICT block);
+
+// gqsa4: the low nibbles (weights 0..7), then the high ones
+static inline int8x16_t gqsa4_codes_neon(const void * GGML_RESTRICT block) {
+    const uint8x8_t v = vld1_u8(((const block_gqsa4 *) block)->qs);
+    return vreinterpretq_s8_u8(vcombine_u8(vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8(v, 4)));
+}
+
+// gqsa3 (docs/FORMAT.md): ql (4 bytes) in every dword, shifted by 2i in dword i, gives code k's low
+// two bits in byte k (ql[k & 3] >> 2 (k >> 2)); bit k of qh, tested in a byte holding qh's low
+// (k < 8) or high byte, gives its third bit
+static inline int8x16_t gqsa3_codes_neon(const void * GGML_RESTRICT block) {
+    const block_gqsa3 * b = (const block_gqsa3 *) block;
+    uint32_t ql;
+    memcpy(&ql, b->ql, sizeof(ql));
+    static const int32_t sh[4]  = { 0, -2, -4, -6 };
+    static const uint8_t bit[16] = { 1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128 };
+    const uint8x16_t lo = vandq_u8(vreinterpretq_u8_u32(vshlq_u32(vdupq_n_u32(ql), vld1q_s32(sh))), vdupq_n_u8(3));
+    const uint8x16_t h  = vcombine_u8(vdup_n_u8((uint8_t) b->qh), vdup_n_u8((uint8_t) (b->qh >> 8)));
+    const uint8x16_t hi = vandq_u8(vtstq_u8(h, vld1q_u8(bit)), vdupq_n_u8(4));
+    return vreinterpretq_s8_u8(vorrq_u8(lo, hi));
+}
+
+// scale and index / zero point: both block types begin with fp16 d and uint16 iz
+static inline void gqsa_header_neon(const void * GGML_RESTRICT block, float * d, uint32_t * g, uint32_t * z) {
+    ggml_fp16_t dh;
+    uint16_t    iz;
+    memcpy(&dh, block, sizeof(dh));
+    memcpy(&iz, (const uint8_t *) block + sizeof(dh), sizeof(iz));
+    *d = GGML_CPU_FP16_TO_FP32(dh);
+    *g = iz & GQSA_INDEX_MASK;
+    *z = (uint32_t) (iz >> GQSA_INDEX_BITS);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dot product of one weight row with one activation row
 // ---------------------------------------------------------------------------------------------
 
-static float gqsa_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const block_gqsa_q8 * GGML_RESTRICT y) {
-    const uint8x8_t m4 = vdup_n_u8(0x0F);
+// A row of nb blocks of either type (block_bytes apart, codes by `codes`)
+GQSA_WALK float gqsa_row_neon(gqsa_codes_neon_fn codes, size_t block_bytes, const void * GGML_RESTRICT vx, int nb,
+                              const block_gqsa_q8 * GGML_RESTRICT y) {
+    const uint8_t * x = (const uint8_t *) vx;
     float32x4_t acc = vdupq_n_f32(0.0f);
     float zacc = 0.0f;
     for (int i = 0; i < nb; ++i) {
-        const block_gqsa_q8 * a = y + gqsa_block_index(&x[i]);
-        const uint8x8_t v  = vld1_u8(x[i].qs);
-        const int8x16_t q  = vreinterpretq_s8_u8(vcombine_u8(vand_u8(v, m4), vshr_n_u8(v, 4)));
+        const uint8_t * blk = x + (size_t) i * block_bytes;
+        float dw;
+        uint32_t g, z;
+        gqsa_header_neon(blk, &dw, &g, &z);
+        const block_gqsa_q8 * a = y + g;
+        const int8x16_t q  = codes(blk);
         const int8x16_t xq = vld1q_s8(a->qs);
 #if defined(__ARM_FEATURE_DOTPROD)
         const int32x4_t p = vdotq_s32(vdupq_n_s32(0), q, xq);
@@ -60,24 +105,27 @@ static float gqsa_row_neon(const block_gqsa4 * GGML_RESTRICT x, int nb, const bl
         const int16x8_t hi = vmull_s8(vget_high_s8(q), vget_high_s8(xq));
         const int32x4_t p  = vpadalq_s16(vpaddlq_s16(lo), hi);
 #endif
-        const float dw = GGML_CPU_FP16_TO_FP32(x[i].d);
         acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), dw * a->d);
-        zacc += dw * (float) gqsa_block_zero(&x[i]) * a->s;
+        zacc += dw * (float) z * a->s;
     }
     return vaddvq_f32(acc) - zacc;
 }
 
 // one row: ggml_vec_dot_gqsa4_gqsa_q8's kernel (ggml-cpu-gqsa.c)
 float ggml_gqsa_row(const void * GGML_RESTRICT x, int nb, const void * GGML_RESTRICT y) {
-    return gqsa_row_neon((const block_gqsa4 *) x, nb, (const block_gqsa_q8 *) y);
+    return gqsa_row_neon(gqsa4_codes_neon, sizeof(block_gqsa4), x, nb, (const block_gqsa_q8 *) y);
+}
+
+// one gqsa3 row: ggml_vec_dot_gqsa3_gqsa_q8's kernel and the driver's (ggml-cpu-gqsa.c)
+float ggml_gqsa3_row(const void * GGML_RESTRICT x, int nb, const void * GGML_RESTRICT y) {
+    return gqsa_row_neon(gqsa3_codes_neon, sizeof(block_gqsa3), x, nb, (const block_gqsa_q8 *) y);
 }
 
 void ggml_gqsa_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                     const void * GGML_RESTRICT vy, float * GGML_RESTRICT out) {
-    const block_gqsa4   * x = (const block_gqsa4 *) vx;
-    const block_gqsa_q8 * y = (const block_gqsa_q8 *) vy;
+    const block_gqsa4 * x = (const block_gqsa4 *) vx;
     for (int64_t r = 0; r < nrows; ++r) {
-        out[r] = gqsa_row_neon(x + r * n_kept, n_kept, y);
+        out[r] = ggml_gqsa_row(x + r * n_kept, n_kept, vy);
     }
 }
 
@@ -89,24 +137,25 @@ void ggml_gqsa_pack_panel(const float * GGML_RESTRICT x, int64_t ldx, int64_t g0
     gqsa_pack_panel(gqsa_quantize_group_neon, x, ldx, g0, g1, panel);
 }
 
-// np panels (1..4) against nb blocks of a row: acc_io[p][c] += those blocks . column c of panel p.
-// Each weight block's 16 weights in one register; sdot by lane multiplies weights 4k..4k+3 with the
-// qs[k] dwords of 4 columns at once.
-static inline void gqsa_panel_row_neon(const void * GGML_RESTRICT vx, int nb, const uint8_t * const * panels,
-                                       int np, float acc_io[][GQSA_PANEL]) {
-    const block_gqsa4 * x = (const block_gqsa4 *) vx;
+// np panels (1..4) against nb blocks of a row of either type (block_bytes apart, codes by `codes`):
+// acc_io[p][c] += those blocks . column c of panel p. Each weight block's 16 weights in one
+// register; sdot by lane multiplies weights 4k..4k+3 with the qs[k] dwords of 4 columns at once.
+GQSA_WALK void gqsa_panel_row_neon(gqsa_codes_neon_fn codes, size_t block_bytes, const void * GGML_RESTRICT vx, int nb,
+                                   const uint8_t * const * panels, int np, float acc_io[][GQSA_PANEL]) {
+    const uint8_t * x = (const uint8_t *) vx;
     float32x4_t acc[4][2];
     for (int p = 0; p < np; ++p) {
         acc[p][0] = vld1q_f32(acc_io[p]);
         acc[p][1] = vld1q_f32(acc_io[p] + 4);
     }
-    const uint8x8_t m4 = vdup_n_u8(0x0F);
     for (int i = 0; i < nb; ++i) {
-        const uint8x8_t v = vld1_u8(x[i].qs);
-        const int8x16_t w = vreinterpretq_s8_u8(vcombine_u8(vand_u8(v, m4), vshr_n_u8(v, 4)));
-        const float dw  = GGML_CPU_FP16_TO_FP32(x[i].d);
-        const float dwz = dw * (float) gqsa_block_zero(&x[i]);
-        const size_t off = (size_t) gqsa_block_index(&x[i]) * GQSA_PANEL_GROUP_BYTES;
+        const uint8_t * blk = x + (size_t) i * block_bytes;
+        const int8x16_t w = codes(blk);
+        float dw;
+        uint32_t g, z;
+        gqsa_header_neon(blk, &dw, &g, &z);
+        const float dwz = dw * (float) z;
+        const size_t off = (size_t) g * GQSA_PANEL_GROUP_BYTES;
 #if !defined(__ARM_FEATURE_DOTPROD)
         int32_t wd[4];
         vst1q_s32(wd, vreinterpretq_s32_s8(w));
@@ -147,9 +196,25 @@ static inline void gqsa_panel_row_neon(const void * GGML_RESTRICT vx, int nb, co
     }
 }
 
+// the panel kernels of each type (gqsa_panel_row_fn)
+static inline void gqsa4_panel_row_neon(const void * GGML_RESTRICT x, int nb, const uint8_t * const * panels, int np,
+                                        float acc_io[][GQSA_PANEL]) {
+    gqsa_panel_row_neon(gqsa4_codes_neon, sizeof(block_gqsa4), x, nb, panels, np, acc_io);
+}
+
+static inline void gqsa3_panel_row_neon(const void * GGML_RESTRICT x, int nb, const uint8_t * const * panels, int np,
+                                        float acc_io[][GQSA_PANEL]) {
+    gqsa_panel_row_neon(gqsa3_codes_neon, sizeof(block_gqsa3), x, nb, panels, np, acc_io);
+}
+
 void ggml_gqsa_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
                           const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
-    gqsa_panel_pass(gqsa_panel_row_neon, gqsa_block_group, sizeof(block_gqsa4), x, row_bytes, n, nr, cur, gend, panels, np, acc);
+    gqsa_panel_pass(gqsa4_panel_row_neon, gqsa_block_group, sizeof(block_gqsa4), x, row_bytes, n, nr, cur, gend, panels, np, acc);
+}
+
+void ggml_gqsa3_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                           const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    gqsa_panel_pass(gqsa3_panel_row_neon, gqsa3_block_group, sizeof(block_gqsa3), x, row_bytes, n, nr, cur, gend, panels, np, acc);
 }
 
 #endif // GQSA_CPU_ARM

@@ -10,8 +10,11 @@
 // count), so AVX-512 builds use the AVX2 code with 256-bit VNNI. On Intel Emerald Rapids the
 // superblock version (GQSA_SB_512, below) measured the same as the 256-bit step: it is behind a
 // compile-time switch, off by default. Gathers (vpgatherdd) of the group
-// scales and vector-computed group addresses spilled to the stack were slower than scalar loads;
-// 32-byte activation blocks and a [8 headers][8 qs] chunked row layout gained under 8 %.
+// scales and vector-computed group addresses spilled to the stack were slower than scalar loads
+// (on Zen 5 too: 1.7x); a [8 headers][8 qs] chunked row layout gained under 8 %. 32-byte
+// activation blocks (qs, d and s of a group in one load) gained under 8 % on Zen 4, and 8-17 % on
+// Zen 5, where the superblock step is bound by its loads: the superblock decode activations are
+// laid out so (ggml_gqsa_sb_quantize_act).
 #include "ggml-cpu-gqsa-arch.h"
 #include "ggml-cpu-impl.h"
 #include "simd-mappings.h"
@@ -318,27 +321,33 @@ void ggml_gqsa_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int
 // ---------------------------------------------------------------------------------------------
 
 void ggml_gqsa_sb_quantize_act(const float * GGML_RESTRICT x, void * GGML_RESTRICT vy, int64_t G, int64_t g0, int64_t g1) {
-    int8_t * qs = (int8_t *) vy;
-    float  * ds = (float *) (qs + GQSA_GROUP_SIZE * G);
-    for (int64_t g = g0; g < g1; ++g) {
-        gqsa_quantize_group_avx2(x + g * GQSA_GROUP_SIZE, qs + GQSA_GROUP_SIZE * g, &ds[4 * g], &ds[4 * g + 1]);
-        ds[4 * g + 2] = ds[4 * g + 3] = 0.0f;
+    GGML_UNUSED(G);
+    for (int64_t g = g0; g < g1; ++g) {                     // group g at 32 g: qs, then d, s, 0, 0
+        int8_t * a  = (int8_t *) vy + GQSA_SB_ACT_GROUP_BYTES * g;
+        float    ds[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+        gqsa_quantize_group_avx2(x + g * GQSA_GROUP_SIZE, a, &ds[0], &ds[1]);
+        memcpy(a + GQSA_GROUP_SIZE, ds, sizeof(ds));
     }
 }
 
-// The 8 blocks of a superblock, in lane order [b0 b2 b4 b6 | b1 b3 b5 b7]
-static inline __m256 gqsa_sb_step_avx2(const gqsa_sb8 * GGML_RESTRICT t, const uint8_t * GGML_RESTRICT yq,
-                                       const uint8_t * GGML_RESTRICT yd) {
-    const uint16_t * gz = t->gz;
-    const size_t o0 = gz[0] & 0xFFF0, o1 = gz[1] & 0xFFF0, o2 = gz[2] & 0xFFF0, o3 = gz[3] & 0xFFF0;   // b0 b2 b4 b6
-    const size_t o4 = gz[4] & 0xFFF0, o5 = gz[5] & 0xFFF0, o6 = gz[6] & 0xFFF0, o7 = gz[7] & 0xFFF0;   // b1 b3 b5 b7
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const __m256i h0 = _mm256_loadu_si256((const __m256i *) t->qs);
-    const __m256i h1 = _mm256_loadu_si256((const __m256i *) (t->qs + 32));
-    const __m256i p0 = gqsa_dot4(_mm256_and_si256(h0, m4),                        gqsa_loadu2(yq + o0, yq + o4)); // b0 | b1
-    const __m256i p1 = gqsa_dot4(_mm256_and_si256(_mm256_srli_epi16(h0, 4), m4), gqsa_loadu2(yq + o1, yq + o5)); // b2 | b3
-    const __m256i p2 = gqsa_dot4(_mm256_and_si256(h1, m4),                        gqsa_loadu2(yq + o2, yq + o6)); // b4 | b5
-    const __m256i p3 = gqsa_dot4(_mm256_and_si256(_mm256_srli_epi16(h1, 4), m4), gqsa_loadu2(yq + o3, yq + o7)); // b6 | b7
+// The 8 block sums of a superblock (either type) against the decode activations y, in lane order
+// [b0 b2 b4 b6 | b1 b3 b5 b7], from its headers (gz, d: in that lane order) and its four code
+// vectors c0..c3, cp = [block 2p | block 2p+1] (each 128-bit lane one block's 16 codes, in order).
+// One 32-byte load per block brings its activation group (qs, then d, s, 0, 0); two 128-bit
+// permutes per pair part the qs of the pair's two blocks from their (d, s). The step is bound by
+// its loads on Zen 5: one per block here instead of a 16-byte qs load and an 8-byte (d, s) load
+// measured 8-17 % less time per block.
+static inline __m256 gqsa_sb_sum8_avx2(const uint16_t * GGML_RESTRICT gz, const ggml_fp16_t * GGML_RESTRICT d,
+                                       __m256i c0, __m256i c1, __m256i c2, __m256i c3, const uint8_t * GGML_RESTRICT y) {
+    // byte offset of a lane's group: 32 g = 2 * (g << 4)
+#define GQSA_ACT(l) _mm256_loadu_si256((const __m256i *) (y + 2 * (size_t) (gz[l] & 0xFFF0)))
+    const __m256i y0 = GQSA_ACT(0), y1 = GQSA_ACT(1), y2 = GQSA_ACT(2), y3 = GQSA_ACT(3);    // b0 b2 b4 b6
+    const __m256i y4 = GQSA_ACT(4), y5 = GQSA_ACT(5), y6 = GQSA_ACT(6), y7 = GQSA_ACT(7);    // b1 b3 b5 b7
+#undef GQSA_ACT
+    const __m256i p0 = gqsa_dot4(c0, _mm256_permute2x128_si256(y0, y4, 0x20)); // b0 | b1
+    const __m256i p1 = gqsa_dot4(c1, _mm256_permute2x128_si256(y1, y5, 0x20)); // b2 | b3
+    const __m256i p2 = gqsa_dot4(c2, _mm256_permute2x128_si256(y2, y6, 0x20)); // b4 | b5
+    const __m256i p3 = gqsa_dot4(c3, _mm256_permute2x128_si256(y3, y7, 0x20)); // b6 | b7
     // Reduce each block's 4 dword sums to one by 16-bit packing: a dword sums 4 products (|.| <= 4*15*127),
     // a block 16 (<= 30480), so every pack is exact. Fewer shuffles than three hadds.
     const __m256i one = _mm256_set1_epi16(1);
@@ -346,20 +355,53 @@ static inline __m256 gqsa_sb_step_avx2(const gqsa_sb8 * GGML_RESTRICT t, const u
     const __m256i s23 = _mm256_madd_epi16(_mm256_packs_epi32(p2, p3), one);     // [b4 b4 b6 b6 | b5 b5 b7 b7]
     const __m256i sumi = _mm256_madd_epi16(_mm256_packs_epi32(s01, s23), one); // [b0 b2 b4 b6 | b1 b3 b5 b7]
 
-    // activation (d, s) in lane order
-    const __m128d q01 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o0)), (const double *) (yd + o1));
-    const __m128d q23 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o4)), (const double *) (yd + o5));
-    const __m128d q45 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o2)), (const double *) (yd + o3));
-    const __m128d q67 = _mm_loadh_pd(_mm_load_sd((const double *) (yd + o6)), (const double *) (yd + o7));
-    const __m256 A  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q01), q23, 1));   // d0 s0 d2 s2 | d1 s1 d3 s3
-    const __m256 B  = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(q45), q67, 1));   // d4 s4 d6 s6 | d5 s5 d7 s7
-    const __m256 dx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(2, 0, 2, 0));
-    const __m256 sx = _mm256_shuffle_ps(A, B, _MM_SHUFFLE(3, 1, 3, 1));
+    // activation (d, s) in lane order: the pairs' upper halves, then a 4 x 4 transpose of their low floats
+    const __m256 v0 = _mm256_castsi256_ps(_mm256_permute2x128_si256(y0, y4, 0x31));     // d0 s0 . . | d1 s1 . .
+    const __m256 v1 = _mm256_castsi256_ps(_mm256_permute2x128_si256(y1, y5, 0x31));     // d2 s2 . . | d3 s3 . .
+    const __m256 v2 = _mm256_castsi256_ps(_mm256_permute2x128_si256(y2, y6, 0x31));     // d4 s4 . . | d5 s5 . .
+    const __m256 v3 = _mm256_castsi256_ps(_mm256_permute2x128_si256(y3, y7, 0x31));     // d6 s6 . . | d7 s7 . .
+    const __m256d A = _mm256_castps_pd(_mm256_unpacklo_ps(v0, v1));                       // d0 d2 s0 s2 | d1 d3 s1 s3
+    const __m256d B = _mm256_castps_pd(_mm256_unpacklo_ps(v2, v3));                       // d4 d6 s4 s6 | d5 d7 s5 s7
+    const __m256 dx = _mm256_castpd_ps(_mm256_unpacklo_pd(A, B));
+    const __m256 sx = _mm256_castpd_ps(_mm256_unpackhi_pd(A, B));
 
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) t->d));
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) d));
     const __m256 zf = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *) gz)),
                                                           _mm256_set1_epi32(0x0F)));
     return _mm256_mul_ps(dw, _mm256_fnmadd_ps(zf, sx, _mm256_mul_ps(dx, _mm256_cvtepi32_ps(sumi))));
+}
+
+// The 8 blocks of a gqsa4 superblock, in lane order [b0 b2 b4 b6 | b1 b3 b5 b7]: one 32-byte load
+// holds blocks (4h, 4h+2) in its low and high nibbles and (4h+1, 4h+3) in its two lanes
+static inline __m256 gqsa_sb_step_avx2(const gqsa_sb8 * GGML_RESTRICT t, const uint8_t * GGML_RESTRICT y) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i h0 = _mm256_loadu_si256((const __m256i *) t->qs);
+    const __m256i h1 = _mm256_loadu_si256((const __m256i *) (t->qs + 32));
+    return gqsa_sb_sum8_avx2(t->gz, t->d, _mm256_and_si256(h0, m4), _mm256_and_si256(_mm256_srli_epi16(h0, 4), m4),
+                             _mm256_and_si256(h1, m4), _mm256_and_si256(_mm256_srli_epi16(h1, 4), m4), y);
+}
+
+// The four code vectors of a gqsa3 superblock (layout: "Repacked weights" in ggml-cpu-gqsa.c):
+// c[p] = [block 2p | block 2p+1]. qa holds pairs 0 and 1 whole and pair 2's low bits; qb, the same
+// 16 bytes in both lanes and shifted by 4 in the high one, pair 3 and pair 2's third bits. The
+// 16-bit shifts pull bits of the next byte into the top of each byte, which the ANDs drop.
+static inline void gqsa3_sb_codes_avx2(const gqsa3_sb8 * GGML_RESTRICT t, __m256i c[4]) {
+    const __m256i m7 = _mm256_set1_epi8(7);
+    const __m256i a  = _mm256_loadu_si256((const __m256i *) t->qa);
+    const __m256i b  = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) t->qb)),
+                                         _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    c[0] = _mm256_and_si256(a, m7);
+    c[1] = _mm256_and_si256(_mm256_srli_epi16(a, 3), m7);
+    c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 6), _mm256_set1_epi8(3)),
+                           _mm256_and_si256(_mm256_srli_epi16(b, 1), _mm256_set1_epi8(4)));
+    c[3] = _mm256_and_si256(b, m7);
+}
+
+// The 8 blocks of a gqsa3 superblock, in lane order [b0 b2 b4 b6 | b1 b3 b5 b7]
+static inline __m256 gqsa3_sb_step_avx2(const gqsa3_sb8 * GGML_RESTRICT t, const uint8_t * GGML_RESTRICT y) {
+    __m256i c[4];
+    gqsa3_sb_codes_avx2(t, c);
+    return gqsa_sb_sum8_avx2(t->gz, t->d, c[0], c[1], c[2], c[3], y);
 }
 
 // The decode kernel's look-ahead in the row stream: 4 KiB ahead into L2 (overridable, for
@@ -403,20 +445,21 @@ static inline __m512i gqsa_loadu4(const void * a, const void * b, const void * c
     return _mm512_inserti64x4(_mm512_castsi256_si512(gqsa_loadu2(a, b)), gqsa_loadu2(c, d), 1);
 }
 
-static inline __m512 gqsa_sb_step16_avx512(const gqsa_sb8 * GGML_RESTRICT t, const uint8_t * GGML_RESTRICT yq,
-                                           const uint8_t * GGML_RESTRICT yd, __m512 acc) {
+static inline __m512 gqsa_sb_step16_avx512(const gqsa_sb8 * GGML_RESTRICT t, const uint8_t * GGML_RESTRICT y, __m512 acc) {
     const uint16_t * g0 = t[0].gz, * g1 = t[1].gz;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i w0 = _mm512_loadu_si512((const void *) t[0].qs);    // [(b0,b2) (b1,b3) (b4,b6) (b5,b7)] of t0
     const __m512i w1 = _mm512_loadu_si512((const void *) t[1].qs);
     // activation groups of the blocks in the lanes of each weight vector: lanes l0 l4 l2 l6 (blocks
     // 0 1 4 5) for the low nibbles, l1 l5 l3 l7 (blocks 2 3 6 7) for the high ones
-#define GQSA_A4(g, a, b, c, d) gqsa_loadu4(yq + (g[a] & 0xFFF0), yq + (g[b] & 0xFFF0), yq + (g[c] & 0xFFF0), yq + (g[d] & 0xFFF0))
+#define GQSA_Y(g, a) (y + 2 * (size_t) (g[a] & 0xFFF0))
+#define GQSA_A4(g, a, b, c, d) gqsa_loadu4(GQSA_Y(g, a), GQSA_Y(g, b), GQSA_Y(g, c), GQSA_Y(g, d))
     const __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w0, m4),                        GQSA_A4(g0, 0, 4, 2, 6));
     const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4), GQSA_A4(g0, 1, 5, 3, 7));
     const __m512i p2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w1, m4),                        GQSA_A4(g1, 0, 4, 2, 6));
     const __m512i p3 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4), GQSA_A4(g1, 1, 5, 3, 7));
 #undef GQSA_A4
+#undef GQSA_Y
     // as in the 256-bit step: exact 16-bit packing; 128-bit lane k ends as [p0_k p1_k p2_k p3_k]
     const __m512i one  = _mm512_set1_epi16(1);
     const __m512i s01  = _mm512_madd_epi16(_mm512_packs_epi32(p0, p1), one);
@@ -430,10 +473,11 @@ static inline __m512 gqsa_sb_step16_avx512(const gqsa_sb8 * GGML_RESTRICT t, con
     const __m512  dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(_mm512_loadu_si512((const void *) gqsa_sb16_d_idx), h)));
     const __m512  zf = _mm512_cvtepi32_ps(_mm512_and_si512(gz, _mm512_set1_epi32(0x0F)));
 
-    // activation (d, s) of each lane's group: 64-bit gathers at the group offsets, then d and s apart
-    const __m512i off = _mm512_and_si512(gz, _mm512_set1_epi32(0xFFF0));
-    const __m512  q0  = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_castsi512_si256(off), (const void *) yd, 1));
-    const __m512  q1  = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_extracti64x4_epi64(off, 1), (const void *) yd, 1));
+    // activation (d, s) of each lane's group: 64-bit gathers at 32 g + 16, then d and s apart
+    const __m512i off = _mm512_and_si512(gz, _mm512_set1_epi32(0xFFF0));                     // 16 g
+    const void *  yds = y + GQSA_GROUP_SIZE;
+    const __m512  q0  = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_castsi512_si256(off), yds, 2));
+    const __m512  q1  = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_extracti64x4_epi64(off, 1), yds, 2));
     const __m512i ev  = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512  dx  = _mm512_permutex2var_ps(q0, ev, q1);
     const __m512  sx  = _mm512_permutex2var_ps(q0, _mm512_add_epi32(ev, _mm512_set1_epi32(1)), q1);
@@ -442,36 +486,63 @@ static inline __m512 gqsa_sb_step16_avx512(const gqsa_sb8 * GGML_RESTRICT t, con
 }
 #endif
 
-// The 1..7 blocks of a repacked row's tail (stored as in the file) against the superblock decode
-// activations, one block at a time: a 128-bit dot product and a horizontal sum each
-static inline float gqsa_sb_tail_avx2(const block_gqsa4 * GGML_RESTRICT b, int n, const uint8_t * GGML_RESTRICT yq,
-                                      const uint8_t * GGML_RESTRICT yd) {
+// One block of a repacked row's tail against the superblock decode activations, from its 16 codes
+// (in order) w: a 128-bit dot product and a horizontal sum
+static inline float gqsa_sb_tail_block_sse(__m128i w, uint32_t g, ggml_fp16_t d, uint32_t z,
+                                           const uint8_t * GGML_RESTRICT y) {
+    const uint8_t * ya = y + (size_t) g * GQSA_SB_ACT_GROUP_BYTES;
+    const __m128i a = _mm_loadu_si128((const __m128i *) ya);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m128i p = _mm_dpbusd_epi32(_mm_setzero_si128(), w, a);
+#elif defined(__AVXVNNI__)
+    __m128i p = _mm_dpbusd_avx_epi32(_mm_setzero_si128(), w, a);
+#else
+    __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(w, a), _mm_set1_epi16(1));
+#endif
+    p = _mm_add_epi32(p, _mm_unpackhi_epi64(p, p));
+    p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 1));
+    float ds[2];
+    memcpy(ds, ya + GQSA_GROUP_SIZE, sizeof(ds));
+    return GGML_CPU_FP16_TO_FP32(d) * (ds[0] * (float) _mm_cvtsi128_si32(p) - (float) z * ds[1]);
+}
+
+// The 1..7 blocks of a repacked gqsa4 row's tail (stored as in the file), one at a time
+static inline float gqsa_sb_tail_avx2(const block_gqsa4 * GGML_RESTRICT b, int n, const uint8_t * GGML_RESTRICT y) {
     const __m128i m4 = _mm_set1_epi8(0x0F);
     float sumf = 0.0f;
     for (int k = 0; k < n; ++k) {
-        const size_t  o = (size_t) gqsa_block_index(b + k) * GQSA_GROUP_SIZE;
         const __m128i v = _mm_loadl_epi64((const __m128i *) b[k].qs);
         const __m128i w = _mm_unpacklo_epi64(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
-        const __m128i a = _mm_loadu_si128((const __m128i *) (yq + o));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        __m128i p = _mm_dpbusd_epi32(_mm_setzero_si128(), w, a);
-#elif defined(__AVXVNNI__)
-        __m128i p = _mm_dpbusd_avx_epi32(_mm_setzero_si128(), w, a);
-#else
-        __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(w, a), _mm_set1_epi16(1));
-#endif
-        p = _mm_add_epi32(p, _mm_unpackhi_epi64(p, p));
-        p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 1));
-        const float * ds = (const float *) (yd + o);
-        sumf += GGML_CPU_FP16_TO_FP32(b[k].d) * (ds[0] * (float) _mm_cvtsi128_si32(p) - (float) gqsa_block_zero(b + k) * ds[1]);
+        sumf += gqsa_sb_tail_block_sse(w, gqsa_block_index(b + k), b[k].d, gqsa_block_zero(b + k), y);
+    }
+    return sumf;
+}
+
+// The 16 codes of a gqsa3 block (docs/FORMAT.md), in order. One 8-byte load of bytes 2..9 (iz, ql,
+// qh: it stays inside the block); byte k gets ql[k & 3] shifted by 2 (k >> 2) for its low two bits
+// (a byte shuffle and a shift per dword), and bit k of qh (a byte shuffle, a bit test) as bit 2.
+static inline __m128i gqsa3_block_codes_sse(const block_gqsa3 * GGML_RESTRICT b) {
+    const __m128i v   = _mm_loadl_epi64((const __m128i *) ((const uint8_t *) b + 2));
+    const __m128i ql  = _mm_shuffle_epi8(v, _mm_setr_epi8(2, 3, 4, 5, 2, 3, 4, 5, 2, 3, 4, 5, 2, 3, 4, 5));
+    const __m128i lo  = _mm_and_si128(_mm_srlv_epi32(ql, _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+    const __m128i bit = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+    const __m128i qh  = _mm_and_si128(_mm_shuffle_epi8(v, _mm_setr_epi8(6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7)), bit);
+    return _mm_or_si128(lo, _mm_and_si128(_mm_cmpeq_epi8(qh, bit), _mm_set1_epi8(4)));
+}
+
+// The 1..7 blocks of a repacked gqsa3 row's tail (stored as in the file), one at a time
+static inline float gqsa3_sb_tail_avx2(const block_gqsa3 * GGML_RESTRICT b, int n, const uint8_t * GGML_RESTRICT y) {
+    float sumf = 0.0f;
+    for (int k = 0; k < n; ++k) {
+        sumf += gqsa_sb_tail_block_sse(gqsa3_block_codes_sse(b + k), b[k].iz & GQSA_INDEX_MASK, b[k].d,
+                                       (uint32_t) (b[k].iz >> GQSA_INDEX_BITS), y);
     }
     return sumf;
 }
 
 static void gqsa_sb_rows_avx2(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT vy,
-                              int64_t G, float * GGML_RESTRICT out) {
-    const uint8_t * yq = (const uint8_t *) vy;
-    const uint8_t * yd = yq + GQSA_GROUP_SIZE * G;
+                              float * GGML_RESTRICT out) {
+    const uint8_t * y = (const uint8_t *) vy;
     const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
     for (int64_t r = 0; r < nrows; ++r) {
         const gqsa_sb8 * t = (const gqsa_sb8 *) ((const uint8_t *) x + (size_t) r * n_kept * sizeof(block_gqsa4));
@@ -483,7 +554,7 @@ static void gqsa_sb_rows_avx2(const void * GGML_RESTRICT x, int n_kept, int64_t 
             _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES, GQSA_PREFETCH_HINT);
             _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, GQSA_PREFETCH_HINT);
             _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 128, GQSA_PREFETCH_HINT);
-            acc16 = gqsa_sb_step16_avx512(t + s, yq, yd, acc16);
+            acc16 = gqsa_sb_step16_avx512(t + s, y, acc16);
         }
         acc = _mm256_add_ps(_mm512_castps512_ps256(acc16), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc16), 1)));
 #endif
@@ -492,13 +563,40 @@ static void gqsa_sb_rows_avx2(const void * GGML_RESTRICT x, int n_kept, int64_t 
             // decode on 7B shapes); prefetching runs past rows and chunks, harmlessly
             _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES, GQSA_PREFETCH_HINT);
             _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, GQSA_PREFETCH_HINT);
-            acc = _mm256_add_ps(acc, gqsa_sb_step_avx2(t + s, yq, yd));
+            acc = _mm256_add_ps(acc, gqsa_sb_step_avx2(t + s, y));
         }
-        out[r] = gqsa_hsum_ps(acc) + (tail ? gqsa_sb_tail_avx2((const block_gqsa4 *) (t + nsb), tail, yq, yd) : 0.0f);
+        out[r] = gqsa_hsum_ps(acc) + (tail ? gqsa_sb_tail_avx2((const block_gqsa4 *) (t + nsb), tail, y) : 0.0f);
     }
 }
 
-// A superblock decoded for the panel kernel: slot l holds lane l (block gqsa_sb_lane[l])
+// The same for repacked gqsa3 rows (80-byte superblocks: the same two prefetches per superblock)
+static void gqsa3_sb_rows_avx2(const void * GGML_RESTRICT x, int n_kept, int64_t nrows, const void * GGML_RESTRICT vy,
+                               float * GGML_RESTRICT out) {
+    const uint8_t * y = (const uint8_t *) vy;
+    const int nsb = n_kept / GQSA_SB_BLOCKS, tail = n_kept % GQSA_SB_BLOCKS;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const gqsa3_sb8 * t = (const gqsa3_sb8 *) ((const uint8_t *) x + (size_t) r * n_kept * sizeof(block_gqsa3));
+        __m256 acc = _mm256_setzero_ps();
+        for (int s = 0; s < nsb; ++s) {
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES, GQSA_PREFETCH_HINT);
+            _mm_prefetch((const char *) (t + s) + GQSA_PREFETCH_BYTES + 64, GQSA_PREFETCH_HINT);
+            acc = _mm256_add_ps(acc, gqsa3_sb_step_avx2(t + s, y));
+        }
+        out[r] = gqsa_hsum_ps(acc) + (tail ? gqsa3_sb_tail_avx2((const block_gqsa3 *) (t + nsb), tail, y) : 0.0f);
+    }
+}
+
+// The headers of a superblock (either type) decoded for the panel kernel, slot l from lane l
+static inline void gqsa_sb_decode_headers_avx2(const uint16_t * GGML_RESTRICT gzp, const ggml_fp16_t * GGML_RESTRICT d,
+                                               gqsa_decoded8 * GGML_RESTRICT dec) {
+    const __m256  dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) d));
+    const __m256i gz = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *) gzp));
+    _mm256_storeu_ps(dec->dw, dw);
+    _mm256_storeu_ps(dec->dwz, _mm256_mul_ps(dw, _mm256_cvtepi32_ps(_mm256_and_si256(gz, _mm256_set1_epi32(0x0F)))));
+    _mm256_storeu_si256((__m256i *) dec->off, _mm256_mullo_epi32(_mm256_srli_epi32(gz, 4), _mm256_set1_epi32(GQSA_PANEL_GROUP_BYTES)));
+}
+
+// A gqsa4 superblock decoded for the panel kernel: slot l holds lane l (block gqsa_sb_lane[l])
 static inline void gqsa_sb_decode8_avx2(const gqsa_sb8 * GGML_RESTRICT t, gqsa_decoded8 * GGML_RESTRICT dec) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int h = 0; h < 2; ++h) {
@@ -510,11 +608,19 @@ static inline void gqsa_sb_decode8_avx2(const gqsa_sb8 * GGML_RESTRICT t, gqsa_d
         _mm_storeu_si128((__m128i *) dec->q[2 * h + 1], _mm256_castsi256_si128(hi));        // 4h+2
         _mm_storeu_si128((__m128i *) dec->q[2 * h + 5], _mm256_extracti128_si256(hi, 1));   // 4h+3
     }
-    const __m256  dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) t->d));
-    const __m256i gz = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *) t->gz));
-    _mm256_storeu_ps(dec->dw, dw);
-    _mm256_storeu_ps(dec->dwz, _mm256_mul_ps(dw, _mm256_cvtepi32_ps(_mm256_and_si256(gz, _mm256_set1_epi32(0x0F)))));
-    _mm256_storeu_si256((__m256i *) dec->off, _mm256_mullo_epi32(_mm256_srli_epi32(gz, 4), _mm256_set1_epi32(GQSA_PANEL_GROUP_BYTES)));
+    gqsa_sb_decode_headers_avx2(t->gz, t->d, dec);
+}
+
+// A gqsa3 superblock decoded for the panel kernel, as a gqsa4 one: the codes of pair p (blocks 2p,
+// 2p+1) go to slots p and p + 4
+static inline void gqsa3_sb_decode8_avx2(const gqsa3_sb8 * GGML_RESTRICT t, gqsa_decoded8 * GGML_RESTRICT dec) {
+    __m256i c[4];
+    gqsa3_sb_codes_avx2(t, c);
+    for (int p = 0; p < 4; ++p) {
+        _mm_storeu_si128((__m128i *) dec->q[p],     _mm256_castsi256_si128(c[p]));
+        _mm_storeu_si128((__m128i *) dec->q[p + 4], _mm256_extracti128_si256(c[p], 1));
+    }
+    gqsa_sb_decode_headers_avx2(t->gz, t->d, dec);
 }
 
 // The panel kernel of superblocks (a gqsa_panel_row_fn): np panels against nsb superblocks of a row
@@ -530,13 +636,33 @@ static inline void gqsa_sb_panel_row_avx2(const void * GGML_RESTRICT x, int nsb,
     gqsa_panel_acc_store(acc_io, np, acc, accz);
 }
 
+// The same for gqsa3 superblocks
+static inline void gqsa3_sb_panel_row_avx2(const void * GGML_RESTRICT x, int nsb, const uint8_t * const * panels,
+                                           int np, float acc_io[][GQSA_PANEL]) {
+    __m256 acc[4], accz[4];
+    gqsa_panel_acc_load(acc_io, np, acc, accz);
+    gqsa_decoded8 dec;
+    for (int s = 0; s < nsb; ++s) {
+        gqsa3_sb_decode8_avx2((const gqsa3_sb8 *) x + s, &dec);
+        gqsa_panel_dec8_avx2(&dec, GQSA_SB_BLOCKS, panels, np, acc, accz);
+    }
+    gqsa_panel_acc_store(acc_io, np, acc, accz);
+}
+
 const char * ggml_gqsa_sb_kernel(void) {
     return GQSA_SB_512 ? "avx512" : "avx2";
 }
 
 void ggml_gqsa_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
                        const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
-    gqsa_sb_rows_avx2(vx, n_kept, nrows, vy, G, out);
+    GGML_UNUSED(G);
+    gqsa_sb_rows_avx2(vx, n_kept, nrows, vy, out);
+}
+
+void ggml_gqsa3_sb_rows(const void * GGML_RESTRICT vx, int n_kept, int64_t nrows,
+                        const void * GGML_RESTRICT vy, int64_t G, float * GGML_RESTRICT out) {
+    GGML_UNUSED(G);
+    gqsa3_sb_rows_avx2(vx, n_kept, nrows, vy, out);
 }
 
 // a superblock goes by the group of its first block (lane 0)
@@ -544,9 +670,18 @@ static inline uint32_t gqsa_sb_group(const void * unit) {
     return (uint32_t) (((const gqsa_sb8 *) unit)->gz[0] >> 4);
 }
 
+static inline uint32_t gqsa3_sb_group(const void * unit) {
+    return (uint32_t) (((const gqsa3_sb8 *) unit)->gz[0] >> 4);
+}
+
 void ggml_gqsa_sb_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
                              const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
     gqsa_panel_pass(gqsa_sb_panel_row_avx2, gqsa_sb_group, sizeof(gqsa_sb8), x, row_bytes, n, nr, cur, gend, panels, np, acc);
+}
+
+void ggml_gqsa3_sb_panel_pass(const uint8_t * GGML_RESTRICT x, size_t row_bytes, int n, int nr, int * cur, uint32_t gend,
+                              const uint8_t * const * panels, int np, float acc[][4][GQSA_PANEL]) {
+    gqsa_panel_pass(gqsa3_sb_panel_row_avx2, gqsa3_sb_group, sizeof(gqsa3_sb8), x, row_bytes, n, nr, cur, gend, panels, np, acc);
 }
 
 #endif // GQSA_CPU_X86
