@@ -1,7 +1,7 @@
 """Spreading the bit budget over the decoder linears by measured sensitivity.
 
 `--gqsa w4s50` means 3.00 bits per weight on average over the decoder linears (6 bits per kept
-weight x the kept fraction, docs/FORMAT.md); with `--allocation sensitivity` (the default) each
+weight x the kept fraction, docs/FORMAT.md; `w3s40` too, at 5 bits x 60 %); with `--allocation sensitivity` (the default) each
 tensor may keep a different number of groups per row, chosen so that the tensors whose pruning
 hurts most keep more. `--allocation uniform` keeps the paper's layout: every row of every tensor
 keeps `format.kept_groups(width, sparsity)` groups.
@@ -10,10 +10,10 @@ In:  for every decoder linear a `TensorCurve`: its shape and the error measured 
      tensor is compressed to a few keep levels (`levels`, fractions of its groups; the error is the
      mean squared change of its decoder block's output on probe windows — oneshot.probe_block);
      the target sparsity.
-Out: `allocate(curves, sparsity)` -> {name: n_kept}, with sum(rows x n_kept) x 96 bits equal to the
-     uniform layout's budget to within one group of one row's worth... precisely: never above the
-     budget, and below it by less than the cheapest single-group step of any tensor (so the mean
-     bits per weight is the target to well within 0.01).
+Out: `allocate(curves, sparsity)` -> {name: n_kept}, whose kept groups sum(rows x n_kept) are
+     never more than (1 - sparsity) of all the groups (`budget_bits`), and fewer by less than the
+     cheapest single-group step of any tensor (one group in each row of the smallest tensor; the
+     mean bits per weight is the spec's to well within 0.01 on real shapes).
 
 How: the error of a tensor between measured levels is interpolated linearly in log(error); for a
 Lagrange multiplier lam every tensor independently takes the n_kept minimising
@@ -36,7 +36,7 @@ import numpy as np
 from . import format as fmt
 from .errors import GQSAError
 
-__all__ = ["LEVELS", "AllocationError", "TensorCurve", "allocate", "budget_bits", "mean_bits"]
+__all__ = ["LEVELS", "AllocationError", "TensorCurve", "allocate", "budget_bits", "mean_bits", "uniform_bits"]
 
 # keep fractions at which each tensor's error is measured (1.0 = dense 4-bit)
 LEVELS = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
@@ -80,8 +80,19 @@ def level_kept(width: int, levels=LEVELS) -> tuple[int, ...]:
 
 
 def budget_bits(shapes: dict[str, tuple[int, int]], sparsity: float, bits: int = fmt.BITS) -> int:
+    """Bits of the spec's budget: (1 - sparsity) of all the groups of the decoder linears, in blocks
+    of the `bits`-bit type, rounded down to a whole group (so `--gqsa w4s50` and `w3s40` are 3.00
+    bits per weight on any shape). The uniform layout rounds each row's kept count instead
+    (`uniform_bits`), which can land above it: SmolLM2's 36-group rows keep 22 groups at w3s40,
+    3.047 bits per weight."""
+    unit = fmt.gqsa_type(bits).block_bytes * 8
+    groups = sum(rows * (width // fmt.GROUP_SIZE) for rows, width in shapes.values())
+    return unit * math.floor(groups * (1.0 - sparsity) + 1e-9)
+
+
+def uniform_bits(shapes: dict[str, tuple[int, int]], sparsity: float, bits: int = fmt.BITS) -> int:
     """Bits of the uniform layout: every row keeps format.kept_groups(width, sparsity) groups of the
-    `bits`-bit type."""
+    `bits`-bit type (`--allocation uniform`, the paper's layout)."""
     unit = fmt.gqsa_type(bits).block_bytes * 8
     return sum(rows * fmt.kept_groups(width, sparsity) * unit for rows, width in shapes.values())
 
@@ -94,7 +105,8 @@ def mean_bits(shapes: dict[str, tuple[int, int]], kept: dict[str, int], bits: in
 
 
 def allocate(curves: list[TensorCurve], sparsity: float) -> dict[str, int]:
-    """{name: n_kept} minimising the summed interpolated error within the uniform budget."""
+    """{name: n_kept} minimising the summed interpolated error within the spec's budget
+    (`budget_bits`; the costs are in groups, so the code width does not change the choice)."""
     if not curves:
         raise AllocationError("no tensors to allocate")
     shapes = {c.name: (c.rows, c.width) for c in curves}
@@ -111,6 +123,10 @@ def allocate(curves: list[TensorCurve], sparsity: float) -> dict[str, int]:
     errs = [c.error_at(k) / c.energy for c, k in zip(curves, ks)]
     costs = [c.rows * k * unit for c, k in zip(curves, ks)]
     floor = sum(int(cost[0]) for cost in costs)
+    if budget < floor <= uniform_bits(shapes, sparsity):
+        # the smallest measured levels are the uniform layout's rounded counts (w4s75 on rows of an
+        # odd number of 4-group quarters): every tensor at its floor, as the uniform layout would spend
+        budget = floor
     if floor > budget:
         raise AllocationError(f"the smallest measured keep levels already need {floor} bits, more than the "
                               f"budget {budget} of sparsity {sparsity}")

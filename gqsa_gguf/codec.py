@@ -190,8 +190,9 @@ def quantize_groups(x, bits: int = 4) -> Tuple[np.ndarray, np.ndarray, np.ndarra
         at = _first(~np.isfinite(x))
         raise ValueError(f"non-finite weight {x[at]} at {list(at)} — the model has NaN/inf weights")
 
+    _type(bits)                                           # a width the format stores, else GQSAFormatError
     with np.errstate(over="ignore"):                      # hi - lo may overflow to inf: d clamps below
-        return minmax_groups(x, _NumPyOps, qmax_of(_type(bits).bits))
+        return minmax_groups(x, _NumPyOps, qmax_of(bits))
 
 
 # The rule itself, written once for both array libraries: the NumPy reference above and the torch

@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import format as fmt
 from .errors import GQSAError
 
 __all__ = ["MemoryCheckError", "MemorySettings", "ModelSizes", "Stage", "Estimate", "Verdict", "model_sizes",
@@ -78,8 +79,6 @@ E2E_MEMORY_ALLOWANCE = 1 << 30
 FROZEN_BYTES_PER_KEPT = 0.5 + 2 / 16
 # CompressedLinear (q uint8, indices int32, z uint8, d fp16)
 ONESHOT_BYTES_PER_KEPT = 1 + 4 / 16 + 1 / 16 + 2 / 16
-# gqsa4 rows (oneshot.PackedLinear, the GGUF): one 12-byte block per kept group of 16
-GQSA4_BYTES_PER_KEPT = 12 / 16
 # the whole-model E2E-OQP's fakequant.FrozenGQSLinear (q uint8, indices int64, fp32 scale and zero)
 PACKED_BYTES_PER_KEPT = 1 + 8 / 16 + 8 / 16
 # The defaults of the training configs (bqpo.BQPOConfig.batch_size, e2e.E2EConfig.micro_batch): the
@@ -116,6 +115,7 @@ class MemorySettings:
     e2e_seqlen: int = 0                # their tokens each (--e2e-seqlen, clipped); 0: seqlen
     chat_share: float = 0.0            # share of E2E-OQP's windows that are chat windows (--e2e-chat-share)
     chat_replies: str = "text"         # who writes their turns (--e2e-chat-replies; "auto": chat_replies)
+    bits: int = fmt.BITS               # the code width (--gqsa wN...): the packed rows' block size
 
     @classmethod
     def from_config(cls, cfg, info=None, device: str | None = None) -> "MemorySettings":
@@ -130,7 +130,13 @@ class MemorySettings:
                    e2e_micro_batch=cfg.e2e.micro_batch, e2e_batch=cfg.e2e.batch_size,
                    e2e_step_in_backward=cfg.e2e.step_in_backward, e2e_moments=cfg.e2e.moments,
                    e2e_checkpointing=cfg.e2e.checkpointing,
-                   chat_share=float(cfg.e2e.chat_share), chat_replies=cfg.e2e.chat_replies)
+                   chat_share=float(cfg.e2e.chat_share), chat_replies=cfg.e2e.chat_replies, bits=c.bits)
+
+    @property
+    def row_bytes_per_kept(self) -> float:
+        """Bytes a kept weight takes in the packed rows (oneshot.PackedLinear, the GGUF): one block
+        of the file's type (gqsa4 12 bytes, gqsa3 10) per kept group of 16."""
+        return fmt.gqsa_type(self.bits).block_bytes / fmt.GROUP_SIZE
 
     @property
     def writes_chat(self) -> bool:
@@ -335,7 +341,7 @@ def _streamed_oneshot(z: ModelSizes, s: MemorySettings) -> list[Stage]:
     stages.append(Stage("one-shot", {
         **base, "block f32": block, "activations": 2 * acts, "block forward": _forward_temps(z, tokens, s.seqlen),
         "one-shot working set": _obs_working_set(z),
-        "one block compressed": int(kept_block * (ONESHOT_BYTES_PER_KEPT + GQSA4_BYTES_PER_KEPT))}))
+        "one block compressed": int(kept_block * (ONESHOT_BYTES_PER_KEPT + s.row_bytes_per_kept))}))
     return stages
 
 
@@ -364,7 +370,7 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             "fake-quant graph": int(z.block_linear * F32 * (1 + 2 * (1 - s.sparsity)) + 14 * widest),
             "AdamW temporaries": int(kept_block * F32),
             "heap residue": int(BQPO_RESIDUE * block),
-            "one block compressed": int(kept_block * (2 * ONESHOT_BYTES_PER_KEPT + 2 * GQSA4_BYTES_PER_KEPT))}))
+            "one block compressed": int(kept_block * (2 * ONESHOT_BYTES_PER_KEPT + 2 * s.row_bytes_per_kept))}))
     if s.writes_chat:
         stages.append(_chat_stage(z, s))
     if s.e2e_epochs > 0 and s.train_on_host:
@@ -378,12 +384,12 @@ def _streamed(z: ModelSizes, s: MemorySettings, ckpt_bytes: int) -> list[Stage]:
             "block forward": _forward_temps(z, batch_tokens, s.e2e_len)}))
         stages.append(_streamed_e2e(z, s, e2e_micro_batch(z, s), e2e_checkpointing(z, s)))
     # the export (pipeline.convert without training): the GGUF writer holds every tensor of the
-    # file until it writes (gqsa4 rows, F16 embeddings and head); the dense tensors are read one
+    # file until it writes (gqsa rows, F16 embeddings and head); the dense tensors are read one
     # at a time, the blocks one block file at a time
     stages.append(Stage("export", {
-        "runtime": RUNTIME_BYTES, "gqsa4 rows": int(kept * GQSA4_BYTES_PER_KEPT),
+        "runtime": RUNTIME_BYTES, "gqsa rows": int(kept * s.row_bytes_per_kept),
         "embeddings + head f16": (z.embed + z.head) * 2, "one tensor read f32": max(z.embed, z.head) * F32,
-        "one block file": int((1 - s.sparsity) * z.block_linear * (GQSA4_BYTES_PER_KEPT + ONESHOT_BYTES_PER_KEPT))}))
+        "one block file": int((1 - s.sparsity) * z.block_linear * (s.row_bytes_per_kept + ONESHOT_BYTES_PER_KEPT))}))
     return stages
 
 

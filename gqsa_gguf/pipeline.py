@@ -395,7 +395,7 @@ def choose_allocation(model, info, windows, c, progress: bool = True, log=print,
               for cv in gathered]
     keep = allocation.allocate(curves, c.sparsity)
     shapes = {cv.name: (cv.rows, cv.width) for cv in curves}
-    uniform = allocation.budget_bits(shapes, c.sparsity, c.bits) / sum(r * w for r, w in shapes.values())
+    uniform = allocation.uniform_bits(shapes, c.sparsity, c.bits) / sum(r * w for r, w in shapes.values())
     share = [keep[cv.name] / cv.groups for cv in curves]
     log(f"allocation: {allocation.mean_bits(shapes, keep, c.bits):.4f} bits/weight on average over the decoder linears "
         f"(uniform {uniform:.4f}); kept share per tensor {min(share):.0%}..{max(share):.0%}")

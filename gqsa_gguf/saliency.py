@@ -74,25 +74,13 @@ class HessianAccumulator:
 
 
 def dampened_cholesky(H: torch.Tensor, damp: float, name: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
-    """L (float64, lower) with L L^T = H + damp*mean(diag H)*I, and the mask of dead inputs.
+    """L (float64, lower) with L L^T = H + damp*mean(diag H)*I, and the mask of dead inputs; H is
+    left as it was (`dampened_cholesky_` factors a float64 copy of it).
 
     Dead inputs (H_jj == 0: the input was always zero) get H_jj = 1 first so the matrix stays
     positive definite (as GPTQ does); callers give their weights saliency 0.
     """
-    H = H.to(torch.float64).clone()
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    if bool(dead.all()):
-        raise SaliencyError(f"{name}: every input of the layer was zero on the calibration data — the "
-                            f"saliency is undefined; use more or different calibration text")
-    diag[dead] = 1.0
-    H += torch.eye(H.shape[0], dtype=H.dtype) * (damp * float(diag.mean()))
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) != 0:
-        raise SaliencyError(f"{name}: the dampened Hessian is not positive definite (Cholesky failed at "
-                            f"column {int(info) - 1}, damp={damp}) — raise --damp (e.g. 0.1) or use more "
-                            f"calibration samples")
-    return L, dead
+    return dampened_cholesky_(H.to(torch.float64, memory_format=torch.contiguous_format, copy=True), damp, name)
 
 
 def dampened_cholesky_(H: torch.Tensor, damp: float, name: str = "?") -> tuple[torch.Tensor, torch.Tensor]:

@@ -403,3 +403,26 @@ def test_shorter_e2e_windows_hold_less():
     for name in ("sensitivity", "one-shot"):
         assert short_st[name] == long_st[name]
     assert replace(s, e2e_seqlen=512).e2e_len == s.e2e_len
+
+
+def test_packed_rows_counted_at_the_files_block_size():
+    """gqsa3 rows take 10 bytes a kept group, gqsa4's 12: the export holds them all, the one-shot one
+    block's; the spec's code width reaches the settings."""
+    import dataclasses
+
+    from gqsa_gguf.config import CONVERT_E2E, CalibConfig, CompressionConfig, ConvertConfig
+
+    s4 = MemorySettings(sparsity=0.4, e2e_epochs=0)
+    s3 = replace(s4, bits=3)
+    rows = {b: estimate(SMOL, s, "streamed", checkpoint_bytes=1).stage("export").terms["gqsa rows"]
+            for b, s in ((4, s4), (3, s3))}
+    kept = 0.6 * model_sizes(SMOL).linear
+    assert rows == {4: int(kept * 12 / 16), 3: int(kept * 10 / 16)}
+    one4, one3 = (estimate(SMOL, s, "streamed", checkpoint_bytes=1).stage("one-shot").terms["one block compressed"]
+                  for s in (s4, s3))
+    assert one3 < one4
+    info = model_io.inspect_checkpoint(tiny_models.checkpoint("llama"))
+    cfg = ConvertConfig(model=str(info.folder), output="x.gguf", compression=CompressionConfig.from_spec("w3s40"),
+                        calib=CalibConfig(nsamples=4, seqlen=64, batch_size=4),
+                        e2e=dataclasses.replace(CONVERT_E2E, epochs=0))
+    assert MemorySettings.from_config(cfg, info).bits == 3
