@@ -19,7 +19,7 @@ import sys
 from . import __version__, arch
 from . import format as fmt
 from .config import (CHAT_REPLIES, CONVERT_BQPO, CONVERT_E2E, DEFAULT_CALIB, DEFAULT_EVAL_TEXT, DEFAULT_MODEL,
-                     DEFAULT_NSAMPLES, DEFAULT_SEQLEN, DENSE_TYPES, SCALE_STEPS, CalibConfig, CompressionConfig,
+                     DEFAULT_NSAMPLES, DEFAULT_SEQLEN, DENSE_TYPES, LR_SCALE, SCALE_STEPS, CalibConfig, CompressionConfig,
                      ConfigError, ConvertConfig, ExportConfig)
 from .errors import GQSAError
 
@@ -98,8 +98,12 @@ def _add_convert(sub) -> None:
                    help="tokens per E2E-OQP training window (0 = --seqlen); shorter windows give more steps "
                         "for the same tokens and time, and need less memory (SmolLM2-135M at the defaults' "
                         "tokens: 768 x 256 scored 11 %% worse than 384 x 512, docs/DESIGN.md)")
-    for name, what in (("scale", "the groups' scales"), ("zero", "their zero points (continuous, rounded in the "
-                                                                  "forward)"), ("norm", "the RMSNorm gains (0 freezes them)")):
+    p.add_argument("--e2e-lr-scale", type=float, default=None,
+                   help="E2E-OQP's AdamW learning rate of the groups' scales (default: "
+                        f"{LR_SCALE['relative']:g} of each scale with --e2e-scale-step relative, "
+                        f"{LR_SCALE['absolute']:g} in the scales' units with absolute)")
+    for name, what in (("zero", "their zero points (continuous, rounded in the forward)"),
+                       ("norm", "the RMSNorm gains (0 freezes them)")):
         p.add_argument(f"--e2e-lr-{name}", type=float, default=getattr(CONVERT_E2E, f"lr_{name}"),
                        help=f"E2E-OQP's AdamW learning rate of {what}")
     p.add_argument("--e2e-lr-decay", type=float, default=CONVERT_E2E.lr_decay,
@@ -109,7 +113,8 @@ def _add_convert(sub) -> None:
     p.add_argument("--e2e-scale-step", choices=SCALE_STEPS, default=CONVERT_E2E.scale_step,
                    help="how an E2E-OQP step moves a group's scale: 'absolute', AdamW on the scale (--e2e-lr-scale "
                         "in the scale's units); 'relative', AdamW's update times the scale's magnitude "
-                        "(--e2e-lr-scale a share of the scale: every tensor's scales move alike whatever their size)")
+                        "(--e2e-lr-scale a share of the scale: every tensor's scales move alike whatever their size "
+                        "and code width; w3s40 on SmolLM2-135M: 64.6 against 66.7, docs/DESIGN.md)")
     p.add_argument("--e2e-chat-share", type=float, default=CONVERT_E2E.chat_share,
                    help="share of the E2E-OQP windows that are conversations in the model's chat template "
                         "(0 for base models; ignored without a chat template)")
@@ -243,7 +248,8 @@ def convert_config_from_args(a: argparse.Namespace) -> ConvertConfig:
         export=ExportConfig(dense_type=a.dense_type, tokenizer_pre=a.tokenizer_pre),
         bqpo=dataclasses.replace(CONVERT_BQPO, epochs=a.bqpo_epochs, seed=a.seed, device=a.device, amp=a.amp),
         e2e=dataclasses.replace(CONVERT_E2E, epochs=a.e2e_epochs, windows=a.e2e_windows, seqlen=a.e2e_seqlen,
-                                lr_scale=a.e2e_lr_scale, lr_zero=a.e2e_lr_zero, lr_norm=a.e2e_lr_norm,
+                                lr_scale=LR_SCALE[a.e2e_scale_step] if a.e2e_lr_scale is None else a.e2e_lr_scale,
+                                lr_zero=a.e2e_lr_zero, lr_norm=a.e2e_lr_norm,
                                 lr_decay=a.e2e_lr_decay, scale_step=a.e2e_scale_step,
                                 chat_share=a.e2e_chat_share, chat_replies=a.e2e_chat_replies, seed=a.seed,
                                 device=a.device, amp=a.amp, moments=a.e2e_moments,

@@ -61,6 +61,11 @@ TARGETS = ("layer", "float")                        # what a compensated linear 
 CHAT_REPLIES = ("auto", "text", "model", "self")   # who writes the turns of E2E-OQP's chat windows
 MOMENTS = ("auto", "fp32", "bf16")                  # E2E-OQP's AdamW moments between steps
 SCALE_STEPS = ("absolute", "relative")              # E2E-OQP's steps of the group scales
+# E2E-OQP's scale learning rate for each kind of step (--e2e-lr-scale when not given): 2e-4 in the
+# scales' units, or 4e-3 of each scale (the same step at the median one-shot scale of SmolLM2's
+# gqsa4 tensors, 0.051); a relative step is the same share of a scale at any code width, where an
+# absolute one moves gqsa3's scales (about twice gqsa4's) half as far
+LR_SCALE = {"absolute": 2e-4, "relative": 4e-3}
 CHECKPOINTING = ("auto", "on", "off")                # the streamed E2E-OQP's layer checkpointing
 AMP_VALUES = ("auto", "none", "bf16", "fp16")       # training autocast (training.resolve_amp)
 
@@ -304,7 +309,7 @@ class E2EConfig:
     # EfficientQAT; the paper's 1e-5 assumes far more steps. Swept at the converter's defaults
     # (all three alike, x0.25 / x0.5 / x1 / x2): x1 is best (docs/DESIGN.md)
     epochs: int = 1
-    lr_scale: float = 2e-4
+    lr_scale: float = LR_SCALE["absolute"]
     lr_zero: float = 2e-3            # continuous zero point, rounded in the forward
     # RMSNorm gains (F32 in the file, no bits): 0 keeps them frozen
     lr_norm: float = 3e-4
@@ -421,10 +426,12 @@ CONVERT_BQPO = BQPOConfig(epochs=0, amp="auto")
 # windows of 512 tokens: 768 of 256 (the same tokens in twice the steps) won a short run but lost
 # end to end, 88.6 against 79.5 (docs/DESIGN.md); constant learning rates: a linear decay over the
 # last quarter of the steps scored the same (79.5), twice the rates worse (100.3), half of them
-# worse (82.8), a quarter 91.3; 768 windows (twice the steps) 81.5 against 79.1, and scale steps
-# relative to each scale's size (scale_step "relative") 79.2
+# worse (82.8), a quarter 91.3; 768 windows (twice the steps) 81.5 against 79.1; scale steps
+# relative to each scale's size (scale_step "relative", 4e-3 of the scale) 79.2 against 79.1 at
+# W4S50 (67.2 against 68.0 on a development text) and 64.6 against 66.7 at w3s40 (54.4 against
+# 55.8), whose 3-bit scales are about twice as large: relative steps, the same at any code width
 CONVERT_E2E = E2EConfig(epochs=1, windows=384, loss="kd", amp="auto", chat_share=0.5, chat_replies="auto",
-                        moments="auto", batch_size=1)
+                        moments="auto", batch_size=1, scale_step="relative", lr_scale=LR_SCALE["relative"])
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,8 @@ def test_cli_builds_config_with_defaults():
     assert cfg.export.dense_type == "f16" and cfg.export.tokenizer_pre is None
     assert cfg.bqpo == BQPOConfig(epochs=0, amp="auto") and cfg.e2e == E2EConfig(epochs=1, windows=384, loss="kd", amp="auto",
                                                                               chat_share=0.5, chat_replies="auto",
-                                                                              moments="auto", batch_size=1)
+                                                                              moments="auto", batch_size=1,
+                                                                              scale_step="relative", lr_scale=4e-3)
     a = build_parser().parse_args(["convert", "-o", "x.gguf", "--gqsa", "w4s75", "--nsamples", "4",
                                    "--seqlen", "32", "--dense-type", "q8_0", "--no-sequential",
                                    "--bqpo-epochs", "2", "--e2e-epochs", "0", "--seed", "5", "--device", "cuda"])
@@ -122,10 +123,13 @@ def test_cli_builds_config_with_defaults():
     assert (e2e.seqlen, e2e.windows) == (256, 64)
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-lr-decay", "0.25"])
     assert convert_config_from_args(a).e2e.lr_decay == 0.25
+    # relative scale steps by default, each kind of step with its own default rate unless one is given
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf"])
-    assert convert_config_from_args(a).e2e.scale_step == "absolute"
-    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-scale-step", "relative"])
-    assert convert_config_from_args(a).e2e.scale_step == "relative"
+    assert (convert_config_from_args(a).e2e.scale_step, convert_config_from_args(a).e2e.lr_scale) == ("relative", 4e-3)
+    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-scale-step", "absolute"])
+    assert (convert_config_from_args(a).e2e.scale_step, convert_config_from_args(a).e2e.lr_scale) == ("absolute", 2e-4)
+    a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-scale-step", "absolute", "--e2e-lr-scale", "1e-3"])
+    assert convert_config_from_args(a).e2e.lr_scale == 1e-3
     a = build_parser().parse_args(["convert", "x", "-o", "x.gguf", "--e2e-lr-scale", "1e-4", "--e2e-lr-zero", "1e-3",
                                    "--e2e-lr-norm", "0"])
     e2e = convert_config_from_args(a).e2e
