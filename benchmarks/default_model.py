@@ -281,17 +281,20 @@ def plot(files: dict, ppl: dict, path: Path) -> None:
             return "trained"
         if n == WANDA_NAME:
             return "wanda"
-        if n.startswith(("w4s", "w3s")):
+        if n.startswith("w3s"):                   # 3-bit codes: points of their own, not on the gqsa4 curves
+            return "gqsa3"
+        if n.startswith("w4s"):
             return "uniform" if n.endswith(" uniform") else "gqsa"
         return "stock"
     style = {"stock": ("s", "tab:gray", 40), "gqsa": ("o", "tab:blue", 40), "uniform": ("o", "tab:cyan", 40),
-             "trained": ("*", "tab:red", 110), "wanda": ("^", "tab:green", 60)}
+             "gqsa3": ("D", "tab:purple", 40), "trained": ("*", "tab:red", 110), "wanda": ("^", "tab:green", 60)}
     for n, p in files.items():
         x, y = row_bpw(n, p), ppl[n]
         m, c, size = style[kind(n)]
         ax.scatter([x], [y], marker=m, s=size, color=c, zorder=3)
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    for k, label in (("gqsa", "GQSA one-shot, bit budget by sensitivity"), ("uniform", "GQSA one-shot, uniform")):
+    for k, label in (("gqsa", "GQSA one-shot (gqsa4), bit budget by sensitivity"),
+                     ("uniform", "GQSA one-shot (gqsa4), uniform")):
         pts = sorted((row_bpw(n, p), ppl[n]) for n, p in files.items()
                      if kind(n) == k and "defaults" not in n)
         if len(pts) > 1:
