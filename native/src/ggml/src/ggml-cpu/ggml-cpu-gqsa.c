@@ -272,6 +272,16 @@ void ggml_gqsa_panel_rows_generic(const void * GGML_RESTRICT vx, int n_kept, int
 
 static const int gqsa_sb_lane[GQSA_SB_BLOCKS] = { 0, 2, 4, 6, 1, 3, 5, 7 };
 
+// A block's iz (index | zero << 12, either type) as a superblock's group word (index << 4 | zero),
+// and back
+static inline uint16_t gqsa_sb_word(uint16_t iz) {
+    return (uint16_t) ((iz & GQSA_INDEX_MASK) << 4 | iz >> GQSA_INDEX_BITS);
+}
+
+static inline uint16_t gqsa_sb_iz(uint16_t gz) {
+    return (uint16_t) ((gz >> 4) | (gz & 0x0F) << GQSA_INDEX_BITS);
+}
+
 static inline int gqsa_weight(const block_gqsa4 * b, int j) {
     return j < GQSA_HALF ? (b->qs[j] & 0x0F) : (b->qs[j - GQSA_HALF] >> 4);
 }
@@ -291,7 +301,7 @@ void ggml_gqsa_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT ds
             const block_gqsa4 * b = x + GQSA_SB_BLOCKS * s;
             for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
                 const block_gqsa4 * c = b + gqsa_sb_lane[l];
-                t[s].gz[l] = (uint16_t) (gqsa_block_index(c) << 4 | gqsa_block_zero(c));
+                t[s].gz[l] = gqsa_sb_word(c->iz);
                 t[s].d[l]  = c->d;
             }
             for (int h = 0; h < 2; ++h) {
@@ -316,7 +326,7 @@ void ggml_gqsa_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT ds
             for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
                 block_gqsa4 * c = b + gqsa_sb_lane[l];
                 c->d  = t[s].d[l];
-                c->iz = (uint16_t) ((t[s].gz[l] >> 4) | (t[s].gz[l] & 0x0F) << GQSA_INDEX_BITS);
+                c->iz = gqsa_sb_iz(t[s].gz[l]);
             }
             for (int h = 0; h < 2; ++h) {
                 for (int j = 0; j < GQSA_HALF; ++j) {
@@ -360,7 +370,7 @@ void ggml_gqsa3_sb_repack(const void * GGML_RESTRICT src, void * GGML_RESTRICT d
             const block_gqsa3 * b = x + GQSA_SB_BLOCKS * s;
             for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
                 const block_gqsa3 * c = b + gqsa_sb_lane[l];
-                t[s].gz[l] = (uint16_t) ((c->iz & GQSA_INDEX_MASK) << 4 | c->iz >> GQSA_INDEX_BITS);
+                t[s].gz[l] = gqsa_sb_word(c->iz);
                 t[s].d[l]  = c->d;
             }
             for (int k = 0; k < GQSA_GROUP_SIZE; ++k) {
@@ -389,7 +399,7 @@ void ggml_gqsa3_sb_unpack(const void * GGML_RESTRICT src, void * GGML_RESTRICT d
             for (int l = 0; l < GQSA_SB_BLOCKS; ++l) {
                 block_gqsa3 * c = b + gqsa_sb_lane[l];
                 c->d  = t[s].d[l];
-                c->iz = (uint16_t) ((t[s].gz[l] >> 4) | (t[s].gz[l] & 0x0F) << GQSA_INDEX_BITS);
+                c->iz = gqsa_sb_iz(t[s].gz[l]);
             }
             for (int m = 0; m < GQSA_SB_BLOCKS; ++m) {      // the format's packing (docs/FORMAT.md)
                 uint32_t qh = 0;
