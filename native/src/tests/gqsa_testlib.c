@@ -269,6 +269,50 @@ static ggml_backend_buffer_type_t gqsa_test_repack_buft(ggml_backend_t be) {
     return NULL;
 }
 
+// A weight of `type` (nrows rows of n_kept blocks) in the CPU_GQSA buffer type of a fresh CPU
+// backend, allocated as llama.cpp allocates a model's weights (the buffer type's init_tensor may
+// refuse it). gqsa_repacked_open returns 0, or 6 for a type that is not GQSA, 1 if the backend does
+// not start, 3 if this build offers no CPU_GQSA buffer type, 4 if it refuses the weight; the
+// weight's bytes are written by the caller (ggml_backend_tensor_set repacks them).
+// gqsa_repacked_close frees whatever open made, also after it failed.
+struct gqsa_repacked {
+    ggml_backend_t be;
+    ggml_backend_buffer_type_t buft;
+    struct ggml_context * wctx;
+    struct ggml_tensor * tw;
+    ggml_backend_buffer_t wbuf;
+};
+
+static int gqsa_repacked_open(struct gqsa_repacked * r, int type, int64_t n_kept, int64_t nrows) {
+    memset(r, 0, sizeof(*r));
+    if (!gqsa_test_type_of(type)) {
+        return 6;
+    }
+    r->be = ggml_backend_cpu_init();
+    if (!r->be) {
+        return 1;
+    }
+    r->buft = gqsa_test_repack_buft(r->be);
+    if (!r->buft) {
+        return 3;
+    }
+    struct ggml_init_params params = { 2 * ggml_tensor_overhead(), NULL, true };
+    r->wctx = ggml_init(params);
+    r->tw = ggml_new_tensor_2d(r->wctx, (enum ggml_type) type, n_kept * 16, nrows);
+    r->wbuf = ggml_backend_alloc_ctx_tensors_from_buft(r->wctx, r->buft);
+    return r->wbuf ? 0 : 4;
+}
+
+static void gqsa_repacked_close(struct gqsa_repacked * r) {
+    ggml_backend_buffer_free(r->wbuf);
+    if (r->wctx) {
+        ggml_free(r->wctx);
+    }
+    if (r->be) {
+        ggml_backend_free(r->be);
+    }
+}
+
 // gqsa_test_mul_mat_type with the weight in the CPU_GQSA buffer type, as llama.cpp places a model's
 // weights: ggml_backend_tensor_set repacks it into superblocks, and the CPU backend's graph compute
 // runs the superblock kernels (ggml_gqsa_mul_mat_sb). Returns 0 on success, 3 if this build offers no
@@ -276,48 +320,36 @@ static ggml_backend_buffer_type_t gqsa_test_repack_buft(ggml_backend_t be) {
 GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked_type(int type, const void * w, int64_t n_kept, int64_t nrows,
                                                      int64_t width, const float * x, int64_t ncols, int n_threads,
                                                      float * out) {
-    if (!gqsa_test_type_of(type)) {
-        return 6;
-    }
-    ggml_backend_t be = ggml_backend_cpu_init();
-    if (!be) {
-        return 1;
-    }
-    ggml_backend_buffer_type_t buft = gqsa_test_repack_buft(be);
-    if (!buft) {
-        ggml_backend_free(be);
-        return 3;
+    struct gqsa_repacked r;
+    int rc = gqsa_repacked_open(&r, type, n_kept, nrows);
+    if (rc != 0) {
+        gqsa_repacked_close(&r);
+        return rc;
     }
     struct ggml_init_params params = { 8 * ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
-    struct ggml_context * wctx = ggml_init(params);
-    struct ggml_context * ctx  = ggml_init(params);
-    struct ggml_tensor * tw = ggml_new_tensor_2d(wctx, (enum ggml_type) type, n_kept * 16, nrows);
+    struct ggml_context * ctx = ggml_init(params);
     struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, width, ncols);
-    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
-    int rc = 0;
-    ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft);   // init_tensor may refuse
-    ggml_backend_buffer_t abuf = wbuf ? ggml_backend_alloc_ctx_tensors(ctx, be) : NULL;
-    if (!wbuf || !abuf) {
-        rc = wbuf ? 1 : 4;
+    struct ggml_tensor * ty = ggml_mul_mat(ctx, r.tw, tx);
+    ggml_backend_buffer_t abuf = ggml_backend_alloc_ctx_tensors(ctx, r.be);
+    if (!abuf) {
+        rc = 1;
     } else {
-        ggml_backend_tensor_set(tw, w, 0, ggml_nbytes(tw));
+        ggml_backend_tensor_set(r.tw, w, 0, ggml_nbytes(r.tw));
         ggml_backend_tensor_set(tx, x, 0, ggml_nbytes(tx));
         struct ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, ty);
-        ggml_backend_cpu_set_n_threads(be, n_threads);
-        if (!ggml_backend_supports_op(be, ty)) {
+        ggml_backend_cpu_set_n_threads(r.be, n_threads);
+        if (!ggml_backend_supports_op(r.be, ty)) {
             rc = 5;
-        } else if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) {
+        } else if (ggml_backend_graph_compute(r.be, gf) != GGML_STATUS_SUCCESS) {
             rc = 2;
         } else {
             ggml_backend_tensor_get(ty, out, 0, ggml_nbytes(ty));
         }
     }
     ggml_backend_buffer_free(abuf);
-    ggml_backend_buffer_free(wbuf);
     ggml_free(ctx);
-    ggml_free(wctx);
-    ggml_backend_free(be);
+    gqsa_repacked_close(&r);
     return rc;
 }
 
@@ -328,33 +360,17 @@ GQSA_TESTLIB_API int gqsa_test_mul_mat_repacked_type(int type, const void * w, i
 // the weight, else nonzero.
 GQSA_TESTLIB_API int gqsa_test_repacked_roundtrip(int type, const void * w, int64_t n_kept, int64_t nrows, void * back,
                                                   size_t * alloc_size, size_t * buffer_size) {
-    if (!gqsa_test_type_of(type)) {
-        return 6;
+    struct gqsa_repacked r;
+    int rc = gqsa_repacked_open(&r, type, n_kept, nrows);
+    if (r.tw) {
+        *alloc_size = ggml_backend_buft_get_alloc_size(r.buft, r.tw);
     }
-    ggml_backend_t be = ggml_backend_cpu_init();
-    if (!be) {
-        return 1;
+    if (rc == 0) {
+        *buffer_size = ggml_backend_buffer_get_size(r.wbuf);
+        ggml_backend_tensor_set(r.tw, w, 0, ggml_nbytes(r.tw));
+        ggml_backend_tensor_get(r.tw, back, 0, ggml_nbytes(r.tw));
     }
-    ggml_backend_buffer_type_t buft = gqsa_test_repack_buft(be);
-    if (!buft) {
-        ggml_backend_free(be);
-        return 3;
-    }
-    struct ggml_init_params params = { 2 * ggml_tensor_overhead(), NULL, true };
-    struct ggml_context * wctx = ggml_init(params);
-    struct ggml_tensor * tw = ggml_new_tensor_2d(wctx, (enum ggml_type) type, n_kept * 16, nrows);
-    *alloc_size = ggml_backend_buft_get_alloc_size(buft, tw);
-    ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft);
-    int rc = 4;
-    if (wbuf) {
-        *buffer_size = ggml_backend_buffer_get_size(wbuf);
-        ggml_backend_tensor_set(tw, w, 0, ggml_nbytes(tw));
-        ggml_backend_tensor_get(tw, back, 0, ggml_nbytes(tw));
-        rc = 0;
-    }
-    ggml_backend_buffer_free(wbuf);
-    ggml_free(wctx);
-    ggml_backend_free(be);
+    gqsa_repacked_close(&r);
     return rc;
 }
 
